@@ -1,0 +1,167 @@
+//! `cordon`: serve workers, or check a config and its components.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use cordon_config::Config;
+use cordon_gateway::Gateway;
+use cordon_runtime::{Posture, Runtime};
+
+#[derive(Parser)]
+#[command(name = "cordon", version, about = "Run untrusted WebAssembly workers in hardened sandboxes")]
+struct Cli {
+    /// Log format for everything the server writes to stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the workers of a config.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Overrides `server.listen`.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Overrides `server.admin_listen`.
+        #[arg(long)]
+        admin_listen: Option<std::net::SocketAddr>,
+    },
+    /// Validate a config and every component it names, print the sandbox
+    /// posture, and exit non-zero if anything is wrong.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Serve { config, listen, admin_listen } => serve(&config, listen, admin_listen),
+        Command::Check { config } => check(&config),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
+}
+
+fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| anyhow::anyhow!("{e}\n{} error(s) in the config", e.0.len()))
+}
+
+fn serve(
+    path: &std::path::Path,
+    listen: Option<std::net::SocketAddr>,
+    admin_listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<ExitCode> {
+    let mut config = load_config(path)?;
+    if let Some(a) = listen {
+        config.server.listen = a;
+    }
+    if let Some(a) = admin_listen {
+        config.server.admin_listen = a;
+    }
+    let runtime = Arc::new(Runtime::start(&config).context("cannot start the sandbox")?);
+    log_posture(runtime.posture());
+    if runtime.workers().is_empty() {
+        tracing::warn!("the config has no [[worker]]; every request will get 404");
+    }
+
+    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    tokio.block_on(async {
+        let gateway = Gateway::bind(&config, runtime.clone()).await?;
+        tracing::info!(listen = %gateway.local_addr(), admin = %gateway.admin_addr(), workers = runtime.workers().len(), "cordon is serving");
+        gateway.run(shutdown_signal()).await;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn log_posture(p: &Posture) {
+    let mpk = &p.memory_protection_keys;
+    tracing::info!(
+        allocator = p.allocator.strategy,
+        max_instances = p.allocator.max_instances,
+        max_memory_bytes = p.allocator.max_memory_bytes,
+        guard_pages = p.guard_pages.enabled,
+        memory_reservation_bytes = p.guard_pages.memory_reservation_bytes,
+        guard_bytes = p.guard_pages.guard_bytes_after,
+        copy_on_write = p.copy_on_write_memory_init,
+        wasm_threads = p.wasm_threads,
+        clock_resolution_ns = p.clock_resolution_ns,
+        "sandbox posture"
+    );
+    tracing::info!(setting = %mpk.setting, active = mpk.active, reason = %mpk.reason, "memory protection keys");
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("{e}");
+            println!("\n{} error(s) in {}", e.0.len(), path.display());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let (posture, results) = match Runtime::check(&config) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("error: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    println!("sandbox posture:\n{}", serde_json::to_string_pretty(&posture)?);
+    let mut failed = 0;
+    for (w, result) in config.workers.iter().zip(results) {
+        match result {
+            Ok(()) => println!("ok: worker `{}` (tenant `{}`): {}", w.name, w.tenant, w.component.display()),
+            Err(e) => {
+                failed += 1;
+                println!("error: {e}");
+            }
+        }
+    }
+    if failed > 0 {
+        println!("\n{failed} of {} worker(s) failed the check", config.workers.len());
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("\n{}: ok ({} worker(s))", path.display(), config.workers.len());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,223 @@
+//! `cordon.toml`: the one place where an operator says what Cordon serves and
+//! how tightly each worker is confined.
+//!
+//! Loading is strict. Unknown keys, wrong types, out-of-range limits,
+//! duplicate names and conflicting routes are errors, and every error carries
+//! the file, line, column and key it is about, with a hint on how to fix it.
+//! All relative paths are resolved against the directory of the config file,
+//! so a config means the same thing whatever the working directory.
+
+mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub use validate::{NAME_MAX_LEN, is_valid_name};
+
+/// A loaded and validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this configuration was read from.
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub security: SecurityConfig,
+    pub sandbox: SandboxConfig,
+    pub workers: Vec<WorkerConfig>,
+}
+
+/// `[server]`: listeners, the data directory and the gateway's input limits.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Cap on the bytes of a request head (request line and headers); past it
+    /// the gateway answers 431.
+    pub max_header_bytes: usize,
+    /// Time a client has to send a complete request head (slowloris defence).
+    pub header_read_timeout_ms: u64,
+    /// Time an idle keep-alive connection is kept open.
+    pub keep_alive_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, time that requests in flight get to finish.
+    pub shutdown_grace_ms: u64,
+    /// Connections served at once; further ones wait in the accept queue.
+    pub max_connections: usize,
+}
+
+/// `[security]`: process-wide hardening switches.
+#[derive(Debug, Clone)]
+pub struct SecurityConfig {
+    pub memory_protection_keys: MemoryProtectionKeys,
+}
+
+/// Whether linear memories are additionally isolated with the CPU's memory
+/// protection keys (Intel PKU / MPK).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryProtectionKeys {
+    /// Use them where the CPU and kernel support them; fall back otherwise.
+    Auto,
+    /// Refuse to start where they are not available.
+    Required,
+    /// Never use them.
+    Off,
+}
+
+impl fmt::Display for MemoryProtectionKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Required => "required",
+            Self::Off => "off",
+        })
+    }
+}
+
+/// `[sandbox]`: sizing of the pooling instance allocator, shared by all workers.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Instances that may exist at once across all workers: the number of
+    /// slots the pooling allocator reserves. A request beyond it gets 503.
+    pub max_instances: u32,
+    /// Maximum native stack that wasm code may use, in KiB. Deeper recursion
+    /// traps with a stack overflow.
+    pub max_wasm_stack_kb: u32,
+}
+
+/// One `[[worker]]`: a tenant's component, where it is routed, and its limits.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub name: String,
+    pub tenant: String,
+    /// Absolute path of the component file.
+    pub component: PathBuf,
+    pub routes: Vec<Route>,
+    pub limits: Limits,
+}
+
+/// A route: requests whose `Host` (without port) equals `host` and whose path
+/// starts with `path_prefix` go to the route's worker. The longest matching
+/// prefix wins.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Route {
+    /// Lowercase host name, without port.
+    pub host: String,
+    /// Always starts with `/`.
+    pub path_prefix: String,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.host, self.path_prefix)
+    }
+}
+
+/// `[worker.limits]`: what one request of this worker may use.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Limits {
+    /// CPU time spent running guest code per request; past it the request is
+    /// stopped and answered 503.
+    pub cpu_ms: u64,
+    /// Wall-clock time per request; past it the request is answered 504.
+    pub wall_ms: u64,
+    /// Linear memory per instance.
+    pub memory_mb: u64,
+    /// Request body size, enforced while streaming; past it 413.
+    pub max_request_body_bytes: u64,
+    /// Response body size; past it the response is cut off (or refused with
+    /// 502 when the worker declares a larger `content-length` up front).
+    pub max_response_body_bytes: u64,
+    /// Bytes of stdout and stderr kept per request for the logs.
+    pub max_log_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            cpu_ms: 50,
+            wall_ms: 30_000,
+            memory_mb: 128,
+            max_request_body_bytes: 1024 * 1024,
+            max_response_body_bytes: 16 * 1024 * 1024,
+            max_log_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                location: None,
+                key: None,
+                message: format!("cannot read the config file: {e}"),
+                help: "pass an existing file with --config".into(),
+            }])
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates `text` as if it had been read from `path`; relative paths
+    /// are resolved against `path`'s directory.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        validate::parse(path, text)
+    }
+
+    /// The largest `memory_mb` of any worker, which sizes the allocator's
+    /// memory slots.
+    pub fn max_worker_memory_mb(&self) -> u64 {
+        self.workers.iter().map(|w| w.limits.memory_mb).max().unwrap_or(Limits::default().memory_mb)
+    }
+}
+
+/// Line and column (both 1-based) in the config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub line: usize,
+    pub column: usize,
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub location: Option<Location>,
+    /// The key path, for example `worker[0].limits.cpu_ms`.
+    pub key: Option<String>,
+    pub message: String,
+    /// How to fix it.
+    pub help: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(loc) = self.location {
+            write!(f, ":{}:{}", loc.line, loc.column)?;
+        }
+        f.write_str(": ")?;
+        if let Some(key) = &self.key {
+            write!(f, "`{key}`: ")?;
+        }
+        write!(f, "{}\n  help: {}", self.message, self.help)
+    }
+}
+
+/// Every problem found in a config file; never empty.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "error: {e}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,67 @@
+//! The file as written: serde structs that keep the span of every value that
+//! validation may need to point at. Nothing here is checked beyond its type;
+//! `crate::validate` turns these into the public, validated types.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub security: RawSecurity,
+    #[serde(default)]
+    pub sandbox: RawSandbox,
+    #[serde(default, rename = "worker")]
+    pub workers: Vec<RawWorker>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawServer {
+    pub listen: Option<Spanned<String>>,
+    pub admin_listen: Option<Spanned<String>>,
+    pub data_dir: Option<Spanned<String>>,
+    pub max_header_bytes: Option<Spanned<i64>>,
+    pub header_read_timeout_ms: Option<Spanned<i64>>,
+    pub keep_alive_timeout_ms: Option<Spanned<i64>>,
+    pub shutdown_grace_ms: Option<Spanned<i64>>,
+    pub max_connections: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSecurity {
+    pub memory_protection_keys: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSandbox {
+    pub max_instances: Option<Spanned<i64>>,
+    pub max_wasm_stack_kb: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawWorker {
+    pub name: Spanned<String>,
+    pub tenant: Spanned<String>,
+    pub component: Spanned<String>,
+    pub routes: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub cpu_ms: Option<Spanned<i64>>,
+    pub wall_ms: Option<Spanned<i64>>,
+    pub memory_mb: Option<Spanned<i64>>,
+    pub max_request_body_bytes: Option<Spanned<i64>>,
+    pub max_response_body_bytes: Option<Spanned<i64>>,
+    pub max_log_bytes: Option<Spanned<i64>>,
+}

@@ -1,0 +1,493 @@
+//! From `raw` to the public types: every check, and the errors that point at
+//! the offending key.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+
+use crate::raw::{RawConfig, RawLimits, RawWorker};
+use crate::{
+    Config, ConfigError, ConfigErrors, Limits, Location, MemoryProtectionKeys, Route, SandboxConfig, SecurityConfig, ServerConfig,
+    WorkerConfig,
+};
+
+/// Longest worker or tenant name.
+pub const NAME_MAX_LEN: usize = 63;
+
+/// Names of workers and tenants: `[a-z0-9_-]`, 1 to 63 characters, so that a
+/// name can be used in a file name or a log line without escaping.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= NAME_MAX_LEN
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+const DOCS: &str = "docs/config.md";
+
+pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![toml_error(file, text, &e)]))?;
+    let mut v = Validator { file, text, errors: Vec::new() };
+    let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+
+    let server = v.server(&raw, &base);
+    let security = v.security(&raw);
+    let sandbox = SandboxConfig {
+        max_instances: v.int(
+            &raw.sandbox.max_instances,
+            "sandbox.max_instances",
+            1000,
+            1,
+            100_000,
+            "the number of instances that may run at once",
+        ) as u32,
+        max_wasm_stack_kb: v.int(
+            &raw.sandbox.max_wasm_stack_kb,
+            "sandbox.max_wasm_stack_kb",
+            512,
+            64,
+            8192,
+            "the native stack wasm code may use, in KiB",
+        ) as u32,
+    };
+
+    let mut workers = Vec::with_capacity(raw.workers.len());
+    for (i, w) in raw.workers.iter().enumerate() {
+        workers.push(v.worker(i, w, &base));
+    }
+    v.cross_worker_checks(&raw.workers, &workers);
+
+    if v.errors.is_empty() {
+        Ok(Config { source: file.to_path_buf(), server, security, sandbox, workers })
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, span: Option<Range<usize>>, key: impl Into<String>, message: impl Into<String>, help: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            location: span.map(|s| location(self.text, s.start)),
+            key: Some(key.into()),
+            message: message.into(),
+            help: help.into(),
+        });
+    }
+
+    /// An integer key with a default and an inclusive range.
+    fn int(&mut self, value: &Option<Spanned<i64>>, key: &str, default: u64, min: u64, max: u64, what: &str) -> u64 {
+        let Some(value) = value else { return default };
+        let n = *value.get_ref();
+        if n < min as i64 || n > max as i64 {
+            self.error(
+                Some(value.span()),
+                key,
+                format!("must be between {min} and {max}, got {n}"),
+                format!("set it to {what} (default {default}), or remove it to use the default"),
+            );
+            return default;
+        }
+        n as u64
+    }
+
+    fn addr(&mut self, value: &Option<Spanned<String>>, key: &str, default: &str) -> SocketAddr {
+        let default: SocketAddr = default.parse().expect("built-in default address parses");
+        let Some(value) = value else { return default };
+        match value.get_ref().parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.error(
+                    Some(value.span()),
+                    key,
+                    format!("`{}` is not an IP address with a port", value.get_ref()),
+                    "write it as IP:PORT, for example \"127.0.0.1:8080\" or \"[::1]:8080\"",
+                );
+                default
+            }
+        }
+    }
+
+    fn server(&mut self, raw: &RawConfig, base: &Path) -> ServerConfig {
+        let s = &raw.server;
+        let listen = self.addr(&s.listen, "server.listen", "127.0.0.1:8080");
+        let admin_listen = self.addr(&s.admin_listen, "server.admin_listen", "127.0.0.1:8081");
+        if listen == admin_listen && listen.port() != 0 {
+            let span = s.admin_listen.as_ref().map(Spanned::span);
+            self.error(span, "server.admin_listen", "is the same address as server.listen", "give the admin listener its own port");
+        }
+        let data_dir = match &s.data_dir {
+            Some(d) if d.get_ref().trim().is_empty() => {
+                self.error(Some(d.span()), "server.data_dir", "is empty", "name a directory, for example \".cordon\"");
+                base.join(".cordon")
+            }
+            Some(d) => base.join(d.get_ref()),
+            None => base.join(".cordon"),
+        };
+        ServerConfig {
+            listen,
+            admin_listen,
+            data_dir,
+            max_header_bytes: self.int(
+                &s.max_header_bytes,
+                "server.max_header_bytes",
+                16 * 1024,
+                1024,
+                1024 * 1024,
+                "the most bytes a request head may have",
+            ) as usize,
+            header_read_timeout_ms: self.int(
+                &s.header_read_timeout_ms,
+                "server.header_read_timeout_ms",
+                10_000,
+                100,
+                600_000,
+                "the time a client has to send its request head, in ms",
+            ),
+            keep_alive_timeout_ms: self.int(
+                &s.keep_alive_timeout_ms,
+                "server.keep_alive_timeout_ms",
+                60_000,
+                100,
+                3_600_000,
+                "the time an idle connection stays open, in ms",
+            ),
+            shutdown_grace_ms: self.int(
+                &s.shutdown_grace_ms,
+                "server.shutdown_grace_ms",
+                30_000,
+                0,
+                600_000,
+                "the time requests in flight get to finish on shutdown, in ms",
+            ),
+            max_connections: self.int(
+                &s.max_connections,
+                "server.max_connections",
+                10_000,
+                1,
+                1_000_000,
+                "the number of connections served at once",
+            ) as usize,
+        }
+    }
+
+    fn security(&mut self, raw: &RawConfig) -> SecurityConfig {
+        let mpk = match &raw.security.memory_protection_keys {
+            None => MemoryProtectionKeys::Auto,
+            Some(v) => match v.get_ref().as_str() {
+                "auto" => MemoryProtectionKeys::Auto,
+                "required" => MemoryProtectionKeys::Required,
+                "off" => MemoryProtectionKeys::Off,
+                other => {
+                    self.error(
+                        Some(v.span()),
+                        "security.memory_protection_keys",
+                        format!("`{other}` is not a valid setting"),
+                        "use \"auto\" (use them where the CPU has them), \"required\" (refuse to start without them) or \"off\"",
+                    );
+                    MemoryProtectionKeys::Auto
+                }
+            },
+        };
+        SecurityConfig { memory_protection_keys: mpk }
+    }
+
+    fn name(&mut self, value: &Spanned<String>, key: &str) {
+        if !is_valid_name(value.get_ref()) {
+            self.error(
+                Some(value.span()),
+                key,
+                format!("`{}` is not a valid name", value.get_ref()),
+                format!("use 1 to {NAME_MAX_LEN} characters from a-z, 0-9, `_` and `-`"),
+            );
+        }
+    }
+
+    fn worker(&mut self, i: usize, w: &RawWorker, base: &Path) -> WorkerConfig {
+        let key = |k: &str| format!("worker[{i}].{k}");
+        self.name(&w.name, &key("name"));
+        self.name(&w.tenant, &key("tenant"));
+
+        let component = base.join(w.component.get_ref());
+        if w.component.get_ref().is_empty() {
+            self.error(Some(w.component.span()), key("component"), "is empty", "give the path of the worker's .wasm component");
+        } else if !component.is_file() {
+            self.error(
+                Some(w.component.span()),
+                key("component"),
+                format!("no file at `{}`", w.component.get_ref()),
+                "build the component first, or fix the path (relative paths start at the config file's directory)",
+            );
+        }
+
+        let mut routes = Vec::new();
+        if w.routes.get_ref().is_empty() {
+            self.error(Some(w.routes.span()), key("routes"), "no routes", "add at least one route, for example \"hello.localhost/\"");
+        }
+        for (j, r) in w.routes.get_ref().iter().enumerate() {
+            match parse_route(r.get_ref()) {
+                Ok(route) => {
+                    if routes.contains(&route) {
+                        self.error(
+                            Some(r.span()),
+                            key(&format!("routes[{j}]")),
+                            format!("`{route}` is listed twice"),
+                            "remove the duplicate",
+                        );
+                    } else {
+                        routes.push(route);
+                    }
+                }
+                Err(why) => self.error(
+                    Some(r.span()),
+                    key(&format!("routes[{j}]")),
+                    format!("`{}` {why}", r.get_ref()),
+                    "write a route as HOST/PATH-PREFIX, for example \"hello.localhost/\" or \"localhost/hello\"",
+                ),
+            }
+        }
+
+        let limits = self.limits(i, &w.limits);
+        WorkerConfig { name: w.name.get_ref().clone(), tenant: w.tenant.get_ref().clone(), component, routes, limits }
+    }
+
+    fn limits(&mut self, i: usize, l: &RawLimits) -> Limits {
+        let d = Limits::default();
+        let key = |k: &str| format!("worker[{i}].limits.{k}");
+        let limits = Limits {
+            cpu_ms: self.int(&l.cpu_ms, &key("cpu_ms"), d.cpu_ms, 1, 60_000, "the CPU time one request may use, in ms"),
+            wall_ms: self.int(&l.wall_ms, &key("wall_ms"), d.wall_ms, 1, 3_600_000, "the wall-clock time one request may take, in ms"),
+            memory_mb: self.int(&l.memory_mb, &key("memory_mb"), d.memory_mb, 1, 4096, "the linear memory one instance may use, in MiB"),
+            max_request_body_bytes: self.int(
+                &l.max_request_body_bytes,
+                &key("max_request_body_bytes"),
+                d.max_request_body_bytes,
+                0,
+                1 << 32,
+                "the largest request body, in bytes",
+            ),
+            max_response_body_bytes: self.int(
+                &l.max_response_body_bytes,
+                &key("max_response_body_bytes"),
+                d.max_response_body_bytes,
+                0,
+                1 << 32,
+                "the largest response body, in bytes",
+            ),
+            max_log_bytes: self.int(
+                &l.max_log_bytes,
+                &key("max_log_bytes"),
+                d.max_log_bytes,
+                0,
+                16 << 20,
+                "the stdout and stderr bytes kept per request",
+            ),
+        };
+        if limits.cpu_ms > limits.wall_ms
+            && let Some(cpu) = &l.cpu_ms
+        {
+            self.error(
+                Some(cpu.span()),
+                key("cpu_ms"),
+                format!("{} is more than wall_ms ({})", limits.cpu_ms, limits.wall_ms),
+                "CPU time cannot exceed wall-clock time: lower cpu_ms or raise wall_ms",
+            );
+        }
+        limits
+    }
+
+    fn cross_worker_checks(&mut self, raw: &[RawWorker], workers: &[WorkerConfig]) {
+        for (i, w) in workers.iter().enumerate() {
+            if let Some(first) = workers[..i].iter().position(|o| o.name == w.name) {
+                self.error(
+                    Some(raw[i].name.span()),
+                    format!("worker[{i}].name"),
+                    format!("`{}` is already the name of worker[{first}]", w.name),
+                    "give every worker its own name",
+                );
+            }
+            for route in &w.routes {
+                if let Some(first) = workers[..i].iter().position(|o| o.routes.contains(route)) {
+                    self.error(
+                        Some(raw[i].routes.span()),
+                        format!("worker[{i}].routes"),
+                        format!("route `{route}` is already served by worker `{}`", workers[first].name),
+                        "each host and path prefix may belong to one worker only",
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `host/prefix` to a [`Route`]. The host is matched without its port and
+/// case-insensitively; the prefix is matched by whole path segments.
+pub(crate) fn parse_route(s: &str) -> Result<Route, &'static str> {
+    let Some(slash) = s.find('/') else { return Err("has no path: add `/` after the host") };
+    let (host, path) = s.split_at(slash);
+    if host.is_empty() {
+        return Err("has no host");
+    }
+    if host.contains(':') {
+        return Err("has a port: routes match the Host header without its port, so drop `:PORT`");
+    }
+    if !host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') || host.starts_with('.') || host.ends_with('.') {
+        return Err("has an invalid host: use letters, digits, `.` and `-`");
+    }
+    if path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'?' || b == b'#' || b == b'%') {
+        return Err("has a character not allowed in a path prefix (whitespace, `?`, `#` or `%`)");
+    }
+    if path.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err("has a `.` or `..` segment");
+    }
+    let trimmed = path.trim_end_matches('/');
+    let path_prefix = if trimmed.is_empty() { "/".to_string() } else { trimmed.to_string() };
+    Ok(Route { host: host.to_ascii_lowercase(), path_prefix })
+}
+
+fn location(text: &str, offset: usize) -> Location {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    Location { line, column }
+}
+
+/// A syntax or type error from the TOML layer, with the key recovered from
+/// the source text: the nearest table header and the key on the error's line.
+fn toml_error(file: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim().to_string();
+    let span = e.span();
+    let (location, key) = match &span {
+        Some(span) => (Some(location(text, span.start)), key_at(text, span.clone())),
+        None => (None, None),
+    };
+    let key = key.or_else(|| backticked(&message));
+    let help = if message.contains("unknown field") {
+        format!("remove this key or fix its spelling; {DOCS} lists every key")
+    } else if message.contains("missing field") {
+        format!("add this key; {DOCS} describes it")
+    } else if message.contains("invalid type") {
+        format!("give the value the type that {DOCS} shows for this key")
+    } else {
+        "fix the TOML syntax at this position".to_string()
+    };
+    ConfigError { file: file.to_path_buf(), location, key, message, help }
+}
+
+fn key_at(text: &str, span: Range<usize>) -> Option<String> {
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let line = text[line_start..line_end].trim();
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    if line.starts_with('[') {
+        return Some(line.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    }
+    let key = line.split('=').next()?.trim();
+    if key.is_empty() {
+        return table;
+    }
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_string(),
+    })
+}
+
+fn backticked(message: &str) -> Option<String> {
+    let start = message.find('`')? + 1;
+    let end = start + message[start..].find('`')?;
+    Some(message[start..end].to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        parse(Path::new("/nonexistent/cordon.toml"), text).unwrap_err().0
+    }
+
+    #[test]
+    fn routes_parse_host_and_prefix() {
+        assert_eq!(parse_route("Hello.Localhost/").unwrap(), Route { host: "hello.localhost".into(), path_prefix: "/".into() });
+        assert_eq!(parse_route("localhost/hello/").unwrap(), Route { host: "localhost".into(), path_prefix: "/hello".into() });
+        assert!(parse_route("localhost").is_err());
+        assert!(parse_route("localhost:8080/").unwrap_err().contains("port"));
+        assert!(parse_route("/x").is_err());
+        assert!(parse_route("a/../b").is_err());
+        assert!(parse_route("a b/").is_err());
+    }
+
+    #[test]
+    fn unknown_key_points_at_line_and_key() {
+        let e = errors("[server]\nlisten = \"127.0.0.1:1\"\nlisen = \"x\"\n");
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].location, Some(Location { line: 3, column: 1 }));
+        assert_eq!(e[0].key.as_deref(), Some("server.lisen"));
+        assert!(e[0].message.contains("unknown field"), "{}", e[0].message);
+        assert!(e[0].help.contains("spelling"));
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let e = errors(
+            "[[worker]]\nname = \"a\"\ntenant = \"t\"\ncomponent = \"a.wasm\"\nroutes = [\"x/\"]\n[worker.limits]\ncpu_ms = \"fast\"\n",
+        );
+        assert_eq!(e[0].key.as_deref(), Some("worker.limits.cpu_ms"));
+        assert_eq!(e[0].location.unwrap().line, 7);
+    }
+
+    #[test]
+    fn semantic_errors_are_all_reported_with_locations() {
+        let text = "[server]\nlisten = \"nope\"\n[security]\nmemory_protection_keys = \"maybe\"\n\
+                    [[worker]]\nname = \"Bad Name\"\ntenant = \"acme\"\ncomponent = \"missing.wasm\"\nroutes = [\"h:80/\"]\n\
+                    [worker.limits]\ncpu_ms = 0\n";
+        let e = errors(text);
+        let keys: Vec<_> = e.iter().map(|e| e.key.clone().unwrap()).collect();
+        for expected in [
+            "server.listen",
+            "security.memory_protection_keys",
+            "worker[0].name",
+            "worker[0].component",
+            "worker[0].routes[0]",
+            "worker[0].limits.cpu_ms",
+        ] {
+            assert!(keys.iter().any(|k| k == expected), "missing {expected} in {keys:?}");
+        }
+        let cpu = e.iter().find(|e| e.key.as_deref() == Some("worker[0].limits.cpu_ms")).unwrap();
+        assert_eq!(cpu.location.unwrap().line, 11);
+        assert!(cpu.to_string().starts_with("/nonexistent/cordon.toml:11:"), "{cpu}");
+    }
+
+    #[test]
+    fn names_are_restricted() {
+        assert!(is_valid_name("acme_1-x"));
+        assert!(!is_valid_name(""));
+        assert!(!is_valid_name("../etc"));
+        assert!(!is_valid_name("Acme"));
+        assert!(!is_valid_name(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn defaults_fill_an_empty_file() {
+        let c = parse(Path::new("/srv/cordon.toml"), "").unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.server.data_dir, Path::new("/srv/.cordon"));
+        assert_eq!(c.security.memory_protection_keys, MemoryProtectionKeys::Auto);
+        assert!(c.workers.is_empty());
+    }
+}

@@ -1,0 +1,90 @@
+//! The admin listener: `GET /health`, the sandbox posture and the state of
+//! every worker. Bound to loopback by default; it discloses configuration
+//! and must not face the internet.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use cordon_runtime::Runtime;
+use http::{HeaderValue, Method, StatusCode, header};
+
+use crate::error::error_response;
+use crate::http1::parse::{Rejection, RequestHead};
+use crate::http1::write::Written;
+use crate::http1::{Incoming, OutBody, Outgoing, Service};
+
+pub(crate) struct Admin {
+    runtime: Arc<Runtime>,
+    gateway: serde_json::Value,
+}
+
+impl Admin {
+    pub fn new(runtime: Arc<Runtime>, gateway: serde_json::Value) -> Self {
+        Self { runtime, gateway }
+    }
+
+    fn health(&self) -> serde_json::Value {
+        let workers: Vec<_> = self
+            .runtime
+            .workers()
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "name": w.name,
+                    "tenant": w.tenant,
+                    "routes": w.routes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "component_sha256": w.component_sha256,
+                    "code": w.code_source,
+                    "limits": w.limits,
+                    "stats": w.stats(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "status": "ok",
+            "version": env!("CARGO_PKG_VERSION"),
+            "sandbox": self.runtime.posture(),
+            "gateway": self.gateway,
+            "workers": workers,
+        })
+    }
+}
+
+impl Service for Admin {
+    type Target = ();
+    type Pending = ();
+
+    fn admit(&self, _: &RequestHead, _: &str, _: Instant) -> Result<(), Box<Outgoing<()>>> {
+        Ok(())
+    }
+
+    async fn call(&self, _: (), incoming: Incoming) -> Outgoing<()> {
+        let id = &incoming.request_id;
+        let response = match (incoming.head.method.clone(), incoming.head.path()) {
+            (Method::GET | Method::HEAD, "/health") => {
+                let mut bytes = serde_json::to_vec_pretty(&self.health()).unwrap_or_default();
+                bytes.push(b'\n');
+                let mut r = http::Response::new(OutBody::Full(Some(Bytes::from(bytes))));
+                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                r
+            }
+            (_, "/health") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET", id),
+            (_, path) => error_response(StatusCode::NOT_FOUND, "not_found", &format!("no admin endpoint at `{path}`; try GET /health"), id),
+        };
+        Outgoing { response, close: false, pending: () }
+    }
+
+    async fn finish(self: Arc<Self>, _: (), written: Written) {
+        tracing::debug!(target: "cordon::admin", status = written.status.as_u16(), "admin request");
+    }
+
+    fn panicked(&self, summary: &str, request_id: &str, message: &str) {
+        tracing::error!(target: "cordon::admin", request_id, request = summary, panic = message, "admin handler panicked");
+    }
+
+    fn rejected(&self, rejection: &Rejection, request_id: &str, peer: std::net::SocketAddr) {
+        tracing::debug!(target: "cordon::admin", request_id, peer = %peer, status = rejection.status.as_u16(), reason = %rejection.message, "admin request rejected");
+    }
+}

@@ -1,0 +1,282 @@
+//! The read side of a connection: a buffer shared by the head parser and the
+//! request body, and a strict decoder for `Content-Length` and `chunked`
+//! bodies. The body streams to the worker as it arrives; nothing is buffered
+//! beyond one read.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::net::tcp::OwnedReadHalf;
+
+use super::parse::Framing;
+
+const READ_CHUNK: usize = 16 * 1024;
+/// Longest chunk-size line (size plus extensions).
+const MAX_CHUNK_LINE: usize = 1024;
+
+/// Why a request body could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BodyError {
+    #[error("malformed chunked encoding: {0}")]
+    Malformed(&'static str),
+    #[error("the connection closed before the request body was complete")]
+    Incomplete,
+    #[error("reading the request body failed")]
+    Io,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decoder {
+    Done,
+    Length(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkDataEnd,
+    Trailers { seen: usize },
+    Failed,
+}
+
+pub(crate) struct ConnReader {
+    io: OwnedReadHalf,
+    pub buf: BytesMut,
+    decoder: Decoder,
+    error: Option<BodyError>,
+    max_trailer_bytes: usize,
+}
+
+pub(crate) type SharedReader = Arc<Mutex<ConnReader>>;
+
+pub(crate) fn lock(reader: &SharedReader) -> MutexGuard<'_, ConnReader> {
+    reader.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ConnReader {
+    pub fn new(io: OwnedReadHalf, max_trailer_bytes: usize) -> Self {
+        Self { io, buf: BytesMut::with_capacity(READ_CHUNK), decoder: Decoder::Done, error: None, max_trailer_bytes }
+    }
+
+    /// Reads more bytes into the buffer. `Ok(0)` at end of stream.
+    pub fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let mut tmp = [0u8; READ_CHUNK];
+        let mut rb = ReadBuf::new(&mut tmp);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+        self.buf.extend_from_slice(rb.filled());
+        Poll::Ready(Ok(rb.filled().len()))
+    }
+
+    /// Starts decoding a body with `framing`.
+    pub fn start_body(&mut self, framing: Framing) {
+        self.error = None;
+        self.decoder = match framing {
+            Framing::None | Framing::Length(0) => Decoder::Done,
+            Framing::Length(n) => Decoder::Length(n),
+            Framing::Chunked => Decoder::ChunkSize,
+        };
+    }
+
+    pub fn body_done(&self) -> bool {
+        self.decoder == Decoder::Done
+    }
+
+    /// The error that stopped the body, if any.
+    pub fn body_error(&self) -> Option<BodyError> {
+        self.error.clone()
+    }
+
+    fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Bytes, BodyError>>> {
+        self.decoder = Decoder::Failed;
+        self.error = Some(e.clone());
+        Poll::Ready(Some(Err(e)))
+    }
+
+    /// Fills the buffer or fails the body at end of stream.
+    fn fill_or_fail(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BodyError>> {
+        match ready!(self.poll_fill(cx)) {
+            Ok(0) => Poll::Ready(Err(BodyError::Incomplete)),
+            Ok(_) => Poll::Ready(Ok(())),
+            Err(_) => Poll::Ready(Err(BodyError::Io)),
+        }
+    }
+
+    /// The next piece of the body: data, `None` at its end, or an error.
+    pub fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
+        loop {
+            match self.decoder {
+                Decoder::Done => return Poll::Ready(None),
+                Decoder::Failed => return Poll::Ready(Some(Err(self.error.clone().unwrap_or(BodyError::Io)))),
+                Decoder::Length(remaining) | Decoder::ChunkData(remaining) => {
+                    if self.buf.is_empty() {
+                        if let Err(e) = ready!(self.fill_or_fail(cx)) {
+                            return self.fail(e);
+                        }
+                        continue;
+                    }
+                    let n = remaining.min(self.buf.len() as u64) as usize;
+                    let data = self.buf.split_to(n).freeze();
+                    let left = remaining - n as u64;
+                    self.decoder = match (self.decoder, left) {
+                        (Decoder::Length(_), 0) => Decoder::Done,
+                        (Decoder::Length(_), l) => Decoder::Length(l),
+                        (_, 0) => Decoder::ChunkDataEnd,
+                        (_, l) => Decoder::ChunkData(l),
+                    };
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                Decoder::ChunkSize => match find_crlf(&self.buf) {
+                    Some(end) => {
+                        let line = self.buf.split_to(end + 2);
+                        match parse_chunk_size(&line[..end]) {
+                            Ok(0) => self.decoder = Decoder::Trailers { seen: 0 },
+                            Ok(n) => self.decoder = Decoder::ChunkData(n),
+                            Err(why) => return self.fail(BodyError::Malformed(why)),
+                        }
+                    }
+                    None if self.buf.len() > MAX_CHUNK_LINE => return self.fail(BodyError::Malformed("chunk-size line too long")),
+                    None if self.buf.contains(&b'\n') => return self.fail(BodyError::Malformed("chunk-size line must end with CRLF")),
+                    None => {
+                        if let Err(e) = ready!(self.fill_or_fail(cx)) {
+                            return self.fail(e);
+                        }
+                    }
+                },
+                Decoder::ChunkDataEnd => {
+                    if self.buf.len() < 2 {
+                        if let Err(e) = ready!(self.fill_or_fail(cx)) {
+                            return self.fail(e);
+                        }
+                        continue;
+                    }
+                    if &self.buf[..2] != b"\r\n" {
+                        return self.fail(BodyError::Malformed("chunk data is not followed by CRLF"));
+                    }
+                    let _ = self.buf.split_to(2);
+                    self.decoder = Decoder::ChunkSize;
+                }
+                Decoder::Trailers { seen } => match find_crlf(&self.buf) {
+                    Some(0) => {
+                        let _ = self.buf.split_to(2);
+                        self.decoder = Decoder::Done;
+                    }
+                    Some(end) => {
+                        let line = self.buf.split_to(end + 2);
+                        let seen = seen + line.len();
+                        if seen > self.max_trailer_bytes {
+                            return self.fail(BodyError::Malformed("trailers too large"));
+                        }
+                        if !is_field_line(&line[..end]) {
+                            return self.fail(BodyError::Malformed("invalid trailer field"));
+                        }
+                        // Trailers are read and dropped: no worker relies on them.
+                        self.decoder = Decoder::Trailers { seen };
+                    }
+                    None if seen + self.buf.len() > self.max_trailer_bytes => return self.fail(BodyError::Malformed("trailers too large")),
+                    None => {
+                        if let Err(e) = ready!(self.fill_or_fail(cx)) {
+                            return self.fail(e);
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+/// `1*HEXDIG [ chunk-ext ]`, without the CRLF.
+fn parse_chunk_size(line: &[u8]) -> Result<u64, &'static str> {
+    let (size, ext) = match line.iter().position(|&b| b == b';') {
+        Some(i) => (&line[..i], Some(&line[i + 1..])),
+        None => (line, None),
+    };
+    let size = size.trim_ascii_end();
+    if size.is_empty() {
+        return Err("missing chunk size");
+    }
+    if size.len() > 15 {
+        return Err("chunk size too large");
+    }
+    if !size.iter().all(u8::is_ascii_hexdigit) {
+        return Err("chunk size is not hexadecimal");
+    }
+    if let Some(ext) = ext
+        && ext.iter().any(|&b| b.is_ascii_control() && b != b'\t')
+    {
+        return Err("control character in chunk extension");
+    }
+    let text = std::str::from_utf8(size).map_err(|_| "chunk size is not hexadecimal")?;
+    u64::from_str_radix(text, 16).map_err(|_| "chunk size is not hexadecimal")
+}
+
+fn is_field_line(line: &[u8]) -> bool {
+    match line.iter().position(|&b| b == b':') {
+        Some(colon) if colon > 0 => {
+            line[..colon].iter().all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+                && line[colon + 1..].iter().all(|&b| b == b'\t' || !b.is_ascii_control())
+        }
+        _ => false,
+    }
+}
+
+/// The request body handed to the worker. Reads straight from the
+/// connection; the connection gets the reader back when the request ends.
+pub(crate) struct RequestBody {
+    reader: SharedReader,
+}
+
+impl RequestBody {
+    pub fn new(reader: SharedReader) -> Self {
+        Self { reader }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        lock(&self.reader).poll_body(cx).map(|o| o.map(|r| r.map(Frame::data)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        lock(&self.reader).body_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match lock(&self.reader).decoder {
+            Decoder::Done => SizeHint::with_exact(0),
+            Decoder::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(parse_chunk_size(b"1a"), Ok(26));
+        assert_eq!(parse_chunk_size(b"0;name=value"), Ok(0));
+        assert!(parse_chunk_size(b"").is_err());
+        assert!(parse_chunk_size(b"zz").is_err());
+        assert!(parse_chunk_size(b"-1").is_err());
+        assert!(parse_chunk_size(b"0x10").is_err());
+        assert!(parse_chunk_size(b"ffffffffffffffffff").is_err());
+        assert!(parse_chunk_size(b" 5").is_err());
+    }
+
+    #[test]
+    fn field_lines() {
+        assert!(is_field_line(b"X-Sum: 5"));
+        assert!(!is_field_line(b": 5"));
+        assert!(!is_field_line(b"no colon"));
+    }
+}

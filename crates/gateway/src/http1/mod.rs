@@ -1,0 +1,296 @@
+//! A strict HTTP/1.1 server connection. One request at a time per
+//! connection (pipelined requests wait their turn), each passing through the
+//! same phases: read and validate the head, route, run, write, finish.
+
+pub(crate) mod body;
+pub(crate) mod parse;
+pub(crate) mod write;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::StatusCode;
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::watch;
+
+use crate::error::error_response;
+use crate::panic::CatchUnwind;
+use body::{ConnReader, RequestBody, SharedReader, lock};
+use parse::{Framing, Rejection, RequestHead, parse_head};
+use write::{ResponseContext, Written, write_response};
+
+/// Bytes of an unread request body that are drained after the response so
+/// the connection can be reused; a larger remainder closes the connection.
+const DRAIN_LIMIT: usize = 64 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+
+/// The limits one connection runs under.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnLimits {
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub keep_alive_timeout: Duration,
+}
+
+/// A request as handed to a service.
+pub(crate) struct Incoming {
+    pub head: RequestHead,
+    pub body: RequestBody,
+    pub request_id: String,
+    pub received: Instant,
+}
+
+/// A service's answer: the response, whether to close the connection after
+/// it, and state that the service wants back in [`Service::finish`].
+pub(crate) struct Outgoing<P> {
+    pub response: http::Response<OutBody>,
+    pub close: bool,
+    pub pending: P,
+}
+
+/// What the gateway and the admin listener plug into the connection loop.
+pub(crate) trait Service: Send + Sync + 'static {
+    /// What `admit` found for `call`, for example the routed worker.
+    type Target: Send;
+    type Pending: Send + 'static;
+
+    /// Before the body is read: decide whether the request may proceed. An
+    /// `Err` is answered at once, without reading the body.
+    fn admit(&self, head: &RequestHead, request_id: &str, received: Instant) -> Result<Self::Target, Box<Outgoing<Self::Pending>>>;
+
+    /// Runs the request.
+    fn call(&self, target: Self::Target, request: Incoming) -> impl Future<Output = Outgoing<Self::Pending>> + Send;
+
+    /// After the response was written (or failed): logging and accounting.
+    fn finish(self: Arc<Self>, pending: Self::Pending, written: Written) -> impl Future<Output = ()> + Send;
+
+    /// A request that panicked in `admit` or `call`.
+    fn panicked(&self, head_summary: &str, request_id: &str, message: &str);
+
+    /// A request rejected before it could be parsed.
+    fn rejected(&self, rejection: &Rejection, request_id: &str, peer: std::net::SocketAddr);
+}
+
+/// A response body: fixed bytes (errors, admin) or a worker's stream.
+pub(crate) enum OutBody {
+    Full(Option<Bytes>),
+    Worker(cordon_runtime::ResponseBody),
+}
+
+impl http_body::Body for OutBody {
+    type Data = Bytes;
+    type Error = String;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, String>>> {
+        match self.get_mut() {
+            OutBody::Full(b) => std::task::Poll::Ready(b.take().map(|b| Ok(http_body::Frame::data(b)))),
+            OutBody::Worker(body) => std::pin::Pin::new(body).poll_frame(cx).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            OutBody::Full(b) => b.is_none(),
+            OutBody::Worker(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            OutBody::Full(b) => http_body::SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            OutBody::Worker(body) => body.size_hint(),
+        }
+    }
+}
+
+pub(crate) fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+enum HeadOutcome {
+    Head(RequestHead),
+    /// Closed by the client, idle too long, or shutting down while idle.
+    Closed,
+    Reject(Rejection),
+}
+
+/// Serves one connection until it closes, fails, or shutdown is signalled.
+pub(crate) async fn serve_connection<S: Service>(
+    stream: TcpStream,
+    service: Arc<S>,
+    limits: ConnLimits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let peer = stream.peer_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    let reader: SharedReader = Arc::new(Mutex::new(ConnReader::new(read, limits.max_header_bytes)));
+    let mut writer = BufWriter::with_capacity(16 * 1024, write);
+    let mut first = true;
+
+    loop {
+        let head = match read_head(&reader, &limits, first, &mut shutdown).await {
+            HeadOutcome::Head(head) => head,
+            HeadOutcome::Closed => return,
+            HeadOutcome::Reject(rejection) => {
+                let request_id = new_request_id();
+                service.rejected(&rejection, &request_id, peer);
+                let response = error_response(rejection.status, rejection.code, &rejection.message, &request_id);
+                let cx = ResponseContext {
+                    method: &http::Method::GET,
+                    http10: false,
+                    keep_alive: false,
+                    request_id: &request_id,
+                    write_timeout: limits.keep_alive_timeout,
+                };
+                write_response(&mut writer, response, &cx).await;
+                let _ = writer.shutdown().await;
+                return;
+            }
+        };
+        first = false;
+        let received = Instant::now();
+        let request_id = new_request_id();
+        let summary = format!("{} {}{}", head.method, head.host, head.path());
+        let method = head.method.clone();
+        let http10 = head.http10;
+        let keep_alive = head.keep_alive && !*shutdown.borrow();
+        let framing = head.framing;
+        let expect_continue = head.expect_continue;
+        lock(&reader).start_body(framing);
+
+        let admitted = CatchUnwind::new(async { service.admit(&head, &request_id, received) }).await;
+        let outgoing = match admitted {
+            Err(panic) => {
+                service.panicked(&summary, &request_id, &panic);
+                write_panic(&mut writer, &method, &request_id, &limits).await;
+                return;
+            }
+            Ok(Err(rejection)) => *rejection,
+            Ok(Ok(target)) => {
+                if expect_continue && framing != Framing::None && writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+                    return;
+                }
+                let incoming = Incoming { head, body: RequestBody::new(reader.clone()), request_id: request_id.clone(), received };
+                match CatchUnwind::new(service.call(target, incoming)).await {
+                    Ok(outgoing) => outgoing,
+                    Err(panic) => {
+                        service.panicked(&summary, &request_id, &panic);
+                        write_panic(&mut writer, &method, &request_id, &limits).await;
+                        return;
+                    }
+                }
+            }
+        };
+
+        // A malformed body seen while the worker ran turns the answer into a
+        // 400, whatever the worker said.
+        let body_error = lock(&reader).body_error();
+        let (response, close) = match &body_error {
+            Some(e) => (error_response(StatusCode::BAD_REQUEST, "bad_request", &e.to_string(), &request_id), true),
+            None => (outgoing.response, outgoing.close),
+        };
+        let cx = ResponseContext {
+            method: &method,
+            http10,
+            keep_alive: keep_alive && !close,
+            request_id: &request_id,
+            write_timeout: limits.keep_alive_timeout,
+        };
+        let written = write_response(&mut writer, response, &cx).await;
+        let reusable = written.reusable;
+        tokio::spawn(service.clone().finish(outgoing.pending, written));
+
+        if !reusable || !drain_body(&reader).await {
+            let _ = writer.shutdown().await;
+            return;
+        }
+    }
+}
+
+async fn write_panic(writer: &mut BufWriter<OwnedWriteHalf>, method: &http::Method, request_id: &str, limits: &ConnLimits) {
+    let response = error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error", request_id);
+    let cx = ResponseContext { method, http10: false, keep_alive: false, request_id, write_timeout: limits.keep_alive_timeout };
+    write_response(writer, response, &cx).await;
+    let _ = writer.shutdown().await;
+}
+
+async fn read_head(reader: &SharedReader, limits: &ConnLimits, first: bool, shutdown: &mut watch::Receiver<bool>) -> HeadOutcome {
+    let accepted = tokio::time::Instant::now();
+    // The first request's clock starts at accept; later ones at their first byte.
+    let mut deadline = first.then(|| accepted + limits.header_read_timeout);
+    loop {
+        {
+            let mut r = lock(reader);
+            // Tolerate the blank lines some clients send between requests.
+            while r.buf.starts_with(b"\r\n") {
+                let _ = r.buf.split_to(2);
+            }
+            if !r.buf.is_empty() {
+                match parse_head(&r.buf, limits.max_header_bytes) {
+                    Ok(Some((head, len))) => {
+                        let _ = r.buf.split_to(len);
+                        return HeadOutcome::Head(head);
+                    }
+                    Ok(None) => {}
+                    Err(rejection) => return HeadOutcome::Reject(rejection),
+                }
+                if deadline.is_none() {
+                    deadline = Some(tokio::time::Instant::now() + limits.header_read_timeout);
+                }
+            }
+        }
+        let has_bytes = !lock(reader).buf.is_empty();
+        if !has_bytes && *shutdown.borrow() {
+            return HeadOutcome::Closed;
+        }
+        let wait_until = deadline.unwrap_or_else(|| tokio::time::Instant::now() + limits.keep_alive_timeout);
+        let fill = std::future::poll_fn(|cx| lock(reader).poll_fill(cx));
+        tokio::select! {
+            read = fill => match read {
+                Ok(0) | Err(_) => return HeadOutcome::Closed,
+                Ok(_) => {}
+            },
+            _ = tokio::time::sleep_until(wait_until) => {
+                if has_bytes || (first && deadline.is_some()) {
+                    return HeadOutcome::Reject(Rejection::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request_timeout",
+                        format!("the request head did not arrive within {} ms", limits.header_read_timeout.as_millis()),
+                    ));
+                }
+                return HeadOutcome::Closed;
+            }
+            _ = shutdown.changed(), if !has_bytes => return HeadOutcome::Closed,
+        }
+    }
+}
+
+/// Reads and discards what the worker left of the request body, so that the
+/// next request on the connection starts at the right byte. `false` when the
+/// connection should close instead.
+async fn drain_body(reader: &SharedReader) -> bool {
+    let drain = async {
+        let mut drained = 0usize;
+        loop {
+            match std::future::poll_fn(|cx| lock(reader).poll_body(cx)).await {
+                None => return true,
+                Some(Ok(data)) => {
+                    drained += data.len();
+                    if drained > DRAIN_LIMIT {
+                        return false;
+                    }
+                }
+                Some(Err(_)) => return false,
+            }
+        }
+    };
+    tokio::time::timeout(DRAIN_TIME, drain).await.unwrap_or(false)
+}

@@ -1,0 +1,181 @@
+//! The HTTP front door. It accepts connections, parses and validates each
+//! request strictly (its own HTTP/1.1 layer, so that every refusal is a JSON
+//! error with a request id and no ambiguous framing reaches a worker),
+//! routes by host and path prefix, runs the worker through the runtime, and
+//! logs one line per request. A second listener serves the admin endpoint.
+//!
+//! Invariants: a request is answered only by the worker its host and path
+//! route to; every response carries `x-request-id`; a panic while serving a
+//! request answers that request 500 and affects no other.
+
+mod admin;
+mod error;
+mod http1;
+mod panic;
+mod proxy;
+mod router;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cordon_config::Config;
+use cordon_runtime::Runtime;
+use http::StatusCode;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use http1::{ConnLimits, Service, serve_connection};
+
+/// Connections the admin listener serves at once.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// A request as a [`RequestFilter`] sees it, after routing.
+pub struct RequestSummary<'a> {
+    pub method: &'a http::Method,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub tenant: &'a str,
+    pub worker: &'a str,
+}
+
+/// Why a filter refused a request.
+pub struct FilterRejection {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// A check that runs after routing and before the worker: the place for
+/// admission rules such as rate limits.
+pub trait RequestFilter: Send + Sync + 'static {
+    fn check(&self, request: &RequestSummary<'_>) -> Result<(), FilterRejection>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Bound listeners, ready to serve.
+pub struct Gateway {
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    runtime: Arc<Runtime>,
+    limits: ConnLimits,
+    max_connections: usize,
+    shutdown_grace: Duration,
+    filter: Option<Arc<dyn RequestFilter>>,
+    gateway_report: serde_json::Value,
+}
+
+impl Gateway {
+    /// Binds `server.listen` and `server.admin_listen`.
+    pub async fn bind(config: &Config, runtime: Arc<Runtime>) -> Result<Gateway, GatewayError> {
+        let s = &config.server;
+        let bind = |addr: SocketAddr| async move { TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind { addr, source }) };
+        let listener = bind(s.listen).await?;
+        let admin_listener = bind(s.admin_listen).await?;
+        let limits = ConnLimits {
+            max_header_bytes: s.max_header_bytes,
+            header_read_timeout: Duration::from_millis(s.header_read_timeout_ms),
+            keep_alive_timeout: Duration::from_millis(s.keep_alive_timeout_ms),
+        };
+        let gateway_report = serde_json::json!({
+            "max_header_bytes": s.max_header_bytes,
+            "header_read_timeout_ms": s.header_read_timeout_ms,
+            "keep_alive_timeout_ms": s.keep_alive_timeout_ms,
+            "max_connections": s.max_connections,
+            "shutdown_grace_ms": s.shutdown_grace_ms,
+        });
+        Ok(Gateway {
+            listener,
+            admin_listener,
+            runtime,
+            limits,
+            max_connections: s.max_connections,
+            shutdown_grace: Duration::from_millis(s.shutdown_grace_ms),
+            filter: None,
+            gateway_report,
+        })
+    }
+
+    /// Installs a filter that every routed request passes before its worker runs.
+    pub fn with_request_filter(mut self, filter: Arc<dyn RequestFilter>) -> Self {
+        self.filter = Some(filter);
+        self
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves; then stops accepting, lets requests
+    /// in flight finish within the grace period, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        let (tx, rx) = watch::channel(false);
+        let proxy = Arc::new(proxy::Proxy::new(self.runtime.workers(), self.filter.clone()));
+        let admin = Arc::new(admin::Admin::new(self.runtime.clone(), self.gateway_report.clone()));
+        let grace = self.shutdown_grace;
+        let main = tokio::spawn(accept_loop(self.listener, proxy, self.limits.clone(), rx.clone(), self.max_connections, grace));
+        let admin = tokio::spawn(accept_loop(self.admin_listener, admin, self.limits, rx, ADMIN_MAX_CONNECTIONS, grace));
+        shutdown.await;
+        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: no new connections; requests in flight may finish");
+        let _ = tx.send(true);
+        let _ = main.await;
+        let _ = admin.await;
+        tracing::info!("shut down");
+    }
+}
+
+async fn accept_loop<S: Service>(
+    listener: TcpListener,
+    service: Arc<S>,
+    limits: ConnLimits,
+    mut shutdown: watch::Receiver<bool>,
+    max_connections: usize,
+    grace: Duration,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            slot = slots.clone().acquire_owned() => {
+                let Ok(slot) = slot else { break };
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            let (service, limits, shutdown) = (service.clone(), limits.clone(), shutdown.clone());
+                            connections.spawn(async move {
+                                serve_connection(stream, service, limits, shutdown).await;
+                                drop(slot);
+                            });
+                        }
+                        Err(e) => {
+                            // Out of file descriptors, most likely: back off
+                            // rather than spin.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
+                }
+            }
+        }
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(open = connections.len(), "grace period over; closing the remaining connections");
+        connections.abort_all();
+    }
+}

@@ -1,0 +1,209 @@
+//! The life of a request to a worker, top to bottom: admit (route, check the
+//! declared body size, run the request filter), call (hand the request to
+//! the worker's fresh instance), finish (account and log once the response
+//! is out).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cordon_runtime::{Invocation, Outcome, Report, Worker};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+
+use crate::error::{error_response, invoke_status};
+use crate::http1::parse::{Framing, Rejection, RequestHead};
+use crate::http1::write::Written;
+use crate::http1::{Incoming, OutBody, Outgoing, Service};
+use crate::router::Router;
+use crate::{RequestFilter, RequestSummary};
+
+pub(crate) struct Proxy {
+    router: Router,
+    filter: Option<Arc<dyn RequestFilter>>,
+}
+
+/// What `finish` needs to know about a request.
+pub(crate) struct Exchange {
+    request_id: String,
+    method: http::Method,
+    host: String,
+    path: String,
+    received: Instant,
+    worker: Option<Arc<Worker>>,
+    invocation: Option<Invocation>,
+    /// The error code sent, when the gateway answered instead of the worker.
+    error: Option<&'static str>,
+}
+
+impl Proxy {
+    pub fn new(workers: &[Arc<Worker>], filter: Option<Arc<dyn RequestFilter>>) -> Self {
+        Self { router: Router::new(workers), filter }
+    }
+
+    fn exchange(head: &RequestHead, request_id: &str, received: Instant, worker: Option<Arc<Worker>>) -> Exchange {
+        Exchange {
+            request_id: request_id.to_string(),
+            method: head.method.clone(),
+            host: head.host.clone(),
+            path: head.path().to_string(),
+            received,
+            worker,
+            invocation: None,
+            error: None,
+        }
+    }
+
+    fn refuse(mut exchange: Exchange, status: StatusCode, code: &'static str, message: &str, close: bool) -> Outgoing<Exchange> {
+        exchange.error = Some(code);
+        Outgoing { response: error_response(status, code, message, &exchange.request_id), close, pending: exchange }
+    }
+}
+
+impl Service for Proxy {
+    type Target = Arc<Worker>;
+    type Pending = Exchange;
+
+    fn admit(&self, head: &RequestHead, request_id: &str, received: Instant) -> Result<Arc<Worker>, Box<Outgoing<Exchange>>> {
+        let Some(worker) = self.router.find(&head.host, head.path()).cloned() else {
+            let message = format!("no worker is routed at `{}{}`", head.host, head.path());
+            return Err(Box::new(Self::refuse(
+                Self::exchange(head, request_id, received, None),
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &message,
+                false,
+            )));
+        };
+        let exchange = || Self::exchange(head, request_id, received, Some(worker.clone()));
+        if let Framing::Length(n) = head.framing
+            && n > worker.limits.max_request_body_bytes
+        {
+            let message =
+                format!("the request body of {n} bytes exceeds this worker's limit of {} bytes", worker.limits.max_request_body_bytes);
+            return Err(Box::new(Self::refuse(exchange(), StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &message, true)));
+        }
+        if let Some(filter) = &self.filter {
+            let summary =
+                RequestSummary { method: &head.method, host: &head.host, path: head.path(), tenant: &worker.tenant, worker: &worker.name };
+            if let Err(r) = filter.check(&summary) {
+                return Err(Box::new(Self::refuse(exchange(), r.status, r.code, &r.message, false)));
+            }
+        }
+        Ok(worker)
+    }
+
+    async fn call(&self, worker: Arc<Worker>, incoming: Incoming) -> Outgoing<Exchange> {
+        let Incoming { head, body, request_id, received } = incoming;
+        let mut exchange = Self::exchange(&head, &request_id, received, Some(worker.clone()));
+        let mut request = http::Request::new(body);
+        *request.method_mut() = head.method;
+        *request.uri_mut() = match head.target.parse() {
+            Ok(uri) => uri,
+            Err(_) => return Self::refuse(exchange, StatusCode::BAD_REQUEST, "bad_request", "invalid request target", true),
+        };
+        *request.headers_mut() = forwarded_headers(head.headers, &request_id);
+
+        let mut invocation = worker.invoke(request).await;
+        let response = std::mem::replace(&mut invocation.response, Err(cordon_runtime::InvokeError::NoResponse));
+        let body_exceeded = invocation.request_body_exceeded();
+        exchange.invocation = Some(invocation);
+        if body_exceeded {
+            let message = format!("the request body exceeds this worker's limit of {} bytes", worker.limits.max_request_body_bytes);
+            return Self::refuse(exchange, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &message, true);
+        }
+        match response {
+            Ok(response) => Outgoing { response: response.map(OutBody::Worker), close: false, pending: exchange },
+            Err(e) => {
+                let (status, code) = invoke_status(&e);
+                let message = match &e {
+                    cordon_runtime::InvokeError::Internal(_) => "internal error".to_string(),
+                    other => other.to_string(),
+                };
+                Self::refuse(exchange, status, code, &message, false)
+            }
+        }
+    }
+
+    async fn finish(self: Arc<Self>, exchange: Exchange, written: Written) {
+        let duration = exchange.received.elapsed();
+        let report = match exchange.invocation {
+            Some(invocation) => {
+                if !written.complete {
+                    invocation.abort();
+                }
+                Some(invocation.finish().await)
+            }
+            None => None,
+        };
+        let outcome = match (&report, exchange.error) {
+            (_, Some(code)) => code.to_string(),
+            (Some(Report { outcome: Outcome::Failed(e), .. }), None) => invoke_status(e).1.to_string(),
+            _ if written.error.is_some() => "response_incomplete".to_string(),
+            _ => "ok".to_string(),
+        };
+        let (tenant, worker) = exchange.worker.as_ref().map_or(("-", "-"), |w| (w.tenant.as_str(), w.name.as_str()));
+        tracing::info!(
+            target: "cordon::request",
+            request_id = %exchange.request_id,
+            tenant,
+            worker,
+            method = %exchange.method,
+            host = %exchange.host,
+            path = %exchange.path,
+            status = written.status.as_u16(),
+            outcome = %outcome,
+            cpu_us = report.as_ref().map_or(0, |r| r.cpu_time.as_micros() as u64),
+            duration_us = duration.as_micros() as u64,
+            bytes_out = written.body_bytes,
+            "request"
+        );
+        if let Some(e) = &written.error {
+            tracing::debug!(request_id = %exchange.request_id, error = %e, "response not completed");
+        }
+        if let Some(report) = &report {
+            log_output(&exchange.request_id, tenant, worker, "stdout", &report.stdout);
+            log_output(&exchange.request_id, tenant, worker, "stderr", &report.stderr);
+        }
+    }
+
+    fn panicked(&self, summary: &str, request_id: &str, message: &str) {
+        tracing::error!(target: "cordon::request", request_id, request = summary, panic = message, status = 500, "request handler panicked; answered 500");
+    }
+
+    fn rejected(&self, rejection: &Rejection, request_id: &str, peer: std::net::SocketAddr) {
+        tracing::info!(target: "cordon::request", request_id, peer = %peer, status = rejection.status.as_u16(), outcome = rejection.code, reason = %rejection.message, "request rejected");
+    }
+}
+
+/// The request headers a worker sees: the client's, less hop-by-hop fields
+/// (and those the `Connection` header names), with Cordon's `x-request-id`.
+fn forwarded_headers(mut headers: HeaderMap, request_id: &str) -> HeaderMap {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade", "expect", "x-request-id"] {
+        headers.remove(name);
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert(HeaderName::from_static("x-request-id"), v);
+    }
+    headers
+}
+
+fn log_output(request_id: &str, tenant: &str, worker: &str, stream: &'static str, text: &cordon_runtime::CapturedText) {
+    if text.bytes.is_empty() && text.dropped == 0 {
+        return;
+    }
+    for line in String::from_utf8_lossy(&text.bytes).lines() {
+        tracing::info!(target: "cordon::worker", request_id, tenant, worker, stream, "{line}");
+    }
+    if text.dropped > 0 {
+        tracing::warn!(target: "cordon::worker", request_id, tenant, worker, stream, dropped_bytes = text.dropped, "worker output over the capture limit was dropped");
+    }
+}

@@ -1,0 +1,286 @@
+//! The compiled-code cache: native code for each component, compiled once and
+//! kept under `<data_dir>/cache/components`.
+//!
+//! Trust model (docs/SECURITY.md, "Compiled-code cache"): loading a cached
+//! artifact maps native code into the process without re-verifying it, so
+//! whoever can write the cache directory can run code as Cordon. The cache
+//! therefore lives in a directory that Cordon creates with mode 0700 and
+//! refuses to use if it is owned by another user or writable by group or
+//! others. Entries are written to a temporary file and renamed into place, so
+//! a crash never leaves a half-written entry under a valid name, and each
+//! entry carries a SHA-256 of its contents that is checked before use, so a
+//! corrupted file is recompiled instead of loaded. The key is derived from the
+//! component's SHA-256 and the engine's compatibility hash (wasmtime version,
+//! target and every setting that affects code generation), so a changed
+//! component or engine never reuses stale code.
+
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+const MAGIC: &[u8; 8] = b"CORDONC1";
+const HEADER_LEN: usize = MAGIC.len() + 32;
+
+/// Where a worker's native code came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CodeSource {
+    /// Loaded from the cache without compiling.
+    Cache,
+    /// Compiled at startup (and stored in the cache, if there is one).
+    Compiled,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cannot create the cache directory {}: {source}", path.display())]
+    Create { path: PathBuf, source: std::io::Error },
+    #[error(
+        "the cache directory {} is {problem}; compiled code loaded from it would run as Cordon, \
+         so it must be owned by Cordon's user and closed to everyone else. Fix it with \
+         `chown $(id -u) {0} && chmod 700 {0}`, or remove it so that Cordon recreates it",
+        path.display()
+    )]
+    Unsafe { path: PathBuf, problem: String },
+    #[error("cannot write a cache entry in {}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+/// An open cache directory that has passed the ownership and mode checks.
+pub struct CodeCache {
+    dir: PathBuf,
+}
+
+impl CodeCache {
+    /// Opens (creating if needed) `<data_dir>/cache/components`.
+    pub fn open(data_dir: &Path) -> Result<Self, CacheError> {
+        let dir = data_dir.join("cache").join("components");
+        for d in [data_dir.to_path_buf(), data_dir.join("cache"), dir.clone()] {
+            if !d.exists() {
+                fs::DirBuilder::new()
+                    .mode(0o700)
+                    .recursive(true)
+                    .create(&d)
+                    .map_err(|source| CacheError::Create { path: d.clone(), source })?;
+            }
+        }
+        // The two directories Cordon owns outright must be private. The data
+        // dir itself is checked too: whoever can rename `cache` can replace it.
+        for d in [data_dir.join("cache"), dir.clone(), data_dir.to_path_buf()] {
+            check_private(&d)?;
+        }
+        Ok(Self { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The cache key of `wasm` compiled by `engine`.
+    pub fn key(engine: &Engine, wasm: &[u8]) -> String {
+        let mut h = Sha256::new();
+        h.update(b"cordon component cache v1\0");
+        h.update(Sha256::digest(wasm));
+        let mut engine_hash = Sha256Hasher(Sha256::new());
+        engine.precompile_compatibility_hash().hash(&mut engine_hash);
+        h.update(engine_hash.0.finalize());
+        hex(&h.finalize())
+    }
+
+    /// The cached native code for `key`, if present and intact. A damaged
+    /// entry is removed and reported as absent.
+    pub(crate) fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let path = self.entry_path(key);
+        let bytes = fs::read(&path).ok()?;
+        match verify(&bytes) {
+            Some(artifact) => Some(artifact.to_vec()),
+            None => {
+                tracing::warn!(path = %path.display(), "damaged compiled-code cache entry removed; the component will be recompiled");
+                let _ = fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Stores `artifact` under `key`, atomically.
+    pub(crate) fn put(&self, key: &str, artifact: &[u8]) -> Result<(), CacheError> {
+        let path = self.entry_path(key);
+        let tmp = self.dir.join(format!(".{key}.{}.tmp", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            f.write_all(MAGIC)?;
+            f.write_all(&Sha256::digest(artifact))?;
+            f.write_all(artifact)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            fs::File::open(&self.dir)?.sync_all()
+        };
+        write().map_err(|source| {
+            let _ = fs::remove_file(&tmp);
+            CacheError::Write { path: path.clone(), source }
+        })
+    }
+
+    fn entry_path(&self, key: &str) -> PathBuf {
+        self.dir.join(format!("{key}.cwasm"))
+    }
+}
+
+/// The artifact inside a cache entry, if its header and checksum hold.
+fn verify(bytes: &[u8]) -> Option<&[u8]> {
+    if bytes.len() < HEADER_LEN || &bytes[..MAGIC.len()] != MAGIC {
+        return None;
+    }
+    let (digest, artifact) = bytes[MAGIC.len()..].split_at(32);
+    (Sha256::digest(artifact).as_slice() == digest).then_some(artifact)
+}
+
+fn check_private(dir: &Path) -> Result<(), CacheError> {
+    let meta = fs::symlink_metadata(dir).map_err(|source| CacheError::Create { path: dir.to_path_buf(), source })?;
+    let unsafe_because = |problem: String| Err(CacheError::Unsafe { path: dir.to_path_buf(), problem });
+    if !meta.is_dir() {
+        return unsafe_because("not a directory (a symlink or a file)".into());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return unsafe_because(format!("owned by uid {} rather than Cordon's uid {me}", meta.uid()));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return unsafe_because(format!("writable by group or others (mode {mode:o})"));
+    }
+    Ok(())
+}
+
+/// Compiles `wasm`, or loads its native code from `cache`.
+pub(crate) fn load_component(engine: &Engine, wasm: &[u8], cache: Option<&CodeCache>) -> Result<(Component, CodeSource), LoadError> {
+    check_is_component(wasm)?;
+    let key = CodeCache::key(engine, wasm);
+    if let Some(cache) = cache
+        && let Some(artifact) = cache.get(&key)
+    {
+        // SAFETY: the artifact comes from a directory that only Cordon's user
+        // can write (checked in `CodeCache::open`), was written by
+        // `precompile_component` of an engine with the same compatibility hash
+        // (part of the key), and its checksum matched. wasmtime additionally
+        // checks the artifact's header against this engine.
+        match unsafe { Component::deserialize(engine, &artifact) } {
+            Ok(component) => return Ok((component, CodeSource::Cache)),
+            Err(e) => tracing::warn!(error = %e, "cached native code rejected by the engine; recompiling"),
+        }
+    }
+    let artifact = engine.precompile_component(wasm).map_err(|e| LoadError::Invalid(first_line(&e)))?;
+    if let Some(cache) = cache {
+        cache.put(&key, &artifact)?;
+    }
+    // SAFETY: `artifact` was produced just now by this engine's own compiler.
+    let component = unsafe { Component::deserialize(engine, &artifact) }.map_err(|e| LoadError::Invalid(first_line(&e)))?;
+    Ok((component, CodeSource::Compiled))
+}
+
+/// Why a component could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read the component file: {0}")]
+    Read(std::io::Error),
+    #[error("not a WebAssembly file (it does not start with the `\\0asm` magic); give the path of a .wasm component")]
+    NotWasm,
+    #[error(
+        "a core WebAssembly module, not a component; build the worker for the `wasm32-wasip2` target \
+         (or wrap the module with `wasm-tools component new`)"
+    )]
+    CoreModule,
+    #[error("not a valid component: {0}")]
+    Invalid(String),
+    #[error("the component imports `{0}`, which Cordon does not provide; remove the import or build against the `wasi:http/proxy` world")]
+    UnknownImport(String),
+    #[error("the component does not export `wasi:http/incoming-handler`; build it against the `wasi:http/proxy` world")]
+    NotAProxy(String),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+fn check_is_component(wasm: &[u8]) -> Result<(), LoadError> {
+    if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
+        return Err(LoadError::NotWasm);
+    }
+    // Bytes 4..8: version and layer. Layer 0 is a core module, 1 a component.
+    if wasm[6..8] == [0, 0] {
+        return Err(LoadError::CoreModule);
+    }
+    Ok(())
+}
+
+fn first_line(e: &wasmtime::Error) -> String {
+    // The full chain can include compiler internals; the first line and the
+    // root cause say what is wrong with the input.
+    let root = e.root_cause().to_string();
+    let top = e.to_string();
+    if root == top { top } else { format!("{top}: {root}") }
+}
+
+struct Sha256Hasher(Sha256);
+
+impl Hasher for Sha256Hasher {
+    fn finish(&self) -> u64 {
+        unreachable!("only used to feed bytes into SHA-256")
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_and_corruption_is_detected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = CodeCache::open(tmp.path()).unwrap();
+        let mode = fs::metadata(cache.dir()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        cache.put("k", b"native code").unwrap();
+        assert_eq!(cache.get("k").unwrap(), b"native code");
+        let path = cache.entry_path("k");
+        let mut bytes = fs::read(&path).unwrap();
+        *bytes.last_mut().unwrap() ^= 1;
+        fs::write(&path, bytes).unwrap();
+        assert!(cache.get("k").is_none(), "a flipped bit must be caught");
+        assert!(!path.exists(), "the damaged entry is removed");
+    }
+
+    #[test]
+    fn a_cache_open_to_others_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = CodeCache::open(tmp.path()).unwrap();
+        fs::set_permissions(cache.dir(), fs::Permissions::from_mode(0o777)).unwrap();
+        let err = CodeCache::open(tmp.path()).err().expect("must refuse").to_string();
+        assert!(err.contains("writable by group or others"), "{err}");
+        assert!(err.contains("chmod 700"), "{err}");
+    }
+
+    #[test]
+    fn non_components_are_named() {
+        assert!(matches!(check_is_component(b"hello world"), Err(LoadError::NotWasm)));
+        assert!(matches!(check_is_component(b"\0asm\x01\0\0\0"), Err(LoadError::CoreModule)));
+        assert!(check_is_component(b"\0asm\x0d\0\x01\0").is_ok());
+    }
+}

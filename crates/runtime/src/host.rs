@@ -1,0 +1,114 @@
+//! The state of one instance (`Store<Host>`): WASI with nothing granted but
+//! stdio capture and coarse clocks, wasi:http with outbound denied, and the
+//! limiter and CPU meter that bound it. Built fresh for every request and
+//! dropped with it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::clock::{CoarseMonotonicClock, CoarseWallClock};
+use crate::meter::CpuMeter;
+use crate::outbound::DenyAllOutbound;
+use crate::stdio::CapturedOutput;
+
+/// Most elements a table may grow to.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// Most bytes a guest can ask `wasi:random` for in one call.
+const MAX_RANDOM_BYTES: u64 = 64 * 1024;
+
+pub(crate) struct Host {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    outbound: DenyAllOutbound,
+    pub(crate) limiter: MemoryLimiter,
+    pub(crate) meter: Arc<CpuMeter>,
+    pub(crate) cpu_limit: std::time::Duration,
+}
+
+pub(crate) struct HostParts {
+    pub memory_limit_bytes: u64,
+    pub cpu_limit: std::time::Duration,
+    pub stdout: CapturedOutput,
+    pub stderr: CapturedOutput,
+    pub meter: Arc<CpuMeter>,
+    pub memory_denied: Arc<AtomicBool>,
+}
+
+impl Host {
+    pub(crate) fn new(parts: HostParts) -> Self {
+        // Deny by default: no environment, arguments, preopened directories,
+        // network or name lookup; stdin is empty.
+        let wasi = WasiCtx::builder()
+            .stdout(parts.stdout)
+            .stderr(parts.stderr)
+            .wall_clock(CoarseWallClock)
+            .monotonic_clock(CoarseMonotonicClock::new())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .max_random_size(MAX_RANDOM_BYTES)
+            .build();
+        Self {
+            wasi,
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            outbound: DenyAllOutbound,
+            limiter: MemoryLimiter {
+                max_bytes: usize::try_from(parts.memory_limit_bytes).unwrap_or(usize::MAX),
+                denied: parts.memory_denied,
+            },
+            meter: parts.meter,
+            cpu_limit: parts.cpu_limit,
+        }
+    }
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for Host {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
+    }
+}
+
+/// The host interfaces every worker is linked against: WASI p2 (with the
+/// grants above, i.e. none) and `wasi:http`. An import outside this set makes
+/// the component fail to load.
+pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    Ok(linker)
+}
+
+/// Caps linear memory at the worker's `memory_mb`. A refused grow returns -1
+/// to the guest, as the spec says; the flag lets a trap that follows be
+/// reported as the memory limit rather than a bare crash.
+pub(crate) struct MemoryLimiter {
+    max_bytes: usize,
+    denied: Arc<AtomicBool>,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.denied.store(true, Ordering::Relaxed);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}

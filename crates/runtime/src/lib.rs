@@ -1,0 +1,194 @@
+//! The sandbox: the wasmtime engine and its policy, the compiled-code cache,
+//! and the execution of one request in a fresh instance under limits.
+//!
+//! Entry points: [`Runtime::start`] loads every worker of a config;
+//! [`Worker::invoke`] runs one request. This crate does no network I/O of
+//! its own; it is given requests and returns responses.
+
+mod body;
+mod cache;
+mod clock;
+mod host;
+mod meter;
+mod outbound;
+pub mod policy;
+mod stdio;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cordon_config::{Config, WorkerConfig};
+use wasmtime::Engine;
+use wasmtime::component::Linker;
+
+pub use body::{ResponseBody, ResponseBodyError};
+pub use cache::{CacheError, CodeCache, CodeSource, LoadError};
+pub use policy::{PolicyError, Posture};
+pub use stdio::CapturedText;
+pub use worker::{Invocation, InvokeError, Outcome, Report, StatsSnapshot, Worker};
+
+use host::Host;
+
+/// A worker that failed to load, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("worker `{worker}` ({}): {error}", component.display())]
+pub struct WorkerLoadError {
+    pub worker: String,
+    pub component: PathBuf,
+    pub error: LoadError,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Workers(Vec<WorkerLoadError>),
+}
+
+/// The engine, its posture and every loaded worker.
+pub struct Runtime {
+    engine: Engine,
+    posture: Posture,
+    workers: Vec<Arc<Worker>>,
+    _ticker: EpochTicker,
+}
+
+impl Runtime {
+    /// Builds the engine from the config's policy, then compiles (or loads
+    /// from the cache under `data_dir`) every worker's component, in parallel.
+    /// Any worker that fails to load fails the start.
+    pub fn start(config: &Config) -> Result<Runtime, StartError> {
+        let (engine, posture) = build_engine(config)?;
+        let cache = CodeCache::open(&config.server.data_dir)?;
+        let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
+        let results = load_workers(&engine, &linker, &config.workers, Some(&cache));
+        let mut workers = Vec::new();
+        let mut errors = Vec::new();
+        for r in results {
+            match r {
+                Ok(w) => workers.push(Arc::new(w)),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(StartError::Workers(errors));
+        }
+        let ticker = EpochTicker::start(&engine);
+        Ok(Runtime { engine, posture, workers, _ticker: ticker })
+    }
+
+    /// Validates the policy and every component without writing anything:
+    /// the posture (or why the engine cannot be built) and one result per
+    /// worker.
+    pub fn check(config: &Config) -> Result<(Posture, Vec<Result<(), WorkerLoadError>>), PolicyError> {
+        let (engine, posture) = build_engine(config)?;
+        let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
+        let results = load_workers(&engine, &linker, &config.workers, None).into_iter().map(|r| r.map(drop)).collect();
+        Ok((posture, results))
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn posture(&self) -> &Posture {
+        &self.posture
+    }
+
+    pub fn workers(&self) -> &[Arc<Worker>] {
+        &self.workers
+    }
+}
+
+fn build_engine(config: &Config) -> Result<(Engine, Posture), PolicyError> {
+    let (engine_config, posture) =
+        policy::engine_config(&config.security, &config.sandbox, config.max_worker_memory_mb(), policy::cpu_has_memory_protection_keys())?;
+    let engine = Engine::new(&engine_config).map_err(|e| PolicyError::Engine(format!("{e:#}")))?;
+    Ok((engine, posture))
+}
+
+/// Loads the workers on up to one thread per core. Workers that share a
+/// component file still compile it once thanks to the cache key.
+fn load_workers(
+    engine: &Engine,
+    linker: &Linker<Host>,
+    workers: &[WorkerConfig],
+    cache: Option<&CodeCache>,
+) -> Vec<Result<Worker, WorkerLoadError>> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(workers.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut slots: Vec<Option<Result<Worker, WorkerLoadError>>> = (0..workers.len()).map(|_| None).collect();
+    let slots_lock = std::sync::Mutex::new(&mut slots);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(w) = workers.get(i) else { break };
+                    let result = load_worker(engine, linker, w, cache);
+                    slots_lock.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(result);
+                }
+            });
+        }
+    });
+    slots.into_iter().map(|r| r.expect("every worker slot is filled")).collect()
+}
+
+fn load_worker(engine: &Engine, linker: &Linker<Host>, w: &WorkerConfig, cache: Option<&CodeCache>) -> Result<Worker, WorkerLoadError> {
+    let err = |error| WorkerLoadError { worker: w.name.clone(), component: w.component.clone(), error };
+    let wasm = std::fs::read(&w.component).map_err(|e| err(LoadError::Read(e)))?;
+    let started = std::time::Instant::now();
+    let (component, source) = cache::load_component(engine, &wasm, cache).map_err(err)?;
+    let sha = {
+        use sha2::Digest;
+        cache::hex(&sha2::Sha256::digest(&wasm))
+    };
+    let worker = Worker::new(w, linker, &component, source, sha).map_err(err)?;
+    tracing::info!(
+        worker = %w.name,
+        tenant = %w.tenant,
+        code = ?source,
+        ms = started.elapsed().as_millis() as u64,
+        "{}",
+        match source {
+            CodeSource::Cache => "component loaded from the compiled-code cache",
+            CodeSource::Compiled => "component compiled",
+        }
+    );
+    Ok(worker)
+}
+
+/// Advances the engine's epoch every [`policy::EPOCH_TICK`]; each tick is a
+/// point where running guests check their CPU budget and yield.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: &Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let engine = engine.clone();
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("cordon-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(policy::EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch thread");
+        Self { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

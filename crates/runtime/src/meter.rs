@@ -1,0 +1,89 @@
+//! CPU-time accounting for one request.
+//!
+//! Guest code runs only inside `poll` of the request's future (wasmtime runs
+//! it on a fiber that the poll resumes), so the CPU time of a request is the
+//! thread CPU time spent inside those polls. Time spent waiting for I/O is
+//! outside any poll and is not counted. The epoch callback reads the meter
+//! while the guest runs and stops it once the limit is passed.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// CPU time of the calling thread.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec, and CLOCK_THREAD_CPUTIME_ID
+    // is supported on every Linux kernel Cordon runs on.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+#[derive(Default)]
+pub(crate) struct CpuMeter {
+    /// CPU nanoseconds of the polls that have finished.
+    finished_ns: AtomicU64,
+    /// Thread CPU time (ns) when the poll in progress started; 0 when idle.
+    poll_started_ns: AtomicU64,
+}
+
+impl CpuMeter {
+    /// CPU time used so far, including the poll in progress. Must be called
+    /// on the thread running that poll (the epoch callback is).
+    pub(crate) fn used(&self) -> Duration {
+        let mut ns = self.finished_ns.load(Ordering::Relaxed);
+        let started = self.poll_started_ns.load(Ordering::Relaxed);
+        if started != 0 {
+            ns += (thread_cpu_time().as_nanos() as u64).saturating_sub(started);
+        }
+        Duration::from_nanos(ns)
+    }
+
+    fn enter(&self) {
+        // `max(1)` keeps 0 free to mean "no poll in progress".
+        self.poll_started_ns.store((thread_cpu_time().as_nanos() as u64).max(1), Ordering::Relaxed);
+    }
+
+    fn exit(&self) {
+        let started = self.poll_started_ns.swap(0, Ordering::Relaxed);
+        let spent = (thread_cpu_time().as_nanos() as u64).saturating_sub(started);
+        self.finished_ns.fetch_add(spent, Ordering::Relaxed);
+    }
+}
+
+/// A future whose polls are charged to a [`CpuMeter`].
+pub(crate) struct Metered<F> {
+    inner: Pin<Box<F>>,
+    meter: Arc<CpuMeter>,
+}
+
+impl<F> Metered<F> {
+    pub(crate) fn new(inner: F, meter: Arc<CpuMeter>) -> Self {
+        Self { inner: Box::pin(inner), meter }
+    }
+}
+
+impl<F: Future> Future for Metered<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.meter.enter();
+        let result = self.inner.as_mut().poll(cx);
+        self.meter.exit();
+        result
+    }
+}
+
+impl CpuMeter {
+    /// CPU time of the finished polls; for use once the future is done, from
+    /// any thread.
+    pub(crate) fn used_after_finish(&self) -> Duration {
+        Duration::from_nanos(self.finished_ns.load(Ordering::Relaxed))
+    }
+}

@@ -1,0 +1,421 @@
+//! A loaded worker and the life of one request inside it: a new `Store` and
+//! a new instance, CPU and wall-clock limits, and a report of what happened.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cordon_config::{Limits, Route, WorkerConfig};
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use wasmtime::component::Linker;
+use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+
+use crate::body::{LimitedRequestBody, ResponseBody};
+use crate::cache::CodeSource;
+use crate::host::{Host, HostParts};
+use crate::meter::{CpuMeter, Metered};
+use crate::stdio::{CapturedOutput, CapturedText};
+
+/// A worker ready to serve: its config and its pre-linked component.
+pub struct Worker {
+    pub name: String,
+    pub tenant: String,
+    pub routes: Vec<Route>,
+    pub limits: Limits,
+    pub code_source: CodeSource,
+    pub component_sha256: String,
+    pre: ProxyPre<Host>,
+    stats: Arc<WorkerStats>,
+}
+
+/// Why a request produced no response from the worker. Each maps to one
+/// HTTP status at the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvokeError {
+    #[error("the worker used more than its CPU-time limit of {limit_ms} ms")]
+    CpuLimitExceeded { limit_ms: u64 },
+    #[error("the worker did not finish within its wall-clock limit of {limit_ms} ms")]
+    WallTimeExceeded { limit_ms: u64 },
+    #[error("the worker exceeded its memory limit of {limit_mb} MiB")]
+    MemoryLimitExceeded { limit_mb: u64 },
+    #[error("the worker crashed: {0}")]
+    Trapped(String),
+    #[error("the worker returned without sending a response")]
+    NoResponse,
+    #[error("the worker answered with an error: {0}")]
+    WorkerError(String),
+    #[error("the worker declared a {declared}-byte response, over its limit of {limit} bytes")]
+    ResponseTooLarge { declared: u64, limit: u64 },
+    #[error("the server is at its limit of concurrent instances; retry shortly")]
+    OverCapacity,
+    #[error("the client went away before the response was complete")]
+    Cancelled,
+    #[error("internal error")]
+    Internal(String),
+}
+
+/// How the guest's run ended, for the request log and the stats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Completed,
+    Failed(InvokeError),
+}
+
+/// What one request cost and printed.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub outcome: Outcome,
+    pub cpu_time: Duration,
+    pub instantiate_time: Duration,
+    pub stdout: CapturedText,
+    pub stderr: CapturedText,
+}
+
+/// A request in progress.
+pub struct Invocation {
+    /// The response head and a streaming body, or why there is none.
+    pub response: Result<http::Response<ResponseBody>, InvokeError>,
+    request_body_exceeded: Arc<AtomicBool>,
+    task: Option<AbortOnDrop>,
+    report: Option<Report>,
+    stats: Arc<WorkerStats>,
+}
+
+impl Invocation {
+    /// Whether the guest read past `max_request_body_bytes`.
+    pub fn request_body_exceeded(&self) -> bool {
+        self.request_body_exceeded.load(Ordering::Relaxed)
+    }
+
+    /// Stops the guest: the client is gone, nobody reads what it produces.
+    pub fn abort(&self) {
+        if let Some(AbortOnDrop(Some(handle))) = &self.task {
+            handle.abort();
+        }
+    }
+
+    /// Waits for the guest to finish (bounded by its wall-clock limit),
+    /// adds the request to the worker's statistics and returns what it cost.
+    pub async fn finish(mut self) -> Report {
+        let report = match (self.report.take(), self.task.take()) {
+            (Some(report), _) => report,
+            (None, Some(task)) => task.join().await,
+            (None, None) => unreachable!("an invocation has a task or a report"),
+        };
+        self.stats.record(&report);
+        report
+    }
+}
+
+/// Aborts the guest if the gateway gives up on the request (client gone).
+struct AbortOnDrop(Option<JoinHandle<Report>>);
+
+impl AbortOnDrop {
+    async fn join(mut self) -> Report {
+        let handle = self.0.take().expect("joined once");
+        handle.await.unwrap_or_else(|e| Report {
+            outcome: Outcome::Failed(if e.is_cancelled() {
+                InvokeError::Cancelled
+            } else {
+                InvokeError::Internal(format!("request task failed: {e}"))
+            }),
+            cpu_time: Duration::ZERO,
+            instantiate_time: Duration::ZERO,
+            stdout: CapturedText::default(),
+            stderr: CapturedText::default(),
+        })
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
+    }
+}
+
+/// Raised from the epoch callback when a request passes its CPU limit.
+#[derive(Debug, thiserror::Error)]
+#[error("CPU-time limit exceeded")]
+struct CpuLimitExceeded;
+
+impl Worker {
+    pub(crate) fn new(
+        config: &WorkerConfig,
+        linker: &Linker<Host>,
+        component: &wasmtime::component::Component,
+        code_source: CodeSource,
+        component_sha256: String,
+    ) -> Result<Self, crate::LoadError> {
+        let pre = linker.instantiate_pre(component).map_err(|e| {
+            let msg = e.to_string();
+            match backticked(&msg) {
+                Some(name) if msg.contains("imports") => crate::LoadError::UnknownImport(name),
+                _ => crate::LoadError::Invalid(msg),
+            }
+        })?;
+        let pre = ProxyPre::new(pre).map_err(|e| crate::LoadError::NotAProxy(e.to_string()))?;
+        Ok(Self {
+            name: config.name.clone(),
+            tenant: config.tenant.clone(),
+            routes: config.routes.clone(),
+            limits: config.limits.clone(),
+            code_source,
+            component_sha256,
+            pre,
+            stats: Arc::default(),
+        })
+    }
+
+    /// Runs `request` in a fresh instance of this worker.
+    ///
+    /// The guest runs in its own task, so that it can keep streaming the body
+    /// after the response head is returned here. The task is bounded by the
+    /// wall-clock limit and aborted if the returned [`Invocation`] is dropped.
+    pub async fn invoke<B>(&self, request: http::Request<B>) -> Invocation
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::fmt::Display,
+    {
+        let limits = &self.limits;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(limits.wall_ms);
+        let request_body_exceeded = Arc::new(AtomicBool::new(false));
+        let memory_denied = Arc::new(AtomicBool::new(false));
+        let meter = Arc::new(CpuMeter::default());
+        let stdout = CapturedOutput::new(limits.max_log_bytes);
+        let stderr = CapturedOutput::new(limits.max_log_bytes);
+
+        let mut store = Store::new(
+            self.pre.engine(),
+            Host::new(HostParts {
+                memory_limit_bytes: limits.memory_mb << 20,
+                cpu_limit: Duration::from_millis(limits.cpu_ms),
+                stdout: stdout.clone(),
+                stderr: stderr.clone(),
+                meter: meter.clone(),
+                memory_denied: memory_denied.clone(),
+            }),
+        );
+        store.limiter(|host| &mut host.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|ctx| {
+            let host = ctx.data();
+            if host.meter.used() > host.cpu_limit {
+                return Err(CpuLimitExceeded.into());
+            }
+            // Yield to the executor at every tick, so a busy guest never holds
+            // a thread that other requests are waiting for.
+            Ok(UpdateDeadline::Yield(1))
+        });
+
+        let (head_tx, head_rx) = oneshot::channel();
+        let request = request.map(|b| LimitedRequestBody::new(b, limits.max_request_body_bytes, request_body_exceeded.clone()));
+        let prepared = (|| -> wasmtime::Result<_> {
+            let req = store.data_mut().http().new_incoming_request(Scheme::Http, request)?;
+            let out = store.data_mut().http().new_response_outparam(head_tx)?;
+            Ok((req, out))
+        })();
+        let (req, out) = match prepared {
+            Ok(v) => v,
+            Err(e) => {
+                let error = InvokeError::Internal(format!("cannot pass the request to the guest: {e}"));
+                return self.failed_before_start(error, request_body_exceeded);
+            }
+        };
+
+        let pre = self.pre.clone();
+        let instantiate_time = Arc::new(AtomicU64::new(0));
+        let instantiate_time_in_task = instantiate_time.clone();
+        let guest = async move {
+            let started = Instant::now();
+            let proxy = pre.instantiate_async(&mut store).await?;
+            instantiate_time_in_task.store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await
+        };
+        let limits_in_task = limits.clone();
+        let meter_in_task = meter.clone();
+        let task = tokio::spawn(async move {
+            let result = tokio::time::timeout_at(deadline, Metered::new(guest, meter_in_task.clone())).await;
+            let outcome = match result {
+                Ok(Ok(())) => Outcome::Completed,
+                Ok(Err(e)) => Outcome::Failed(classify(&e, &limits_in_task, memory_denied.load(Ordering::Relaxed))),
+                Err(_) => Outcome::Failed(InvokeError::WallTimeExceeded { limit_ms: limits_in_task.wall_ms }),
+            };
+            Report {
+                outcome,
+                cpu_time: meter_in_task.used_after_finish(),
+                instantiate_time: Duration::from_nanos(instantiate_time.load(Ordering::Relaxed)),
+                stdout: stdout.take(),
+                stderr: stderr.take(),
+            }
+        });
+        let task = AbortOnDrop(Some(task));
+
+        match head_rx.await {
+            Ok(Ok(response)) => {
+                if let Some(declared) = declared_length(&response)
+                    && declared > limits.max_response_body_bytes
+                {
+                    drop(task);
+                    let error = InvokeError::ResponseTooLarge { declared, limit: limits.max_response_body_bytes };
+                    return self.failed_before_start(error, request_body_exceeded);
+                }
+                let response = response.map(|body| ResponseBody::new(body, limits.max_response_body_bytes));
+                Invocation { response: Ok(response), request_body_exceeded, task: Some(task), report: None, stats: self.stats.clone() }
+            }
+            Ok(Err(code)) => {
+                let report = task.join().await;
+                let error = InvokeError::WorkerError(format!("{code:?}"));
+                self.done(Err(error), request_body_exceeded, report)
+            }
+            // The guest finished, trapped or ran out of time without setting
+            // the response: its report says which.
+            Err(_) => {
+                let report = task.join().await;
+                let error = match &report.outcome {
+                    Outcome::Completed => InvokeError::NoResponse,
+                    Outcome::Failed(e) => e.clone(),
+                };
+                self.done(Err(error), request_body_exceeded, report)
+            }
+        }
+    }
+
+    fn failed_before_start(&self, error: InvokeError, request_body_exceeded: Arc<AtomicBool>) -> Invocation {
+        let report = Report {
+            outcome: Outcome::Failed(error.clone()),
+            cpu_time: Duration::ZERO,
+            instantiate_time: Duration::ZERO,
+            stdout: CapturedText::default(),
+            stderr: CapturedText::default(),
+        };
+        self.done(Err(error), request_body_exceeded, report)
+    }
+
+    fn done(
+        &self,
+        response: Result<http::Response<ResponseBody>, InvokeError>,
+        request_body_exceeded: Arc<AtomicBool>,
+        report: Report,
+    ) -> Invocation {
+        Invocation { response, request_body_exceeded, task: None, report: Some(report), stats: self.stats.clone() }
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+}
+
+impl WorkerStats {
+    fn record(&self, report: &Report) {
+        let s = self;
+        s.requests.fetch_add(1, Ordering::Relaxed);
+        s.cpu_ns.fetch_add(report.cpu_time.as_nanos() as u64, Ordering::Relaxed);
+        if !report.instantiate_time.is_zero() {
+            s.instantiations.fetch_add(1, Ordering::Relaxed);
+            s.instantiate_ns.fetch_add(report.instantiate_time.as_nanos() as u64, Ordering::Relaxed);
+        }
+        let counter = match &report.outcome {
+            Outcome::Completed => return,
+            Outcome::Failed(InvokeError::CpuLimitExceeded { .. }) => &s.cpu_limit_exceeded,
+            Outcome::Failed(InvokeError::WallTimeExceeded { .. }) => &s.wall_time_exceeded,
+            Outcome::Failed(InvokeError::MemoryLimitExceeded { .. }) => &s.memory_limit_exceeded,
+            Outcome::Failed(InvokeError::Trapped(_)) => &s.traps,
+            Outcome::Failed(_) => &s.other_errors,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn declared_length<B>(response: &http::Response<B>) -> Option<u64> {
+    response.headers().get(http::header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// Maps an error from the guest's run to what the client is told. Trap
+/// details stay in the logs; the client gets the kind of failure only.
+fn classify(e: &wasmtime::Error, limits: &Limits, memory_denied: bool) -> InvokeError {
+    if e.downcast_ref::<CpuLimitExceeded>().is_some() {
+        return InvokeError::CpuLimitExceeded { limit_ms: limits.cpu_ms };
+    }
+    if let Some(trap) = e.downcast_ref::<Trap>() {
+        if memory_denied {
+            return InvokeError::MemoryLimitExceeded { limit_mb: limits.memory_mb };
+        }
+        let what = match trap {
+            Trap::StackOverflow => "stack overflow".to_string(),
+            Trap::UnreachableCodeReached => "unreachable code reached (a panic or abort in the worker)".to_string(),
+            Trap::MemoryOutOfBounds => "out-of-bounds memory access".to_string(),
+            Trap::IntegerDivisionByZero => "integer division by zero".to_string(),
+            other => other.to_string(),
+        };
+        return InvokeError::Trapped(what);
+    }
+    let text = format!("{e:#}");
+    if text.contains("maximum concurrent") || text.contains("concurrent instance limit") || text.contains("pooling allocator") {
+        return InvokeError::OverCapacity;
+    }
+    if memory_denied {
+        return InvokeError::MemoryLimitExceeded { limit_mb: limits.memory_mb };
+    }
+    if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return InvokeError::Trapped(format!("the worker called exit({})", exit.0));
+    }
+    tracing::debug!(error = %text, "guest failed");
+    InvokeError::Trapped("the worker failed".to_string())
+}
+
+fn backticked(message: &str) -> Option<String> {
+    let start = message.find('`')? + 1;
+    let end = start + message[start..].find('`')?;
+    Some(message[start..end].to_string())
+}
+
+#[derive(Default)]
+struct WorkerStats {
+    requests: AtomicU64,
+    instantiations: AtomicU64,
+    instantiate_ns: AtomicU64,
+    cpu_ns: AtomicU64,
+    cpu_limit_exceeded: AtomicU64,
+    wall_time_exceeded: AtomicU64,
+    memory_limit_exceeded: AtomicU64,
+    traps: AtomicU64,
+    other_errors: AtomicU64,
+}
+
+/// A worker's counters, as shown on `/health`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatsSnapshot {
+    pub requests: u64,
+    pub instantiate_us_mean: f64,
+    pub cpu_us_mean: f64,
+    pub cpu_limit_exceeded: u64,
+    pub wall_time_exceeded: u64,
+    pub memory_limit_exceeded: u64,
+    pub traps: u64,
+    pub other_errors: u64,
+}
+
+impl WorkerStats {
+    fn snapshot(&self) -> StatsSnapshot {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mean_us = |total_ns: u64, n: u64| if n == 0 { 0.0 } else { total_ns as f64 / n as f64 / 1000.0 };
+        StatsSnapshot {
+            requests: get(&self.requests),
+            instantiate_us_mean: mean_us(get(&self.instantiate_ns), get(&self.instantiations)),
+            cpu_us_mean: mean_us(get(&self.cpu_ns), get(&self.requests)),
+            cpu_limit_exceeded: get(&self.cpu_limit_exceeded),
+            wall_time_exceeded: get(&self.wall_time_exceeded),
+            memory_limit_exceeded: get(&self.memory_limit_exceeded),
+            traps: get(&self.traps),
+            other_errors: get(&self.other_errors),
+        }
+    }
+}
