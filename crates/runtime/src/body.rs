@@ -10,6 +10,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
+use crate::worker::GuestState;
+
 /// The request body as the guest reads it: at most `limit` bytes, after which
 /// the guest's read fails with `HTTP-request-body-size` and `exceeded` is set
 /// so the gateway can answer 413.
@@ -81,11 +83,12 @@ pub struct ResponseBody {
     inner: HyperOutgoingBody,
     sent: u64,
     limit: u64,
+    guest: Arc<GuestState>,
 }
 
 impl ResponseBody {
-    pub(crate) fn new(inner: HyperOutgoingBody, limit: u64) -> Self {
-        Self { inner, sent: 0, limit }
+    pub(crate) fn new(inner: HyperOutgoingBody, limit: u64, guest: Arc<GuestState>) -> Self {
+        Self { inner, sent: 0, limit, guest }
     }
 }
 
@@ -111,6 +114,10 @@ impl Body for ResponseBody {
                 tracing::debug!(error = ?e, "response body failed");
                 Poll::Ready(Some(Err(ResponseBodyError::Worker)))
             }
+            // wasi-http reports the body's sender being dropped with the
+            // store as a normal end; a guest that trapped or ran out of time
+            // mid-body must not produce what looks like a complete response.
+            Poll::Ready(None) if self.guest.failed() => Poll::Ready(Some(Err(ResponseBodyError::Worker))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

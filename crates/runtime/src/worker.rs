@@ -141,6 +141,22 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// How the guest's run ended, readable by the response body: 0 running,
+/// 1 returned normally, 2 failed or was stopped.
+#[derive(Default)]
+pub(crate) struct GuestState(std::sync::atomic::AtomicU8);
+
+impl GuestState {
+    fn set_ended(&self, ok: bool) {
+        self.0.store(if ok { 1 } else { 2 }, Ordering::Release);
+    }
+
+    /// Whether the guest failed; set before its store is dropped.
+    pub(crate) fn failed(&self) -> bool {
+        self.0.load(Ordering::Acquire) == 2
+    }
+}
+
 /// Raised from the epoch callback when a request passes its CPU limit.
 #[derive(Debug, thiserror::Error)]
 #[error("CPU-time limit exceeded")]
@@ -233,16 +249,27 @@ impl Worker {
         let pre = self.pre.clone();
         let instantiate_time = Arc::new(AtomicU64::new(0));
         let instantiate_time_in_task = instantiate_time.clone();
-        let guest = async move {
-            let started = Instant::now();
-            let proxy = pre.instantiate_async(&mut store).await?;
-            instantiate_time_in_task.store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await
-        };
+        let guest_state = Arc::new(GuestState::default());
+        let guest_state_in_task = guest_state.clone();
         let limits_in_task = limits.clone();
         let meter_in_task = meter.clone();
+        let guest = async move {
+            let run = async {
+                let started = Instant::now();
+                let proxy = pre.instantiate_async(&mut store).await?;
+                instantiate_time_in_task.store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await
+            };
+            let result = tokio::time::timeout_at(deadline, run).await;
+            // Record how the guest ended while its store (and with it the
+            // sending end of the response body) is still alive: a body that
+            // ends because the store was dropped must read as cut off.
+            guest_state_in_task.set_ended(matches!(result, Ok(Ok(()))));
+            drop(store);
+            result
+        };
         let task = tokio::spawn(async move {
-            let result = tokio::time::timeout_at(deadline, Metered::new(guest, meter_in_task.clone())).await;
+            let result = Metered::new(guest, meter_in_task.clone()).await;
             let outcome = match result {
                 Ok(Ok(())) => Outcome::Completed,
                 Ok(Err(e)) => Outcome::Failed(classify(&e, &limits_in_task, memory_denied.load(Ordering::Relaxed))),
@@ -267,7 +294,7 @@ impl Worker {
                     let error = InvokeError::ResponseTooLarge { declared, limit: limits.max_response_body_bytes };
                     return self.failed_before_start(error, request_body_exceeded);
                 }
-                let response = response.map(|body| ResponseBody::new(body, limits.max_response_body_bytes));
+                let response = response.map(|body| ResponseBody::new(body, limits.max_response_body_bytes, guest_state));
                 Invocation { response: Ok(response), request_body_exceeded, task: Some(task), report: None, stats: self.stats.clone() }
             }
             Ok(Err(code)) => {

@@ -161,7 +161,7 @@ pub(crate) async fn serve_connection<S: Service>(
         let summary = format!("{} {}{}", head.method, head.host, head.path());
         let method = head.method.clone();
         let http10 = head.http10;
-        let keep_alive = head.keep_alive && !*shutdown.borrow();
+        let keep_alive = head.keep_alive;
         let framing = head.framing;
         let expect_continue = head.expect_continue;
         lock(&reader).start_body(framing);
@@ -197,13 +197,9 @@ pub(crate) async fn serve_connection<S: Service>(
             Some(e) => (error_response(StatusCode::BAD_REQUEST, "bad_request", &e.to_string(), &request_id), true),
             None => (outgoing.response, outgoing.close),
         };
-        let cx = ResponseContext {
-            method: &method,
-            http10,
-            keep_alive: keep_alive && !close,
-            request_id: &request_id,
-            write_timeout: limits.keep_alive_timeout,
-        };
+        // Decided now rather than at the head: shutdown may have begun meanwhile.
+        let keep_alive = keep_alive && !close && !*shutdown.borrow();
+        let cx = ResponseContext { method: &method, http10, keep_alive, request_id: &request_id, write_timeout: limits.keep_alive_timeout };
         let written = write_response(&mut writer, response, &cx).await;
         let reusable = written.reusable;
         tokio::spawn(service.clone().finish(outgoing.pending, written));

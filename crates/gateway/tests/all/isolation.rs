@@ -1,0 +1,68 @@
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_state_survives_between_requests() {
+    let s = start(&standard_workers()).await;
+    for _ in 0..5 {
+        let r = s.get("hostile.localhost", "/counter").await;
+        assert_eq!((r.status, r.text().as_str()), (200, "1"), "a fresh instance per request");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clocks_are_coarse() {
+    let s = start(&standard_workers()).await;
+    for _ in 0..3 {
+        let text = s.get("hostile.localhost", "/clock").await.text();
+        let field = |k: &str| -> String {
+            text.split_whitespace().find_map(|f| f.strip_prefix(&format!("{k}="))).unwrap_or_else(|| panic!("{k} in {text}")).to_string()
+        };
+        let mono: u64 = field("mono").parse().unwrap();
+        let res: u64 = field("res").parse().unwrap();
+        let wall_ns: u64 = field("wall").split('.').nth(1).unwrap().parse().unwrap();
+        assert_eq!(res, 1_000_000, "monotonic resolution is 1 ms");
+        assert_eq!(mono % 1_000_000, 0, "monotonic reading {mono} is a whole millisecond");
+        assert_eq!(wall_ns % 1_000_000, 0, "wall-clock nanoseconds {wall_ns} are a whole millisecond");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_output_is_captured_and_tagged() {
+    let s = start(&standard_workers()).await;
+    let r = s.get("hostile.localhost", "/stdout").await;
+    assert_eq!(r.status, 200);
+    let id = r.header("x-request-id").unwrap().to_string();
+    let out = wait_for_log("hello stdout", |e| e["request_id"] == id.as_str()).await;
+    assert_eq!(out["stream"], "stdout");
+    assert_eq!(out["worker"], "hostile");
+    let err = wait_for_log("hello stderr", |e| e["request_id"] == id.as_str()).await;
+    assert_eq!(err["stream"], "stderr");
+
+    // Past the cap (4096 bytes for this worker), output is dropped and counted.
+    let r = s.get("hostile.localhost", "/spam?bytes=100000").await;
+    assert_eq!(r.status, 200);
+    let id = r.header("x-request-id").unwrap().to_string();
+    let dropped = wait_for_log("dropped_bytes", |e| e["request_id"] == id.as_str()).await;
+    assert_eq!(dropped["dropped_bytes"], 100_000 - 4096);
+    let kept: usize = log_events(&id)
+        .iter()
+        .filter(|e| e["stream"] == "stdout" && e.get("dropped_bytes").is_none())
+        .map(|e| e["message"].as_str().unwrap().len() + 1)
+        .sum();
+    assert!(kept <= 4096 + 1, "kept {kept} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_log_line_per_request() {
+    let s = start(&standard_workers()).await;
+    let r = s.get("hello.localhost", "/logged").await;
+    let id = r.header("x-request-id").unwrap().to_string();
+    let line = wait_for_log("\"request\"", |e| e["request_id"] == id.as_str() && e["message"] == "request").await;
+    assert_eq!(line["tenant"], "good");
+    assert_eq!(line["worker"], "hello");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["path"], "/logged");
+    assert!(line["cpu_us"].as_u64().unwrap() > 0, "{line}");
+    assert!(line["duration_us"].as_u64().is_some(), "{line}");
+    assert_eq!(log_events(&id).iter().filter(|e| e["message"] == "request").count(), 1);
+}

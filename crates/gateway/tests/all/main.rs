@@ -1,0 +1,13 @@
+//! Integration tests of the whole serving path: a real server on loopback,
+//! real guest components, real HTTP clients.
+
+mod harness;
+
+mod admin;
+mod cache;
+mod hostile_requests;
+mod hostile_workers;
+mod isolation;
+mod lifecycle;
+mod routing;
+mod streaming;

@@ -1,0 +1,92 @@
+use crate::harness::*;
+
+fn workers() -> String {
+    format!(
+        r#"{std}
+[[worker]]
+name = "root"
+tenant = "other"
+component = "{hostile}"
+routes = ["localhost/"]
+"#,
+        std = standard_workers(),
+        hostile = guest("hostile").display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_host_and_longest_prefix() {
+    let s = start(&workers()).await;
+
+    let r = s.get("hello.localhost", "/a/b?x=1").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "Hello from Cordon\nmethod: GET\npath: /a/b?x=1\n");
+
+    // The port in Host is ignored, and so is case.
+    let r = s.get("HELLO.localhost:1234", "/").await;
+    assert!(r.text().starts_with("Hello from Cordon"), "{}", r.text());
+
+    // `localhost/hello` wins over `localhost/` for /hello and below...
+    for path in ["/hello", "/hello/", "/hello/deeper?q"] {
+        let r = s.get("localhost", path).await;
+        assert!(r.text().starts_with("Hello from Cordon"), "{path}: {}", r.text());
+    }
+    // ...but not for a path that merely starts with the same letters.
+    for path in ["/helloworld", "/", "/other"] {
+        assert_eq!(s.get("localhost", path).await.text(), "ok from hostile", "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_get_a_json_404() {
+    let s = start(&standard_workers()).await;
+    for (host, path) in [("nobody.localhost", "/"), ("localhost", "/nothing"), ("hello.localhost.evil", "/")] {
+        let r = s.get(host, path).await;
+        assert_eq!(r.status, 404, "{host}{path}");
+        assert_eq!(r.error_code(), "not_found");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_pass_both_ways() {
+    let s = start(&standard_workers()).await;
+    let r = request(
+        s.addr,
+        "POST",
+        "hostile.localhost",
+        "/echo?q=1",
+        &[("x-test-one", "1"), ("x-test-two", "zwei"), ("x-other", "dropped by the echo")],
+        Some(b"payload".to_vec()),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-seen-method"), Some("POST"));
+    assert_eq!(r.header("x-seen-path"), Some("/echo?q=1"));
+    assert_eq!(r.header("x-test-one"), Some("1"));
+    assert_eq!(r.header("x-test-two"), Some("zwei"));
+    assert_eq!(r.text(), "payload");
+    let r = s.get("hostile.localhost", "/headers").await;
+    assert_eq!(r.header("x-from-worker"), Some("yes"));
+    let id = r.header("x-request-id").expect("x-request-id");
+    assert_eq!(id.len(), 32);
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_has_its_own_request_id() {
+    let s = start(&standard_workers()).await;
+    let a = s.get("hello.localhost", "/").await;
+    let b = s.get("nobody.localhost", "/").await;
+    let c = s.get("hostile.localhost", "/trap").await;
+    let ids: Vec<_> = [&a, &b, &c].iter().map(|r| r.header("x-request-id").unwrap().to_string()).collect();
+    assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2], "{ids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_http_is_denied() {
+    let s = start(&standard_workers()).await;
+    let r = s.get("hostile.localhost", "/outbound").await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("outbound: error") && r.text().contains("HttpRequestDenied"), "{}", r.text());
+}

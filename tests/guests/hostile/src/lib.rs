@@ -1,0 +1,386 @@
+//! A deliberately badly behaved `wasi:http` guest.
+//!
+//! The host's tests drive it through the request path; each path triggers one
+//! behaviour (a trap, an endless loop, runaway memory, a huge body, ...).
+//! `tests/guests/README.md` lists the paths and is the contract the tests
+//! rely on.
+
+use core::hint::black_box;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use wasi::clocks::{monotonic_clock, wall_clock};
+use wasi::exports::http::incoming_handler::Guest;
+use wasi::http::outgoing_handler;
+use wasi::http::types::{
+    ErrorCode, Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingRequest, OutgoingResponse, ResponseOutparam, Scheme,
+};
+use wasi::io::streams::{OutputStream, StreamError};
+
+/// Largest slice handed to `blocking_write_and_flush` in one call.
+const BLOCKING_WRITE_MAX: usize = 4096;
+/// Size of each write for `/big` and `/big-declared`.
+const BIG_WRITE: usize = 64 * 1024;
+const MIB: usize = 1024 * 1024;
+const PAGE: usize = 4096;
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+struct Hostile;
+
+impl Guest for Hostile {
+    fn handle(request: IncomingRequest, out: ResponseOutparam) {
+        let target = request.path_with_query().unwrap_or_else(|| "/".to_string());
+        let (path, query) = match target.split_once('?') {
+            Some((path, query)) => (path, query),
+            None => (target.as_str(), ""),
+        };
+
+        match path {
+            "/echo" => echo(&request, &target, out),
+            "/consume" => consume(&request, out),
+            "/stream" => stream(query, out),
+            "/counter" => counter(out),
+            "/loop" => spin_forever(),
+            "/oom" => exhaust_memory(),
+            "/recurse" => {
+                black_box(recurse(0));
+            }
+            "/trap" => core::arch::wasm32::unreachable(),
+            "/panic-after-headers" => trap_after_headers(out),
+            "/big" => big(query, false, out),
+            "/big-declared" => big(query, true, out),
+            "/sleep" => sleep(query, out),
+            "/spin" => spin(query, out),
+            "/clock" => clock(out),
+            "/stdout" => print_stdio(out),
+            "/spam" => spam(query, out),
+            "/status" => status(query, out),
+            "/headers" => custom_header(out),
+            "/outbound" => outbound(out),
+            _ => respond(out, 200, &[], b"ok from hostile"),
+        }
+    }
+}
+
+wasi::http::proxy::export!(Hostile);
+
+// ---------------------------------------------------------------------------
+// Behaviours
+// ---------------------------------------------------------------------------
+
+/// Mirrors the method, the path and the `x-test-*` headers, and streams the
+/// request body back chunk by chunk without buffering it.
+fn echo(request: &IncomingRequest, target: &str, out: ResponseOutparam) {
+    let headers = Fields::new();
+    let method = request.method();
+    append(&headers, "x-seen-method", method_name(&method).as_bytes());
+    append(&headers, "x-seen-path", target.as_bytes());
+    for (name, value) in request.headers().entries() {
+        if name.to_ascii_lowercase().starts_with("x-test-") {
+            append(&headers, &name, &value);
+        }
+    }
+
+    let incoming = request.consume().expect("request body is consumed once");
+    let input = incoming.stream().expect("request body stream is taken once");
+    let (body, output) = start(out, 200, headers);
+
+    loop {
+        let chunk = match input.blocking_read(64 * 1024) {
+            Ok(chunk) => chunk,
+            Err(StreamError::Closed) => break,
+            Err(StreamError::LastOperationFailed(_)) => return,
+        };
+        if write_blocking(&output, &chunk).is_err() {
+            return;
+        }
+    }
+    drop(input);
+    drop(IncomingBody::finish(incoming));
+    finish(body, output);
+}
+
+/// Reads the whole request body before answering with its length, so the
+/// host has not sent a response head when a body limit is hit.
+fn consume(request: &IncomingRequest, out: ResponseOutparam) {
+    let incoming = request.consume().expect("request body is consumed once");
+    let input = incoming.stream().expect("request body stream is taken once");
+    let mut total: u64 = 0;
+    loop {
+        match input.blocking_read(64 * 1024) {
+            Ok(chunk) => total += chunk.len() as u64,
+            Err(StreamError::Closed) => break,
+            Err(StreamError::LastOperationFailed(_)) => {
+                drop(input);
+                return respond(out, 400, &[], b"reading the body failed");
+            }
+        }
+    }
+    drop(input);
+    drop(IncomingBody::finish(incoming));
+    respond(out, 200, &[], total.to_string().as_bytes());
+}
+
+/// `chunks` chunks of `size` bytes of `a`, flushed one at a time.
+fn stream(query: &str, out: ResponseOutparam) {
+    let chunks = param_u64(query, "chunks").unwrap_or(16);
+    let size = param_u64(query, "size").unwrap_or(1024) as usize;
+    let chunk = vec![b'a'; size];
+
+    let (body, output) = start(out, 200, Fields::new());
+    for _ in 0..chunks {
+        if write_all(&output, &chunk).is_err() || output.blocking_flush().is_err() {
+            return;
+        }
+    }
+    finish(body, output);
+}
+
+/// Counts requests seen by this instance.
+fn counter(out: ResponseOutparam) {
+    let value = COUNTER.fetch_add(1, Ordering::SeqCst) + 1;
+    respond(out, 200, &[], value.to_string().as_bytes());
+}
+
+/// Burns CPU forever without answering.
+fn spin_forever() -> ! {
+    let mut n: u64 = 0;
+    loop {
+        n = black_box(n.wrapping_add(1));
+    }
+}
+
+/// Allocates and touches 1 MiB blocks until memory runs out.
+fn exhaust_memory() -> ! {
+    let mut kept: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let mut block = vec![0u8; MIB];
+        for offset in (0..MIB).step_by(PAGE) {
+            block[offset] = 1;
+        }
+        kept.push(black_box(block));
+        black_box(&mut kept);
+    }
+}
+
+/// Unbounded, non-tail recursion with big frames.
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    let mut frame = [0u8; 1024];
+    frame[(depth as usize) % frame.len()] = depth as u8;
+    black_box(&mut frame);
+    black_box(recurse(black_box(depth + 1))) + u64::from(frame[0])
+}
+
+/// Sends the head and part of the body, then traps.
+fn trap_after_headers(out: ResponseOutparam) -> ! {
+    let (_body, output) = start(out, 200, Fields::new());
+    let _ = output.blocking_write_and_flush(b"partial");
+    core::arch::wasm32::unreachable()
+}
+
+/// `bytes` bytes of `x` in 64 KiB writes, optionally with a content-length.
+fn big(query: &str, declare_length: bool, out: ResponseOutparam) {
+    let total = param_u64(query, "bytes").unwrap_or(64 * MIB as u64);
+    let headers = Fields::new();
+    if declare_length {
+        append(&headers, "content-length", total.to_string().as_bytes());
+    }
+    let piece = vec![b'x'; BIG_WRITE];
+
+    let (body, output) = start(out, 200, headers);
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(BIG_WRITE as u64) as usize;
+        if write_all(&output, &piece[..n]).is_err() {
+            return;
+        }
+        left -= n as u64;
+    }
+    if output.blocking_flush().is_err() {
+        return;
+    }
+    finish(body, output);
+}
+
+/// Waits on a timer (an I/O wait, no CPU use), then answers.
+fn sleep(query: &str, out: ResponseOutparam) {
+    let ms = param_u64(query, "ms").unwrap_or(1000);
+    monotonic_clock::subscribe_duration(ms.saturating_mul(1_000_000)).block();
+    respond(out, 200, &[], b"slept");
+}
+
+/// Busy-waits on the monotonic clock, then answers.
+fn spin(query: &str, out: ResponseOutparam) {
+    let ms = param_u64(query, "ms").unwrap_or(20);
+    let deadline = monotonic_clock::now().saturating_add(ms.saturating_mul(1_000_000));
+    while monotonic_clock::now() < deadline {
+        black_box(());
+    }
+    respond(out, 200, &[], b"spun");
+}
+
+/// Reports what the clocks say.
+fn clock(out: ResponseOutparam) {
+    let mono = monotonic_clock::now();
+    let res = monotonic_clock::resolution();
+    let wall = wall_clock::now();
+    let text = format!("mono={mono} wall={}.{:09} res={res}", wall.seconds, wall.nanoseconds);
+    respond(out, 200, &[], text.as_bytes());
+}
+
+/// One line on each of stdout and stderr.
+fn print_stdio(out: ResponseOutparam) {
+    println!("hello stdout");
+    eprintln!("hello stderr");
+    respond(out, 200, &[], b"printed");
+}
+
+/// `bytes` bytes of `y` on stdout, in lines of 1023 `y` plus a newline.
+/// A shorter last line keeps the total exact.
+fn spam(query: &str, out: ResponseOutparam) {
+    let total = param_u64(query, "bytes").unwrap_or(MIB as u64) as usize;
+    let mut line = vec![b'y'; 1024];
+    line[1023] = b'\n';
+
+    let mut stdout = std::io::stdout().lock();
+    let mut left = total;
+    while left >= line.len() {
+        let _ = stdout.write_all(&line);
+        left -= line.len();
+    }
+    if left > 0 {
+        let mut tail = vec![b'y'; left];
+        tail[left - 1] = b'\n';
+        let _ = stdout.write_all(&tail);
+    }
+    let _ = stdout.flush();
+    drop(stdout);
+    respond(out, 200, &[], b"spammed");
+}
+
+/// Answers with the requested status and an empty body.
+fn status(query: &str, out: ResponseOutparam) {
+    let code = param_u64(query, "code").and_then(|code| u16::try_from(code).ok()).unwrap_or(200);
+    let response = OutgoingResponse::new(Fields::new());
+    if response.set_status_code(code).is_err() {
+        return respond(out, 500, &[], b"invalid status code");
+    }
+    let body = response.body().expect("response body is taken once");
+    ResponseOutparam::set(out, Ok(response));
+    let _ = OutgoingBody::finish(body, None);
+}
+
+/// A response with a header of the worker's own.
+fn custom_header(out: ResponseOutparam) {
+    respond(out, 200, &[("x-from-worker", b"yes")], b"ok");
+}
+
+/// Tries an outbound request to the discard port on loopback.
+fn outbound(out: ResponseOutparam) {
+    let text = match send_outbound() {
+        Ok(()) => "outbound: ok".to_string(),
+        Err(code) => format!("outbound: error: {code:?}"),
+    };
+    respond(out, 200, &[], text.as_bytes());
+}
+
+fn send_outbound() -> Result<(), ErrorCode> {
+    let request = OutgoingRequest::new(Fields::new());
+    let _ = request.set_method(&Method::Get);
+    let _ = request.set_scheme(Some(&Scheme::Http));
+    let _ = request.set_authority(Some("127.0.0.1:9"));
+    let _ = request.set_path_with_query(Some("/"));
+
+    let future = outgoing_handler::handle(request, None)?;
+    let ready = future.subscribe();
+    ready.block();
+    drop(ready);
+    match future.get() {
+        Some(Ok(Ok(_response))) => Ok(()),
+        Some(Ok(Err(code))) => Err(code),
+        Some(Err(())) => Err(ErrorCode::InternalError(Some("response already taken".to_string()))),
+        None => Err(ErrorCode::InternalError(Some("response not ready".to_string()))),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+/// Sends the response head and hands back the body and its stream.
+fn start(out: ResponseOutparam, status: u16, headers: Fields) -> (OutgoingBody, OutputStream) {
+    let response = OutgoingResponse::new(headers);
+    response.set_status_code(status).expect("valid status code");
+    let body = response.body().expect("response body is taken once");
+    ResponseOutparam::set(out, Ok(response));
+    let stream = body.write().expect("response body stream is taken once");
+    (body, stream)
+}
+
+/// Closes the body stream, then the body.
+fn finish(body: OutgoingBody, stream: OutputStream) {
+    drop(stream);
+    let _ = OutgoingBody::finish(body, None);
+}
+
+/// A complete response with a small in-memory body.
+fn respond(out: ResponseOutparam, status: u16, headers: &[(&str, &[u8])], text: &[u8]) {
+    let fields = Fields::new();
+    for (name, value) in headers {
+        append(&fields, name, value);
+    }
+    let (body, stream) = start(out, status, fields);
+    if write_blocking(&stream, text).is_err() {
+        return;
+    }
+    finish(body, stream);
+}
+
+/// Writes through `blocking_write_and_flush`, at most 4096 bytes a call.
+fn write_blocking(stream: &OutputStream, data: &[u8]) -> Result<(), StreamError> {
+    for piece in data.chunks(BLOCKING_WRITE_MAX) {
+        stream.blocking_write_and_flush(piece)?;
+    }
+    Ok(())
+}
+
+/// Writes everything, never more than the stream's check-write budget at once.
+fn write_all(stream: &OutputStream, mut data: &[u8]) -> Result<(), StreamError> {
+    while !data.is_empty() {
+        let budget = stream.check_write()?;
+        if budget == 0 {
+            stream.subscribe().block();
+            continue;
+        }
+        let n = data.len().min(usize::try_from(budget).unwrap_or(usize::MAX));
+        stream.write(&data[..n])?;
+        data = &data[n..];
+    }
+    Ok(())
+}
+
+fn append(fields: &Fields, name: &str, value: &[u8]) {
+    fields.append(name, value).unwrap_or_else(|err| panic!("cannot set header {name}: {err:?}"));
+}
+
+/// The value of `key` in a `k=v&k=v` query string, as a number.
+fn param_u64(query: &str, key: &str) -> Option<u64> {
+    query.split('&').filter_map(|pair| pair.split_once('=')).find(|(k, _)| *k == key).and_then(|(_, v)| v.parse().ok())
+}
+
+fn method_name(method: &Method) -> &str {
+    match method {
+        Method::Get => "GET",
+        Method::Head => "HEAD",
+        Method::Post => "POST",
+        Method::Put => "PUT",
+        Method::Delete => "DELETE",
+        Method::Connect => "CONNECT",
+        Method::Options => "OPTIONS",
+        Method::Trace => "TRACE",
+        Method::Patch => "PATCH",
+        Method::Other(other) => other,
+    }
+}
