@@ -102,6 +102,7 @@ pub struct TestServer {
     _tmp: tempfile::TempDir,
 }
 
+#[derive(Default)]
 pub struct Options<'a> {
     /// Extra lines for the `[server]` table.
     pub server: &'a str,
@@ -110,11 +111,6 @@ pub struct Options<'a> {
     pub data_dir: Option<&'a Path>,
 }
 
-impl Default for Options<'_> {
-    fn default() -> Self {
-        Self { server: "", filter: None, data_dir: None }
-    }
-}
 
 /// The standard pair: `hello` (well-behaved) and `hostile` (the fixture),
 /// with tight limits for the hostile one.
