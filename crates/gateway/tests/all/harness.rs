@@ -111,7 +111,6 @@ pub struct Options<'a> {
     pub data_dir: Option<&'a Path>,
 }
 
-
 /// The standard pair: `hello` (well-behaved) and `hostile` (the fixture),
 /// with tight limits for the hostile one.
 pub fn standard_workers() -> String {

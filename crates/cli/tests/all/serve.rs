@@ -1,0 +1,130 @@
+//! `cordon serve` as a process: startup report, refusal, and signals.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+    log: std::sync::mpsc::Receiver<String>,
+    _dir: tempfile::TempDir,
+}
+
+fn spawn(extra: &str) -> Server {
+    let (port, admin) = (free_port(), free_port());
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n{extra}\n{}",
+        worker_toml("hello", &hello_wasm())
+    );
+    let (dir, path) = config(&toml);
+    let mut child = cordon()
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    Server { child, port, log, _dir: dir }
+}
+
+impl Server {
+    fn wait_for(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(line) = self.log.recv_timeout(Duration::from_millis(100))
+                && line.contains(needle)
+            {
+                return line;
+            }
+        }
+        panic!("no log line containing {needle:?}");
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: hello.localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn serve_reports_its_posture_and_stops_cleanly_on_sigterm() {
+    let mut s = spawn("");
+    let posture = s.wait_for("sandbox posture");
+    assert!(posture.contains("\"allocator\":\"pooling\""), "{posture}");
+    let mpk = s.wait_for("memory protection keys");
+    assert!(mpk.contains("\"reason\""), "{mpk}");
+    s.wait_for("cordon is serving");
+    let reply = get(s.port, "/");
+    assert!(reply.starts_with("HTTP/1.1 200 OK") && reply.contains("Hello from Cordon"), "{reply}");
+    let line = s.wait_for("\"request\"");
+    assert!(line.contains("\"tenant\":\"acme\"") && line.contains("\"status\":200"), "{line}");
+
+    // A request in flight when SIGTERM arrives still gets its answer.
+    let mut slow = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    write!(slow, "GET / HTTP/1.1\r\nHost: hello.localhost\r\n").unwrap();
+    s.signal(libc::SIGTERM);
+    s.wait_for("SIGTERM received");
+    write!(slow, "\r\n").unwrap();
+    let mut reply = String::new();
+    let _ = slow.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    assert!(reply.to_ascii_lowercase().contains("connection: close"), "{reply}");
+
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn sigint_also_stops_the_server() {
+    let mut s = spawn("");
+    s.wait_for("cordon is serving");
+    s.signal(libc::SIGINT);
+    s.wait_for("shut down");
+    assert!(s.child.wait().unwrap().success());
+}
+
+#[test]
+fn serve_refuses_required_memory_protection_keys_without_cpu_support() {
+    if cordon_runtime::policy::cpu_has_memory_protection_keys() {
+        return; // This CPU has them: nothing to refuse. The check test covers both cases.
+    }
+    let mut s = spawn("[security]\nmemory_protection_keys = \"required\"");
+    let status = s.child.wait().unwrap();
+    assert!(!status.success());
+    let mut all = String::new();
+    while let Ok(line) = s.log.recv_timeout(Duration::from_secs(5)) {
+        all.push_str(&line);
+    }
+    assert!(all.contains("memory protection keys are required"), "{all}");
+}
