@@ -117,3 +117,16 @@ fn auto_reports_which_protection_is_in_force() {
         assert!(out.contains("guard pages"), "the fallback is named: {out}");
     }
 }
+
+#[test]
+fn shared_memory_and_threads_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let threaded = dir.path().join("threads.wasm");
+    let component = "(component (core module (memory 1 1 shared) (func (export \"f\") (drop (i32.atomic.load (i32.const 0))))))";
+    std::fs::write(&threaded, wat::parse_str(component).unwrap()).unwrap();
+    let (_cfg, path) = config(&worker_toml("threads", &threaded));
+    let (ok, out) = check(&path);
+    assert!(!ok, "{out}");
+    assert!(out.contains("worker `threads`") && out.contains("not a valid component"), "{out}");
+    assert!(out.to_ascii_lowercase().contains("thread"), "the reason names the threads proposal: {out}");
+}

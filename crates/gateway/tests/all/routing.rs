@@ -56,7 +56,7 @@ async fn headers_pass_both_ways() {
         "POST",
         "hostile.localhost",
         "/echo?q=1",
-        &[("x-test-one", "1"), ("x-test-two", "zwei"), ("x-other", "dropped by the echo")],
+        &[("x-test-one", "1"), ("x-test-two", "zwei"), ("x-other", "dropped by the echo"), ("x-request-id", "forged")],
         Some(b"payload".to_vec()),
     )
     .await;
@@ -66,6 +66,9 @@ async fn headers_pass_both_ways() {
     assert_eq!(r.header("x-test-one"), Some("1"));
     assert_eq!(r.header("x-test-two"), Some("zwei"));
     assert_eq!(r.text(), "payload");
+    // The worker sees the gateway's request id, never one the client made up.
+    assert_eq!(r.header("x-seen-request-id"), r.header("x-request-id"));
+    assert_ne!(r.header("x-seen-request-id"), Some("forged"));
     let r = s.get("hostile.localhost", "/headers").await;
     assert_eq!(r.header("x-from-worker"), Some("yes"));
     let id = r.header("x-request-id").expect("x-request-id");

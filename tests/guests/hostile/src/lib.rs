@@ -77,8 +77,11 @@ fn echo(request: &IncomingRequest, target: &str, out: ResponseOutparam) {
     append(&headers, "x-seen-method", method_name(&method).as_bytes());
     append(&headers, "x-seen-path", target.as_bytes());
     for (name, value) in request.headers().entries() {
-        if name.to_ascii_lowercase().starts_with("x-test-") {
+        let lower = name.to_ascii_lowercase();
+        if lower.starts_with("x-test-") {
             append(&headers, &name, &value);
+        } else if lower == "x-request-id" {
+            append(&headers, "x-seen-request-id", &value);
         }
     }
 
