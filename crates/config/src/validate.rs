@@ -474,11 +474,19 @@ mod tests {
 
     #[test]
     fn duplicate_names_and_routes_are_refused() {
-        let worker = |name: &str, route: &str| format!("[[worker]]\nname = \"{name}\"\ntenant = \"t\"\ncomponent = \"x.wasm\"\nroutes = [\"{route}\"]\n");
+        let worker = |name: &str, route: &str| {
+            format!("[[worker]]\nname = \"{name}\"\ntenant = \"t\"\ncomponent = \"x.wasm\"\nroutes = [\"{route}\"]\n")
+        };
         let text = [worker("a", "h.localhost/"), worker("a", "other/"), worker("b", "H.localhost/")].concat();
         let e = errors(&text);
-        assert!(e.iter().any(|e| e.key.as_deref() == Some("worker[1].name") && e.message.contains("already the name of worker[0]")), "{e:?}");
-        assert!(e.iter().any(|e| e.key.as_deref() == Some("worker[2].routes") && e.message.contains("already served by worker `a`")), "{e:?}");
+        assert!(
+            e.iter().any(|e| e.key.as_deref() == Some("worker[1].name") && e.message.contains("already the name of worker[0]")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|e| e.key.as_deref() == Some("worker[2].routes") && e.message.contains("already served by worker `a`")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub(crate) struct ConnReader {
     io: OwnedReadHalf,
     pub buf: BytesMut,
     decoder: Decoder,
+    /// Which request's body `decoder` belongs to. A [`RequestBody`] of an
+    /// earlier request (a worker still running after its response) sees its
+    /// body as ended and can never read a later request's bytes.
+    generation: u64,
     error: Option<BodyError>,
     max_trailer_bytes: usize,
 }
@@ -56,7 +60,7 @@ pub(crate) fn lock(reader: &SharedReader) -> MutexGuard<'_, ConnReader> {
 
 impl ConnReader {
     pub fn new(io: OwnedReadHalf, max_trailer_bytes: usize) -> Self {
-        Self { io, buf: BytesMut::with_capacity(READ_CHUNK), decoder: Decoder::Done, error: None, max_trailer_bytes }
+        Self { io, buf: BytesMut::with_capacity(READ_CHUNK), decoder: Decoder::Done, generation: 0, error: None, max_trailer_bytes }
     }
 
     /// Reads more bytes into the buffer. `Ok(0)` at end of stream.
@@ -68,14 +72,16 @@ impl ConnReader {
         Poll::Ready(Ok(rb.filled().len()))
     }
 
-    /// Starts decoding a body with `framing`.
-    pub fn start_body(&mut self, framing: Framing) {
+    /// Starts decoding a body with `framing`; returns the body's generation.
+    pub fn start_body(&mut self, framing: Framing) -> u64 {
+        self.generation += 1;
         self.error = None;
         self.decoder = match framing {
             Framing::None | Framing::Length(0) => Decoder::Done,
             Framing::Length(n) => Decoder::Length(n),
             Framing::Chunked => Decoder::ChunkSize,
         };
+        self.generation
     }
 
     pub fn body_done(&self) -> bool {
@@ -228,11 +234,12 @@ fn is_field_line(line: &[u8]) -> bool {
 /// connection; the connection gets the reader back when the request ends.
 pub(crate) struct RequestBody {
     reader: SharedReader,
+    generation: u64,
 }
 
 impl RequestBody {
-    pub fn new(reader: SharedReader) -> Self {
-        Self { reader }
+    pub fn new(reader: SharedReader, generation: u64) -> Self {
+        Self { reader, generation }
     }
 }
 
@@ -241,15 +248,24 @@ impl Body for RequestBody {
     type Error = BodyError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        lock(&self.reader).poll_body(cx).map(|o| o.map(|r| r.map(Frame::data)))
+        let mut reader = lock(&self.reader);
+        if reader.generation != self.generation {
+            return Poll::Ready(None);
+        }
+        reader.poll_body(cx).map(|o| o.map(|r| r.map(Frame::data)))
     }
 
     fn is_end_stream(&self) -> bool {
-        lock(&self.reader).body_done()
+        let reader = lock(&self.reader);
+        reader.generation != self.generation || reader.body_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match lock(&self.reader).decoder {
+        let reader = lock(&self.reader);
+        if reader.generation != self.generation {
+            return SizeHint::with_exact(0);
+        }
+        match reader.decoder {
             Decoder::Done => SizeHint::with_exact(0),
             Decoder::Length(n) => SizeHint::with_exact(n),
             _ => SizeHint::default(),

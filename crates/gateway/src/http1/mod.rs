@@ -164,7 +164,7 @@ pub(crate) async fn serve_connection<S: Service>(
         let keep_alive = head.keep_alive;
         let framing = head.framing;
         let expect_continue = head.expect_continue;
-        lock(&reader).start_body(framing);
+        let body_generation = lock(&reader).start_body(framing);
 
         let admitted = CatchUnwind::new(async { service.admit(&head, &request_id, received) }).await;
         let outgoing = match admitted {
@@ -178,7 +178,8 @@ pub(crate) async fn serve_connection<S: Service>(
                 if expect_continue && framing != Framing::None && writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
                     return;
                 }
-                let incoming = Incoming { head, body: RequestBody::new(reader.clone()), request_id: request_id.clone(), received };
+                let incoming =
+                    Incoming { head, body: RequestBody::new(reader.clone(), body_generation), request_id: request_id.clone(), received };
                 match CatchUnwind::new(service.call(target, incoming)).await {
                     Ok(outgoing) => outgoing,
                     Err(panic) => {

@@ -66,3 +66,24 @@ async fn one_log_line_per_request() {
     assert!(line["duration_us"].as_u64().is_some(), "{line}");
     assert_eq!(log_events(&id).iter().filter(|e| e["message"] == "request").count(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_request_cannot_read_the_next_ones_body() {
+    use tokio::io::AsyncWriteExt;
+    let s = start(&standard_workers()).await;
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    // One connection: first the hostile tenant's worker, which answers and
+    // then keeps reading its body; then a request with a secret for another
+    // tenant's worker.
+    c.write_all(b"GET /late-read?ms=500 HTTP/1.1\r\nHost: hostile.localhost\r\n\r\n").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    c.write_all(b"POST / HTTP/1.1\r\nHost: hello.localhost\r\nContent-Length: 14\r\nConnection: close\r\n\r\nTOP-SECRET-XYZ")
+        .await
+        .unwrap();
+    let reply = read_until_close(&mut c, std::time::Duration::from_secs(5)).await;
+    assert!(reply.contains("answered early") && reply.contains("Hello from Cordon"), "{reply}");
+    let line = wait_for_log("late-read saw", |_| true).await;
+    let text = line["message"].as_str().unwrap();
+    assert!(!text.contains("TOP-SECRET"), "a worker read another request's body: {text}");
+    assert!(text.contains("saw 0 bytes"), "{text}");
+}

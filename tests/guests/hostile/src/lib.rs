@@ -39,6 +39,7 @@ impl Guest for Hostile {
         match path {
             "/echo" => echo(&request, &target, out),
             "/consume" => consume(&request, out),
+            "/late-read" => late_read(&request, out),
             "/stream" => stream(query, out),
             "/counter" => counter(out),
             "/loop" => spin_forever(),
@@ -123,6 +124,24 @@ fn consume(request: &IncomingRequest, out: ResponseOutparam) {
     drop(input);
     drop(IncomingBody::finish(incoming));
     respond(out, 200, &[], total.to_string().as_bytes());
+}
+
+/// Answers at once, then keeps running: after `ms` (default 300) it reads
+/// whatever its request body stream still yields and prints it to stdout.
+/// A host that lets a finished request's body reach the next request on the
+/// same connection would print that request's bytes here.
+fn late_read(request: &IncomingRequest, out: ResponseOutparam) {
+    let query = request.path_with_query().unwrap_or_default();
+    let ms = query.split_once('?').and_then(|(_, q)| param_u64(q, "ms")).unwrap_or(300);
+    let incoming = request.consume().expect("request body is consumed once");
+    let input = incoming.stream().expect("request body stream is taken once");
+    respond(out, 200, &[], b"answered early");
+    wasi::clocks::monotonic_clock::subscribe_duration(ms * 1_000_000).block();
+    let mut seen = Vec::new();
+    while let Ok(chunk) = input.blocking_read(64 * 1024) {
+        seen.extend_from_slice(&chunk);
+    }
+    println!("late-read saw {} bytes: {}", seen.len(), String::from_utf8_lossy(&seen));
 }
 
 /// `chunks` chunks of `size` bytes of `a`, flushed one at a time.
