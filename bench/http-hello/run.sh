@@ -264,7 +264,8 @@ declare -A URLS=(
 HEALTH_URL="http://127.0.0.1:$CORDON_ADMIN_PORT/health"
 
 if [[ $SKIP_CORDON != 1 ]]; then
-    mkdir -p "$TMP_DIR/data"
+    # Cordon refuses a data directory that others can write.
+    mkdir -p -m 700 "$TMP_DIR/data"
     cat >"$TMP_DIR/cordon.toml" <<EOF
 [server]
 listen = "127.0.0.1:$CORDON_PORT"

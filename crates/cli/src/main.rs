@@ -73,7 +73,8 @@ fn init_logging(format: LogFormat) {
 }
 
 fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
-    Config::load(path).map_err(|e| anyhow::anyhow!("{e}\n{} error(s) in the config", e.0.len()))
+    // Each error already starts with `error:`; main adds one more in front.
+    Config::load(path).map_err(|e| anyhow::anyhow!("{} error(s) in {}:\n{e}", e.0.len(), path.display()))
 }
 
 fn serve(
@@ -88,6 +89,9 @@ fn serve(
     if let Some(a) = admin_listen {
         config.server.admin_listen = a;
     }
+    if config.server.listen == config.server.admin_listen && config.server.listen.port() != 0 {
+        anyhow::bail!("the admin listener needs its own address, but both are {}: change --admin-listen or --listen", config.server.listen);
+    }
     let runtime = Arc::new(Runtime::start(&config).context("cannot start the sandbox")?);
     log_posture(runtime.posture());
     if runtime.workers().is_empty() {
@@ -97,21 +101,28 @@ fn serve(
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     tokio.block_on(async {
         let gateway = Gateway::bind(&config, runtime.clone()).await?;
+        // Handlers first: a signal after the "serving" line must never find
+        // the default disposition, which would kill requests in flight.
+        let shutdown = shutdown_signal()?;
         tracing::info!(listen = %gateway.local_addr(), admin = %gateway.admin_addr(), workers = runtime.workers().len(), "cordon is serving");
-        gateway.run(shutdown_signal()).await;
+        gateway.run(shutdown).await;
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on
+/// the first of them.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }
 
 fn log_posture(p: &Posture) {

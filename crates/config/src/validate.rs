@@ -291,13 +291,17 @@ impl Validator<'_> {
                 "the stdout and stderr bytes kept per request",
             ),
         };
-        if limits.cpu_ms > limits.wall_ms
-            && let Some(cpu) = &l.cpu_ms
-        {
+        if limits.cpu_ms > limits.wall_ms {
+            // Point at whichever of the two the file sets (cpu_ms if both).
+            let (span, name) = match (&l.cpu_ms, &l.wall_ms) {
+                (Some(cpu), _) => (Some(cpu.span()), "cpu_ms"),
+                (None, Some(wall)) => (Some(wall.span()), "wall_ms"),
+                (None, None) => (None, "cpu_ms"),
+            };
             self.error(
-                Some(cpu.span()),
-                key("cpu_ms"),
-                format!("{} is more than wall_ms ({})", limits.cpu_ms, limits.wall_ms),
+                span,
+                key(name),
+                format!("cpu_ms ({}) is more than wall_ms ({})", limits.cpu_ms, limits.wall_ms),
                 "CPU time cannot exceed wall-clock time: lower cpu_ms or raise wall_ms",
             );
         }
@@ -487,6 +491,15 @@ mod tests {
             e.iter().any(|e| e.key.as_deref() == Some("worker[2].routes") && e.message.contains("already served by worker `a`")),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn cpu_time_cannot_exceed_wall_time() {
+        let text = "[[worker]]\nname = \"a\"\ntenant = \"t\"\ncomponent = \"x.wasm\"\nroutes = [\"h/\"]\n[worker.limits]\nwall_ms = 10\n";
+        let e = errors(text);
+        let wall =
+            e.iter().find(|e| e.key.as_deref() == Some("worker[0].limits.wall_ms")).expect("the default cpu_ms of 50 exceeds wall_ms = 10");
+        assert_eq!(wall.location.unwrap().line, 7);
     }
 
     #[test]

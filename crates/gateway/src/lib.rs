@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use http1::{ConnLimits, Service, serve_connection};
+use http1::{ConnLimits, Service, TaskTracker, serve_connection};
 
 /// Connections the admin listener serves at once.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
@@ -127,8 +127,8 @@ impl Gateway {
         let main = tokio::spawn(accept_loop(self.listener, proxy, self.limits.clone(), rx.clone(), self.max_connections, grace));
         let admin = tokio::spawn(accept_loop(self.admin_listener, admin, self.limits, rx, ADMIN_MAX_CONNECTIONS, grace));
         shutdown.await;
-        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: no new connections; requests in flight may finish");
         let _ = tx.send(true);
+        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: no new connections; requests in flight may finish");
         let _ = main.await;
         let _ = admin.await;
         tracing::info!("shut down");
@@ -145,6 +145,7 @@ async fn accept_loop<S: Service>(
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
     let mut connections = JoinSet::new();
+    let finishing = TaskTracker::default();
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
@@ -155,9 +156,9 @@ async fn accept_loop<S: Service>(
                     _ = shutdown.changed() => break,
                     accepted = listener.accept() => match accepted {
                         Ok((stream, _)) => {
-                            let (service, limits, shutdown) = (service.clone(), limits.clone(), shutdown.clone());
+                            let (service, limits, shutdown, finishing) = (service.clone(), limits.clone(), shutdown.clone(), finishing.clone());
                             connections.spawn(async move {
-                                serve_connection(stream, service, limits, shutdown).await;
+                                serve_connection(stream, service, limits, shutdown, finishing).await;
                                 drop(slot);
                             });
                         }
@@ -172,10 +173,31 @@ async fn accept_loop<S: Service>(
             }
         }
     }
+    // Connections the kernel completed before shutdown are still in the
+    // backlog: take them, so that one whose request has already arrived is
+    // answered rather than reset. Idle ones close at once.
+    while let Some(stream) = accept_now(&listener) {
+        let (service, limits, shutdown, finishing) = (service.clone(), limits.clone(), shutdown.clone(), finishing.clone());
+        connections.spawn(serve_connection(stream, service, limits, shutdown, finishing));
+    }
     drop(listener);
-    let drained = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
+    let deadline = tokio::time::Instant::now() + grace;
+    let drained = tokio::time::timeout_at(deadline, async { while connections.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!(open = connections.len(), "grace period over; closing the remaining connections");
         connections.abort_all();
+    }
+    // The last requests' log lines and statistics.
+    if tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)), finishing.idle()).await.is_err() {
+        tracing::warn!("grace period over before every request was logged");
+    }
+}
+
+/// A connection already waiting in the backlog, without waiting for one.
+fn accept_now(listener: &TcpListener) -> Option<tokio::net::TcpStream> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match listener.poll_accept(&mut cx) {
+        std::task::Poll::Ready(Ok((stream, _))) => Some(stream),
+        _ => None,
     }
 }

@@ -111,6 +111,13 @@ impl Service for Proxy {
             return Self::refuse(exchange, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &message, true);
         }
         match response {
+            // An interim status cannot end an exchange: the client would wait
+            // for the real response and misread the next one.
+            Ok(response) if response.status().is_informational() => {
+                let message =
+                    format!("the worker answered with the interim status {}; a final response needs 200-599", response.status().as_u16());
+                Self::refuse(exchange, StatusCode::INTERNAL_SERVER_ERROR, "invalid_response", &message, false)
+            }
             Ok(response) => Outgoing { response: response.map(OutBody::Worker), close: false, pending: exchange },
             Err(e) => {
                 let (status, code) = invoke_status(&e);

@@ -112,7 +112,11 @@ impl CodeCache {
     /// Stores `artifact` under `key`, atomically.
     pub(crate) fn put(&self, key: &str, artifact: &[u8]) -> Result<(), CacheError> {
         let path = self.entry_path(key);
-        let tmp = self.dir.join(format!(".{key}.{}.tmp", std::process::id()));
+        // Unique per process and call, so concurrent writers never share a
+        // temporary file; the rename makes the last one win, intact.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.dir.join(format!(".{key}.{}.{n}.tmp", std::process::id()));
         let write = || -> std::io::Result<()> {
             let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
             f.write_all(MAGIC)?;
@@ -186,11 +190,12 @@ pub(crate) fn load_component(engine: &Engine, wasm: &[u8], cache: Option<&CodeCa
     Ok((component, CodeSource::Compiled))
 }
 
-/// Why a component could not be loaded.
-#[derive(Debug, thiserror::Error)]
+/// Why a component could not be loaded. Cloneable, because one compiled
+/// component may serve several workers.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read the component file: {0}")]
-    Read(std::io::Error),
+    Read(std::sync::Arc<std::io::Error>),
     #[error("not a WebAssembly file (it does not start with the `\\0asm` magic); give the path of a .wasm component")]
     NotWasm,
     #[error(
@@ -205,7 +210,13 @@ pub enum LoadError {
     #[error("the component does not export `wasi:http/incoming-handler`; build it against the `wasi:http/proxy` world")]
     NotAProxy(String),
     #[error(transparent)]
-    Cache(#[from] CacheError),
+    Cache(std::sync::Arc<CacheError>),
+}
+
+impl From<CacheError> for LoadError {
+    fn from(e: CacheError) -> Self {
+        LoadError::Cache(std::sync::Arc::new(e))
+    }
 }
 
 fn check_is_component(wasm: &[u8]) -> Result<(), LoadError> {

@@ -61,6 +61,7 @@ impl Host {
             outbound: DenyAllOutbound,
             limiter: MemoryLimiter {
                 max_bytes: usize::try_from(parts.memory_limit_bytes).unwrap_or(usize::MAX),
+                used_bytes: 0,
                 denied: parts.memory_denied,
             },
             meter: parts.meter,
@@ -91,24 +92,45 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
     Ok(linker)
 }
 
-/// Caps linear memory at the worker's `memory_mb`. A refused grow returns -1
-/// to the guest, as the spec says; the flag lets a trap that follows be
-/// reported as the memory limit rather than a bare crash.
+/// Caps the linear memory of the whole instance (all its memories together)
+/// at the worker's `memory_mb`. A refused grow returns -1 to the guest, as
+/// the spec says; the flag lets a trap that follows be reported as the memory
+/// limit rather than a bare crash.
 pub(crate) struct MemoryLimiter {
     max_bytes: usize,
+    used_bytes: usize,
     denied: Arc<AtomicBool>,
 }
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        // Creating a memory is a grow from 0, so `used_bytes` covers them all.
+        let total = self.used_bytes.saturating_sub(current).saturating_add(desired);
+        if total > self.max_bytes {
             self.denied.store(true, Ordering::Relaxed);
             return Ok(false);
         }
+        self.used_bytes = total;
         Ok(true)
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_limit_covers_all_memories_of_an_instance() {
+        let denied = Arc::new(AtomicBool::new(false));
+        let mut l = MemoryLimiter { max_bytes: 100, used_bytes: 0, denied: denied.clone() };
+        assert!(l.memory_growing(0, 60, None).unwrap(), "first memory created");
+        assert!(l.memory_growing(60, 70, None).unwrap(), "and grown");
+        assert!(!l.memory_growing(0, 40, None).unwrap(), "a second memory may not take the total past the limit");
+        assert!(denied.load(Ordering::Relaxed));
+        assert!(l.memory_growing(0, 30, None).unwrap(), "but may use what is left");
     }
 }

@@ -112,55 +112,88 @@ fn build_engine(config: &Config) -> Result<(Engine, Posture), PolicyError> {
     Ok((engine, posture))
 }
 
-/// Loads the workers on up to one thread per core. Workers that share a
-/// component file still compile it once thanks to the cache key.
+/// Loads the workers: reads every component file, compiles (or loads from
+/// the cache) each distinct component once, on up to one thread per core,
+/// then links every worker against its component.
 fn load_workers(
     engine: &Engine,
     linker: &Linker<Host>,
     workers: &[WorkerConfig],
     cache: Option<&CodeCache>,
 ) -> Vec<Result<Worker, WorkerLoadError>> {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(workers.len().max(1));
+    let err = |w: &WorkerConfig, error| WorkerLoadError { worker: w.name.clone(), component: w.component.clone(), error };
+    let files: Vec<Result<(Vec<u8>, String), LoadError>> = workers
+        .iter()
+        .map(|w| {
+            let wasm = std::fs::read(&w.component).map_err(|e| LoadError::Read(Arc::new(e)))?;
+            let sha = {
+                use sha2::Digest;
+                cache::hex(&sha2::Sha256::digest(&wasm))
+            };
+            Ok((wasm, sha))
+        })
+        .collect();
+
+    // One compilation per distinct component, however many workers use it.
+    let mut distinct: Vec<(&str, &[u8])> = Vec::new();
+    for (wasm, sha) in files.iter().flatten() {
+        if !distinct.iter().any(|(s, _)| *s == sha.as_str()) {
+            distinct.push((sha.as_str(), wasm.as_slice()));
+        }
+    }
+    let compiled = parallel_map(&distinct, |(sha, wasm)| {
+        let started = std::time::Instant::now();
+        let result = cache::load_component(engine, wasm, cache);
+        if let Ok((_, source)) = &result {
+            tracing::info!(
+                component_sha256 = %sha,
+                code = ?source,
+                ms = started.elapsed().as_millis() as u64,
+                "{}",
+                match source {
+                    CodeSource::Cache => "component loaded from the compiled-code cache",
+                    CodeSource::Compiled => "component compiled",
+                }
+            );
+        }
+        result
+    });
+
+    workers
+        .iter()
+        .zip(&files)
+        .map(|(w, file)| {
+            let (_, sha) = file.as_ref().map_err(|e| err(w, e.clone()))?;
+            let i = distinct.iter().position(|(s, _)| s == sha).expect("every readable component was compiled");
+            let (component, source) = match &compiled[i] {
+                Ok(c) => c.clone(),
+                Err(e) => return Err(err(w, e.clone())),
+            };
+            let worker = Worker::new(w, linker, &component, source, sha.clone()).map_err(|e| err(w, e))?;
+            tracing::info!(worker = %w.name, tenant = %w.tenant, code = ?source, "worker ready");
+            Ok(worker)
+        })
+        .collect()
+}
+
+/// `f` over `items` on up to one thread per core, results in order.
+fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(items.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut slots: Vec<Option<Result<Worker, WorkerLoadError>>> = (0..workers.len()).map(|_| None).collect();
-    let slots_lock = std::sync::Mutex::new(&mut slots);
+    let results: std::sync::Mutex<Vec<Option<R>>> = std::sync::Mutex::new((0..items.len()).map(|_| None).collect());
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(w) = workers.get(i) else { break };
-                    let result = load_worker(engine, linker, w, cache);
-                    slots_lock.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(result);
+                    let Some(item) = items.get(i) else { break };
+                    let r = f(item);
+                    results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
                 }
             });
         }
     });
-    slots.into_iter().map(|r| r.expect("every worker slot is filled")).collect()
-}
-
-fn load_worker(engine: &Engine, linker: &Linker<Host>, w: &WorkerConfig, cache: Option<&CodeCache>) -> Result<Worker, WorkerLoadError> {
-    let err = |error| WorkerLoadError { worker: w.name.clone(), component: w.component.clone(), error };
-    let wasm = std::fs::read(&w.component).map_err(|e| err(LoadError::Read(e)))?;
-    let started = std::time::Instant::now();
-    let (component, source) = cache::load_component(engine, &wasm, cache).map_err(err)?;
-    let sha = {
-        use sha2::Digest;
-        cache::hex(&sha2::Sha256::digest(&wasm))
-    };
-    let worker = Worker::new(w, linker, &component, source, sha).map_err(err)?;
-    tracing::info!(
-        worker = %w.name,
-        tenant = %w.tenant,
-        code = ?source,
-        ms = started.elapsed().as_millis() as u64,
-        "{}",
-        match source {
-            CodeSource::Cache => "component loaded from the compiled-code cache",
-            CodeSource::Compiled => "component compiled",
-        }
-    );
-    Ok(worker)
+    results.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().map(|r| r.expect("every item is mapped")).collect()
 }
 
 /// Advances the engine's epoch every [`policy::EPOCH_TICK`]; each tick is a

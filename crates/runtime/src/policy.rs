@@ -66,6 +66,8 @@ pub struct Posture {
     pub memory_protection_keys: MpkPosture,
     pub guard_pages: GuardPosture,
     pub copy_on_write_memory_init: bool,
+    /// How a slot is made clean for its next instance.
+    pub slot_reuse: SlotReusePosture,
     pub wasm_threads: bool,
     pub shared_memory: bool,
     pub spectre_mitigations: &'static str,
@@ -81,6 +83,14 @@ pub struct AllocatorPosture {
     pub total_core_instances: u32,
     pub total_memories: u32,
     pub max_memory_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotReusePosture {
+    /// Bytes per memory reset in place (only dirty pages where the kernel
+    /// supports `PAGEMAP_SCAN`) instead of being unmapped.
+    pub keep_resident_bytes: usize,
+    pub dirty_page_scan: &'static str,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -194,6 +204,10 @@ pub fn engine_config(
             signals_based_traps: true,
         },
         copy_on_write_memory_init: true,
+        slot_reuse: SlotReusePosture {
+            keep_resident_bytes: KEEP_RESIDENT_BYTES,
+            dirty_page_scan: "auto (PAGEMAP_SCAN where the kernel has it)",
+        },
         wasm_threads: false,
         shared_memory: false,
         spectre_mitigations: "on (Cranelift defaults)",

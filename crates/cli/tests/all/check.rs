@@ -28,10 +28,12 @@ fn a_good_config_passes_and_prints_the_posture() {
 
 #[test]
 fn the_example_config_passes() {
-    let _ = hello_wasm();
-    let examples = repo_root().join("examples");
-    std::fs::copy(hello_wasm(), examples.join("hello/hello.wasm")).unwrap();
-    let (ok, out) = check(&examples.join("cordon.toml"));
+    // A copy of examples/, so the test writes nothing into the source tree.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("hello")).unwrap();
+    std::fs::copy(hello_wasm(), dir.path().join("hello/hello.wasm")).unwrap();
+    std::fs::copy(repo_root().join("examples/cordon.toml"), dir.path().join("cordon.toml")).unwrap();
+    let (ok, out) = check(&dir.path().join("cordon.toml"));
     assert!(ok, "{out}");
 }
 

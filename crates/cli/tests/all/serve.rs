@@ -94,11 +94,11 @@ fn serve_reports_its_posture_and_stops_cleanly_on_sigterm() {
     let mut slow = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
     write!(slow, "GET / HTTP/1.1\r\nHost: hello.localhost\r\n").unwrap();
     s.signal(libc::SIGTERM);
-    s.wait_for("SIGTERM received");
+    s.wait_for("shutting down");
     write!(slow, "\r\n").unwrap();
     let mut reply = String::new();
     let _ = slow.read_to_string(&mut reply);
-    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply:?}\nserver log:\n{}", s.log.try_iter().collect::<Vec<_>>().join("\n"));
     assert!(reply.to_ascii_lowercase().contains("connection: close"), "{reply}");
 
     let status = s.child.wait().unwrap();

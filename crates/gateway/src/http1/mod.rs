@@ -8,6 +8,7 @@ pub(crate) mod write;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -110,6 +111,37 @@ impl http_body::Body for OutBody {
     }
 }
 
+/// Counts tasks spawned outside a connection so shutdown can wait for them.
+#[derive(Clone, Default)]
+pub(crate) struct TaskTracker {
+    inner: Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>,
+}
+
+impl TaskTracker {
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        use std::sync::atomic::Ordering;
+        self.inner.0.fetch_add(1, Ordering::AcqRel);
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            task.await;
+            if inner.0.fetch_sub(1, Ordering::AcqRel) == 1 {
+                inner.1.notify_waiters();
+            }
+        });
+    }
+
+    /// Resolves once no tracked task is running.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.inner.1.notified();
+            if self.inner.0.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 pub(crate) fn new_request_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
@@ -127,6 +159,7 @@ pub(crate) async fn serve_connection<S: Service>(
     service: Arc<S>,
     limits: ConnLimits,
     mut shutdown: watch::Receiver<bool>,
+    finishing: TaskTracker,
 ) {
     let peer = stream.peer_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
     let _ = stream.set_nodelay(true);
@@ -203,7 +236,9 @@ pub(crate) async fn serve_connection<S: Service>(
         let cx = ResponseContext { method: &method, http10, keep_alive, request_id: &request_id, write_timeout: limits.keep_alive_timeout };
         let written = write_response(&mut writer, response, &cx).await;
         let reusable = written.reusable;
-        tokio::spawn(service.clone().finish(outgoing.pending, written));
+        // Logging and accounting wait for the guest to end; the connection
+        // does not. Shutdown waits for these too, so no log line is lost.
+        finishing.spawn(service.clone().finish(outgoing.pending, written));
 
         if !reusable || !drain_body(&reader).await {
             let _ = writer.shutdown().await;
@@ -246,7 +281,13 @@ async fn read_head(reader: &SharedReader, limits: &ConnLimits, first: bool, shut
         }
         let has_bytes = !lock(reader).buf.is_empty();
         if !has_bytes && *shutdown.borrow() {
-            return HeadOutcome::Closed;
+            // Shutting down: serve a request that has already arrived, close
+            // a connection that is idle.
+            if !fill_now(reader) {
+                return HeadOutcome::Closed;
+            }
+            deadline.get_or_insert_with(|| tokio::time::Instant::now() + limits.header_read_timeout);
+            continue;
         }
         let wait_until = deadline.unwrap_or_else(|| tokio::time::Instant::now() + limits.keep_alive_timeout);
         let fill = std::future::poll_fn(|cx| lock(reader).poll_fill(cx));
@@ -265,9 +306,18 @@ async fn read_head(reader: &SharedReader, limits: &ConnLimits, first: bool, shut
                 }
                 return HeadOutcome::Closed;
             }
-            _ = shutdown.changed(), if !has_bytes => return HeadOutcome::Closed,
+            // Checked again at the top of the loop.
+            _ = shutdown.changed(), if !has_bytes => {}
         }
     }
+}
+
+/// Reads what the socket already holds, without waiting; `true` if that was
+/// at least one byte.
+fn fill_now(reader: &SharedReader) -> bool {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    matches!(lock(reader).poll_fill(&mut cx), Poll::Ready(Ok(n)) if n > 0)
 }
 
 /// Reads and discards what the worker left of the request body, so that the

@@ -131,7 +131,12 @@ pub(crate) fn parse_head(buf: &[u8], max_bytes: usize) -> Result<Option<(Request
         return Err(Rejection::bad("more than one Host header"));
     }
     let host_value = match authority {
-        Some(a) => a,
+        Some(a) => {
+            // The worker must see the host it was routed by.
+            let value = HeaderValue::from_str(&a).map_err(|_| Rejection::bad("invalid authority in the request target"))?;
+            headers.insert(http::header::HOST, value);
+            a
+        }
         None => match headers.get(http::header::HOST) {
             Some(h) => h.to_str().map_err(|_| Rejection::bad("invalid Host header"))?.to_string(),
             None => return Err(Rejection::bad("missing Host header")),
@@ -282,6 +287,9 @@ mod tests {
     fn targets_and_hosts() {
         let (h, _) = parse("GET http://Other.Example:81/x?y HTTP/1.1\r\nHost: a\r\n\r\n").unwrap().unwrap();
         assert_eq!((h.host.as_str(), h.target.as_str()), ("other.example", "/x?y"));
+        assert_eq!(h.headers.get("host").unwrap(), "Other.Example:81", "the Host header follows the routed authority");
+        let (h, _) = parse("GET http://b.example/ HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.headers.get("host").unwrap(), "b.example");
         assert!(parse("GET * HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
         assert!(parse("CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
         assert_eq!(normalize_host("[::1]:8080").as_deref(), Some("[::1]"));

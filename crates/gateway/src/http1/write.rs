@@ -88,7 +88,6 @@ where
                 push_header(&mut head, "content-length", n.to_string().as_bytes());
             }
         }
-        Framing::Empty if !no_body_status => push_header(&mut head, "content-length", b"0"),
         Framing::Chunked => push_header(&mut head, "transfer-encoding", b"chunked"),
         _ => {}
     }

@@ -115,3 +115,14 @@ async fn a_trap_after_the_head_cuts_the_body() {
     assert_eq!(r.status, 200);
     assert!(r.body_error.is_some(), "a worker that dies mid-body must not look like a complete response");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interim_status_is_not_a_response() {
+    let s = start(&standard_workers()).await;
+    for code in ["100", "101", "103"] {
+        let r = s.get("hostile.localhost", &format!("/status?code={code}")).await;
+        assert_eq!(r.status, 500, "{code}");
+        assert_eq!(r.error_code(), "invalid_response");
+    }
+    assert_eq!(s.get("hostile.localhost", "/status?code=418").await.status, 418);
+}
