@@ -181,9 +181,13 @@ fn parse_target(raw: &str) -> Result<(String, Option<String>), Rejection> {
             Err(Rejection::bad("user info is not allowed in the request target"))
         }
         (Some("http" | "https"), Some(authority)) => {
-            let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
-            let target = if target.is_empty() { "/" } else { target };
-            Ok((target.to_string(), Some(authority.as_str().to_string())))
+            // `http://host?q` has an empty path: the origin-form is `/?q`.
+            let path = if uri.path().is_empty() { "/" } else { uri.path() };
+            let target = match uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            Ok((target, Some(authority.as_str().to_string())))
         }
         _ => Err(Rejection::bad("the request target must be a path like `/index.html`")),
     }
@@ -223,7 +227,7 @@ fn header_tokens(headers: &HeaderMap, name: HeaderName) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<Option<(RequestHead, usize)>, Rejection> {
@@ -290,6 +294,8 @@ mod tests {
         assert_eq!(h.headers.get("host").unwrap(), "Other.Example:81", "the Host header follows the routed authority");
         let (h, _) = parse("GET http://b.example/ HTTP/1.1\r\n\r\n").unwrap().unwrap();
         assert_eq!(h.headers.get("host").unwrap(), "b.example");
+        let (h, _) = parse("GET http://b.example?q=1 HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.target, "/?q=1");
         assert!(parse("GET * HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
         assert!(parse("CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n").is_err());
         assert_eq!(normalize_host("[::1]:8080").as_deref(), Some("[::1]"));
@@ -308,5 +314,63 @@ mod tests {
         let (h, _) = parse("POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n").unwrap().unwrap();
         assert!(h.expect_continue);
         assert_eq!(rejected("GET / HTTP/1.1\r\nHost: a\r\nExpect: magic\r\n\r\n").status, StatusCode::EXPECTATION_FAILED);
+    }
+
+    /// A small deterministic generator, so that failures reproduce.
+    pub(crate) struct XorShift(pub u64);
+
+    impl XorShift {
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        pub fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Mutates valid heads (flips, deletions, insertions of the bytes that
+    /// matter to HTTP framing, truncation) and checks that parsing never
+    /// panics and that whatever it accepts has one unambiguous framing.
+    #[test]
+    fn mutated_heads_never_panic_and_stay_unambiguous() {
+        let seeds: [&[u8]; 4] = [
+            b"GET /a?b HTTP/1.1\r\nHost: h.localhost\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 12\r\nConnection: keep-alive\r\n\r\n",
+            b"PUT / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
+            b"GET http://h.example:80/p HTTP/1.0\r\nHost: other\r\n\r\n",
+        ];
+        let interesting = b"\r\n:, \t\x00\x7f\xff0123456789abcdefABCDEF-+;=/?#[]@chunkedContent-LengthTransfer-Encoding";
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..20_000 {
+            let mut head = seeds[rng.below(seeds.len())].to_vec();
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(head.len() + 1);
+                match rng.below(4) {
+                    0 if at < head.len() => head[at] = interesting[rng.below(interesting.len())],
+                    1 if at < head.len() => {
+                        head.remove(at);
+                    }
+                    2 => head.insert(at, interesting[rng.below(interesting.len())]),
+                    _ => head.truncate(at),
+                }
+            }
+            if let Ok(Some((h, len))) = parse_head(&head, 8192) {
+                assert!(len <= head.len());
+                let cl = h.headers.get_all(http::header::CONTENT_LENGTH).iter().count();
+                let te = h.headers.get_all(http::header::TRANSFER_ENCODING).iter().count();
+                assert!(!(cl > 0 && te > 0), "accepted both framings: {:?}", String::from_utf8_lossy(&head));
+                match h.framing {
+                    Framing::Chunked => assert!(te > 0 && !h.http10),
+                    Framing::Length(_) => assert!(cl > 0 && te == 0),
+                    Framing::None => assert_eq!(te, 0),
+                }
+                assert!(h.target.starts_with('/'), "target {:?} from {:?}", h.target, String::from_utf8_lossy(&head));
+                assert!(!h.host.is_empty() && !h.host.contains(':') || h.host.starts_with('['));
+            }
+        }
     }
 }
