@@ -92,6 +92,12 @@ fn serve(
     if config.server.listen == config.server.admin_listen && config.server.listen.port() != 0 {
         anyhow::bail!("the admin listener needs its own address, but both are {}: change --admin-listen or --listen", config.server.listen);
     }
+    if !config.server.admin_listen.ip().is_loopback() {
+        tracing::warn!(
+            admin_listen = %config.server.admin_listen,
+            "the admin listener is not on loopback; it is unauthenticated and discloses the configuration, so firewall it"
+        );
+    }
     let runtime = Arc::new(Runtime::start(&config).context("cannot start the sandbox")?);
     log_posture(runtime.posture());
     if runtime.workers().is_empty() {

@@ -79,6 +79,17 @@ impl CodeCache {
         Ok(Self { dir })
     }
 
+    /// The checks of [`CodeCache::open`] on whatever of the cache's
+    /// directories already exists, creating nothing: for `cordon check`.
+    pub fn check_existing(data_dir: &Path) -> Result<(), CacheError> {
+        for d in [data_dir.join("cache"), data_dir.join("cache").join("components"), data_dir.to_path_buf()] {
+            if fs::symlink_metadata(&d).is_ok() {
+                check_private(&d)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -85,7 +85,8 @@ impl Runtime {
     /// Validates the policy and every component without writing anything:
     /// the posture (or why the engine cannot be built) and one result per
     /// worker.
-    pub fn check(config: &Config) -> Result<(Posture, Vec<Result<(), WorkerLoadError>>), PolicyError> {
+    pub fn check(config: &Config) -> Result<(Posture, Vec<Result<(), WorkerLoadError>>), StartError> {
+        CodeCache::check_existing(&config.server.data_dir)?;
         let (engine, posture) = build_engine(config)?;
         let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
         let results = load_workers(&engine, &linker, &config.workers, None).into_iter().map(|r| r.map(drop)).collect();

@@ -384,10 +384,10 @@ fn classify(e: &wasmtime::Error, limits: &Limits, memory_denied: bool) -> Invoke
         };
         return InvokeError::Trapped(what);
     }
-    let text = format!("{e:#}");
-    if text.contains("maximum concurrent") || text.contains("concurrent instance limit") || text.contains("pooling allocator") {
+    if e.chain().any(|cause| cause.is::<wasmtime::PoolConcurrencyLimitError>()) {
         return InvokeError::OverCapacity;
     }
+    let text = format!("{e:#}");
     if memory_denied {
         return InvokeError::MemoryLimitExceeded { limit_mb: limits.memory_mb };
     }

@@ -132,3 +132,17 @@ fn shared_memory_and_threads_are_refused() {
     assert!(out.contains("worker `threads`") && out.contains("not a valid component"), "{out}");
     assert!(out.to_ascii_lowercase().contains("thread"), "the reason names the threads proposal: {out}");
 }
+
+#[test]
+fn check_refuses_a_data_directory_others_can_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let toml = format!("[server]\ndata_dir = \"{}\"\n{}", data.display(), worker_toml("hello", &hello_wasm()));
+    let (_cfg, path) = config(&toml);
+    let (ok, out) = check(&path);
+    assert!(!ok, "{out}");
+    assert!(out.contains("writable by group or others") && out.contains("chmod 700"), "{out}");
+}

@@ -109,6 +109,8 @@ pub struct Options<'a> {
     pub filter: Option<Arc<dyn RequestFilter>>,
     /// Reuse a data directory (for cache tests).
     pub data_dir: Option<&'a Path>,
+    /// Slots in the instance pool (default 64).
+    pub max_instances: Option<u32>,
 }
 
 /// The standard pair: `hello` (well-behaved) and `hostile` (the fixture),
@@ -150,9 +152,10 @@ pub async fn start_with(workers: &str, options: Options<'_>) -> TestServer {
     let tmp = tempfile::tempdir().unwrap();
     let data_dir = options.data_dir.map(Path::to_path_buf).unwrap_or_else(|| tmp.path().join("data"));
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nshutdown_grace_ms = 5000\n{}\n\n[sandbox]\nmax_instances = 64\n{workers}",
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nshutdown_grace_ms = 5000\n{}\n\n[sandbox]\nmax_instances = {}\n{workers}",
         data_dir.display(),
-        options.server
+        options.server,
+        options.max_instances.unwrap_or(64),
     );
     let path = tmp.path().join("cordon.toml");
     std::fs::write(&path, &text).unwrap();

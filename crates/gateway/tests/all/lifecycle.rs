@@ -70,3 +70,17 @@ async fn shutdown_lets_requests_in_flight_finish() {
     assert_eq!(r.header("connection"), Some("close"));
     s.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_instance_pool_gives_503_not_a_hang() {
+    let s = start_with(&standard_workers(), Options { max_instances: Some(1), ..Options::default() }).await;
+    let addr = s.addr;
+    let holder = tokio::spawn(async move { request(addr, "GET", "hostile.localhost", "/sleep?ms=1000", &[], None).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = s.get("hello.localhost", "/").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.error_code(), "over_capacity");
+    assert_eq!(holder.await.unwrap().text(), "slept");
+    // The slot is free again.
+    assert_eq!(s.get("hello.localhost", "/").await.status, 200);
+}
