@@ -95,7 +95,7 @@ impl Invocation {
 
     /// Stops the guest: the client is gone, nobody reads what it produces.
     pub fn abort(&self) {
-        if let Some(AbortOnDrop(Some(handle))) = &self.task {
+        if let Some(AbortOnDrop(Some(handle), _)) = &self.task {
             handle.abort();
         }
     }
@@ -113,23 +113,63 @@ impl Invocation {
     }
 }
 
-/// Aborts the guest if the gateway gives up on the request (client gone).
-struct AbortOnDrop(Option<JoinHandle<Report>>);
+/// What a request has used so far, shared between the guest's task and the
+/// gateway: every [`Report`] is built from it, however the request ended.
+#[derive(Clone)]
+struct Usage {
+    meter: Arc<CpuMeter>,
+    instantiate_ns: Arc<AtomicU64>,
+    stdout: CapturedOutput,
+    stderr: CapturedOutput,
+}
+
+impl Usage {
+    fn new(limits: &Limits) -> Self {
+        Self {
+            meter: Arc::default(),
+            instantiate_ns: Arc::default(),
+            stdout: CapturedOutput::new(limits.max_log_bytes),
+            stderr: CapturedOutput::new(limits.max_log_bytes),
+        }
+    }
+
+    /// Call once the guest's future is done (finished, failed or dropped).
+    fn report(&self, outcome: Outcome) -> Report {
+        Report {
+            outcome,
+            cpu_time: self.meter.used_after_finish(),
+            instantiate_time: Duration::from_nanos(self.instantiate_ns.load(Ordering::Relaxed)),
+            stdout: self.stdout.take(),
+            stderr: self.stderr.take(),
+        }
+    }
+}
+
+/// The guest's task. Aborts the guest if the gateway gives up on the request
+/// (client gone).
+struct AbortOnDrop(Option<JoinHandle<Outcome>>, Usage);
 
 impl AbortOnDrop {
     async fn join(mut self) -> Report {
         let handle = self.0.take().expect("joined once");
-        handle.await.unwrap_or_else(|e| Report {
-            outcome: Outcome::Failed(if e.is_cancelled() {
+        let outcome = handle.await.unwrap_or_else(|e| {
+            Outcome::Failed(if e.is_cancelled() {
                 InvokeError::Cancelled
             } else {
                 InvokeError::Internal(format!("request task failed: {e}"))
-            }),
-            cpu_time: Duration::ZERO,
-            instantiate_time: Duration::ZERO,
-            stdout: CapturedText::default(),
-            stderr: CapturedText::default(),
-        })
+            })
+        });
+        self.1.report(outcome)
+    }
+
+    /// Stops the guest, waits until it is gone, and reports `outcome`.
+    async fn stop(self, outcome: Outcome) -> Report {
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
+        let usage = self.1.clone();
+        let _ = self.join().await;
+        usage.report(outcome)
     }
 }
 
@@ -204,18 +244,16 @@ impl Worker {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(limits.wall_ms);
         let request_body_exceeded = Arc::new(AtomicBool::new(false));
         let memory_denied = Arc::new(AtomicBool::new(false));
-        let meter = Arc::new(CpuMeter::default());
-        let stdout = CapturedOutput::new(limits.max_log_bytes);
-        let stderr = CapturedOutput::new(limits.max_log_bytes);
+        let usage = Usage::new(limits);
 
         let mut store = Store::new(
             self.pre.engine(),
             Host::new(HostParts {
                 memory_limit_bytes: limits.memory_mb << 20,
                 cpu_limit: Duration::from_millis(limits.cpu_ms),
-                stdout: stdout.clone(),
-                stderr: stderr.clone(),
-                meter: meter.clone(),
+                stdout: usage.stdout.clone(),
+                stderr: usage.stderr.clone(),
+                meter: usage.meter.clone(),
                 memory_denied: memory_denied.clone(),
             }),
         );
@@ -242,22 +280,20 @@ impl Worker {
             Ok(v) => v,
             Err(e) => {
                 let error = InvokeError::Internal(format!("cannot pass the request to the guest: {e}"));
-                return self.failed_before_start(error, request_body_exceeded);
+                let report = usage.report(Outcome::Failed(error.clone()));
+                return self.done(Err(error), request_body_exceeded, report);
             }
         };
 
         let pre = self.pre.clone();
-        let instantiate_time = Arc::new(AtomicU64::new(0));
-        let instantiate_time_in_task = instantiate_time.clone();
+        let instantiate_ns = usage.instantiate_ns.clone();
         let guest_state = Arc::new(GuestState::default());
         let guest_state_in_task = guest_state.clone();
-        let limits_in_task = limits.clone();
-        let meter_in_task = meter.clone();
         let guest = async move {
             let run = async {
                 let started = Instant::now();
                 let proxy = pre.instantiate_async(&mut store).await?;
-                instantiate_time_in_task.store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                instantiate_ns.store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await
             };
             let result = tokio::time::timeout_at(deadline, run).await;
@@ -268,31 +304,25 @@ impl Worker {
             drop(store);
             result
         };
+        let limits_in_task = limits.clone();
+        let meter = usage.meter.clone();
         let task = tokio::spawn(async move {
-            let result = Metered::new(guest, meter_in_task.clone()).await;
-            let outcome = match result {
+            match Metered::new(guest, meter).await {
                 Ok(Ok(())) => Outcome::Completed,
                 Ok(Err(e)) => Outcome::Failed(classify(&e, &limits_in_task, memory_denied.load(Ordering::Relaxed))),
                 Err(_) => Outcome::Failed(InvokeError::WallTimeExceeded { limit_ms: limits_in_task.wall_ms }),
-            };
-            Report {
-                outcome,
-                cpu_time: meter_in_task.used_after_finish(),
-                instantiate_time: Duration::from_nanos(instantiate_time.load(Ordering::Relaxed)),
-                stdout: stdout.take(),
-                stderr: stderr.take(),
             }
         });
-        let task = AbortOnDrop(Some(task));
+        let task = AbortOnDrop(Some(task), usage);
 
         match head_rx.await {
             Ok(Ok(response)) => {
                 if let Some(declared) = declared_length(&response)
                     && declared > limits.max_response_body_bytes
                 {
-                    drop(task);
                     let error = InvokeError::ResponseTooLarge { declared, limit: limits.max_response_body_bytes };
-                    return self.failed_before_start(error, request_body_exceeded);
+                    let report = task.stop(Outcome::Failed(error.clone())).await;
+                    return self.done(Err(error), request_body_exceeded, report);
                 }
                 let response = response.map(|body| ResponseBody::new(body, limits.max_response_body_bytes, guest_state));
                 Invocation { response: Ok(response), request_body_exceeded, task: Some(task), report: None, stats: self.stats.clone() }
@@ -313,17 +343,6 @@ impl Worker {
                 self.done(Err(error), request_body_exceeded, report)
             }
         }
-    }
-
-    fn failed_before_start(&self, error: InvokeError, request_body_exceeded: Arc<AtomicBool>) -> Invocation {
-        let report = Report {
-            outcome: Outcome::Failed(error.clone()),
-            cpu_time: Duration::ZERO,
-            instantiate_time: Duration::ZERO,
-            stdout: CapturedText::default(),
-            stderr: CapturedText::default(),
-        };
-        self.done(Err(error), request_body_exceeded, report)
     }
 
     fn done(

@@ -103,6 +103,11 @@ async fn a_response_over_the_limit_is_cut_off() {
     let r = s.get("hostile.localhost", "/big-declared?bytes=2000000").await;
     assert_eq!(r.status, 500);
     assert_eq!(r.error_code(), "response_too_large");
+    // The refused request is still charged for the CPU it used.
+    let id = r.header("x-request-id").unwrap().to_string();
+    let line = wait_for_log(&id, |e| e["message"] == "request").await;
+    assert_eq!(line["outcome"], "response_too_large");
+    assert!(line["cpu_us"].as_u64().unwrap() > 0, "{line}");
     // Under the limit, both work.
     let r = s.get("hostile.localhost", "/big-declared?bytes=1000").await;
     assert_eq!((r.status, r.body.len()), (200, 1000));
