@@ -208,9 +208,43 @@ fn log_output(request_id: &str, tenant: &str, worker: &str, stream: &'static str
         return;
     }
     for line in String::from_utf8_lossy(&text.bytes).lines() {
+        let line = neutralize_controls(line);
         tracing::info!(target: "cordon::worker", request_id, tenant, worker, stream, "{line}");
     }
     if text.dropped > 0 {
         tracing::warn!(target: "cordon::worker", request_id, tenant, worker, stream, dropped_bytes = text.dropped, "worker output over the capture limit was dropped");
+    }
+}
+
+/// A worker's output line with every control character (other than tab)
+/// written as an escape, so that a worker cannot forge or hide log lines
+/// with carriage returns or steer the operator's terminal with escape
+/// sequences.
+fn neutralize_controls(line: &str) -> std::borrow::Cow<'_, str> {
+    if !line.chars().any(|c| c.is_control() && c != '\t') {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let mut out = String::with_capacity(line.len() + 8);
+    for c in line.chars() {
+        if c.is_control() && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::neutralize_controls;
+
+    #[test]
+    fn worker_output_cannot_carry_control_characters_into_the_logs() {
+        assert_eq!(neutralize_controls("plain\ttext"), "plain\ttext");
+        let forged = "ok\r2026-01-01 INFO cordon: admin login \u{1b}[2Jcleared\u{7}";
+        let safe = neutralize_controls(forged);
+        assert!(!safe.chars().any(|c| c.is_control()), "{safe:?}");
+        assert!(safe.contains("\\r") && safe.contains("\\u{1b}"), "{safe}");
     }
 }
