@@ -51,15 +51,52 @@ pub enum CacheError {
     Unsafe { path: PathBuf, problem: String },
     #[error("cannot write a cache entry in {}: {source}", path.display())]
     Write { path: PathBuf, source: std::io::Error },
+    #[error(
+        "the data directory {} is in use by another Cordon process; stop it, or give this one its own server.data_dir",
+        path.display()
+    )]
+    InUse { path: PathBuf },
+    #[error("cannot lock the data directory {}: {source}", path.display())]
+    Lock { path: PathBuf, source: std::io::Error },
+}
+
+/// Exclusive use of a data directory, for as long as this value lives: an
+/// advisory lock on `<data_dir>/lock`, released by the kernel when the
+/// process exits however it exits.
+pub struct DataDirLock {
+    _file: fs::File,
+}
+
+impl DataDirLock {
+    pub fn acquire(data_dir: &Path) -> Result<Self, CacheError> {
+        let path = data_dir.join("lock");
+        let lock_err = |source| CacheError::Lock { path: path.clone(), source };
+        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path).map_err(lock_err)?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor this function owns for the
+        // duration of the call; it has no memory-safety preconditions.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                CacheError::InUse { path: data_dir.to_path_buf() }
+            } else {
+                lock_err(e)
+            });
+        }
+        Ok(Self { _file: file })
+    }
 }
 
 /// An open cache directory that has passed the ownership and mode checks.
 pub struct CodeCache {
     dir: PathBuf,
+    _lock: DataDirLock,
 }
 
 impl CodeCache {
-    /// Opens (creating if needed) `<data_dir>/cache/components`.
+    /// Opens (creating if needed) `<data_dir>/cache/components`, taking the
+    /// data directory's lock for as long as the cache lives.
     pub fn open(data_dir: &Path) -> Result<Self, CacheError> {
         let dir = data_dir.join("cache").join("components");
         for d in [data_dir.to_path_buf(), data_dir.join("cache"), dir.clone()] {
@@ -76,7 +113,24 @@ impl CodeCache {
         for d in [data_dir.join("cache"), dir.clone(), data_dir.to_path_buf()] {
             check_private(&d)?;
         }
-        Ok(Self { dir })
+        let cache = Self { dir, _lock: DataDirLock::acquire(data_dir)? };
+        cache.remove_interrupted_writes();
+        Ok(cache)
+    }
+
+    /// Temporary files of writes that a crash interrupted. They were never
+    /// renamed into place, so nothing refers to them, and the caller holds
+    /// the [`DataDirLock`], so no other process is writing one now.
+    fn remove_interrupted_writes(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                tracing::info!(file = %name, "removing an interrupted compiled-code cache write");
+                let _ = fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// The checks of [`CodeCache::open`] on whatever of the cache's
@@ -287,6 +341,29 @@ mod tests {
         fs::write(&path, bytes).unwrap();
         assert!(cache.get("k").is_none(), "a flipped bit must be caught");
         assert!(!path.exists(), "the damaged entry is removed");
+    }
+
+    #[test]
+    fn a_data_directory_has_one_owner_at_a_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = DataDirLock::acquire(tmp.path()).unwrap();
+        let err = DataDirLock::acquire(tmp.path()).err().expect("a second owner is refused").to_string();
+        assert!(err.contains("in use by another Cordon process"), "{err}");
+        drop(first);
+        DataDirLock::acquire(tmp.path()).expect("free again once the owner is gone");
+    }
+
+    #[test]
+    fn interrupted_writes_are_removed_on_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = CodeCache::open(tmp.path()).unwrap();
+        cache.put("kept", b"code").unwrap();
+        let leftover = cache.dir().join(".abc.123.0.tmp");
+        fs::write(&leftover, b"half an entry").unwrap();
+        drop(cache);
+        let cache = CodeCache::open(tmp.path()).unwrap();
+        assert!(!leftover.exists());
+        assert_eq!(cache.get("kept").unwrap(), b"code");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use wasmtime::Engine;
 use wasmtime::component::Linker;
 
 pub use body::{ResponseBody, ResponseBodyError};
-pub use cache::{CacheError, CodeCache, CodeSource, LoadError};
+pub use cache::{CacheError, CodeCache, CodeSource, DataDirLock, LoadError};
 pub use policy::{PolicyError, Posture};
 pub use stdio::CapturedText;
 pub use worker::{Invocation, InvokeError, Outcome, Report, StatsSnapshot, Worker};
@@ -56,6 +56,9 @@ pub struct Runtime {
     posture: Posture,
     workers: Vec<Arc<Worker>>,
     _ticker: EpochTicker,
+    /// Held while the runtime lives; it holds the data directory's lock, so
+    /// one process owns a data directory at a time.
+    _cache: CodeCache,
 }
 
 impl Runtime {
@@ -79,7 +82,7 @@ impl Runtime {
             return Err(StartError::Workers(errors));
         }
         let ticker = EpochTicker::start(&engine);
-        Ok(Runtime { engine, posture, workers, _ticker: ticker })
+        Ok(Runtime { engine, posture, workers, _ticker: ticker, _cache: cache })
     }
 
     /// Validates the policy and every component without writing anything:

@@ -128,3 +128,21 @@ fn serve_refuses_required_memory_protection_keys_without_cpu_support() {
     }
     assert!(all.contains("memory protection keys are required"), "{all}");
 }
+
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused() {
+    let shared = tempfile::tempdir().unwrap();
+    let data_dir = format!("data_dir = \"{}\"", shared.path().join("data").display());
+    let first = spawn(&data_dir);
+    first.wait_for("cordon is serving");
+    let mut second = spawn(&data_dir);
+    let status = second.child.wait().unwrap();
+    assert!(!status.success());
+    let mut all = String::new();
+    while let Ok(line) = second.log.recv_timeout(Duration::from_secs(5)) {
+        all.push_str(&line);
+    }
+    assert!(all.contains("is in use by another Cordon process"), "{all}");
+    // The first one is unaffected.
+    assert!(get(first.port, "/").starts_with("HTTP/1.1 200 OK"));
+}
