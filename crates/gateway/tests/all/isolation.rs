@@ -87,3 +87,19 @@ async fn a_finished_request_cannot_read_the_next_ones_body() {
     assert!(!text.contains("TOP-SECRET"), "a worker read another request's body: {text}");
     assert!(text.contains("saw 0 bytes"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_grants_no_environment_files_sockets_or_name_lookup() {
+    let s = start(&standard_workers()).await;
+    let r = s.get("hostile.localhost", "/escape").await;
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    let field =
+        |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or_else(|| panic!("{k} in {text}")).to_string();
+    assert_eq!(field("env"), "0", "{text}");
+    assert_eq!(field("args"), "0", "{text}");
+    assert_eq!(field("preopens"), "0", "{text}");
+    for k in ["tcp", "udp", "dns"] {
+        assert!(field(k).starts_with("denied"), "{k} must be denied: {text}");
+    }
+}

@@ -40,6 +40,7 @@ impl Guest for Hostile {
             "/echo" => echo(&request, &target, out),
             "/consume" => consume(&request, out),
             "/late-read" => late_read(&request, out),
+            "/escape" => escape(out),
             "/stream" => stream(query, out),
             "/counter" => counter(out),
             "/loop" => spin_forever(),
@@ -124,6 +125,54 @@ fn consume(request: &IncomingRequest, out: ResponseOutparam) {
     drop(input);
     drop(IncomingBody::finish(incoming));
     respond(out, 200, &[], total.to_string().as_bytes());
+}
+
+/// Tries every way out of the sandbox that WASI offers and reports what
+/// happened, one `name=result` per line: environment, arguments, preopened
+/// directories, a TCP socket, a UDP socket and a name lookup.
+fn escape(out: ResponseOutparam) {
+    use wasi::sockets::network::{IpAddress, IpAddressFamily, IpSocketAddress, Ipv4SocketAddress};
+    let mut report = String::new();
+    report.push_str(&format!("env={}\n", wasi::cli::environment::get_environment().len()));
+    report.push_str(&format!("args={}\n", wasi::cli::environment::get_arguments().len()));
+    report.push_str(&format!("preopens={}\n", wasi::filesystem::preopens::get_directories().len()));
+    let network = wasi::sockets::instance_network::instance_network();
+    let tcp = match wasi::sockets::tcp_create_socket::create_tcp_socket(IpAddressFamily::Ipv4) {
+        Err(code) => format!("denied {code:?}"),
+        Ok(socket) => {
+            let target = IpSocketAddress::Ipv4(Ipv4SocketAddress { port: 80, address: (127, 0, 0, 1) });
+            match socket.start_connect(&network, target) {
+                Err(code) => format!("denied {code:?}"),
+                Ok(()) => {
+                    socket.subscribe().block();
+                    match socket.finish_connect() {
+                        Err(code) => format!("denied {code:?}"),
+                        Ok(_) => "CONNECTED".to_string(),
+                    }
+                }
+            }
+        }
+    };
+    report.push_str(&format!("tcp={tcp}\n"));
+    let udp = match wasi::sockets::udp_create_socket::create_udp_socket(IpAddressFamily::Ipv4) {
+        Err(code) => format!("denied {code:?}"),
+        Ok(_) => "CREATED".to_string(),
+    };
+    report.push_str(&format!("udp={udp}\n"));
+    let dns = match wasi::sockets::ip_name_lookup::resolve_addresses(&network, "localhost") {
+        Err(code) => format!("denied {code:?}"),
+        Ok(stream) => {
+            stream.subscribe().block();
+            match stream.resolve_next_address() {
+                Err(code) => format!("denied {code:?}"),
+                Ok(Some(IpAddress::Ipv4(a))) => format!("RESOLVED {a:?}"),
+                Ok(Some(IpAddress::Ipv6(a))) => format!("RESOLVED {a:?}"),
+                Ok(None) => "denied empty".to_string(),
+            }
+        }
+    };
+    report.push_str(&format!("dns={dns}\n"));
+    respond(out, 200, &[], report.as_bytes());
 }
 
 /// Answers at once, then keeps running: after `ms` (default 300) it reads
