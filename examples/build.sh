@@ -10,9 +10,10 @@ target_dir="$repo_dir/target/guests"
 
 rustup target list --installed | grep -q wasm32-wasip2 || rustup target add wasm32-wasip2
 
-cargo build --release --target wasm32-wasip2 \
-    --manifest-path "$examples_dir/hello/Cargo.toml" \
-    --target-dir "$target_dir"
-
-cp "$target_dir/wasm32-wasip2/release/hello.wasm" "$examples_dir/hello/hello.wasm"
-echo "built $examples_dir/hello/hello.wasm"
+for example in hello fetch; do
+    cargo build --release --target wasm32-wasip2 \
+        --manifest-path "$examples_dir/$example/Cargo.toml" \
+        --target-dir "$target_dir"
+    cp "$target_dir/wasm32-wasip2/release/$example.wasm" "$examples_dir/$example/$example.wasm"
+    echo "built $examples_dir/$example/$example.wasm"
+done

@@ -7,7 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 ensure_toolchain
 
-# The guest components the tests run (examples/hello, tests/guests/hostile).
+# The guest components the tests run (examples/*, tests/guests/hostile).
 examples/build.sh
 cargo build --quiet --release --target wasm32-wasip2 \
     --manifest-path tests/guests/hostile/Cargo.toml --target-dir target/guests

@@ -98,6 +98,9 @@ fn serve(
             "the admin listener is not on loopback; it is unauthenticated and discloses the configuration, so firewall it"
         );
     }
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let runtime = Arc::new(Runtime::start(&config).context("cannot start the sandbox")?);
     log_posture(runtime.posture());
     if runtime.workers().is_empty() {
@@ -179,6 +182,10 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         println!("\n{failed} of {} worker(s) failed the check", config.workers.len());
         return Ok(ExitCode::FAILURE);
     }
-    println!("\n{}: ok ({} worker(s))", path.display(), config.workers.len());
+    let warnings = config.warnings();
+    for warning in &warnings {
+        println!("warning: {warning}");
+    }
+    println!("\n{}: ok ({} worker(s), {} warning(s))", path.display(), config.workers.len(), warnings.len());
     Ok(ExitCode::SUCCESS)
 }

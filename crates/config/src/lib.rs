@@ -93,6 +93,9 @@ pub struct WorkerConfig {
     /// Absolute path of the component file.
     pub component: PathBuf,
     pub routes: Vec<Route>,
+    /// `allowed_outbound`: the origins its subrequests may reach; empty
+    /// means none.
+    pub allowed_outbound: cordon_egress::Allowlist,
     pub limits: Limits,
 }
 
@@ -130,6 +133,16 @@ pub struct Limits {
     pub max_response_body_bytes: u64,
     /// Bytes of stdout and stderr kept per request for the logs.
     pub max_log_bytes: u64,
+    /// Outbound requests one request may start, denied attempts included.
+    pub max_subrequests: u32,
+    /// Time for one outbound request, from lookup to the end of its
+    /// response body.
+    pub subrequest_timeout_ms: u64,
+    /// Largest response body of one outbound request.
+    pub max_subrequest_response_bytes: u64,
+    /// Body bytes sent and received over all outbound requests of one
+    /// request.
+    pub max_egress_bytes: u64,
 }
 
 impl Default for Limits {
@@ -141,6 +154,22 @@ impl Default for Limits {
             max_request_body_bytes: 1024 * 1024,
             max_response_body_bytes: 16 * 1024 * 1024,
             max_log_bytes: 64 * 1024,
+            max_subrequests: 50,
+            subrequest_timeout_ms: 10_000,
+            max_subrequest_response_bytes: 16 * 1024 * 1024,
+            max_egress_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// The outbound part of these limits.
+    pub fn egress(&self) -> cordon_egress::EgressLimits {
+        cordon_egress::EgressLimits {
+            max_subrequests: self.max_subrequests,
+            subrequest_timeout: std::time::Duration::from_millis(self.subrequest_timeout_ms),
+            max_response_bytes: self.max_subrequest_response_bytes,
+            max_total_bytes: self.max_egress_bytes,
         }
     }
 }
@@ -164,6 +193,21 @@ impl Config {
     /// are resolved against `path`'s directory.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         validate::parse(path, text)
+    }
+
+    /// Settings that are valid but weaken confinement: `cordon check` prints
+    /// them and `cordon serve` logs them at startup.
+    pub fn warnings(&self) -> Vec<String> {
+        self.workers
+            .iter()
+            .filter(|w| w.allowed_outbound.allows_any())
+            .map(|w| {
+                format!(
+                    "worker `{}` (tenant `{}`) has `*` in allowed_outbound (allow_any_outbound_dangerously = true): it may send requests to any public host; list the origins it needs instead",
+                    w.name, w.tenant
+                )
+            })
+            .collect()
     }
 
     /// The largest `memory_mb` of any worker, which sizes the allocator's

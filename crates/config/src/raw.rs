@@ -52,6 +52,9 @@ pub(crate) struct RawWorker {
     pub component: Spanned<String>,
     pub routes: Spanned<Vec<Spanned<String>>>,
     #[serde(default)]
+    pub allowed_outbound: Vec<Spanned<String>>,
+    pub allow_any_outbound_dangerously: Option<Spanned<bool>>,
+    #[serde(default)]
     pub limits: RawLimits,
 }
 
@@ -64,4 +67,8 @@ pub(crate) struct RawLimits {
     pub max_request_body_bytes: Option<Spanned<i64>>,
     pub max_response_body_bytes: Option<Spanned<i64>>,
     pub max_log_bytes: Option<Spanned<i64>>,
+    pub max_subrequests: Option<Spanned<i64>>,
+    pub subrequest_timeout_ms: Option<Spanned<i64>>,
+    pub max_subrequest_response_bytes: Option<Spanned<i64>>,
+    pub max_egress_bytes: Option<Spanned<i64>>,
 }

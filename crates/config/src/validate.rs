@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use cordon_egress::{Allowlist, AllowlistError};
 use toml::Spanned;
 
 use crate::raw::{RawConfig, RawLimits, RawWorker};
@@ -255,8 +256,43 @@ impl Validator<'_> {
             }
         }
 
+        let allowed_outbound = self.allowed_outbound(i, w);
         let limits = self.limits(i, &w.limits);
-        WorkerConfig { name: w.name.get_ref().clone(), tenant: w.tenant.get_ref().clone(), component, routes, limits }
+        WorkerConfig { name: w.name.get_ref().clone(), tenant: w.tenant.get_ref().clone(), component, routes, allowed_outbound, limits }
+    }
+
+    /// `allowed_outbound`, entry by entry, so that each error points at its
+    /// entry; a bare `*` needs `allow_any_outbound_dangerously = true`.
+    fn allowed_outbound(&mut self, i: usize, w: &RawWorker) -> Allowlist {
+        let dangerous = w.allow_any_outbound_dangerously.as_ref().is_some_and(|v| *v.get_ref());
+        let mut entries = Vec::new();
+        for (j, entry) in w.allowed_outbound.iter().enumerate() {
+            let key = format!("worker[{i}].allowed_outbound[{j}]");
+            match Allowlist::new(&[entry.get_ref()], dangerous) {
+                Ok(_) => entries.push(entry.get_ref().as_str()),
+                Err(e @ AllowlistError::WildcardWithoutOptIn) => {
+                    self.error(Some(entry.span()), key, "`*` would let this worker reach any public host", e.to_string())
+                }
+                Err(AllowlistError::Invalid { why, .. }) => self.error(
+                    Some(entry.span()),
+                    key,
+                    format!("`{}`: {why}", entry.get_ref()),
+                    "write entries as scheme://host[:port], for example \"https://api.example.com\" or \"http://127.0.0.1:9000\"",
+                ),
+            }
+        }
+        if let Some(flag) = &w.allow_any_outbound_dangerously
+            && *flag.get_ref()
+            && !entries.contains(&"*")
+        {
+            self.error(
+                Some(flag.span()),
+                format!("worker[{i}].allow_any_outbound_dangerously"),
+                "is set, but allowed_outbound has no `*` entry",
+                "remove it: it only exists to confirm a `*` entry",
+            );
+        }
+        Allowlist::new(&entries, dangerous).unwrap_or_default()
     }
 
     fn limits(&mut self, i: usize, l: &RawLimits) -> Limits {
@@ -289,6 +325,38 @@ impl Validator<'_> {
                 0,
                 16 << 20,
                 "the stdout and stderr bytes kept per request",
+            ),
+            max_subrequests: self.int(
+                &l.max_subrequests,
+                &key("max_subrequests"),
+                d.max_subrequests.into(),
+                0,
+                10_000,
+                "the outbound requests one request may start",
+            ) as u32,
+            subrequest_timeout_ms: self.int(
+                &l.subrequest_timeout_ms,
+                &key("subrequest_timeout_ms"),
+                d.subrequest_timeout_ms,
+                1,
+                3_600_000,
+                "the time one outbound request may take, in ms",
+            ),
+            max_subrequest_response_bytes: self.int(
+                &l.max_subrequest_response_bytes,
+                &key("max_subrequest_response_bytes"),
+                d.max_subrequest_response_bytes,
+                0,
+                1 << 32,
+                "the largest response body of one outbound request, in bytes",
+            ),
+            max_egress_bytes: self.int(
+                &l.max_egress_bytes,
+                &key("max_egress_bytes"),
+                d.max_egress_bytes,
+                0,
+                1 << 36,
+                "the body bytes all outbound requests of one request may send and receive",
             ),
         };
         if limits.cpu_ms > limits.wall_ms {
@@ -519,5 +587,43 @@ mod tests {
         assert_eq!(c.server.data_dir, Path::new("/srv/.cordon"));
         assert_eq!(c.security.memory_protection_keys, MemoryProtectionKeys::Auto);
         assert!(c.workers.is_empty());
+    }
+
+    fn worker_with(extra: &str) -> String {
+        format!("[[worker]]\nname = \"a\"\ntenant = \"t\"\ncomponent = \"x.wasm\"\nroutes = [\"h/\"]\n{extra}")
+    }
+
+    #[test]
+    fn outbound_entries_are_checked_one_by_one() {
+        let e = errors(&worker_with("allowed_outbound = [\"https://api.example.com\", \"http://2130706433:80\", \"ftp://x.example\"]\n"));
+        let bad: Vec<_> = e.iter().filter(|e| e.key.as_deref().is_some_and(|k| k.contains("allowed_outbound"))).collect();
+        assert_eq!(bad.len(), 2, "{e:?}");
+        assert_eq!(bad[0].key.as_deref(), Some("worker[0].allowed_outbound[1]"));
+        assert!(bad[0].message.contains("integer"), "{}", bad[0].message);
+        assert_eq!(bad[0].location.unwrap().line, 6);
+        assert!(bad[0].help.contains("scheme://host[:port]"));
+        assert_eq!(bad[1].key.as_deref(), Some("worker[0].allowed_outbound[2]"));
+    }
+
+    #[test]
+    fn a_bare_star_needs_the_loudly_named_opt_in() {
+        let e = errors(&worker_with("allowed_outbound = [\"*\"]\n"));
+        let star = e.iter().find(|e| e.key.as_deref() == Some("worker[0].allowed_outbound[0]")).expect("`*` is refused");
+        assert!(star.help.contains("allow_any_outbound_dangerously = true"), "{}", star.help);
+
+        let e = errors(&worker_with("allow_any_outbound_dangerously = true\nallowed_outbound = [\"https://a.example\"]\n"));
+        assert!(
+            e.iter().any(|e| e.key.as_deref() == Some("worker[0].allow_any_outbound_dangerously")),
+            "the flag alone is an error: {e:?}"
+        );
+    }
+
+    #[test]
+    fn outbound_limits_have_defaults_and_ranges() {
+        let d = Limits::default();
+        assert_eq!((d.max_subrequests, d.subrequest_timeout_ms), (50, 10_000));
+        let e = errors(&worker_with("[worker.limits]\nmax_subrequests = -1\nsubrequest_timeout_ms = 0\n"));
+        assert!(e.iter().any(|e| e.key.as_deref() == Some("worker[0].limits.max_subrequests")));
+        assert!(e.iter().any(|e| e.key.as_deref() == Some("worker[0].limits.subrequest_timeout_ms")));
     }
 }

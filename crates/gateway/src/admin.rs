@@ -46,6 +46,7 @@ impl Admin {
             "version": env!("CARGO_PKG_VERSION"),
             "sandbox": self.runtime.posture(),
             "gateway": self.gateway,
+            "security": { "egress_denied": self.runtime.egress_denied_total() },
             "workers": workers,
         })
     }

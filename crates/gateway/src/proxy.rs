@@ -101,6 +101,7 @@ impl Service for Proxy {
             Err(_) => return Self::refuse(exchange, StatusCode::BAD_REQUEST, "bad_request", "invalid request target", true),
         };
         *request.headers_mut() = forwarded_headers(head.headers, &request_id);
+        request.extensions_mut().insert(cordon_runtime::RequestId(request_id.clone()));
 
         let mut invocation = worker.invoke(request).await;
         let response = std::mem::replace(&mut invocation.response, Err(cordon_runtime::InvokeError::NoResponse));
@@ -161,6 +162,8 @@ impl Service for Proxy {
             cpu_us = report.as_ref().map_or(0, |r| r.cpu_time.as_micros() as u64),
             duration_us = duration.as_micros() as u64,
             bytes_out = written.body_bytes,
+            subrequests = report.as_ref().map_or(0, |r| r.egress.subrequests),
+            egress_bytes = report.as_ref().map_or(0, |r| r.egress.bytes_sent + r.egress.bytes_received),
             "request"
         );
         if let Some(e) = &written.error {

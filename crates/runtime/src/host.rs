@@ -1,5 +1,6 @@
 //! The state of one instance (`Store<Host>`): WASI with nothing granted but
-//! stdio capture and coarse clocks, wasi:http with outbound denied, and the
+//! stdio capture and coarse clocks, wasi:http with outbound requests under
+//! the worker's egress policy, and the
 //! limiter and CPU meter that bound it. Built fresh for every request and
 //! dropped with it.
 
@@ -13,7 +14,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::clock::{CoarseMonotonicClock, CoarseWallClock};
 use crate::meter::CpuMeter;
-use crate::outbound::DenyAllOutbound;
+use crate::outbound::Outbound;
 use crate::stdio::CapturedOutput;
 
 /// Most elements a table may grow to.
@@ -25,7 +26,7 @@ pub(crate) struct Host {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
-    outbound: DenyAllOutbound,
+    outbound: Outbound,
     pub(crate) limiter: MemoryLimiter,
     pub(crate) meter: Arc<CpuMeter>,
     pub(crate) cpu_limit: std::time::Duration,
@@ -38,6 +39,7 @@ pub(crate) struct HostParts {
     pub stderr: CapturedOutput,
     pub meter: Arc<CpuMeter>,
     pub memory_denied: Arc<AtomicBool>,
+    pub egress: cordon_egress::RequestEgress,
 }
 
 impl Host {
@@ -58,7 +60,7 @@ impl Host {
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            outbound: DenyAllOutbound,
+            outbound: Outbound(parts.egress),
             limiter: MemoryLimiter {
                 max_bytes: usize::try_from(parts.memory_limit_bytes).unwrap_or(usize::MAX),
                 used_bytes: 0,

@@ -25,9 +25,10 @@ use wasmtime::component::Linker;
 
 pub use body::{ResponseBody, ResponseBodyError};
 pub use cache::{CacheError, CodeCache, CodeSource, DataDirLock, LoadError};
+pub use cordon_egress::Network;
 pub use policy::{PolicyError, Posture};
 pub use stdio::CapturedText;
-pub use worker::{Invocation, InvokeError, Outcome, Report, StatsSnapshot, Worker};
+pub use worker::{Invocation, InvokeError, Outcome, Report, RequestId, StatsSnapshot, Worker};
 
 use host::Host;
 
@@ -46,6 +47,8 @@ pub enum StartError {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error(transparent)]
+    Network(#[from] cordon_egress::NetworkError),
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Workers(Vec<WorkerLoadError>),
 }
@@ -55,6 +58,7 @@ pub struct Runtime {
     engine: Engine,
     posture: Posture,
     workers: Vec<Arc<Worker>>,
+    network: Arc<Network>,
     _ticker: EpochTicker,
     /// Held while the runtime lives; it holds the data directory's lock, so
     /// one process owns a data directory at a time.
@@ -66,10 +70,16 @@ impl Runtime {
     /// from the cache under `data_dir`) every worker's component, in parallel.
     /// Any worker that fails to load fails the start.
     pub fn start(config: &Config) -> Result<Runtime, StartError> {
+        Self::start_with_network(config, Arc::new(Network::system()?))
+    }
+
+    /// [`Runtime::start`], with outbound requests going through `network`
+    /// (tests give it a resolver, a dialer or a CA of their own).
+    pub fn start_with_network(config: &Config, network: Arc<Network>) -> Result<Runtime, StartError> {
         let (engine, posture) = build_engine(config)?;
         let cache = CodeCache::open(&config.server.data_dir)?;
         let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
-        let results = load_workers(&engine, &linker, &config.workers, Some(&cache));
+        let results = load_workers(&engine, &linker, &config.workers, Some(&cache), &network);
         let mut workers = Vec::new();
         let mut errors = Vec::new();
         for r in results {
@@ -82,7 +92,7 @@ impl Runtime {
             return Err(StartError::Workers(errors));
         }
         let ticker = EpochTicker::start(&engine);
-        Ok(Runtime { engine, posture, workers, _ticker: ticker, _cache: cache })
+        Ok(Runtime { engine, posture, workers, network, _ticker: ticker, _cache: cache })
     }
 
     /// Validates the policy and every component without writing anything:
@@ -92,7 +102,8 @@ impl Runtime {
         CodeCache::check_existing(&config.server.data_dir)?;
         let (engine, posture) = build_engine(config)?;
         let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
-        let results = load_workers(&engine, &linker, &config.workers, None).into_iter().map(|r| r.map(drop)).collect();
+        let network = Arc::new(Network::system()?);
+        let results = load_workers(&engine, &linker, &config.workers, None, &network).into_iter().map(|r| r.map(drop)).collect();
         Ok((posture, results))
     }
 
@@ -106,6 +117,11 @@ impl Runtime {
 
     pub fn workers(&self) -> &[Arc<Worker>] {
         &self.workers
+    }
+
+    /// Outbound requests refused by policy since start, over all workers.
+    pub fn egress_denied_total(&self) -> u64 {
+        self.network.denied_total()
     }
 }
 
@@ -124,6 +140,7 @@ fn load_workers(
     linker: &Linker<Host>,
     workers: &[WorkerConfig],
     cache: Option<&CodeCache>,
+    network: &Arc<Network>,
 ) -> Vec<Result<Worker, WorkerLoadError>> {
     let err = |w: &WorkerConfig, error| WorkerLoadError { worker: w.name.clone(), component: w.component.clone(), error };
     let files: Vec<Result<(Vec<u8>, String), LoadError>> = workers
@@ -173,7 +190,7 @@ fn load_workers(
                 Ok(c) => c.clone(),
                 Err(e) => return Err(err(w, e.clone())),
             };
-            let worker = Worker::new(w, linker, &component, source, sha.clone()).map_err(|e| err(w, e))?;
+            let worker = Worker::new(w, linker, &component, source, sha.clone(), network.clone()).map_err(|e| err(w, e))?;
             tracing::info!(worker = %w.name, tenant = %w.tenant, code = ?source, "worker ready");
             Ok(worker)
         })

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cordon_config::{Limits, Route, WorkerConfig};
+use cordon_egress::{EgressStats, EgressUsage, Network, RequestEgress, WorkerEgress};
 use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -32,7 +33,14 @@ pub struct Worker {
     pub component_sha256: String,
     pre: ProxyPre<Host>,
     stats: Arc<WorkerStats>,
+    egress: Arc<WorkerEgress>,
+    network: Arc<Network>,
 }
+
+/// The gateway's id for a request, carried in the request's extensions so
+/// that the worker's security events and logs name it.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
 
 /// Why a request produced no response from the worker. Each maps to one
 /// HTTP status at the gateway.
@@ -75,6 +83,8 @@ pub struct Report {
     pub instantiate_time: Duration,
     pub stdout: CapturedText,
     pub stderr: CapturedText,
+    /// Subrequests and their body bytes.
+    pub egress: EgressUsage,
 }
 
 /// A request in progress.
@@ -121,15 +131,17 @@ struct Usage {
     instantiate_ns: Arc<AtomicU64>,
     stdout: CapturedOutput,
     stderr: CapturedOutput,
+    egress: RequestEgress,
 }
 
 impl Usage {
-    fn new(limits: &Limits) -> Self {
+    fn new(limits: &Limits, egress: RequestEgress) -> Self {
         Self {
             meter: Arc::default(),
             instantiate_ns: Arc::default(),
             stdout: CapturedOutput::new(limits.max_log_bytes),
             stderr: CapturedOutput::new(limits.max_log_bytes),
+            egress,
         }
     }
 
@@ -141,6 +153,7 @@ impl Usage {
             instantiate_time: Duration::from_nanos(self.instantiate_ns.load(Ordering::Relaxed)),
             stdout: self.stdout.take(),
             stderr: self.stderr.take(),
+            egress: self.egress.usage(),
         }
     }
 }
@@ -209,6 +222,7 @@ impl Worker {
         component: &wasmtime::component::Component,
         code_source: CodeSource,
         component_sha256: String,
+        network: Arc<Network>,
     ) -> Result<Self, crate::LoadError> {
         let pre = linker.instantiate_pre(component).map_err(|e| {
             let msg = e.to_string();
@@ -227,6 +241,8 @@ impl Worker {
             component_sha256,
             pre,
             stats: Arc::default(),
+            egress: Arc::new(WorkerEgress::new(&config.tenant, &config.name, config.allowed_outbound.clone(), config.limits.egress())),
+            network,
         })
     }
 
@@ -244,7 +260,9 @@ impl Worker {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(limits.wall_ms);
         let request_body_exceeded = Arc::new(AtomicBool::new(false));
         let memory_denied = Arc::new(AtomicBool::new(false));
-        let usage = Usage::new(limits);
+        let request_id = request.extensions().get::<RequestId>().map_or("-", |id| id.0.as_str());
+        let egress = RequestEgress::new(self.network.clone(), self.egress.clone(), request_id);
+        let usage = Usage::new(limits, egress.clone());
 
         let mut store = Store::new(
             self.pre.engine(),
@@ -255,6 +273,7 @@ impl Worker {
                 stderr: usage.stderr.clone(),
                 meter: usage.meter.clone(),
                 memory_denied: memory_denied.clone(),
+                egress,
             }),
         );
         store.limiter(|host| &mut host.limiter);
@@ -355,7 +374,7 @@ impl Worker {
     }
 
     pub fn stats(&self) -> StatsSnapshot {
-        self.stats.snapshot()
+        StatsSnapshot { egress: self.egress.stats(), ..self.stats.snapshot() }
     }
 }
 
@@ -447,6 +466,8 @@ pub struct StatsSnapshot {
     pub memory_limit_exceeded: u64,
     pub traps: u64,
     pub other_errors: u64,
+    /// Outbound requests: sent, bytes, denied by policy, stopped by limits.
+    pub egress: EgressStats,
 }
 
 impl WorkerStats {
@@ -462,6 +483,7 @@ impl WorkerStats {
             memory_limit_exceeded: get(&self.memory_limit_exceeded),
             traps: get(&self.traps),
             other_errors: get(&self.other_errors),
+            egress: EgressStats::default(),
         }
     }
 }

@@ -30,11 +30,29 @@ fn a_good_config_passes_and_prints_the_posture() {
 fn the_example_config_passes() {
     // A copy of examples/, so the test writes nothing into the source tree.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("hello")).unwrap();
-    std::fs::copy(hello_wasm(), dir.path().join("hello/hello.wasm")).unwrap();
+    for example in ["hello", "fetch"] {
+        std::fs::create_dir(dir.path().join(example)).unwrap();
+        std::fs::copy(example_wasm(example), dir.path().join(format!("{example}/{example}.wasm"))).unwrap();
+    }
     std::fs::copy(repo_root().join("examples/cordon.toml"), dir.path().join("cordon.toml")).unwrap();
     let (ok, out) = check(&dir.path().join("cordon.toml"));
     assert!(ok, "{out}");
+    assert!(out.contains("ok: worker `fetch`") && out.contains("0 warning(s)"), "{out}");
+}
+
+#[test]
+fn a_star_in_allowed_outbound_is_refused_or_warned_about() {
+    let star = format!("{}allowed_outbound = [\"*\"]\n", worker_toml("hello", &hello_wasm()));
+    let (_dir, path) = config(&star);
+    let (ok, out) = check(&path);
+    assert!(!ok, "`*` without the escape hatch is an error: {out}");
+    assert!(out.contains("allowed_outbound[0]") && out.contains("allow_any_outbound_dangerously = true"), "{out}");
+
+    let hatch = format!("{}allowed_outbound = [\"*\"]\nallow_any_outbound_dangerously = true\n", worker_toml("hello", &hello_wasm()));
+    let (_dir, path) = config(&hatch);
+    let (ok, out) = check(&path);
+    assert!(ok, "{out}");
+    assert!(out.contains("warning: worker `hello`") && out.contains("any public host") && out.contains("1 warning(s)"), "{out}");
 }
 
 #[test]

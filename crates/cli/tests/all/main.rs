@@ -16,24 +16,31 @@ pub fn repo_root() -> PathBuf {
 
 /// The hello component, built once per test process.
 pub fn hello_wasm() -> PathBuf {
+    example_wasm("hello")
+}
+
+/// The component of `examples/NAME`; all examples are built once per test
+/// process.
+pub fn example_wasm(name: &str) -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let root = repo_root();
+    let dir = BUILT.get_or_init(|| {
+        let root = repo_root();
+        for example in ["hello", "fetch"] {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = Command::new(cargo)
                 .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
-                .arg(root.join("examples/hello/Cargo.toml"))
+                .arg(root.join(format!("examples/{example}/Cargo.toml")))
                 .arg("--target-dir")
                 .arg(root.join("target/guests"))
                 .env_remove("RUSTFLAGS")
                 .env_remove("CARGO_ENCODED_RUSTFLAGS")
                 .status()
                 .unwrap();
-            assert!(status.success(), "building examples/hello failed");
-            root.join("target/guests/wasm32-wasip2/release/hello.wasm")
-        })
-        .clone()
+            assert!(status.success(), "building examples/{example} failed");
+        }
+        root.join("target/guests/wasm32-wasip2/release")
+    });
+    dir.join(format!("{name}.wasm"))
 }
 
 /// Writes `toml` as `cordon.toml` in a new temp dir.

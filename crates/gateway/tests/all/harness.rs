@@ -111,6 +111,8 @@ pub struct Options<'a> {
     pub data_dir: Option<&'a Path>,
     /// Slots in the instance pool (default 64).
     pub max_instances: Option<u32>,
+    /// Resolver, dialer and TLS roots for outbound requests (default: the system's).
+    pub network: Option<Arc<cordon_runtime::Network>>,
 }
 
 /// The standard pair: `hello` (well-behaved) and `hostile` (the fixture),
@@ -160,7 +162,8 @@ pub async fn start_with(workers: &str, options: Options<'_>) -> TestServer {
     let path = tmp.path().join("cordon.toml");
     std::fs::write(&path, &text).unwrap();
     let config = Config::load(&path).unwrap_or_else(|e| panic!("test config is invalid: {e}\n{text}"));
-    let runtime = tokio::task::spawn_blocking(move || Runtime::start(&config).map(|r| (r, config))).await.unwrap();
+    let network = options.network.unwrap_or_else(|| Arc::new(cordon_runtime::Network::system().unwrap()));
+    let runtime = tokio::task::spawn_blocking(move || Runtime::start_with_network(&config, network).map(|r| (r, config))).await.unwrap();
     let (runtime, config) = runtime.unwrap_or_else(|e| panic!("runtime failed to start: {e}"));
     let mut gateway = Gateway::bind(&config, Arc::new(runtime)).await.unwrap();
     if let Some(f) = options.filter {

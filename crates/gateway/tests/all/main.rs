@@ -5,6 +5,7 @@ mod harness;
 
 mod admin;
 mod cache;
+mod egress;
 mod hostile_requests;
 mod hostile_workers;
 mod isolation;

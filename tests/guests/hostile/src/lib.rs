@@ -13,7 +13,8 @@ use wasi::clocks::{monotonic_clock, wall_clock};
 use wasi::exports::http::incoming_handler::Guest;
 use wasi::http::outgoing_handler;
 use wasi::http::types::{
-    ErrorCode, Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingRequest, OutgoingResponse, ResponseOutparam, Scheme,
+    ErrorCode, Fields, FutureIncomingResponse, IncomingBody, IncomingRequest, IncomingResponse, Method, OutgoingBody, OutgoingRequest,
+    OutgoingResponse, ResponseOutparam, Scheme,
 };
 use wasi::io::streams::{OutputStream, StreamError};
 
@@ -60,6 +61,8 @@ impl Guest for Hostile {
             "/status" => status(query, out),
             "/headers" => custom_header(out),
             "/outbound" => outbound(out),
+            "/fetch" => fetch(&request, query, out),
+            "/fetch-n" => fetch_n(query, out),
             _ => respond(out, 200, &[], b"ok from hostile"),
         }
     }
@@ -364,13 +367,137 @@ fn send_outbound() -> Result<(), ErrorCode> {
     let _ = request.set_authority(Some("127.0.0.1:9"));
     let _ = request.set_path_with_query(Some("/"));
 
-    let future = outgoing_handler::handle(request, None)?;
+    outgoing_handler::handle(request, None).and_then(wait).map(drop)
+}
+
+/// Sends a request to `url` (the rest of the query after `url=`) with the
+/// incoming method, streaming the incoming body out as it arrives, and
+/// streams the origin's body back. See the README for the response format.
+fn fetch(request: &IncomingRequest, query: &str, out: ResponseOutparam) {
+    let Some(url) = query.split_once("url=").map(|(_, url)| url) else {
+        return respond(out, 400, &[], b"missing url=");
+    };
+    let method = request.method();
+    let outgoing = match outgoing_request(&method, url) {
+        Ok(r) => r,
+        Err(why) => return respond(out, 400, &[], why.as_bytes()),
+    };
+    let has_body = matches!(method, Method::Post | Method::Put | Method::Patch);
+    let out_body = has_body.then(|| outgoing.body().expect("outgoing body is taken once"));
+    let future = match outgoing_handler::handle(outgoing, None) {
+        Ok(f) => f,
+        Err(code) => return respond(out, 502, &[], format!("fetch error: {code:?}").as_bytes()),
+    };
+    if let Some(out_body) = out_body {
+        let sink = out_body.write().expect("outgoing body stream is taken once");
+        let incoming = request.consume().expect("request body is taken once");
+        let source = incoming.stream().expect("request body stream is taken once");
+        while let Ok(chunk) = source.blocking_read(BLOCKING_WRITE_MAX as u64) {
+            if write_blocking(&sink, &chunk).is_err() {
+                break;
+            }
+        }
+        drop(sink);
+        let _ = OutgoingBody::finish(out_body, None);
+    }
+    let response = match wait(future) {
+        Ok(r) => r,
+        Err(code) => return respond(out, 502, &[], format!("fetch error: {code:?}").as_bytes()),
+    };
+    let headers = Fields::new();
+    append(&headers, "x-fetch-status", response.status().to_string().as_bytes());
+    for (name, value) in response.headers().entries() {
+        if name == "location" {
+            append(&headers, "x-fetch-location", &value);
+        }
+    }
+    let (body, sink) = start(out, 200, headers);
+    let origin_body = response.consume().expect("response body is taken once");
+    let source = origin_body.stream().expect("response body stream is taken once");
+    loop {
+        match source.blocking_read(BIG_WRITE as u64) {
+            Ok(chunk) => {
+                if write_blocking(&sink, &chunk).is_err() {
+                    return;
+                }
+            }
+            Err(StreamError::Closed) => break,
+            Err(StreamError::LastOperationFailed(e)) => {
+                let what = match wasi::http::types::http_error_code(&e) {
+                    Some(code) => format!("{code:?}"),
+                    None => e.to_debug_string(),
+                };
+                let _ = write_blocking(&sink, format!("\n[fetch body error: {what}]").as_bytes());
+                break;
+            }
+        }
+    }
+    drop(source);
+    drop(origin_body);
+    finish(body, sink);
+}
+
+/// Sends `GET url` up to `n` times (default 1), one after the other,
+/// reading each body to its end; 200 `fetched K` or `fetched K; then error: <code>`.
+fn fetch_n(query: &str, out: ResponseOutparam) {
+    let n = param_u64(query, "n").unwrap_or(1);
+    let Some(url) = query.split_once("url=").map(|(_, url)| url) else {
+        return respond(out, 400, &[], b"missing url=");
+    };
+    let mut done = 0;
+    let mut failure = None;
+    for _ in 0..n {
+        let result = outgoing_request(&Method::Get, url)
+            .map_err(|why| ErrorCode::InternalError(Some(why)))
+            .and_then(|r| outgoing_handler::handle(r, None))
+            .and_then(wait);
+        match result {
+            Ok(response) => {
+                let body = response.consume().expect("response body is taken once");
+                let stream = body.stream().expect("response body stream is taken once");
+                while stream.blocking_read(BIG_WRITE as u64).is_ok() {}
+                done += 1;
+            }
+            Err(code) => {
+                failure = Some(code);
+                break;
+            }
+        }
+    }
+    let text = match failure {
+        None => format!("fetched {done}"),
+        Some(code) => format!("fetched {done}; then error: {code:?}"),
+    };
+    respond(out, 200, &[], text.as_bytes());
+}
+
+/// An outgoing request for `scheme://authority/path?query`, taken apart
+/// without any normalisation, so that tests control exactly what the host sees.
+fn outgoing_request(method: &Method, url: &str) -> Result<OutgoingRequest, String> {
+    let (scheme, rest) = url.split_once("://").ok_or("url without scheme")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let request = OutgoingRequest::new(Fields::new());
+    request.set_method(method).map_err(|()| "method refused")?;
+    let scheme = match scheme {
+        "http" => Scheme::Http,
+        "https" => Scheme::Https,
+        other => Scheme::Other(other.to_string()),
+    };
+    request.set_scheme(Some(&scheme)).map_err(|()| "scheme refused")?;
+    request.set_authority(Some(authority)).map_err(|()| format!("authority `{authority}` refused"))?;
+    request.set_path_with_query(Some(path)).map_err(|()| "path refused")?;
+    Ok(request)
+}
+
+fn wait(future: FutureIncomingResponse) -> Result<IncomingResponse, ErrorCode> {
     let ready = future.subscribe();
     ready.block();
     drop(ready);
     match future.get() {
-        Some(Ok(Ok(_response))) => Ok(()),
-        Some(Ok(Err(code))) => Err(code),
+        Some(Ok(result)) => result,
         Some(Err(())) => Err(ErrorCode::InternalError(Some("response already taken".to_string()))),
         None => Err(ErrorCode::InternalError(Some("response not ready".to_string()))),
     }
