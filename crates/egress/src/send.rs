@@ -322,16 +322,7 @@ impl Shared {
     fn denied(&self, error: EgressError, target: &str) -> EgressError {
         self.worker.stats.denied.fetch_add(1, Ordering::Relaxed);
         self.network.count_denied();
-        tracing::warn!(
-            target: "cordon::security",
-            event = "egress_denied",
-            tenant = %self.worker.tenant,
-            worker = %self.worker.worker,
-            request_id = %self.request_id,
-            destination = %target,
-            reason = %error,
-            "outbound request denied"
-        );
+        self.security_event("egress_denied", "outbound request denied", &error, target);
         error
     }
 
@@ -340,18 +331,22 @@ impl Shared {
     fn limited(&self, error: EgressError, target: &str) -> EgressError {
         self.worker.stats.limited.fetch_add(1, Ordering::Relaxed);
         if !self.usage.limit_logged.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                target: "cordon::security",
-                event = "egress_limit",
-                tenant = %self.worker.tenant,
-                worker = %self.worker.worker,
-                request_id = %self.request_id,
-                destination = %target,
-                reason = %error,
-                "outbound request stopped by a limit"
-            );
+            self.security_event("egress_limit", "outbound request stopped by a limit", &error, target);
         }
         error
+    }
+
+    fn security_event(&self, event: &'static str, message: &'static str, error: &EgressError, target: &str) {
+        tracing::warn!(
+            target: "cordon::security",
+            event,
+            tenant = %self.worker.tenant,
+            worker = %self.worker.worker,
+            request_id = %self.request_id,
+            destination = %target,
+            reason = %error,
+            "{message}"
+        );
     }
 
     fn note_failure(&self, error: &EgressError) {
