@@ -7,6 +7,7 @@
 //! All relative paths are resolved against the directory of the config file,
 //! so a config means the same thing whatever the working directory.
 
+mod grants;
 mod raw;
 mod validate;
 
@@ -14,6 +15,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub use grants::{BINDING_MAX_LEN, Grants, KvGrant, SqlGrant, is_valid_binding};
 pub use validate::{NAME_MAX_LEN, is_valid_name};
 
 /// A loaded and validated configuration.
@@ -96,6 +98,8 @@ pub struct WorkerConfig {
     /// `allowed_outbound`: the origins its subrequests may reach; empty
     /// means none.
     pub allowed_outbound: cordon_egress::Allowlist,
+    /// Key-value stores, SQL databases, variables and secrets.
+    pub grants: Grants,
     pub limits: Limits,
 }
 
@@ -143,6 +147,18 @@ pub struct Limits {
     /// Body bytes sent and received over all outbound requests of one
     /// request.
     pub max_egress_bytes: u64,
+    /// Key-value operations (each key of a batch counts) per request.
+    pub max_kv_operations: u64,
+    /// Largest value a key-value store accepts.
+    pub max_kv_value_bytes: u64,
+    /// SQL statements (each statement of a batch counts) per request.
+    pub max_sql_statements: u64,
+    /// Time one SQL statement may run.
+    pub sql_statement_timeout_ms: u64,
+    /// Rows one SQL statement may return.
+    pub max_sql_rows: u64,
+    /// Bytes of values one SQL statement may return.
+    pub max_sql_result_bytes: u64,
 }
 
 impl Default for Limits {
@@ -158,6 +174,12 @@ impl Default for Limits {
             subrequest_timeout_ms: 10_000,
             max_subrequest_response_bytes: 16 * 1024 * 1024,
             max_egress_bytes: 64 * 1024 * 1024,
+            max_kv_operations: 1000,
+            max_kv_value_bytes: 1024 * 1024,
+            max_sql_statements: 1000,
+            sql_statement_timeout_ms: 1000,
+            max_sql_rows: 10_000,
+            max_sql_result_bytes: 4 * 1024 * 1024,
         }
     }
 }

@@ -2,8 +2,12 @@
 //! validation may need to point at. Nothing here is checked beyond its type;
 //! `crate::validate` turns these into the public, validated types.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 use toml::Spanned;
+
+pub(crate) use crate::grants::{RawKv, RawSql};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,6 +59,13 @@ pub(crate) struct RawWorker {
     pub allowed_outbound: Vec<Spanned<String>>,
     pub allow_any_outbound_dangerously: Option<Spanned<bool>>,
     #[serde(default)]
+    pub kv: Vec<RawKv>,
+    #[serde(default)]
+    pub sql: Vec<RawSql>,
+    pub vars: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
+    #[serde(default)]
+    pub secrets: Vec<Spanned<String>>,
+    #[serde(default)]
     pub limits: RawLimits,
 }
 
@@ -71,4 +82,10 @@ pub(crate) struct RawLimits {
     pub subrequest_timeout_ms: Option<Spanned<i64>>,
     pub max_subrequest_response_bytes: Option<Spanned<i64>>,
     pub max_egress_bytes: Option<Spanned<i64>>,
+    pub max_kv_operations: Option<Spanned<i64>>,
+    pub max_kv_value_bytes: Option<Spanned<i64>>,
+    pub max_sql_statements: Option<Spanned<i64>>,
+    pub sql_statement_timeout_ms: Option<Spanned<i64>>,
+    pub max_sql_rows: Option<Spanned<i64>>,
+    pub max_sql_result_bytes: Option<Spanned<i64>>,
 }

@@ -67,14 +67,20 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     }
 }
 
-struct Validator<'a> {
+pub(crate) struct Validator<'a> {
     file: &'a Path,
     text: &'a str,
     errors: Vec<ConfigError>,
 }
 
 impl Validator<'_> {
-    fn error(&mut self, span: Option<Range<usize>>, key: impl Into<String>, message: impl Into<String>, help: impl Into<String>) {
+    pub(crate) fn error(
+        &mut self,
+        span: Option<Range<usize>>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+        help: impl Into<String>,
+    ) {
         self.errors.push(ConfigError {
             file: self.file.to_path_buf(),
             location: span.map(|s| location(self.text, s.start)),
@@ -257,8 +263,17 @@ impl Validator<'_> {
         }
 
         let allowed_outbound = self.allowed_outbound(i, w);
+        let grants = self.grants(i, w);
         let limits = self.limits(i, &w.limits);
-        WorkerConfig { name: w.name.get_ref().clone(), tenant: w.tenant.get_ref().clone(), component, routes, allowed_outbound, limits }
+        WorkerConfig {
+            name: w.name.get_ref().clone(),
+            tenant: w.tenant.get_ref().clone(),
+            component,
+            routes,
+            allowed_outbound,
+            grants,
+            limits,
+        }
     }
 
     /// `allowed_outbound`, entry by entry, so that each error points at its
@@ -357,6 +372,54 @@ impl Validator<'_> {
                 0,
                 1 << 36,
                 "the body bytes all outbound requests of one request may send and receive",
+            ),
+            max_kv_operations: self.int(
+                &l.max_kv_operations,
+                &key("max_kv_operations"),
+                d.max_kv_operations,
+                0,
+                1_000_000,
+                "the key-value operations one request may make",
+            ),
+            max_kv_value_bytes: self.int(
+                &l.max_kv_value_bytes,
+                &key("max_kv_value_bytes"),
+                d.max_kv_value_bytes,
+                1,
+                64 << 20,
+                "the largest value a key-value store accepts, in bytes",
+            ),
+            max_sql_statements: self.int(
+                &l.max_sql_statements,
+                &key("max_sql_statements"),
+                d.max_sql_statements,
+                0,
+                1_000_000,
+                "the SQL statements one request may run",
+            ),
+            sql_statement_timeout_ms: self.int(
+                &l.sql_statement_timeout_ms,
+                &key("sql_statement_timeout_ms"),
+                d.sql_statement_timeout_ms,
+                1,
+                600_000,
+                "the time one SQL statement may run, in ms",
+            ),
+            max_sql_rows: self.int(
+                &l.max_sql_rows,
+                &key("max_sql_rows"),
+                d.max_sql_rows,
+                1,
+                10_000_000,
+                "the rows one SQL statement may return",
+            ),
+            max_sql_result_bytes: self.int(
+                &l.max_sql_result_bytes,
+                &key("max_sql_result_bytes"),
+                d.max_sql_result_bytes,
+                1,
+                1 << 30,
+                "the bytes of values one SQL statement may return",
             ),
         };
         if limits.cpu_ms > limits.wall_ms {
