@@ -1,0 +1,4 @@
+//! Key-value stores for workers.
+
+pub mod host;
+pub mod store;
