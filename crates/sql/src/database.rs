@@ -1,0 +1,1336 @@
+//! Per-tenant SQLite databases that run statements written by untrusted
+//! worker code.
+//!
+//! Every statement a worker sends is hostile until proven otherwise, so the
+//! sandbox is layered and each layer fails closed:
+//!
+//! 1. **Text checks before SQLite sees anything**: length, parameter count,
+//!    NUL bytes, and `VACUUM` (which has no authorizer action code).
+//! 2. **One statement per call**: the first statement is prepared; whatever
+//!    follows must be whitespace or comments, checked by preparing the tail
+//!    with an authorizer that denies *everything*, so the tail can never take
+//!    effect (some `PRAGMA`s act while they are being prepared).
+//! 3. **The authorizer** ([`check`]) decides every action while a statement is
+//!    prepared (and re-prepared, and for statements SQLite prepares on our
+//!    behalf while one runs). Denied: `ATTACH`/`DETACH`, every `PRAGMA` outside
+//!    a short read-only list, `load_extension` and `fts3_tokenizer`,
+//!    transaction control (the host owns transactions), `TEMP` objects (the
+//!    connection is shared between requests, so they would leak from one request
+//!    into the next), virtual tables other than `fts5`, and any action code
+//!    this file does not know. In read-only mode every write action is denied
+//!    too. The reason is recorded so the error names what was denied.
+//! 4. **Connection settings**: `SQLITE_DBCONFIG_DEFENSIVE` (no way to corrupt
+//!    the file from SQL, shadow tables read-only), `trusted_schema=OFF`,
+//!    extension loading off at the C level, `SQLITE_LIMIT_ATTACHED = 0`, and
+//!    length/variable limits that mirror [`SqlLimits`].
+//! 5. **Host-owned transactions**: every `execute` and every `batch` runs in
+//!    its own transaction that is rolled back on any error, so a failed
+//!    statement never leaves partial writes (`INSERT OR FAIL`, or a
+//!    `RETURNING` statement stopped by a limit after it already wrote).
+//!    Read-only calls always roll back.
+//! 6. **Per-statement limits**: a progress handler interrupts a statement
+//!    after its time budget; rows and result bytes are counted as they are
+//!    read and reading stops at the limit.
+//!
+//! Direct writes to `sqlite_schema` are refused by SQLite itself unless
+//! `writable_schema` is on, which the authorizer and `DEFENSIVE` both
+//! prevent; the error is reported as [`SqlError::Denied`]. They cannot be
+//! denied in the authorizer because `CREATE`/`DROP`/`ALTER` ask to write the
+//! schema table through the very same action codes.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rusqlite::config::DbConfig;
+use rusqlite::fallible_iterator::FallibleIterator;
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::limits::Limit;
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Batch, Connection, ErrorCode, OpenFlags, ffi};
+
+/// How long a statement waits for a lock held by another process before it
+/// fails with a storage error. Inside the process one mutex serialises all
+/// calls, so this only matters when an operator tool has the file open.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Virtual machine instructions between two checks of the statement's
+/// deadline: often enough to stop within a millisecond or so, rarely enough
+/// to cost nothing measurable.
+const PROGRESS_OPS: i32 = 1000;
+
+/// What a result value costs against `max_result_bytes` on top of its text
+/// or blob payload, so that a flood of `NULL`s or integers is bounded too.
+const VALUE_OVERHEAD: usize = 8;
+
+/// Lower bound for `SQLITE_LIMIT_LENGTH`, so that tiny configured limits do
+/// not break SQLite's own bookkeeping (schema text, error messages).
+const MIN_VALUE_LIMIT: usize = 64 * 1024;
+
+/// `PRAGMA`s a worker may run: they only describe the schema, plus
+/// `data_version`, a read-only counter that `fts5` queries internally.
+/// Everything else is denied, including reading settings such as
+/// `journal_mode`, because some pragmas act as soon as they are prepared and
+/// a list of the safe ones is shorter and safer than a list of the dangerous
+/// ones.
+const SAFE_PRAGMAS: &[&str] = &[
+    "table_info",
+    "table_xinfo",
+    "table_list",
+    "index_list",
+    "index_info",
+    "index_xinfo",
+    "foreign_key_list",
+    "foreign_key_check",
+    "data_version",
+];
+
+/// SQL functions that reach outside the database: `load_extension` runs
+/// native code from a file, `fts3_tokenizer` takes a raw pointer.
+const DENIED_FUNCTIONS: &[&str] = &["load_extension", "fts3_tokenizer"];
+
+/// Virtual table modules a worker may create: full-text search. Other
+/// modules are compiled in but either expose internals (`dbstat`) or carry
+/// attack surface nobody asked for.
+const ALLOWED_MODULES: &[&str] = &["fts5"];
+
+const TRANSACTION_DENIED: &str = "transaction control (BEGIN/COMMIT/ROLLBACK/SAVEPOINT) is not allowed: use batch";
+const TEMP_DENIED: &str =
+    "temporary tables, indexes, views and triggers are not allowed: the connection is shared, so they would outlive the request";
+const SCHEMA_WRITE_DENIED: &str = "writing sqlite_schema directly is not allowed: use CREATE, DROP or ALTER";
+
+/// A value bound to a parameter or read from a result row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+/// The result of one statement.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RowSet {
+    /// Column names, empty for statements that return no rows.
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Value>>,
+    /// Rows inserted, updated or deleted directly by the statement (not by
+    /// triggers); 0 for anything else.
+    pub rows_affected: u64,
+    /// The rowid of the last row an `INSERT` inserted; `None` when the
+    /// statement was not an `INSERT` or inserted nothing.
+    pub last_insert_rowid: Option<i64>,
+}
+
+/// Limits of one statement. The host builds them from `[limits]`.
+#[derive(Debug, Clone)]
+pub struct SqlLimits {
+    /// Time one statement may run (`limits.sql_statement_timeout_ms`).
+    pub statement_timeout: Duration,
+    /// Rows one statement may return (`limits.max_sql_rows`).
+    pub max_rows: usize,
+    /// Bytes of values one statement may return
+    /// (`limits.max_sql_result_bytes`): each value costs 8 bytes plus the
+    /// length of its text or blob.
+    pub max_result_bytes: usize,
+    /// Longest statement text.
+    pub max_statement_bytes: usize,
+    /// Most parameters one statement may have.
+    pub max_params: usize,
+}
+
+impl Default for SqlLimits {
+    fn default() -> Self {
+        Self {
+            statement_timeout: Duration::from_secs(1),
+            max_rows: 10_000,
+            max_result_bytes: 4 * 1024 * 1024,
+            max_statement_bytes: 100 * 1024,
+            max_params: 999,
+        }
+    }
+}
+
+/// Why a statement did not run, or stopped. Messages are meant for the
+/// worker's author: they say what was refused and, where it helps, how to
+/// do it instead. They never contain host paths.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SqlError {
+    #[error("no SQL statement to run")]
+    Empty,
+    #[error("one call runs one statement; use batch for several")]
+    MultipleStatements,
+    #[error("the statement is {len} bytes; at most {max} are allowed")]
+    StatementTooLong { len: usize, max: usize },
+    #[error("{got} parameters were given; at most {max} are allowed")]
+    TooManyParams { got: usize, max: usize },
+    #[error("the statement has {expected} parameters but {got} values were given")]
+    ParamCount { expected: usize, got: usize },
+    #[error("{what}")]
+    Denied { what: String },
+    #[error("this binding is read-only (read_only = true)")]
+    ReadOnly,
+    #[error("the statement ran longer than {ms} ms (limits.sql_statement_timeout_ms)")]
+    Timeout { ms: u64 },
+    #[error("the statement returned more than {max} rows (limits.max_sql_rows)")]
+    TooManyRows { max: usize },
+    #[error("the statement returned more than {max} bytes (limits.max_sql_result_bytes)")]
+    ResultTooLarge { max: usize },
+    #[error("`{name}` is not a valid {what} name")]
+    InvalidName { what: &'static str, name: String },
+    #[error("{0}")]
+    Constraint(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("storage error: {0}")]
+    Storage(String),
+}
+
+impl SqlError {
+    fn denied(what: impl Into<String>) -> Self {
+        SqlError::Denied { what: what.into() }
+    }
+}
+
+/// All SQL databases of this node, opened on first use and kept open.
+pub struct Databases {
+    root: PathBuf,
+    open: Mutex<HashMap<(String, String), Arc<Database>>>,
+}
+
+impl fmt::Debug for Databases {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Databases").field("root", &self.root).finish_non_exhaustive()
+    }
+}
+
+impl Databases {
+    /// Databases stored under `root` (the runtime passes `<data_dir>/sql`).
+    /// Nothing is touched on disk until a database is opened.
+    pub fn new(root: impl Into<PathBuf>) -> Databases {
+        Databases { root: root.into(), open: Mutex::new(HashMap::new()) }
+    }
+
+    /// The database `<root>/<tenant>/<database>.sqlite3`, created on first
+    /// use (directories 0700, files 0600). The same pair always gives the
+    /// same `Arc`, so all workers of a tenant share one connection and its
+    /// lock.
+    ///
+    /// The names were validated with the config, and are validated again
+    /// here: they become path components, and a name like `..` must never
+    /// reach the file system.
+    pub fn open(&self, tenant: &str, database: &str) -> Result<Arc<Database>, SqlError> {
+        if !cordon_config::is_valid_name(tenant) {
+            return Err(SqlError::InvalidName { what: "tenant", name: tenant.to_owned() });
+        }
+        if !cordon_config::is_valid_name(database) {
+            return Err(SqlError::InvalidName { what: "database", name: database.to_owned() });
+        }
+        // Held while opening, so two first uses cannot open two connections.
+        let mut open = lock(&self.open);
+        let key = (tenant.to_owned(), database.to_owned());
+        if let Some(db) = open.get(&key) {
+            return Ok(Arc::clone(db));
+        }
+        let label = format!("{tenant}/{database}");
+        let path = self.root.join(tenant).join(format!("{database}.sqlite3"));
+        let conn = Conn::open(&path).map_err(|e| {
+            tracing::error!(database = %label, path = %path.display(), error = %e, "cannot open SQL database");
+            e
+        })?;
+        let db = Arc::new(Database { label, conn: Mutex::new(conn) });
+        open.insert(key, Arc::clone(&db));
+        Ok(db)
+    }
+}
+
+/// One tenant database: one connection behind a mutex. Calls block, so the
+/// host runs them on a blocking thread.
+pub struct Database {
+    label: String,
+    conn: Mutex<Conn>,
+}
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Database").field("label", &self.label).finish_non_exhaustive()
+    }
+}
+
+impl Database {
+    /// Runs exactly one statement with `params` bound to its positional
+    /// parameters (`?`, `?N`), in a transaction of its own: if the statement
+    /// fails or hits a limit, nothing it wrote is kept.
+    pub fn execute(&self, sql: &str, params: &[Value], read_only: bool, limits: &SqlLimits) -> Result<RowSet, SqlError> {
+        precheck(sql, params, limits)?;
+        let conn = self.lock();
+        conn.apply_limits(limits)?;
+        conn.begin(read_only)?;
+        match conn.run(sql, params, read_only, limits) {
+            Ok(rows) => {
+                conn.finish(read_only)?;
+                Ok(rows)
+            }
+            Err(e) => {
+                conn.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs the statements in order in one transaction. The first error
+    /// rolls back everything and is returned with the index of its
+    /// statement; an error while committing (a deferred foreign key) carries
+    /// the index of the last statement. An empty batch does nothing.
+    ///
+    /// Limits apply to each statement on its own, as in `execute`.
+    pub fn batch(
+        &self,
+        statements: &[(String, Vec<Value>)],
+        read_only: bool,
+        limits: &SqlLimits,
+    ) -> Result<Vec<RowSet>, (usize, SqlError)> {
+        if statements.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.lock();
+        conn.apply_limits(limits).map_err(|e| (0, e))?;
+        conn.begin(read_only).map_err(|e| (0, e))?;
+        let mut results = Vec::with_capacity(statements.len());
+        for (i, (sql, params)) in statements.iter().enumerate() {
+            match precheck(sql, params, limits).and_then(|()| conn.run(sql, params, read_only, limits)) {
+                Ok(rows) => results.push(rows),
+                Err(e) => {
+                    conn.rollback();
+                    return Err((i, e));
+                }
+            }
+        }
+        conn.finish(read_only).map_err(|e| (statements.len() - 1, e))?;
+        Ok(results)
+    }
+
+    /// Locks the connection. A panic while it was held (there should be
+    /// none) may have left a transaction open; it is rolled back so that it
+    /// cannot leak into this call.
+    fn lock(&self) -> MutexGuard<'_, Conn> {
+        let conn = self.conn.lock().unwrap_or_else(|poisoned| {
+            tracing::warn!(database = %self.label, "SQL connection lock was poisoned; recovering");
+            self.conn.clear_poison();
+            poisoned.into_inner()
+        });
+        conn.reset();
+        conn
+    }
+}
+
+/// What the authorizer is doing right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Between calls, and while the tail of a statement is checked: deny
+    /// everything and record nothing.
+    DenyAll,
+    /// The host's own fixed statements (`BEGIN`, `COMMIT`, `ROLLBACK`).
+    Host,
+    /// A worker's statement.
+    Tenant { read_only: bool },
+}
+
+/// Why the authorizer denied a worker's statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Denial {
+    ReadOnly,
+    Denied(String),
+}
+
+/// State shared between the authorizer callback and the code that runs the
+/// statement. Only touched with the connection lock held, so the inner mutex
+/// is never contended; it exists because the callback must be `Send`.
+#[derive(Debug)]
+struct AuthState {
+    mode: Mode,
+    /// The first denial of the current statement.
+    denial: Option<Denial>,
+    /// The statement inserts into a table at top level, so its
+    /// `last_insert_rowid` means something.
+    inserts: bool,
+}
+
+/// The authorizer's verdict on one action, before the mode is applied.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Allow,
+    /// Allowed, unless the binding is read-only.
+    Write,
+    Deny(String),
+}
+
+/// Decides one action of a worker's statement. Deny by default: an action
+/// this function does not name is refused.
+fn check(action: &AuthAction<'_>) -> Verdict {
+    use AuthAction as A;
+    match *action {
+        A::Select | A::Read { .. } | A::Recursive => Verdict::Allow,
+        A::Function { function_name } => {
+            if DENIED_FUNCTIONS.iter().any(|f| f.eq_ignore_ascii_case(function_name)) {
+                Verdict::Deny(format!("{} is not allowed", function_name.to_ascii_lowercase()))
+            } else {
+                Verdict::Allow
+            }
+        }
+        A::Pragma { pragma_name, .. } => {
+            let name = pragma_name.to_ascii_lowercase();
+            if SAFE_PRAGMAS.contains(&name.as_str()) { Verdict::Allow } else { Verdict::Deny(format!("PRAGMA {name} is not allowed")) }
+        }
+        A::Insert { .. }
+        | A::Update { .. }
+        | A::Delete { .. }
+        | A::CreateTable { .. }
+        | A::CreateIndex { .. }
+        | A::CreateView { .. }
+        | A::CreateTrigger { .. }
+        | A::DropTable { .. }
+        | A::DropIndex { .. }
+        | A::DropView { .. }
+        | A::DropTrigger { .. }
+        | A::DropTempTable { .. }
+        | A::DropTempIndex { .. }
+        | A::DropTempView { .. }
+        | A::DropTempTrigger { .. }
+        | A::AlterTable { .. }
+        | A::Reindex { .. }
+        | A::Analyze { .. }
+        | A::DropVtable { .. } => Verdict::Write,
+        A::CreateVtable { module_name, .. } => {
+            if ALLOWED_MODULES.iter().any(|m| m.eq_ignore_ascii_case(module_name)) {
+                Verdict::Write
+            } else {
+                Verdict::Deny(format!(
+                    "CREATE VIRTUAL TABLE ... USING {module_name} is not allowed (allowed: {})",
+                    ALLOWED_MODULES.join(", ")
+                ))
+            }
+        }
+        A::CreateTempTable { .. } | A::CreateTempIndex { .. } | A::CreateTempView { .. } | A::CreateTempTrigger { .. } => {
+            Verdict::Deny(TEMP_DENIED.to_owned())
+        }
+        A::Transaction { .. } | A::Savepoint { .. } => Verdict::Deny(TRANSACTION_DENIED.to_owned()),
+        A::Attach { .. } => Verdict::Deny("ATTACH is not allowed".to_owned()),
+        A::Detach { .. } => Verdict::Deny("DETACH is not allowed".to_owned()),
+        // rusqlite reports actions whose arguments it did not expect as
+        // `Unknown`: `ATTACH ?` has no file name to show.
+        A::Unknown { code, .. } => Verdict::Deny(match code {
+            ffi::SQLITE_ATTACH => "ATTACH is not allowed".to_owned(),
+            ffi::SQLITE_DETACH => "DETACH is not allowed".to_owned(),
+            ffi::SQLITE_TRANSACTION | ffi::SQLITE_SAVEPOINT => TRANSACTION_DENIED.to_owned(),
+            _ => format!("this statement is not allowed (authorizer action {code})"),
+        }),
+        _ => Verdict::Deny("this statement is not allowed".to_owned()),
+    }
+}
+
+/// The authorizer installed on the connection: applies the mode to
+/// [`check`] and records why it denied.
+fn authorize(state: &Mutex<AuthState>, ctx: &AuthContext<'_>) -> Authorization {
+    let mut state = lock(state);
+    let read_only = match state.mode {
+        Mode::Host => return Authorization::Allow,
+        Mode::DenyAll => return Authorization::Deny,
+        Mode::Tenant { read_only } => read_only,
+    };
+    let denial = match check(&ctx.action) {
+        Verdict::Allow => return Authorization::Allow,
+        Verdict::Write if !read_only => {
+            if let AuthAction::Insert { table_name } = ctx.action
+                && ctx.accessor.is_none()
+                && !is_schema_table(table_name)
+            {
+                state.inserts = true;
+            }
+            return Authorization::Allow;
+        }
+        Verdict::Write => Denial::ReadOnly,
+        Verdict::Deny(what) => Denial::Denied(what),
+    };
+    state.denial.get_or_insert(denial);
+    Authorization::Deny
+}
+
+fn is_schema_table(name: &str) -> bool {
+    ["sqlite_master", "sqlite_schema", "sqlite_temp_master", "sqlite_temp_schema"].iter().any(|t| t.eq_ignore_ascii_case(name))
+}
+
+/// The connection of one database and the authorizer state it shares.
+struct Conn {
+    conn: Connection,
+    auth: Arc<Mutex<AuthState>>,
+}
+
+impl Conn {
+    /// Creates the file with owner-only permissions and opens it with every
+    /// sandbox setting on. Any setting that does not take fails the open.
+    fn open(path: &Path) -> Result<Conn, SqlError> {
+        let io = |what: &str, e: std::io::Error| SqlError::Storage(format!("cannot {what} the database: {e}"));
+        let dir = path.parent().ok_or_else(|| SqlError::Storage("database path has no directory".to_owned()))?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| io("create the directory of", e))?;
+        let meta = fs::symlink_metadata(dir).map_err(|e| io("inspect the directory of", e))?;
+        if !meta.is_dir() {
+            return Err(SqlError::Storage("the database directory is not a directory".to_owned()));
+        }
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| io("protect the directory of", e))?;
+        // Created here rather than by SQLite, which would use 0644; SQLite
+        // gives the -wal and -shm files the mode of the database file.
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| io("create", e))?;
+        file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(|e| io("protect", e))?;
+        drop(file);
+
+        // No SQLITE_OPEN_URI: the path is a plain file name. NO_MUTEX: our
+        // own mutex serialises the connection.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| map_error(e, None))?;
+        let conn = Conn { conn, auth: Arc::new(Mutex::new(AuthState { mode: Mode::DenyAll, denial: None, inserts: false })) };
+        conn.configure().map_err(|e| match e {
+            SqlError::Storage(_) => e,
+            other => SqlError::Storage(other.to_string()),
+        })?;
+        Ok(conn)
+    }
+
+    fn configure(&self) -> Result<(), SqlError> {
+        let conn = &self.conn;
+        let sqlite = |e| map_error(e, None);
+        for (config, on) in [
+            (DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true),
+            (DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false),
+            (DbConfig::SQLITE_DBCONFIG_ENABLE_FTS3_TOKENIZER, false),
+            (DbConfig::SQLITE_DBCONFIG_ENABLE_ATTACH_CREATE, false),
+            (DbConfig::SQLITE_DBCONFIG_ENABLE_ATTACH_WRITE, false),
+            (DbConfig::SQLITE_DBCONFIG_ENABLE_FKEY, true),
+        ] {
+            if conn.set_db_config(config, on).map_err(sqlite)? != on {
+                return Err(SqlError::Storage(format!("SQLite refused to set {config:?}")));
+            }
+        }
+        conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0).map_err(sqlite)?;
+        self.disable_extension_loading()?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite)?;
+        let journal: String = conn.query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0)).map_err(sqlite)?;
+        if !journal.eq_ignore_ascii_case("wal") {
+            return Err(SqlError::Storage(format!("cannot use WAL mode (journal mode is {journal})")));
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL").map_err(sqlite)?;
+        let state = Arc::clone(&self.auth);
+        conn.authorizer(Some(move |ctx: AuthContext<'_>| authorize(&state, &ctx)));
+        Ok(())
+    }
+
+    /// Extension loading is off by default and `load_extension()` is denied
+    /// by the authorizer; this turns it off explicitly at the C level too, so
+    /// that neither depends on a default.
+    fn disable_extension_loading(&self) -> Result<(), SqlError> {
+        // SAFETY: `handle` is the live connection owned by `self.conn`, used
+        // only on this thread for the duration of the call and not closed by
+        // it; `sqlite3_enable_load_extension` only sets two flags on it.
+        let rc = unsafe { ffi::sqlite3_enable_load_extension(self.conn.handle(), 0) };
+        if rc == ffi::SQLITE_OK { Ok(()) } else { Err(SqlError::Storage(format!("cannot disable extension loading (SQLite error {rc})"))) }
+    }
+
+    fn state(&self) -> MutexGuard<'_, AuthState> {
+        lock(&self.auth)
+    }
+
+    fn set_mode(&self, mode: Mode) {
+        self.state().mode = mode;
+    }
+
+    /// Puts the connection back into its resting state between calls.
+    fn reset(&self) {
+        self.conn.progress_handler(0, None::<fn() -> bool>);
+        self.set_mode(Mode::DenyAll);
+        self.rollback();
+    }
+
+    /// Runs one of the host's fixed statements, which the authorizer lets
+    /// through because transactions are the host's business.
+    fn host(&self, sql: &str) -> Result<(), SqlError> {
+        self.conn.progress_handler(0, None::<fn() -> bool>);
+        self.set_mode(Mode::Host);
+        let result = self.conn.execute_batch(sql);
+        self.set_mode(Mode::DenyAll);
+        result.map_err(|e| map_error(e, None))
+    }
+
+    /// `IMMEDIATE` takes the write lock up front, so a write later in the
+    /// transaction cannot fail because another process wrote in between.
+    fn begin(&self, read_only: bool) -> Result<(), SqlError> {
+        self.host(if read_only { "BEGIN DEFERRED" } else { "BEGIN IMMEDIATE" })
+    }
+
+    /// Ends a successful call: read-only calls roll back (nothing can have
+    /// been written, and this makes sure), others commit.
+    fn finish(&self, read_only: bool) -> Result<(), SqlError> {
+        if read_only {
+            self.rollback();
+            return Ok(());
+        }
+        let result = self.host("COMMIT");
+        if result.is_err() {
+            self.rollback();
+        }
+        result
+    }
+
+    /// Rolls back the open transaction, if any. SQLite rolls back by itself
+    /// after some errors (an interrupted write, a full disk), hence the check.
+    fn rollback(&self) {
+        if !self.conn.is_autocommit()
+            && let Err(e) = self.host("ROLLBACK")
+        {
+            tracing::error!(error = %e, "cannot roll back SQL transaction");
+        }
+    }
+
+    /// Mirrors the limits in SQLite, as a second line behind [`precheck`]
+    /// and for the SQL SQLite prepares on a statement's behalf.
+    fn apply_limits(&self, limits: &SqlLimits) -> Result<(), SqlError> {
+        let clamp = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+        let value_limit = limits.max_result_bytes.max(limits.max_statement_bytes).max(MIN_VALUE_LIMIT);
+        for (limit, value) in [
+            (Limit::SQLITE_LIMIT_SQL_LENGTH, clamp(limits.max_statement_bytes)),
+            (Limit::SQLITE_LIMIT_VARIABLE_NUMBER, clamp(limits.max_params)),
+            (Limit::SQLITE_LIMIT_LENGTH, clamp(value_limit)),
+        ] {
+            self.conn.set_limit(limit, value).map_err(|e| map_error(e, None))?;
+        }
+        Ok(())
+    }
+
+    /// Runs one worker statement inside the transaction the caller opened.
+    fn run(&self, sql: &str, params: &[Value], read_only: bool, limits: &SqlLimits) -> Result<RowSet, SqlError> {
+        // The deadline covers preparing too, although only running the
+        // statement is interruptible.
+        // A timeout too large to add to now means no deadline, not a panic.
+        if let Some(deadline) = Instant::now().checked_add(limits.statement_timeout) {
+            self.conn.progress_handler(PROGRESS_OPS, Some(move || Instant::now() >= deadline));
+        }
+        {
+            let mut state = self.state();
+            state.mode = Mode::Tenant { read_only };
+            state.denial = None;
+            state.inserts = false;
+        }
+        let result = self.run_statement(sql, params, read_only, limits);
+        self.conn.progress_handler(0, None::<fn() -> bool>);
+        self.set_mode(Mode::DenyAll);
+        result
+    }
+
+    fn run_statement(&self, sql: &str, params: &[Value], read_only: bool, limits: &SqlLimits) -> Result<RowSet, SqlError> {
+        // `Connection::prepare` would also prepare the tail, with the worker's
+        // authorizer mode, and report a denial or a syntax error in the tail
+        // instead of "several statements". `Batch` prepares one statement at a
+        // time and keeps the tail for us.
+        let mut statements = Batch::new(&self.conn, sql);
+        let mut stmt = match statements.next() {
+            Ok(Some(stmt)) => stmt,
+            Ok(None) => return Err(SqlError::Empty),
+            Err(e) => return Err(self.error(e, limits)),
+        };
+        // Anything but whitespace and comments after the first statement
+        // prepares to a statement (or fails to); either way it is refused.
+        // The authorizer denies everything meanwhile, so preparing the tail
+        // cannot act (a PRAGMA acts while it is prepared).
+        self.set_mode(Mode::DenyAll);
+        let tail = statements.next();
+        self.set_mode(Mode::Tenant { read_only });
+        if !matches!(tail, Ok(None)) {
+            return Err(SqlError::MultipleStatements);
+        }
+        drop(tail);
+
+        // The authorizer already denied each write action; this also covers
+        // whatever writes without one.
+        if read_only && !stmt.readonly() {
+            return Err(SqlError::ReadOnly);
+        }
+        let expected = stmt.parameter_count();
+        for i in 1..=expected {
+            if let Some(name) = stmt.parameter_name(i)
+                && !name.starts_with('?')
+            {
+                return Err(SqlError::Invalid(format!("named parameter {name} is not supported: use ? or ?N")));
+            }
+        }
+        if expected != params.len() {
+            return Err(SqlError::ParamCount { expected, got: params.len() });
+        }
+        for (i, value) in params.iter().enumerate() {
+            stmt.raw_bind_parameter(i + 1, bind(value)).map_err(|e| self.error(e, limits))?;
+        }
+
+        let columns: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+        let changes_before = self.conn.total_changes();
+        let mut budget = limits.max_result_bytes;
+        let mut out = Vec::new();
+        let mut rows = stmt.raw_query();
+        loop {
+            let row = match rows.next() {
+                Ok(Some(row)) => row,
+                Ok(None) => break,
+                Err(e) => return Err(self.error(e, limits)),
+            };
+            if out.len() >= limits.max_rows {
+                return Err(SqlError::TooManyRows { max: limits.max_rows });
+            }
+            let mut values = Vec::with_capacity(columns.len());
+            for i in 0..columns.len() {
+                let value = row.get_ref(i).map_err(|e| self.error(e, limits))?;
+                let cost = VALUE_OVERHEAD
+                    + match value {
+                        ValueRef::Text(bytes) | ValueRef::Blob(bytes) => bytes.len(),
+                        _ => 0,
+                    };
+                budget = budget.checked_sub(cost).ok_or(SqlError::ResultTooLarge { max: limits.max_result_bytes })?;
+                values.push(read(value));
+            }
+            out.push(values);
+        }
+        drop(rows);
+
+        // `changes()` keeps the count of the last INSERT/UPDATE/DELETE, so it
+        // is only this statement's if the statement changed something.
+        let rows_affected = if self.conn.total_changes() != changes_before { self.conn.changes() } else { 0 };
+        let inserts = self.state().inserts;
+        let last_insert_rowid = (inserts && rows_affected > 0).then(|| self.conn.last_insert_rowid());
+        Ok(RowSet { columns, rows: out, rows_affected, last_insert_rowid })
+    }
+
+    /// Maps an error of a worker statement, preferring the authorizer's
+    /// reason over SQLite's generic "not authorized".
+    fn error(&self, e: rusqlite::Error, limits: &SqlLimits) -> SqlError {
+        match self.state().denial.clone() {
+            Some(Denial::ReadOnly) => SqlError::ReadOnly,
+            Some(Denial::Denied(what)) => SqlError::Denied { what },
+            None => map_error(e, Some(limits)),
+        }
+    }
+}
+
+/// Cheap checks on the text before the connection is locked.
+fn precheck(sql: &str, params: &[Value], limits: &SqlLimits) -> Result<(), SqlError> {
+    if sql.len() > limits.max_statement_bytes {
+        return Err(SqlError::StatementTooLong { len: sql.len(), max: limits.max_statement_bytes });
+    }
+    if params.len() > limits.max_params {
+        return Err(SqlError::TooManyParams { got: params.len(), max: limits.max_params });
+    }
+    // SQLite stops reading at a NUL, so whatever follows would be silently
+    // ignored rather than refused.
+    if sql.contains('\0') {
+        return Err(SqlError::Invalid("the statement contains a NUL byte".to_owned()));
+    }
+    // VACUUM has no authorizer action, and VACUUM INTO writes a file
+    // anywhere. It would also fail on the ATTACH it runs internally and
+    // inside our transaction; this gives the reason.
+    if first_keyword(sql).eq_ignore_ascii_case("vacuum") {
+        return Err(SqlError::denied("VACUUM is not allowed"));
+    }
+    Ok(())
+}
+
+/// The first word of a statement, after whitespace and comments.
+fn first_keyword(sql: &str) -> &str {
+    let mut rest = sql;
+    loop {
+        rest = rest.trim_start_matches(|c: char| c.is_ascii_whitespace());
+        if let Some(comment) = rest.strip_prefix("--") {
+            rest = comment.find('\n').map_or("", |end| &comment[end..]);
+        } else if let Some(comment) = rest.strip_prefix("/*") {
+            rest = comment.find("*/").map_or("", |end| &comment[end + 2..]);
+        } else {
+            break;
+        }
+    }
+    let end = rest.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(rest.len());
+    &rest[..end]
+}
+
+fn bind(value: &Value) -> ToSqlOutput<'_> {
+    ToSqlOutput::Borrowed(match value {
+        Value::Null => ValueRef::Null,
+        Value::Integer(i) => ValueRef::Integer(*i),
+        Value::Real(f) => ValueRef::Real(*f),
+        Value::Text(s) => ValueRef::Text(s.as_bytes()),
+        Value::Blob(b) => ValueRef::Blob(b),
+    })
+}
+
+/// Text that is not UTF-8 (a blob cast to text) is converted lossily rather
+/// than failing the whole result.
+fn read(value: ValueRef<'_>) -> Value {
+    match value {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Integer(i),
+        ValueRef::Real(f) => Value::Real(f),
+        ValueRef::Text(bytes) => Value::Text(String::from_utf8_lossy(bytes).into_owned()),
+        ValueRef::Blob(bytes) => Value::Blob(bytes.to_vec()),
+    }
+}
+
+/// Maps a SQLite error to what the worker is told. `limits` is `None` for
+/// the host's own statements, which are never interrupted.
+fn map_error(e: rusqlite::Error, limits: Option<&SqlLimits>) -> SqlError {
+    use rusqlite::Error as E;
+    let (error, message) = match e {
+        E::SqliteFailure(error, message) => (error, message),
+        E::SqlInputError { error, msg, .. } => (error, Some(msg)),
+        E::MultipleStatement => return SqlError::MultipleStatements,
+        E::InvalidParameterCount(got, expected) => return SqlError::ParamCount { expected, got },
+        E::NulError(_) => return SqlError::Invalid("the statement contains a NUL byte".to_owned()),
+        other => return SqlError::Storage(other.to_string()),
+    };
+    let message = message.unwrap_or_else(|| error.to_string());
+    match error.code {
+        ErrorCode::OperationInterrupted => {
+            let ms = limits.map_or(0, |l| u64::try_from(l.statement_timeout.as_millis()).unwrap_or(u64::MAX));
+            SqlError::Timeout { ms }
+        }
+        ErrorCode::ConstraintViolation => SqlError::Constraint(message),
+        ErrorCode::AuthorizationForStatementDenied => SqlError::denied(format!("not allowed: {message}")),
+        ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
+            SqlError::Storage(format!("the database is locked by another writer ({message}); try again"))
+        }
+        ErrorCode::SystemIoFailure
+        | ErrorCode::DatabaseCorrupt
+        | ErrorCode::NotADatabase
+        | ErrorCode::DiskFull
+        | ErrorCode::CannotOpen
+        | ErrorCode::PermissionDenied
+        | ErrorCode::ReadOnly
+        | ErrorCode::OutOfMemory
+        | ErrorCode::FileLockingProtocolFailed
+        | ErrorCode::NoLargeFileSupport
+        | ErrorCode::InternalMalfunction
+        | ErrorCode::ApiMisuse => SqlError::Storage(message),
+        // SQLite refuses writes to the schema table unless writable_schema
+        // is on, which is never the case here.
+        _ if message.starts_with("table sqlite_") && message.ends_with("may not be modified") => SqlError::denied(SCHEMA_WRITE_DENIED),
+        _ => SqlError::Invalid(message),
+    }
+}
+
+/// Locks a mutex whatever happened to the last holder: the data it guards
+/// here stays consistent (the connection is reset after every lock).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| {
+        mutex.clear_poison();
+        poisoned.into_inner()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, Databases) {
+        let dir = tempfile::tempdir().unwrap();
+        let dbs = Databases::new(dir.path().join("sql"));
+        (dir, dbs)
+    }
+
+    fn limits() -> SqlLimits {
+        SqlLimits::default()
+    }
+
+    fn exec(db: &Database, sql: &str, params: &[Value]) -> Result<RowSet, SqlError> {
+        db.execute(sql, params, false, &limits())
+    }
+
+    fn ro(db: &Database, sql: &str) -> Result<RowSet, SqlError> {
+        db.execute(sql, &[], true, &limits())
+    }
+
+    fn count(db: &Database, table: &str) -> i64 {
+        match exec(db, &format!("SELECT count(*) FROM {table}"), &[]).unwrap().rows[0][0] {
+            Value::Integer(n) => n,
+            ref other => panic!("count is {other:?}"),
+        }
+    }
+
+    fn text(s: &str) -> Value {
+        Value::Text(s.to_owned())
+    }
+
+    fn denied(result: Result<RowSet, SqlError>, needle: &str) {
+        match result {
+            Err(SqlError::Denied { what }) => assert!(what.contains(needle), "`{what}` does not mention `{needle}`"),
+            other => panic!("expected Denied mentioning `{needle}`, got {other:?}"),
+        }
+    }
+
+    fn with_table(dbs: &Databases) -> Arc<Database> {
+        let db = dbs.open("acme", "main").unwrap();
+        exec(&db, "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT NOT NULL)", &[]).unwrap();
+        exec(&db, "INSERT INTO t (name) VALUES ('a'), ('b')", &[]).unwrap();
+        db
+    }
+
+    #[test]
+    fn database_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Database>();
+        assert_send_sync::<Databases>();
+    }
+
+    #[test]
+    fn crud_round_trips_every_value_type() {
+        let (_dir, dbs) = setup();
+        let db = dbs.open("acme", "app").unwrap();
+        // Untyped columns: no affinity, so every value comes back as stored.
+        exec(&db, "CREATE TABLE v (id INTEGER PRIMARY KEY, x)", &[]).unwrap();
+        let values = [
+            Value::Null,
+            Value::Integer(i64::MIN),
+            Value::Integer(42),
+            Value::Real(-1.5),
+            text("héllo \u{1F600}"),
+            text(""),
+            Value::Blob(vec![0, 255, 1, 0]),
+            Value::Blob(Vec::new()),
+        ];
+        for (i, value) in values.iter().enumerate() {
+            let inserted = exec(&db, "INSERT INTO v (x) VALUES (?)", std::slice::from_ref(value)).unwrap();
+            assert_eq!(inserted.rows_affected, 1);
+            assert_eq!(inserted.last_insert_rowid, Some(i as i64 + 1));
+            assert!(inserted.rows.is_empty() && inserted.columns.is_empty());
+        }
+        let all = exec(&db, "SELECT id, x FROM v ORDER BY id", &[]).unwrap();
+        assert_eq!(all.columns, ["id", "x"]);
+        let got: Vec<Value> = all.rows.iter().map(|r| r[1].clone()).collect();
+        assert_eq!(got, values);
+        assert_eq!(all.rows_affected, 0);
+        assert_eq!(all.last_insert_rowid, None);
+
+        let updated = exec(&db, "UPDATE v SET x = ?2 WHERE id <= ?1", &[Value::Integer(3), text("z")]).unwrap();
+        assert_eq!((updated.rows_affected, updated.last_insert_rowid), (3, None));
+        let deleted = exec(&db, "DELETE FROM v WHERE x = ?", &[text("z")]).unwrap();
+        assert_eq!(deleted.rows_affected, 3);
+        let created = exec(&db, "CREATE TABLE w (a)", &[]).unwrap();
+        assert_eq!((created.rows_affected, created.last_insert_rowid), (0, None));
+        let returning = exec(&db, "INSERT INTO v (x) VALUES (?) RETURNING id, x", &[Value::Real(2.25)]).unwrap();
+        assert_eq!(returning.rows, [[Value::Integer(9), Value::Real(2.25)]]);
+        assert_eq!(count(&db, "v"), 6);
+    }
+
+    #[test]
+    fn parameters_are_bound_never_spliced() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        let evil = "'); DROP TABLE t; --";
+        exec(&db, "INSERT INTO t (name) VALUES (?)", &[text(evil)]).unwrap();
+        let found = exec(&db, "SELECT name FROM t WHERE name = ?", &[text(evil)]).unwrap();
+        assert_eq!(found.rows, [[text(evil)]]);
+        let none = exec(&db, "SELECT name FROM t WHERE name = ?1", &[text("a' OR '1'='1")]).unwrap();
+        assert!(none.rows.is_empty());
+        assert_eq!(count(&db, "t"), 3);
+    }
+
+    #[test]
+    fn parameter_counts_are_checked() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        assert_eq!(exec(&db, "SELECT ?, ?", &[Value::Null]), Err(SqlError::ParamCount { expected: 2, got: 1 }));
+        assert_eq!(exec(&db, "SELECT 1", &[Value::Null]), Err(SqlError::ParamCount { expected: 0, got: 1 }));
+        // ?N counts up to the highest N.
+        let rows = exec(&db, "SELECT ?3", &[Value::Null, Value::Null, Value::Integer(7)]).unwrap();
+        assert_eq!(rows.rows, [[Value::Integer(7)]]);
+        assert!(matches!(exec(&db, "SELECT :name", &[Value::Null]), Err(SqlError::Invalid(m)) if m.contains(":name")));
+    }
+
+    #[test]
+    fn one_statement_per_call() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        for sql in [
+            "SELECT 1; SELECT 2",
+            "SELECT 1;DROP TABLE t",
+            "SELECT 1; ATTACH 'x.db' AS x",
+            "SELECT 1; PRAGMA writable_schema=1",
+            "SELECT 1; this is not sql",
+            "SELECT 1; ; DELETE FROM t",
+            "SELECT 1 -- comment\n; VACUUM",
+            "INSERT INTO t (name) VALUES ('c'); DELETE FROM t",
+        ] {
+            assert_eq!(exec(&db, sql, &[]), Err(SqlError::MultipleStatements), "{sql}");
+        }
+        assert_eq!(count(&db, "t"), 2, "nothing in or before a refused tail ran");
+        for sql in ["SELECT 1;", "SELECT 1; -- trailing", "SELECT 1 /* c */ ;  /* more */ \n", "SELECT 1;;", "-- lead\nSELECT 1"] {
+            assert_eq!(exec(&db, sql, &[]).unwrap().rows, [[Value::Integer(1)]], "{sql}");
+        }
+        for sql in ["", "   ", "-- nothing", "/* nothing */ ;"] {
+            assert_eq!(exec(&db, sql, &[]), Err(SqlError::Empty), "{sql:?}");
+        }
+        assert!(matches!(exec(&db, "SELECT 1\0; DROP TABLE t", &[]), Err(SqlError::Invalid(_))));
+    }
+
+    #[test]
+    fn attach_and_detach_are_denied() {
+        let (dir, dbs) = setup();
+        let db = with_table(&dbs);
+        let other = dir.path().join("other.db");
+        denied(exec(&db, &format!("ATTACH '{}' AS o", other.display()), &[]), "ATTACH");
+        denied(exec(&db, "ATTACH ? AS o", &[text(&other.display().to_string())]), "ATTACH");
+        denied(exec(&db, "ATTACH DATABASE ':memory:' AS m", &[]), "ATTACH");
+        denied(exec(&db, "DETACH o", &[]), "DETACH");
+        denied(exec(&db, "DETACH ?", &[text("main")]), "DETACH");
+        assert!(!other.exists());
+    }
+
+    #[test]
+    fn extension_loading_is_denied() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        denied(exec(&db, "SELECT load_extension('x')", &[]), "load_extension");
+        denied(exec(&db, "SELECT LOAD_EXTENSION(?, 'entry')", &[text("/tmp/x.so")]), "load_extension");
+        denied(exec(&db, "SELECT fts3_tokenizer('simple')", &[]), "fts3_tokenizer");
+        // Through the schema: a trigger or a default is compiled into the
+        // statement that uses it, and checked then (a default is refused by
+        // trusted_schema=OFF, a trigger body by the authorizer).
+        exec(&db, "CREATE TABLE x (a DEFAULT (load_extension('x')))", &[]).unwrap();
+        let default = exec(&db, "INSERT INTO x DEFAULT VALUES", &[]);
+        assert!(matches!(default, Err(SqlError::Invalid(ref m)) if m.contains("unsafe use of load_extension")), "{default:?}");
+        assert_eq!(count(&db, "x"), 0);
+        exec(&db, "CREATE TRIGGER t_ext AFTER INSERT ON t BEGIN SELECT load_extension('x'); END", &[]).unwrap();
+        denied(exec(&db, "INSERT INTO t (name) VALUES ('c')", &[]), "load_extension");
+        assert_eq!(count(&db, "t"), 2);
+    }
+
+    #[test]
+    fn pragmas_are_denied_except_schema_introspection() {
+        let (dir, dbs) = setup();
+        let db = with_table(&dbs);
+        denied(exec(&db, "PRAGMA writable_schema=1", &[]), "PRAGMA writable_schema");
+        denied(exec(&db, "PRAGMA journal_mode=DELETE", &[]), "PRAGMA journal_mode");
+        denied(exec(&db, "PRAGMA Synchronous = OFF", &[]), "PRAGMA synchronous");
+        denied(exec(&db, "PRAGMA query_only=1", &[]), "PRAGMA query_only");
+        denied(exec(&db, "PRAGMA main.trusted_schema=ON", &[]), "PRAGMA trusted_schema");
+        denied(exec(&db, "PRAGMA foreign_keys=OFF", &[]), "PRAGMA foreign_keys");
+        denied(exec(&db, "PRAGMA journal_mode", &[]), "PRAGMA journal_mode");
+        denied(exec(&db, "SELECT * FROM pragma_compile_options", &[]), "PRAGMA compile_options");
+
+        let info = exec(&db, "PRAGMA table_info(t)", &[]).unwrap();
+        assert_eq!(info.rows.len(), 2);
+        assert!(info.columns.contains(&"name".to_owned()));
+        assert_eq!(ro(&db, "PRAGMA table_info('t')").unwrap().rows.len(), 2);
+        let names = exec(&db, "SELECT name FROM pragma_table_info('t') ORDER BY cid", &[]).unwrap();
+        assert_eq!(names.rows, [[text("id")], [text("name")]]);
+        exec(&db, "PRAGMA index_list(t)", &[]).unwrap();
+        exec(&db, "PRAGMA foreign_key_list(t)", &[]).unwrap();
+
+        // The refused pragmas changed nothing.
+        drop(db);
+        drop(dbs);
+        let raw = Connection::open(dir.path().join("sql/acme/main.sqlite3")).unwrap();
+        let mode: String = raw.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn transaction_control_is_denied() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        for sql in ["BEGIN", "BEGIN IMMEDIATE", "COMMIT", "END", "ROLLBACK", "SAVEPOINT s", "RELEASE s", "ROLLBACK TO s"] {
+            denied(exec(&db, sql, &[]), "transaction control");
+        }
+        let batch = db.batch(&[("DELETE FROM t".to_owned(), vec![]), ("COMMIT".to_owned(), vec![])], false, &limits());
+        assert!(matches!(batch, Err((1, SqlError::Denied { .. }))), "{batch:?}");
+        assert_eq!(count(&db, "t"), 2);
+    }
+
+    #[test]
+    fn schema_table_and_risky_objects_are_denied() {
+        let (dir, dbs) = setup();
+        let db = with_table(&dbs);
+        denied(exec(&db, "UPDATE sqlite_master SET sql = 'CREATE TABLE t (x)' WHERE name = 't'", &[]), "sqlite_schema");
+        denied(exec(&db, "DELETE FROM sqlite_schema", &[]), "sqlite_schema");
+        denied(exec(&db, "INSERT INTO sqlite_master VALUES ('table', 'x', 'x', 0, 'CREATE TABLE x (a)')", &[]), "sqlite_schema");
+        denied(exec(&db, "CREATE TEMP TABLE scratch (a)", &[]), "temporary");
+        denied(exec(&db, "CREATE TEMP TRIGGER tr AFTER INSERT ON t BEGIN DELETE FROM t; END", &[]), "temporary");
+        denied(exec(&db, "CREATE VIRTUAL TABLE r USING rtree(id, x0, x1)", &[]), "rtree");
+        denied(exec(&db, "CREATE VIRTUAL TABLE s USING dbstat", &[]), "dbstat");
+        denied(exec(&db, "VACUUM", &[]), "VACUUM");
+        let copy = dir.path().join("copy.db");
+        denied(exec(&db, &format!("/* x */ vacuum INTO '{}'", copy.display()), &[]), "VACUUM");
+        assert!(!copy.exists());
+        assert_eq!(count(&db, "t"), 2);
+        // Reading the schema is fine.
+        let tables = exec(&db, "SELECT name FROM sqlite_schema WHERE type = 'table'", &[]).unwrap();
+        assert_eq!(tables.rows, [[text("t")]]);
+    }
+
+    #[test]
+    fn ordinary_schema_features_work() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        exec(&db, "CREATE INDEX t_name ON t (name)", &[]).unwrap();
+        exec(&db, "CREATE VIEW names AS SELECT name FROM t", &[]).unwrap();
+        exec(&db, "CREATE TABLE log (msg TEXT)", &[]).unwrap();
+        exec(&db, "CREATE TRIGGER t_log AFTER INSERT ON t BEGIN INSERT INTO log VALUES (new.name); END", &[]).unwrap();
+        exec(&db, "INSERT INTO t (name) VALUES ('c')", &[]).unwrap();
+        assert_eq!(count(&db, "log"), 1);
+        assert_eq!(count(&db, "names"), 3);
+        exec(&db, "ALTER TABLE log ADD COLUMN at INTEGER", &[]).unwrap();
+        exec(&db, "CREATE VIRTUAL TABLE docs USING fts5(body)", &[]).unwrap();
+        exec(&db, "INSERT INTO docs (body) VALUES (?)", &[text("the quick brown fox")]).unwrap();
+        let hits = exec(&db, "SELECT body FROM docs WHERE docs MATCH ?", &[text("quick")]).unwrap();
+        assert_eq!(hits.rows.len(), 1);
+        assert_eq!(db.execute("SELECT body FROM docs WHERE docs MATCH 'fox'", &[], true, &limits()).unwrap().rows.len(), 1);
+        assert_eq!(ro(&db, "INSERT INTO docs (body) VALUES ('x')"), Err(SqlError::ReadOnly));
+        // Shadow tables are read-only to SQL (SQLITE_DBCONFIG_DEFENSIVE).
+        assert!(exec(&db, "DELETE FROM docs_data", &[]).is_err());
+        exec(&db, "DROP TABLE docs", &[]).unwrap();
+        exec(&db, "ANALYZE", &[]).unwrap();
+        exec(&db, "DROP VIEW names", &[]).unwrap();
+    }
+
+    #[test]
+    fn read_only_refuses_writes_and_allows_reads() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        for sql in [
+            "INSERT INTO t (name) VALUES ('x')",
+            "INSERT INTO t (name) VALUES ('x') RETURNING id",
+            "UPDATE t SET name = 'x'",
+            "DELETE FROM t",
+            "CREATE TABLE u (a)",
+            "CREATE INDEX t_name ON t (name)",
+            "DROP TABLE t",
+            "ALTER TABLE t ADD COLUMN c",
+            "REPLACE INTO t (id, name) VALUES (1, 'x')",
+        ] {
+            assert_eq!(ro(&db, sql), Err(SqlError::ReadOnly), "{sql}");
+        }
+        let all = ro(&db, "SELECT name FROM t ORDER BY id").unwrap();
+        assert_eq!(all.rows, [[text("a")], [text("b")]]);
+        let batch = db.batch(
+            &[("SELECT count(*) FROM t".to_owned(), vec![]), ("DELETE FROM t WHERE id = ?".to_owned(), vec![Value::Integer(1)])],
+            true,
+            &limits(),
+        );
+        assert_eq!(batch, Err((1, SqlError::ReadOnly)));
+        assert_eq!(count(&db, "t"), 2);
+        let names = exec(&db, "SELECT group_concat(name) FROM t", &[]).unwrap();
+        assert_eq!(names.rows, [[text("a,b")]]);
+    }
+
+    #[test]
+    fn timeout_interrupts_a_runaway_statement() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        let limits = SqlLimits { statement_timeout: Duration::from_millis(100), ..SqlLimits::default() };
+        // On another thread, so that a missing interrupt fails the test
+        // instead of hanging it.
+        let (done, result) = std::sync::mpsc::channel();
+        let runner = Arc::clone(&db);
+        let runner_limits = limits.clone();
+        std::thread::spawn(move || {
+            let forever = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
+            let _ = done.send(runner.execute(forever, &[], false, &runner_limits));
+        });
+        let result = result.recv_timeout(Duration::from_secs(10)).expect("the statement was not interrupted");
+        assert_eq!(result, Err(SqlError::Timeout { ms: 100 }));
+        // A runaway write is rolled back and the connection stays usable.
+        let writes = "INSERT INTO t (name) WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT 'n' || x FROM c";
+        assert_eq!(db.execute(writes, &[], false, &limits), Err(SqlError::Timeout { ms: 100 }));
+        assert_eq!(count(&db, "t"), 2);
+        assert!(SqlError::Timeout { ms: 100 }.to_string().contains("limits.sql_statement_timeout_ms"));
+    }
+
+    #[test]
+    fn row_and_byte_limits_stop_reading() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        let series = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < ?) SELECT x FROM c";
+        let five = SqlLimits { max_rows: 5, ..SqlLimits::default() };
+        assert_eq!(db.execute(series, &[Value::Integer(5)], false, &five).unwrap().rows.len(), 5);
+        assert_eq!(db.execute(series, &[Value::Integer(6)], false, &five), Err(SqlError::TooManyRows { max: 5 }));
+        assert_eq!(db.execute(series, &[Value::Integer(1_000_000_000)], false, &five), Err(SqlError::TooManyRows { max: 5 }));
+
+        let small = SqlLimits { max_result_bytes: 1000, ..SqlLimits::default() };
+        assert_eq!(db.execute("SELECT zeroblob(900)", &[], false, &small).unwrap().rows[0][0], Value::Blob(vec![0; 900]));
+        assert_eq!(db.execute("SELECT randomblob(1000)", &[], false, &small), Err(SqlError::ResultTooLarge { max: 1000 }));
+        // Many small values add up too.
+        assert_eq!(db.execute(series, &[Value::Integer(200)], false, &small), Err(SqlError::ResultTooLarge { max: 1000 }));
+        assert!(SqlError::TooManyRows { max: 5 }.to_string().contains("limits.max_sql_rows"));
+        assert!(SqlError::ResultTooLarge { max: 5 }.to_string().contains("limits.max_sql_result_bytes"));
+    }
+
+    #[test]
+    fn statement_length_and_param_limits() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        let tight = SqlLimits { max_statement_bytes: 20, max_params: 2, ..SqlLimits::default() };
+        let long = "SELECT 1 + 1 + 1 + 1 + 1";
+        assert_eq!(db.execute(long, &[], false, &tight), Err(SqlError::StatementTooLong { len: long.len(), max: 20 }));
+        let three = [Value::Integer(1), Value::Integer(2), Value::Integer(3)];
+        assert_eq!(db.execute("SELECT ?, ?, ?", &three, false, &tight), Err(SqlError::TooManyParams { got: 3, max: 2 }));
+        assert_eq!(db.execute("SELECT ?, ?", &three[..2], false, &tight).unwrap().rows.len(), 1);
+        // A parameter number past the limit is refused by SQLite itself.
+        assert!(matches!(db.execute("SELECT ?3", &[], false, &tight), Err(SqlError::Invalid(_))));
+        // Values are bounded by SQLITE_LIMIT_LENGTH.
+        let big = Value::Blob(vec![1; 8 * 1024 * 1024]);
+        assert!(matches!(exec(&db, "INSERT INTO t (name) VALUES (?)", &[big]), Err(SqlError::Invalid(m)) if m.contains("too big")));
+        assert!(matches!(exec(&db, "SELECT length(zeroblob(100000000))", &[]), Err(SqlError::Invalid(m)) if m.contains("too big")));
+    }
+
+    #[test]
+    fn failed_statements_leave_no_partial_writes() {
+        let (_dir, dbs) = setup();
+        let db = dbs.open("acme", "main").unwrap();
+        exec(&db, "CREATE TABLE u (x UNIQUE)", &[]).unwrap();
+        exec(&db, "INSERT INTO u VALUES (3)", &[]).unwrap();
+        // OR FAIL keeps the rows inserted before the failing one, unless the
+        // host's transaction rolls them back.
+        let partial = exec(&db, "INSERT OR FAIL INTO u SELECT column1 FROM (VALUES (1), (2), (3))", &[]);
+        assert!(matches!(partial, Err(SqlError::Constraint(ref m)) if m.contains("UNIQUE")), "{partial:?}");
+        assert_eq!(count(&db, "u"), 1);
+        // RETURNING writes everything on the first step; stopping at the row
+        // limit must not keep those writes.
+        let two = SqlLimits { max_rows: 2, ..SqlLimits::default() };
+        let returning = db.execute("INSERT INTO u SELECT column1 FROM (VALUES (10), (11), (12)) RETURNING x", &[], false, &two);
+        assert_eq!(returning, Err(SqlError::TooManyRows { max: 2 }));
+        assert_eq!(count(&db, "u"), 1);
+        // Deferred foreign keys fail at COMMIT, which rolls back too.
+        exec(&db, "CREATE TABLE p (id INTEGER PRIMARY KEY)", &[]).unwrap();
+        exec(&db, "CREATE TABLE c (pid REFERENCES p (id) DEFERRABLE INITIALLY DEFERRED)", &[]).unwrap();
+        assert!(matches!(exec(&db, "INSERT INTO c VALUES (5)", &[]), Err(SqlError::Constraint(m)) if m.contains("FOREIGN KEY")));
+        assert_eq!(count(&db, "c"), 0);
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        assert!(
+            matches!(exec(&db, "INSERT INTO t (id, name) VALUES (1, 'dup')", &[]), Err(SqlError::Constraint(m)) if m.contains("UNIQUE"))
+        );
+        assert!(matches!(exec(&db, "INSERT INTO t (name) VALUES (NULL)", &[]), Err(SqlError::Constraint(m)) if m.contains("NOT NULL")));
+        assert!(matches!(exec(&db, "SELEC 1", &[]), Err(SqlError::Invalid(m)) if m.contains("syntax")));
+        assert!(matches!(exec(&db, "SELECT * FROM missing", &[]), Err(SqlError::Invalid(m)) if m.contains("no such table")));
+    }
+
+    #[test]
+    fn batch_is_atomic() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        let batch = |statements: &[(&str, Vec<Value>)]| {
+            let owned: Vec<(String, Vec<Value>)> = statements.iter().map(|(s, p)| ((*s).to_owned(), p.clone())).collect();
+            db.batch(&owned, false, &limits())
+        };
+        let failed = batch(&[("INSERT INTO t (name) VALUES (?)", vec![text("c")]), ("INSERT INTO t (name) VALUES (NULL)", vec![])]);
+        assert!(matches!(failed, Err((1, SqlError::Constraint(_)))), "{failed:?}");
+        assert_eq!(count(&db, "t"), 2);
+        let failed = batch(&[("DELETE FROM t", vec![]), ("SELECT 1; SELECT 2", vec![])]);
+        assert_eq!(failed, Err((1, SqlError::MultipleStatements)));
+        assert_eq!(count(&db, "t"), 2);
+
+        let ok = batch(&[
+            ("CREATE TABLE k (v)", vec![]),
+            ("INSERT INTO k VALUES (?)", vec![Value::Integer(1)]),
+            ("INSERT INTO k VALUES (?)", vec![Value::Integer(2)]),
+            ("SELECT sum(v) FROM k", vec![]),
+        ])
+        .unwrap();
+        assert_eq!(ok.len(), 4);
+        assert_eq!(ok[2].last_insert_rowid, Some(2));
+        assert_eq!(ok[3].rows, [[Value::Integer(3)]]);
+        assert_eq!(db.batch(&[], false, &limits()), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn tenants_are_isolated_and_handles_shared() {
+        let (dir, dbs) = setup();
+        let a = dbs.open("alpha", "shop").unwrap();
+        let b = dbs.open("beta", "shop").unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(&a, &dbs.open("alpha", "shop").unwrap()));
+        exec(&a, "CREATE TABLE s (v)", &[]).unwrap();
+        exec(&a, "INSERT INTO s VALUES ('alpha')", &[]).unwrap();
+        assert!(matches!(exec(&b, "SELECT * FROM s", &[]), Err(SqlError::Invalid(_))));
+        assert!(dir.path().join("sql/alpha/shop.sqlite3").is_file());
+        assert!(dir.path().join("sql/beta/shop.sqlite3").is_file());
+    }
+
+    #[test]
+    fn invalid_names_are_refused() {
+        let (dir, dbs) = setup();
+        for (tenant, database) in [("..", "db"), ("acme", "../x"), ("a/b", "db"), ("", "db"), ("Acme", "db"), ("acme", "x.sqlite3")] {
+            assert!(matches!(dbs.open(tenant, database), Err(SqlError::InvalidName { .. })), "{tenant}/{database}");
+        }
+        assert!(!dir.path().join("sql").exists());
+    }
+
+    #[test]
+    fn data_survives_reopening() {
+        let (dir, dbs) = setup();
+        let db = with_table(&dbs);
+        drop(db);
+        drop(dbs);
+        let dbs = Databases::new(dir.path().join("sql"));
+        let db = dbs.open("acme", "main").unwrap();
+        assert_eq!(count(&db, "t"), 2);
+    }
+
+    #[test]
+    fn files_are_private() {
+        let (dir, dbs) = setup();
+        let _db = with_table(&dbs);
+        let mode = |p: &str| fs::metadata(dir.path().join(p)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("sql/acme/main.sqlite3"), 0o600);
+        assert_eq!(mode("sql/acme/main.sqlite3-wal"), 0o600);
+        assert_eq!(mode("sql/acme"), 0o700);
+        assert_eq!(mode("sql"), 0o700);
+    }
+
+    #[test]
+    fn poisoned_lock_is_recovered_and_transaction_rolled_back() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        let poisoner = Arc::clone(&db);
+        let joined = std::thread::spawn(move || {
+            let conn = poisoner.conn.lock().unwrap();
+            conn.host("BEGIN IMMEDIATE").unwrap();
+            conn.host("DELETE FROM t").unwrap();
+            panic!("poison the lock mid-transaction");
+        })
+        .join();
+        assert!(joined.is_err());
+        assert_eq!(count(&db, "t"), 2);
+        exec(&db, "INSERT INTO t (name) VALUES ('c')", &[]).unwrap();
+        assert_eq!(count(&db, "t"), 3);
+    }
+
+    #[test]
+    fn first_keyword_skips_comments() {
+        assert_eq!(first_keyword("  -- x\n /* y */ VACUUM INTO 'f'"), "VACUUM");
+        assert_eq!(first_keyword("select 1"), "select");
+        assert_eq!(first_keyword("/* unterminated"), "");
+        assert_eq!(first_keyword(""), "");
+    }
+}

@@ -1,0 +1,4 @@
+//! SQL databases for workers.
+
+pub mod database;
+pub mod host;
