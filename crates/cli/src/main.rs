@@ -1,4 +1,7 @@
-//! `cordon`: serve workers, or check a config and its components.
+//! `cordon`: serve workers, check a config and its components, or manage
+//! the secrets of workers.
+
+mod secret;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +48,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Store, list and delete the encrypted secrets of a worker.
+    Secret {
+        #[command(subcommand)]
+        command: secret::SecretCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +61,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config, listen, admin_listen } => serve(&config, listen, admin_listen),
         Command::Check { config } => check(&config),
+        Command::Secret { command } => secret::run(command),
     };
     match result {
         Ok(code) => code,

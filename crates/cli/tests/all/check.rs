@@ -30,14 +30,14 @@ fn a_good_config_passes_and_prints_the_posture() {
 fn the_example_config_passes() {
     // A copy of examples/, so the test writes nothing into the source tree.
     let dir = tempfile::tempdir().unwrap();
-    for example in ["hello", "fetch"] {
+    for example in ["hello", "fetch", "kv-counter", "notes"] {
         std::fs::create_dir(dir.path().join(example)).unwrap();
         std::fs::copy(example_wasm(example), dir.path().join(format!("{example}/{example}.wasm"))).unwrap();
     }
     std::fs::copy(repo_root().join("examples/cordon.toml"), dir.path().join("cordon.toml")).unwrap();
     let (ok, out) = check(&dir.path().join("cordon.toml"));
     assert!(ok, "{out}");
-    assert!(out.contains("ok: worker `fetch`") && out.contains("0 warning(s)"), "{out}");
+    assert!(out.contains("ok: worker `fetch`") && out.contains("ok: worker `notes`") && out.contains("0 warning(s)"), "{out}");
 }
 
 #[test]

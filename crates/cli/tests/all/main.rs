@@ -1,6 +1,8 @@
 //! The `cordon` binary as an operator runs it.
 
 mod check;
+mod durability;
+mod secret;
 mod serve;
 
 use std::path::{Path, PathBuf};
@@ -25,7 +27,7 @@ pub fn example_wasm(name: &str) -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let root = repo_root();
-        for example in ["hello", "fetch"] {
+        for example in ["hello", "fetch", "kv-counter", "notes"] {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = Command::new(cargo)
                 .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
@@ -40,7 +42,7 @@ pub fn example_wasm(name: &str) -> PathBuf {
         }
         root.join("target/guests/wasm32-wasip2/release")
     });
-    dir.join(format!("{name}.wasm"))
+    dir.join(format!("{}.wasm", name.replace('-', "_")))
 }
 
 /// Writes `toml` as `cordon.toml` in a new temp dir.

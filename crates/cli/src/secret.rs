@@ -1,0 +1,190 @@
+//! `cordon secret`: store, list and delete the encrypted secrets of a worker.
+//!
+//! A value is read from stdin, never from an argument, so that it stays out
+//! of shell history and `ps`, and it is never printed. A secret can only be
+//! stored under a name that the worker's `secrets = [...]` grants, so the
+//! config stays the one list of what a worker may read. These commands do not
+//! take the data directory's lock: they run next to `cordon serve`, and
+//! SQLite arbitrates the concurrent access to the secrets database.
+
+use std::collections::BTreeSet;
+use std::io::{IsTerminal as _, Read as _};
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::Subcommand;
+use cordon_config::{Config, WorkerConfig};
+use cordon_vars::vault::{KeySource, MAX_SECRET_BYTES, MasterKey, SecretValue, Vault, VaultError};
+use zeroize::Zeroizing;
+
+#[derive(Subcommand)]
+pub enum SecretCommand {
+    /// Store a secret of a worker, reading its value from stdin (one trailing
+    /// newline is removed).
+    Put {
+        /// The config that names the worker and its granted secrets.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The worker whose secrets these are.
+        #[arg(long, short)]
+        worker: String,
+        /// The secret's name, as listed in the worker's `secrets`.
+        key: String,
+    },
+    /// List the names of a worker's secrets, marking those granted but not
+    /// stored and those stored but no longer granted.
+    List {
+        /// The config that names the worker and its granted secrets.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The worker whose secrets these are.
+        #[arg(long, short)]
+        worker: String,
+    },
+    /// Delete a stored secret of a worker.
+    Delete {
+        /// The config that names the worker and its granted secrets.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The worker whose secrets these are.
+        #[arg(long, short)]
+        worker: String,
+        /// The secret's name.
+        key: String,
+    },
+}
+
+pub fn run(command: SecretCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        SecretCommand::Put { config, worker, key } => put(&config, &worker, &key),
+        SecretCommand::List { config, worker } => list(&config, &worker),
+        SecretCommand::Delete { config, worker, key } => delete(&config, &worker, &key),
+    }
+}
+
+fn put(path: &Path, worker: &str, key: &str) -> anyhow::Result<ExitCode> {
+    let config = crate::load_config(path)?;
+    let worker = find_worker(&config, worker)?;
+    if !worker.grants.secrets.iter().any(|s| s == key) {
+        let mut names: Vec<String> = worker.grants.secrets.iter().map(|s| format!("{s:?}")).collect();
+        names.push(format!("{key:?}"));
+        bail!(
+            "secret `{key}` is not granted to worker `{}`: add it to that worker's secrets in {} (`secrets = [{}]`), then run this again",
+            worker.name,
+            path.display(),
+            names.join(", ")
+        );
+    }
+    // The value is read only once the command is known to be valid.
+    let value = read_value(key)?;
+    let vault = open_vault(&config)?;
+    vault.put(&worker.tenant, &worker.name, key, &value).map_err(render)?;
+    println!("secret {key} stored for worker {} (tenant {})", worker.name, worker.tenant);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list(path: &Path, worker: &str) -> anyhow::Result<ExitCode> {
+    let config = crate::load_config(path)?;
+    let worker = find_worker(&config, worker)?;
+    // Listing never creates a key or a database.
+    let stored = match vault_if_exists(&config)? {
+        Some(vault) => vault.list(&worker.tenant, &worker.name).map_err(render)?,
+        None => Vec::new(),
+    };
+    let granted = &worker.grants.secrets;
+    let names: BTreeSet<&String> = granted.iter().chain(&stored).collect();
+    for name in &names {
+        match (granted.contains(name), stored.contains(name)) {
+            (true, true) => println!("{name}"),
+            (true, false) => println!("{name}  (granted but not stored: store it with `cordon secret put`)"),
+            (false, _) => {
+                println!("{name}  (stored but no longer granted, so the worker cannot read it: `cordon secret delete` removes it)")
+            }
+        }
+    }
+    if names.is_empty() {
+        eprintln!("worker `{}` has no secrets granted in {} and none stored", worker.name, path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn delete(path: &Path, worker: &str, key: &str) -> anyhow::Result<ExitCode> {
+    let config = crate::load_config(path)?;
+    let worker = find_worker(&config, worker)?;
+    let deleted = match vault_if_exists(&config)? {
+        Some(vault) => vault.delete(&worker.tenant, &worker.name, key).map_err(render)?,
+        None => false,
+    };
+    if !deleted {
+        bail!("secret `{key}` is not stored for worker `{}` (tenant `{}`), so there is nothing to delete", worker.name, worker.tenant);
+    }
+    println!("secret {key} deleted for worker {} (tenant {})", worker.name, worker.tenant);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn find_worker<'a>(config: &'a Config, name: &str) -> anyhow::Result<&'a WorkerConfig> {
+    if let Some(w) = config.workers.iter().find(|w| w.name == name) {
+        return Ok(w);
+    }
+    let names: Vec<&str> = config.workers.iter().map(|w| w.name.as_str()).collect();
+    let known = if names.is_empty() { "it has no [[worker]]".to_string() } else { format!("its workers are {}", names.join(", ")) };
+    bail!("there is no worker `{name}` in {}: {known}", config.source.display())
+}
+
+fn open_vault(config: &Config) -> anyhow::Result<Vault> {
+    let data_dir = &config.server.data_dir;
+    let (key, source) = MasterKey::load(data_dir).map_err(render)?;
+    let vault = Vault::open(data_dir, key).map_err(render)?;
+    if let KeySource::Created(path) = source {
+        eprintln!("note: created a new master key in {}; back it up, because without it the secrets cannot be decrypted", path.display());
+    }
+    Ok(vault)
+}
+
+fn vault_if_exists(config: &Config) -> anyhow::Result<Option<Vault>> {
+    if Vault::database_path(&config.server.data_dir).exists() { open_vault(config).map(Some) } else { Ok(None) }
+}
+
+/// The vault's messages already name the underlying cause; rendering the
+/// message alone keeps `{:#}` from printing the cause twice.
+fn render(e: VaultError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
+/// The value on stdin, without one trailing "\n" or "\r\n". It is read
+/// straight from the file descriptor into a buffer of fixed size that is
+/// zeroed afterwards: stdin's own buffer, or a growing `Vec`, would leave
+/// copies of the value in memory.
+fn read_value(key: &str) -> anyhow::Result<SecretValue> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("type the value of {key}, then Enter and Ctrl-D (it is shown as you type; pipe it in to avoid that)");
+    }
+    let mut input = std::fs::File::from(stdin.as_fd().try_clone_to_owned().context("cannot read stdin")?);
+    // Room for one byte past the largest value and its line ending, to tell
+    // "too large" from "exactly the limit".
+    let mut buf = Zeroizing::new(vec![0u8; MAX_SECRET_BYTES + 3]);
+    let mut len = 0;
+    while len < buf.len() {
+        match input.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("cannot read the value from stdin"),
+        }
+    }
+    let value = &buf[..len];
+    let value = value.strip_suffix(b"\r\n").or_else(|| value.strip_suffix(b"\n")).unwrap_or(value);
+    if value.is_empty() {
+        bail!("the value of {key} on stdin is empty; pipe it in, for example `cordon secret put ... {key} < file`");
+    }
+    if value.len() > MAX_SECRET_BYTES {
+        bail!("the value of {key} on stdin is more than {MAX_SECRET_BYTES} bytes, the largest a secret can be");
+    }
+    let Ok(text) = std::str::from_utf8(value) else {
+        bail!("the value of {key} on stdin is not UTF-8 text");
+    };
+    Ok(SecretValue::new(text.to_owned()))
+}

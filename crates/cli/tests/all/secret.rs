@@ -1,0 +1,194 @@
+//! `cordon secret put`, `list` and `delete`: grants are enforced, values
+//! come from stdin only, and a value never shows up in output or, in plain
+//! text, on disk.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+
+use cordon_vars::vault::{MasterKey, Vault};
+
+use crate::*;
+
+const VALUE: &str = "sup3r-s3cret-VALUE-xyz";
+const OTHER_VALUE: &str = "an0ther-s3cret-VALUE-abc";
+const WRONG_KEY: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// A config with worker `notes` of tenant `acme`, granted `secrets`.
+fn setup(secrets: &str) -> (tempfile::TempDir, PathBuf) {
+    config(&format!("{}secrets = [{secrets}]\n", worker_toml("notes", &hello_wasm())))
+}
+
+fn data_dir(config: &Path) -> PathBuf {
+    config.parent().unwrap().join(".cordon")
+}
+
+/// Runs `cordon secret <args[0]> --config CONFIG <args[1..]>` with `stdin`,
+/// and checks that no secret value appears in what it printed.
+fn secret(config: &Path, args: &[&str], stdin: &[u8], master_key: Option<&str>) -> Output {
+    let mut cmd = cordon();
+    cmd.arg("secret").arg(args[0]).arg("--config").arg(config).args(&args[1..]);
+    cmd.env_remove("CORDON_MASTER_KEY").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    if let Some(key) = master_key {
+        cmd.env("CORDON_MASTER_KEY", key);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    // A refused command may exit without reading: a broken pipe is fine.
+    let _ = input.write_all(stdin);
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    let shown = text(&out);
+    for value in [VALUE, OTHER_VALUE, WRONG_KEY] {
+        assert!(!shown.contains(value), "the output shows {value:?}:\n{shown}");
+    }
+    out
+}
+
+fn put(config: &Path, key: &str, value: &str) -> Output {
+    secret(config, &["put", "--worker", "notes", key], value.as_bytes(), None)
+}
+
+fn failed_with(out: &Output, needle: &str) {
+    assert_eq!(out.status.code(), Some(1), "{}", text(out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(needle), "expected {needle:?} in:\n{}", text(out));
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(out.status.success(), "{}", text(out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value stored for worker `notes`, read with the key file's key.
+fn stored(config: &Path, name: &str) -> Option<String> {
+    let dir = data_dir(config);
+    let hex: String = std::fs::read(dir.join("master.key")).unwrap().iter().map(|b| format!("{b:02x}")).collect();
+    let vault = Vault::open(&dir, MasterKey::from_env_value(&hex).unwrap()).unwrap();
+    vault.get("acme", "notes", name).unwrap().map(|v| v.expose().to_string())
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() { out.extend(files(&path)) } else { out.push(path) }
+    }
+    out
+}
+
+#[test]
+fn put_then_list_shows_the_name_and_marks_the_rest() {
+    let (_dir, path) = setup("\"API_KEY\", \"DB_PASSWORD\"");
+    let out = put(&path, "API_KEY", &format!("{VALUE}\n"));
+    assert_eq!(stdout(&out), "secret API_KEY stored for worker notes (tenant acme)\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("created a new master key"), "{}", text(&out));
+    assert_eq!(stored(&path, "API_KEY").as_deref(), Some(VALUE));
+
+    let list = stdout(&secret(&path, &["list", "--worker", "notes"], b"", None));
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines.len(), 2, "{list}");
+    assert_eq!(lines[0], "API_KEY");
+    assert!(lines[1].starts_with("DB_PASSWORD  (granted but not stored"), "{list}");
+
+    // No longer granted: still listed, and marked.
+    std::fs::write(&path, format!("{}secrets = [\"DB_PASSWORD\"]\n", worker_toml("notes", &hello_wasm()))).unwrap();
+    let list = stdout(&secret(&path, &["list", "--worker", "notes"], b"", None));
+    assert!(list.lines().any(|l| l.starts_with("API_KEY  (stored but no longer granted")), "{list}");
+}
+
+#[test]
+fn a_name_not_granted_or_an_unknown_worker_is_refused_with_a_hint() {
+    let (_dir, path) = setup("\"API_KEY\"");
+    let out = put(&path, "OTHER", VALUE);
+    failed_with(&out, "secret `OTHER` is not granted to worker `notes`");
+    failed_with(&out, "(`secrets = [\"API_KEY\", \"OTHER\"]`)");
+    assert!(!data_dir(&path).exists(), "nothing is created for a refused put");
+
+    let out = secret(&path, &["put", "--worker", "nobody", "API_KEY"], VALUE.as_bytes(), None);
+    failed_with(&out, "there is no worker `nobody` in");
+    failed_with(&out, "its workers are notes");
+}
+
+#[test]
+fn the_value_is_read_from_stdin_without_one_line_ending() {
+    let (_dir, path) = setup("\"API_KEY\"");
+    for (input, expected) in [("a\r\n", "a"), ("a\n\n", "a\n"), ("a", "a"), (" a b \n", " a b ")] {
+        stdout(&put(&path, "API_KEY", input));
+        assert_eq!(stored(&path, "API_KEY").as_deref(), Some(expected), "{input:?}");
+    }
+    let max = "x".repeat(64 * 1024);
+    stdout(&put(&path, "API_KEY", &format!("{max}\n")));
+    assert_eq!(stored(&path, "API_KEY").map(|v| v.len()), Some(64 * 1024));
+
+    failed_with(&put(&path, "API_KEY", ""), "the value of API_KEY on stdin is empty");
+    failed_with(&put(&path, "API_KEY", "\n"), "the value of API_KEY on stdin is empty");
+    failed_with(&put(&path, "API_KEY", &format!("{max}y")), "more than 65536 bytes");
+    failed_with(&secret(&path, &["put", "--worker", "notes", "API_KEY"], b"\xff\xfe", None), "not UTF-8");
+    assert_eq!(stored(&path, "API_KEY").map(|v| v.len()), Some(64 * 1024), "a refused value replaces nothing");
+
+    // There is no argument for the value.
+    let out = secret(&path, &["put", "--worker", "notes", "API_KEY", "hunter2"], b"v", None);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+#[test]
+fn delete_removes_a_secret() {
+    let (_dir, path) = setup("\"API_KEY\"");
+    failed_with(&secret(&path, &["delete", "--worker", "notes", "API_KEY"], b"", None), "nothing to delete");
+    stdout(&put(&path, "API_KEY", VALUE));
+    let out = secret(&path, &["delete", "--worker", "notes", "API_KEY"], b"", None);
+    assert_eq!(stdout(&out), "secret API_KEY deleted for worker notes (tenant acme)\n");
+    assert_eq!(stored(&path, "API_KEY"), None);
+    let list = stdout(&secret(&path, &["list", "--worker", "notes"], b"", None));
+    assert!(list.starts_with("API_KEY  (granted but not stored"), "{list}");
+    failed_with(&secret(&path, &["delete", "--worker", "notes", "API_KEY"], b"", None), "nothing to delete");
+}
+
+#[test]
+fn a_wrong_master_key_is_refused_clearly() {
+    let (_dir, path) = setup("\"API_KEY\"");
+    stdout(&put(&path, "API_KEY", VALUE));
+    for args in [&["put", "--worker", "notes", "API_KEY"][..], &["list", "--worker", "notes"], &["delete", "--worker", "notes", "API_KEY"]]
+    {
+        let out = secret(&path, args, OTHER_VALUE.as_bytes(), Some(WRONG_KEY));
+        failed_with(&out, "the master key from the CORDON_MASTER_KEY environment variable does not match the key");
+        failed_with(&out, "secrets.sqlite3");
+    }
+    let out = secret(&path, &["list", "--worker", "notes"], b"", Some("not-hex"));
+    failed_with(&out, "CORDON_MASTER_KEY must be 64 hexadecimal characters");
+    assert_eq!(stored(&path, "API_KEY").as_deref(), Some(VALUE), "the wrong key changed nothing");
+}
+
+#[test]
+fn the_plaintext_is_absent_from_every_file_in_the_data_dir() {
+    let (_dir, path) = setup("\"API_KEY\", \"DB_PASSWORD\"");
+    stdout(&put(&path, "API_KEY", OTHER_VALUE));
+    stdout(&put(&path, "API_KEY", VALUE));
+    stdout(&put(&path, "DB_PASSWORD", OTHER_VALUE));
+    let dir = data_dir(&path);
+    let all = files(&dir);
+    assert!(all.iter().any(|p| p.ends_with("secrets.sqlite3")) && all.iter().any(|p| p.ends_with("master.key")), "{all:?}");
+    for file in all {
+        let bytes = std::fs::read(&file).unwrap();
+        for value in [VALUE, OTHER_VALUE] {
+            assert!(!bytes.windows(value.len()).any(|w| w == value.as_bytes()), "{} contains {value:?}", file.display());
+        }
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600, "{}", file.display());
+    }
+}
+
+#[test]
+fn secret_commands_run_beside_a_server_holding_the_lock() {
+    use std::os::fd::AsRawFd;
+    let (_dir, path) = setup("\"API_KEY\"");
+    let dir = data_dir(&path);
+    std::fs::create_dir(&dir).unwrap();
+    let lock = std::fs::File::create(dir.join("lock")).unwrap();
+    // SAFETY: flock on a file descriptor this test owns; no memory-safety preconditions.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    stdout(&put(&path, "API_KEY", VALUE));
+    assert_eq!(stdout(&secret(&path, &["list", "--worker", "notes"], b"", None)), "API_KEY\n");
+    stdout(&secret(&path, &["delete", "--worker", "notes", "API_KEY"], b"", None));
+    drop(lock);
+}

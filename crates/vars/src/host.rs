@@ -1,0 +1,120 @@
+//! `wasi:config/store` for guests: the worker's `[worker.vars]` and the
+//! secrets granted to it by name in `secrets = [...]`. Secret values are
+//! read from the vault on each call and decrypted only then, so plaintext
+//! lives in the host no longer than the call.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cordon_config::WorkerConfig;
+use wasmtime::component::{HasData, Linker};
+
+use crate::vault::{Vault, VaultError};
+
+mod generated {
+    wasmtime::component::bindgen!({
+        path: "../../wit/config",
+        world: "wasi:config/imports",
+        imports: { default: async | trappable },
+    });
+}
+
+use generated::wasi::config::store;
+
+/// The WIT interfaces this capability implements; a component importing
+/// them needs `[worker.vars]` or `secrets`.
+pub const INTERFACES: &[&str] = &["wasi:config/store@0.2.0-rc.1"];
+
+/// A worker's variables and secret grants.
+pub struct WorkerVars {
+    tenant: String,
+    worker: String,
+    vars: BTreeMap<String, String>,
+    secrets: Vec<String>,
+    vault: Option<Arc<Vault>>,
+}
+
+/// Why a worker's secrets cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum VarsError {
+    #[error("secret `{name}` is granted to this worker but has no value: run `cordon secret put --config FILE --worker {worker} {name}`")]
+    MissingSecret { worker: String, name: String },
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+}
+
+impl WorkerVars {
+    /// Checks that every granted secret has a value, so that a missing one
+    /// stops the start rather than surprising the worker later.
+    pub fn new(worker: &WorkerConfig, vault: Option<Arc<Vault>>) -> Result<WorkerVars, VarsError> {
+        let secrets = worker.grants.secrets.clone();
+        if !secrets.is_empty() {
+            let stored = match &vault {
+                Some(v) => v.list(&worker.tenant, &worker.name)?,
+                None => Vec::new(),
+            };
+            if let Some(missing) = secrets.iter().find(|s| !stored.contains(s)) {
+                return Err(VarsError::MissingSecret { worker: worker.name.clone(), name: missing.clone() });
+            }
+        }
+        Ok(WorkerVars { tenant: worker.tenant.clone(), worker: worker.name.clone(), vars: worker.grants.vars.clone(), secrets, vault })
+    }
+
+    /// No variables and no secrets.
+    pub fn none() -> WorkerVars {
+        WorkerVars { tenant: String::new(), worker: String::new(), vars: BTreeMap::new(), secrets: Vec::new(), vault: None }
+    }
+
+    /// Reads and decrypts one granted secret.
+    async fn secret(&self, name: &str) -> Result<Option<String>, store::Error> {
+        let Some(vault) = self.vault.clone() else { return Ok(None) };
+        let (tenant, worker, name) = (self.tenant.clone(), self.worker.clone(), name.to_string());
+        let read = tokio::task::spawn_blocking(move || vault.get(&tenant, &worker, &name).map(|v| v.map(|s| s.expose().to_string())));
+        match read.await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                tracing::error!(worker = %self.worker, error = %e, "cannot read a secret");
+                Err(store::Error::Upstream("the secret store is unavailable".to_string()))
+            }
+            Err(_) => Err(store::Error::Upstream("the secret store is unavailable".to_string())),
+        }
+    }
+}
+
+pub struct VarsView<'a> {
+    pub state: &'a WorkerVars,
+}
+
+struct Vars;
+
+impl HasData for Vars {
+    type Data<'a> = VarsView<'a>;
+}
+
+pub fn add_to_linker<T: Send + 'static>(linker: &mut Linker<T>, get: fn(&mut T) -> VarsView<'_>) -> wasmtime::Result<()> {
+    generated::Imports::add_to_linker::<T, Vars>(linker, get)
+}
+
+impl store::Host for VarsView<'_> {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<String>, store::Error>> {
+        if let Some(value) = self.state.vars.get(&key) {
+            return Ok(Ok(Some(value.clone())));
+        }
+        if self.state.secrets.contains(&key) {
+            return Ok(self.state.secret(&key).await);
+        }
+        Ok(Ok(None))
+    }
+
+    async fn get_all(&mut self) -> wasmtime::Result<Result<Vec<(String, String)>, store::Error>> {
+        let mut all: Vec<(String, String)> = self.state.vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for name in &self.state.secrets {
+            match self.state.secret(name).await {
+                Ok(Some(value)) => all.push((name.clone(), value)),
+                Ok(None) => {}
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        Ok(Ok(all))
+    }
+}

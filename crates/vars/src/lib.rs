@@ -1,0 +1,4 @@
+//! Variables and secrets for workers.
+
+pub mod host;
+pub mod vault;

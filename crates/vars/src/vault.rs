@@ -1,0 +1,845 @@
+//! Encrypted secret storage: `<data_dir>/secrets.sqlite3`, every value sealed
+//! with XChaCha20-Poly1305 under one master key.
+//!
+//! Invariants, and the tests below that prove them:
+//! - Plaintext never reaches the disk. Values are encrypted before SQLite
+//!   sees them, there are no temporary files, and nothing is logged
+//!   (`no_file_under_the_data_dir_contains_the_plaintext`). `secure_delete`
+//!   zeroes the pages of deleted or overwritten ciphertext as well.
+//! - A ciphertext only opens under its own identity: the tenant, worker and
+//!   secret name are the associated data, so a row copied or moved to another
+//!   worker or name fails to decrypt (`a_row_moved_to_another_worker_or_name_fails_to_decrypt`).
+//! - A wrong master key is reported as such, on open, instead of as a pile of
+//!   undecryptable rows (`a_wrong_master_key_is_refused_with_a_clear_message`).
+//! - The key file is created 0600 exactly once, and a key file that others
+//!   could read is refused (`the_key_file_is_created_0600_and_a_0644_one_is_refused`).
+//! - Secret values are never printed: `Debug` and `Display` are redacted and
+//!   the memory is zeroed on drop (`debug_and_display_never_show_a_value`).
+//!
+//! On-disk format (`PRAGMA user_version = 1`):
+//! - `meta(key TEXT PRIMARY KEY, value BLOB)`: the row `key_check` holds
+//!   `nonce (24 bytes) || XChaCha20-Poly1305(KEY_CHECK_PLAINTEXT)` with
+//!   associated data `KEY_CHECK_AAD`, written by the first open.
+//! - `secrets(tenant, worker, name, nonce, ciphertext)`, primary key
+//!   `(tenant, worker, name)`: names are plain text (they are in the config
+//!   anyway), `nonce` is 24 fresh random bytes per write and `ciphertext` is
+//!   the sealed UTF-8 value followed by its 16-byte tag, with associated data
+//!   `"cordon-secret-v1\0" tenant "\0" worker "\0" name`.
+
+use std::fmt;
+use std::fs;
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chacha20poly1305::aead::rand_core::RngCore as _;
+use chacha20poly1305::aead::{Aead as _, KeyInit as _, OsRng, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use cordon_config::{is_valid_binding, is_valid_name};
+use rusqlite::{Connection, OptionalExtension as _, params};
+use zeroize::{Zeroize as _, Zeroizing};
+
+/// Largest secret value, in bytes.
+pub const MAX_SECRET_BYTES: usize = 64 * 1024;
+/// The environment variable that, when set, holds the master key as hex.
+pub const MASTER_KEY_ENV: &str = "CORDON_MASTER_KEY";
+/// The key file in the data directory, used when the variable is not set.
+pub const MASTER_KEY_FILE: &str = "master.key";
+/// The database in the data directory.
+pub const DATABASE_FILE: &str = "secrets.sqlite3";
+
+const KEY_LEN: usize = 32;
+const NONCE_LEN: usize = 24;
+const FORMAT_VERSION: i64 = 1;
+const SECRET_AAD_PREFIX: &[u8] = b"cordon-secret-v1\0";
+const KEY_CHECK_AAD: &[u8] = b"cordon-key-check-v1\0";
+const KEY_CHECK_PLAINTEXT: &[u8] = b"cordon master key check";
+/// How long a reader waits for a key file that another process has just
+/// created but not yet written.
+const KEY_FILE_WAIT: Duration = Duration::from_secs(2);
+/// How long a statement waits for another process's write to finish.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A secret's value. It is never printed: `Debug` and `Display` show
+/// `[redacted]`, so a value cannot leak through a log line or an error
+/// message by accident, and its memory is zeroed when it is dropped.
+#[derive(Clone)]
+pub struct SecretValue(Zeroizing<String>);
+
+impl SecretValue {
+    pub fn new(s: String) -> Self {
+        Self(Zeroizing::new(s))
+    }
+
+    /// The plaintext. Named so that every place that reads it stands out.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Where a master key came from, so that a key mismatch can say which key
+/// is wrong and how to change it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// The `CORDON_MASTER_KEY` environment variable.
+    Environment,
+    /// An existing key file.
+    File(PathBuf),
+    /// A key file that did not exist and was created just now.
+    Created(PathBuf),
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::Environment => write!(f, "the {MASTER_KEY_ENV} environment variable"),
+            KeySource::File(p) => write!(f, "the key file {}", p.display()),
+            KeySource::Created(p) => write!(f, "the key file {}, created just now because it did not exist", p.display()),
+        }
+    }
+}
+
+/// The 32-byte key that every secret is encrypted with. Zeroed on drop and
+/// never printed.
+pub struct MasterKey {
+    bytes: Zeroizing<[u8; KEY_LEN]>,
+    source: KeySource,
+}
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MasterKey").field("key", &format_args!("[redacted]")).field("source", &self.source).finish()
+    }
+}
+
+impl MasterKey {
+    /// The key from `CORDON_MASTER_KEY` (64 hex characters; anything else is
+    /// an error, never a silent fallback to the file), else from
+    /// `<data_dir>/master.key`.
+    ///
+    /// The key file is created with 32 bytes of OS randomness and mode 0600
+    /// on first use. It is created with `create_new`, so when two processes
+    /// race, exactly one creates it and the other reads that one's key. An
+    /// existing key file that group or others can access, or that another
+    /// user owns, is refused: whoever can read it can decrypt every secret.
+    /// When the secrets database exists but the key file does not, no new key
+    /// is created, because it could not decrypt the secrets already stored.
+    pub fn load(data_dir: &Path) -> Result<(MasterKey, KeySource), VaultError> {
+        Self::load_with_env(std::env::var_os(MASTER_KEY_ENV), data_dir)
+    }
+
+    /// Parses the value of `CORDON_MASTER_KEY`: 64 hexadecimal characters.
+    pub fn from_env_value(value: &str) -> Result<MasterKey, VaultError> {
+        Ok(MasterKey { bytes: parse_hex_key(value.as_bytes())?, source: KeySource::Environment })
+    }
+
+    /// Where this key came from.
+    pub fn source(&self) -> &KeySource {
+        &self.source
+    }
+
+    /// [`MasterKey::load`] with the environment variable's value passed in,
+    /// so tests need not change the process environment.
+    fn load_with_env(env: Option<std::ffi::OsString>, data_dir: &Path) -> Result<(MasterKey, KeySource), VaultError> {
+        if let Some(value) = env {
+            let value = Zeroizing::new(value.into_encoded_bytes());
+            let key = MasterKey { bytes: parse_hex_key(&value)?, source: KeySource::Environment };
+            return Ok((key, KeySource::Environment));
+        }
+        create_private_dir(data_dir)?;
+        let path = data_dir.join(MASTER_KEY_FILE);
+        let bytes = match read_key_file(&path)? {
+            Some(bytes) => bytes,
+            None => return Self::create_key_file(data_dir, path),
+        };
+        let source = KeySource::File(path);
+        Ok((MasterKey { bytes, source: source.clone() }, source))
+    }
+
+    fn create_key_file(data_dir: &Path, path: PathBuf) -> Result<(MasterKey, KeySource), VaultError> {
+        let database = data_dir.join(DATABASE_FILE);
+        if database.exists() {
+            return Err(VaultError::MissingMasterKey { key_file: path, database });
+        }
+        let key_err = |source| VaultError::KeyFile { path: path.clone(), source };
+        let mut file = match fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+            Ok(f) => f,
+            // Another process created it first: use its key.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let bytes = read_key_file(&path)?.ok_or_else(|| key_err(e))?;
+                let source = KeySource::File(path);
+                return Ok((MasterKey { bytes, source: source.clone() }, source));
+            }
+            Err(e) => return Err(key_err(e)),
+        };
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        let written = os_random(&mut *bytes)
+            .and_then(|()| file.write_all(&*bytes))
+            .and_then(|()| file.sync_all())
+            .and_then(|()| fs::File::open(data_dir)?.sync_all());
+        if let Err(e) = written {
+            // An empty or short key file would only be refused later.
+            let _ = fs::remove_file(&path);
+            return Err(key_err(e));
+        }
+        let source = KeySource::Created(path);
+        Ok((MasterKey { bytes, source: source.clone() }, source))
+    }
+}
+
+/// The key in `path`, or `None` if there is no such file.
+fn read_key_file(path: &Path) -> Result<Option<Zeroizing<[u8; KEY_LEN]>>, VaultError> {
+    let key_err = |source| VaultError::KeyFile { path: path.to_path_buf(), source };
+    let unsafe_because = |problem: String, fix: String| Err(VaultError::KeyFileUnsafe { path: path.to_path_buf(), problem, fix });
+    let deadline = std::time::Instant::now() + KEY_FILE_WAIT;
+    loop {
+        let mut file = match fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(key_err(e)),
+        };
+        // The checks are on the opened file, so they are about the bytes read.
+        let meta = file.metadata().map_err(key_err)?;
+        if !meta.is_file() {
+            return unsafe_because(
+                "not a regular file".into(),
+                format!("remove it, or replace it with the 32-byte key file: `rm -r {}`", path.display()),
+            );
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        if meta.uid() != euid {
+            return unsafe_because(
+                format!("owned by uid {}, not by the user Cordon runs as (uid {euid})", meta.uid()),
+                format!("`chown {euid} {0} && chmod 600 {0}`", path.display()),
+            );
+        }
+        let mode = meta.mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return unsafe_because(
+                format!("accessible to group or others (mode {mode:04o}), and anyone who can read it can decrypt every secret"),
+                format!("`chmod 600 {}`", path.display()),
+            );
+        }
+        if meta.len() == KEY_LEN as u64 {
+            let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+            file.read_exact(&mut *bytes).map_err(key_err)?;
+            return Ok(Some(bytes));
+        }
+        // A shorter file may be one that another process has just created
+        // and is writing now.
+        if meta.len() > KEY_LEN as u64 || std::time::Instant::now() >= deadline {
+            return Err(VaultError::KeyFileLength { path: path.to_path_buf(), len: meta.len() });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// 64 hex characters to 32 bytes. Errors describe the value's shape, never
+/// its characters.
+fn parse_hex_key(hex: &[u8]) -> Result<Zeroizing<[u8; KEY_LEN]>, VaultError> {
+    if hex.len() != 2 * KEY_LEN {
+        let problem = if hex.is_empty() { "it is empty".to_string() } else { format!("it is {} bytes long", hex.len()) };
+        return Err(VaultError::BadEnvKey { problem });
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+    for (byte, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
+        let (Some(hi), Some(lo)) = (digit(pair[0]), digit(pair[1])) else {
+            return Err(VaultError::BadEnvKey { problem: "it contains characters other than 0-9, a-f and A-F".into() });
+        };
+        *byte = (hi << 4) | lo;
+    }
+    Ok(bytes)
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), VaultError> {
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(dir)
+            .map_err(|source| VaultError::DataDir { path: dir.to_path_buf(), source })?;
+    }
+    Ok(())
+}
+
+/// The encrypted secrets of every worker. One SQLite connection behind a
+/// mutex; other processes (`cordon secret` while `cordon serve` runs) use
+/// the same file concurrently, which SQLite's locking handles.
+pub struct Vault {
+    conn: Mutex<Connection>,
+    cipher: XChaCha20Poly1305,
+    path: PathBuf,
+}
+
+impl fmt::Debug for Vault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vault").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl Vault {
+    /// The database file of the vault in `data_dir`, whether or not it exists.
+    pub fn database_path(data_dir: &Path) -> PathBuf {
+        data_dir.join(DATABASE_FILE)
+    }
+
+    /// Opens `<data_dir>/secrets.sqlite3`, creating it (mode 0600, and the
+    /// data directory 0700) if needed. The first open stores a key-check
+    /// record; a later open with a different key fails with
+    /// [`VaultError::WrongMasterKey`] instead of failing on every secret.
+    pub fn open(data_dir: &Path, key: MasterKey) -> Result<Vault, VaultError> {
+        create_private_dir(data_dir)?;
+        let path = Self::database_path(data_dir);
+        create_private_file(&path)?;
+        let db_err = |source| VaultError::Database { path: path.clone(), source };
+        let mut conn = Connection::open(&path).map_err(db_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(db_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %path.display(), journal_mode = %mode, "the secrets database is not in WAL mode");
+        }
+        // FULL: a write is on disk when `put` returns. secure_delete: the
+        // pages of deleted or overwritten ciphertext are zeroed.
+        conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
+        conn.pragma_update(None, "secure_delete", "ON").map_err(db_err)?;
+
+        let cipher = XChaCha20Poly1305::new(key.bytes.as_slice().into());
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db_err)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_err)?;
+        if version > FORMAT_VERSION {
+            return Err(VaultError::NewerFormat { path, version });
+        }
+        if version == 0 {
+            tx.execute_batch(
+                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) STRICT;
+                 CREATE TABLE IF NOT EXISTS secrets (
+                     tenant TEXT NOT NULL,
+                     worker TEXT NOT NULL,
+                     name TEXT NOT NULL,
+                     nonce BLOB NOT NULL,
+                     ciphertext BLOB NOT NULL,
+                     PRIMARY KEY (tenant, worker, name)
+                 ) STRICT;
+                 PRAGMA user_version = 1;",
+            )
+            .map_err(db_err)?;
+        }
+        let check: Option<Vec<u8>> =
+            tx.query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| r.get(0)).optional().map_err(db_err)?;
+        match check {
+            Some(record) => {
+                let opened = (record.len() > NONCE_LEN)
+                    .then(|| {
+                        let (nonce, sealed) = record.split_at(NONCE_LEN);
+                        cipher.decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: KEY_CHECK_AAD }).ok()
+                    })
+                    .flatten();
+                if opened.as_deref() != Some(KEY_CHECK_PLAINTEXT) {
+                    return Err(VaultError::WrongMasterKey { database: path, key: key.source });
+                }
+            }
+            None => {
+                let nonce = random_nonce()?;
+                let sealed =
+                    cipher.encrypt(&nonce, Payload { msg: KEY_CHECK_PLAINTEXT, aad: KEY_CHECK_AAD }).map_err(|_| VaultError::Encrypt)?;
+                let record = [nonce.as_slice(), &sealed].concat();
+                tx.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?1)", [record]).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(Vault { conn: Mutex::new(conn), cipher, path })
+    }
+
+    /// Stores `value`, replacing any previous value; durable when it returns.
+    pub fn put(&self, tenant: &str, worker: &str, name: &str, value: &SecretValue) -> Result<(), VaultError> {
+        check_identity(tenant, worker, name)?;
+        let len = value.expose().len();
+        if len > MAX_SECRET_BYTES {
+            return Err(VaultError::TooLarge { len, max: MAX_SECRET_BYTES });
+        }
+        let nonce = random_nonce()?;
+        let aad = secret_aad(tenant, worker, name);
+        let sealed = self.cipher.encrypt(&nonce, Payload { msg: value.expose().as_bytes(), aad: &aad }).map_err(|_| VaultError::Encrypt)?;
+        self.conn()
+            .execute(
+                "INSERT INTO secrets (tenant, worker, name, nonce, ciphertext) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (tenant, worker, name) DO UPDATE SET nonce = excluded.nonce, ciphertext = excluded.ciphertext",
+                params![tenant, worker, name, nonce.as_slice(), sealed],
+            )
+            .map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    /// The value of a secret, or `None` if it is not stored. A stored value
+    /// that does not decrypt under this identity is an error, never `None`.
+    pub fn get(&self, tenant: &str, worker: &str, name: &str) -> Result<Option<SecretValue>, VaultError> {
+        check_identity(tenant, worker, name)?;
+        let row: Option<(Vec<u8>, Vec<u8>)> = self
+            .conn()
+            .query_row(
+                "SELECT nonce, ciphertext FROM secrets WHERE tenant = ?1 AND worker = ?2 AND name = ?3",
+                params![tenant, worker, name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.db_err(e))?;
+        let Some((nonce, sealed)) = row else { return Ok(None) };
+        let undecryptable = || VaultError::Undecryptable { tenant: tenant.into(), worker: worker.into(), name: name.into() };
+        if nonce.len() != NONCE_LEN {
+            return Err(undecryptable());
+        }
+        let aad = secret_aad(tenant, worker, name);
+        let plain = self.cipher.decrypt(XNonce::from_slice(&nonce), Payload { msg: &sealed, aad: &aad }).map_err(|_| undecryptable())?;
+        match String::from_utf8(plain) {
+            Ok(s) => Ok(Some(SecretValue::new(s))),
+            Err(e) => {
+                e.into_bytes().zeroize();
+                Err(undecryptable())
+            }
+        }
+    }
+
+    /// The names of a worker's stored secrets, sorted.
+    pub fn list(&self, tenant: &str, worker: &str) -> Result<Vec<String>, VaultError> {
+        check_worker(tenant, worker)?;
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT name FROM secrets WHERE tenant = ?1 AND worker = ?2 ORDER BY name").map_err(|e| self.db_err(e))?;
+        let names = stmt.query_map(params![tenant, worker], |r| r.get(0)).and_then(|rows| rows.collect()).map_err(|e| self.db_err(e))?;
+        Ok(names)
+    }
+
+    /// Deletes a secret; `false` if it was not stored.
+    pub fn delete(&self, tenant: &str, worker: &str, name: &str) -> Result<bool, VaultError> {
+        check_identity(tenant, worker, name)?;
+        let n = self
+            .conn()
+            .execute("DELETE FROM secrets WHERE tenant = ?1 AND worker = ?2 AND name = ?3", params![tenant, worker, name])
+            .map_err(|e| self.db_err(e))?;
+        Ok(n > 0)
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-done write:
+        // every write is one SQLite statement.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn db_err(&self, source: rusqlite::Error) -> VaultError {
+        VaultError::Database { path: self.path.clone(), source }
+    }
+}
+
+/// Creates `path` as an empty 0600 file if it does not exist, so that SQLite
+/// (which gives its -wal and -shm files the database's mode) never creates
+/// it with the umask's mode; an existing file that is more open is closed.
+fn create_private_file(path: &Path) -> Result<(), VaultError> {
+    let db_err = |source| VaultError::DataDir { path: path.to_path_buf(), source };
+    let file = fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path).map_err(db_err)?;
+    let mode = file.metadata().map_err(db_err)?.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), mode = format_args!("{mode:04o}"), "the secrets database was open to group or others; setting it to 0600");
+        file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(db_err)?;
+    }
+    Ok(())
+}
+
+fn random_nonce() -> Result<XNonce, VaultError> {
+    let mut nonce = XNonce::default();
+    os_random(&mut nonce).map_err(VaultError::Random)?;
+    Ok(nonce)
+}
+
+/// Fills `buf` from the OS (getrandom), failing rather than panicking.
+fn os_random(buf: &mut [u8]) -> std::io::Result<()> {
+    OsRng.try_fill_bytes(buf).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// Binds a ciphertext to its identity. Names never contain NUL (they are
+/// validated), so the encoding is unambiguous.
+fn secret_aad(tenant: &str, worker: &str, name: &str) -> Vec<u8> {
+    [SECRET_AAD_PREFIX, tenant.as_bytes(), b"\0", worker.as_bytes(), b"\0", name.as_bytes()].concat()
+}
+
+fn check_worker(tenant: &str, worker: &str) -> Result<(), VaultError> {
+    if !is_valid_name(tenant) {
+        return Err(VaultError::InvalidName { what: "tenant", name: tenant.into() });
+    }
+    if !is_valid_name(worker) {
+        return Err(VaultError::InvalidName { what: "worker", name: worker.into() });
+    }
+    Ok(())
+}
+
+fn check_identity(tenant: &str, worker: &str, name: &str) -> Result<(), VaultError> {
+    check_worker(tenant, worker)?;
+    if !is_valid_binding(name) {
+        return Err(VaultError::InvalidName { what: "secret", name: name.into() });
+    }
+    Ok(())
+}
+
+/// Errors of the vault. None of them ever contains a secret value or key.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error(
+        "{MASTER_KEY_ENV} must be 64 hexadecimal characters (a 32-byte key), but {problem}; \
+         set it to the key the secrets were encrypted with (a new one can be made with `openssl rand -hex 32`), \
+         or unset it to use the key file in the data directory"
+    )]
+    BadEnvKey { problem: String },
+    #[error("cannot read or create the master key file {}: {source}", path.display())]
+    KeyFile { path: PathBuf, source: std::io::Error },
+    #[error("the master key file {} is {problem}; fix it with {fix}", path.display())]
+    KeyFileUnsafe { path: PathBuf, problem: String, fix: String },
+    #[error(
+        "the master key file {} is {len} bytes long, but a key is exactly 32 bytes; restore it from a backup, \
+         or, if no secret has been stored yet, remove it so that Cordon creates a new one",
+        path.display()
+    )]
+    KeyFileLength { path: PathBuf, len: u64 },
+    #[error(
+        "secrets are stored in {} but there is no master key: {MASTER_KEY_ENV} is not set and {} does not exist. \
+         Set {MASTER_KEY_ENV} or restore the key file to the key the secrets were encrypted with; \
+         without it they cannot be read (if they are expendable, remove {0} and its -wal and -shm files)",
+        database.display(),
+        key_file.display()
+    )]
+    MissingMasterKey { key_file: PathBuf, database: PathBuf },
+    #[error(
+        "the master key from {key} does not match the key that the secrets in {} were encrypted with; {}",
+        database.display(),
+        wrong_key_help(key)
+    )]
+    WrongMasterKey { database: PathBuf, key: KeySource },
+    #[error("cannot create {}: {source}", path.display())]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("the secrets database {}: {source}", path.display())]
+    Database { path: PathBuf, source: rusqlite::Error },
+    #[error("the secrets database {} has format version {version}, newer than this Cordon understands (1); upgrade Cordon", path.display())]
+    NewerFormat { path: PathBuf, version: i64 },
+    #[error("`{name}` is not a valid {what} name")]
+    InvalidName { what: &'static str, name: String },
+    #[error("the value is {len} bytes; a secret can be at most {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error(
+        "the stored secret `{name}` of worker `{worker}` (tenant `{tenant}`) cannot be decrypted: it was damaged, \
+         or copied from another worker or name; store it again with `cordon secret put`"
+    )]
+    Undecryptable { tenant: String, worker: String, name: String },
+    #[error("encryption failed")]
+    Encrypt,
+    #[error("cannot get random bytes from the operating system: {0}")]
+    Random(std::io::Error),
+}
+
+fn wrong_key_help(key: &KeySource) -> String {
+    match key {
+        KeySource::Environment => format!(
+            "set {MASTER_KEY_ENV} to the key used before, or unset it if the secrets were stored with the key file in the data directory"
+        ),
+        KeySource::File(p) => {
+            format!(
+                "restore {} from a backup, or set {MASTER_KEY_ENV} if the secrets were stored with a key from the environment",
+                p.display()
+            )
+        }
+        KeySource::Created(p) => format!(
+            "{} was missing and a new key was created; remove it and restore the original key file, or set {MASTER_KEY_ENV}",
+            p.display()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY_A: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    const KEY_B: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
+
+    fn key(hex: &str) -> MasterKey {
+        MasterKey::from_env_value(hex).unwrap()
+    }
+
+    fn secret(s: &str) -> SecretValue {
+        SecretValue::new(s.to_string())
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().mode() & 0o777
+    }
+
+    /// Every file under `dir`, recursively.
+    fn files(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() { out.extend(files(&path)) } else { out.push(path) }
+        }
+        out
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn put_get_list_delete_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
+        assert!(vault.get("acme", "notes", "API_KEY").unwrap().is_none());
+        vault.put("acme", "notes", "API_KEY", &secret("one")).unwrap();
+        vault.put("acme", "notes", "DB_PASSWORD", &secret("two")).unwrap();
+        vault.put("acme", "other", "API_KEY", &secret("three")).unwrap();
+        vault.put("globex", "notes", "API_KEY", &secret("four")).unwrap();
+        assert_eq!(vault.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "one");
+        assert_eq!(vault.get("globex", "notes", "API_KEY").unwrap().unwrap().expose(), "four");
+        assert_eq!(vault.list("acme", "notes").unwrap(), ["API_KEY", "DB_PASSWORD"]);
+        assert!(vault.list("acme", "nobody").unwrap().is_empty());
+
+        vault.put("acme", "notes", "API_KEY", &secret("one, again")).unwrap();
+        assert_eq!(vault.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "one, again");
+
+        assert!(vault.delete("acme", "notes", "API_KEY").unwrap());
+        assert!(!vault.delete("acme", "notes", "API_KEY").unwrap());
+        assert!(vault.get("acme", "notes", "API_KEY").unwrap().is_none());
+        assert_eq!(vault.list("acme", "notes").unwrap(), ["DB_PASSWORD"]);
+        assert_eq!(vault.get("acme", "other", "API_KEY").unwrap().unwrap().expose(), "three");
+
+        // Durable across a reopen with the same key.
+        drop(vault);
+        let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
+        assert_eq!(vault.get("acme", "notes", "DB_PASSWORD").unwrap().unwrap().expose(), "two");
+    }
+
+    #[test]
+    fn names_and_sizes_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
+        for (tenant, worker, name) in [("Acme", "notes", "K"), ("acme", "no/tes", "K"), ("acme", "notes", "1K"), ("acme", "notes", "")] {
+            let err = vault.put(tenant, worker, name, &secret("v")).unwrap_err();
+            assert!(matches!(err, VaultError::InvalidName { .. }), "{err}");
+            assert!(vault.get(tenant, worker, name).is_err());
+        }
+        let big = "x".repeat(MAX_SECRET_BYTES);
+        vault.put("acme", "notes", "BIG", &secret(&big)).unwrap();
+        assert_eq!(vault.get("acme", "notes", "BIG").unwrap().unwrap().expose().len(), MAX_SECRET_BYTES);
+        let err = vault.put("acme", "notes", "BIG", &SecretValue::new(format!("{big}y"))).unwrap_err();
+        assert!(matches!(err, VaultError::TooLarge { len, .. } if len == MAX_SECRET_BYTES + 1), "{err}");
+        assert!(!err.to_string().contains("xxxx"), "{err}");
+    }
+
+    #[test]
+    fn no_file_under_the_data_dir_contains_the_plaintext() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let (master, _) = MasterKey::load_with_env(None, &data).unwrap();
+        let vault = Vault::open(&data, master).unwrap();
+        let plain = "sup3r-s3cret-VALUE-xyz";
+        let overwritten = "0ld-s3cret-OVERWRITTEN-abc";
+        let deleted = "g0ne-s3cret-DELETED-def";
+        vault.put("acme", "notes", "API_KEY", &secret(overwritten)).unwrap();
+        vault.put("acme", "notes", "API_KEY", &secret(plain)).unwrap();
+        vault.put("acme", "notes", "OLD", &secret(deleted)).unwrap();
+        assert!(vault.delete("acme", "notes", "OLD").unwrap());
+
+        let check = |when: &str| {
+            let all = files(&data);
+            assert!(all.iter().any(|p| p.ends_with(DATABASE_FILE)), "{all:?}");
+            for path in all {
+                let bytes = fs::read(&path).unwrap();
+                for needle in [plain, overwritten, deleted] {
+                    assert!(!contains(&bytes, needle.as_bytes()), "{when}: {} contains {needle:?}", path.display());
+                }
+            }
+        };
+        // With the WAL still holding the writes, then after a checkpoint.
+        assert!(data.join(format!("{DATABASE_FILE}-wal")).exists());
+        check("while open");
+        drop(vault);
+        check("after close");
+        let vault = Vault::open(&data, key_of(&data)).unwrap();
+        assert_eq!(vault.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), plain);
+    }
+
+    fn key_of(data: &Path) -> MasterKey {
+        MasterKey::load_with_env(None, data).unwrap().0
+    }
+
+    #[test]
+    fn a_wrong_master_key_is_refused_with_a_clear_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
+        vault.put("acme", "notes", "API_KEY", &secret("v")).unwrap();
+        drop(vault);
+
+        let err = Vault::open(dir.path(), key(KEY_B)).unwrap_err();
+        assert!(matches!(err, VaultError::WrongMasterKey { key: KeySource::Environment, .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("does not match the key that the secrets in"), "{msg}");
+        assert!(msg.contains(MASTER_KEY_ENV) && msg.contains(DATABASE_FILE), "{msg}");
+        assert!(!msg.contains(KEY_A) && !msg.contains(KEY_B), "{msg}");
+
+        // A key file that is not the one used before names the file.
+        fs::write(dir.path().join(MASTER_KEY_FILE), [7u8; 32]).unwrap();
+        fs::set_permissions(dir.path().join(MASTER_KEY_FILE), fs::Permissions::from_mode(0o600)).unwrap();
+        let err = Vault::open(dir.path(), key_of(dir.path())).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, VaultError::WrongMasterKey { key: KeySource::File(_), .. }), "{msg}");
+        assert!(msg.contains(&format!("the key file {}", dir.path().join(MASTER_KEY_FILE).display())), "{msg}");
+
+        // The right key still works.
+        let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
+        assert_eq!(vault.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "v");
+    }
+
+    #[test]
+    fn the_key_file_is_created_0600_and_a_0644_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let path = data.join(MASTER_KEY_FILE);
+        let (first, source) = MasterKey::load_with_env(None, &data).unwrap();
+        assert_eq!(source, KeySource::Created(path.clone()));
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(fs::read(&path).unwrap(), first.bytes.as_slice());
+        assert_ne!(*first.bytes, [0u8; 32]);
+
+        let (again, source) = MasterKey::load_with_env(None, &data).unwrap();
+        assert_eq!(source, KeySource::File(path.clone()));
+        assert_eq!(*again.bytes, *first.bytes);
+
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = MasterKey::load_with_env(None, &data).unwrap_err();
+        assert!(matches!(err, VaultError::KeyFileUnsafe { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("mode 0644") && msg.contains(&format!("chmod 600 {}", path.display())), "{msg}");
+
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(&path, [1u8; 33]).unwrap();
+        let err = MasterKey::load_with_env(None, &data).unwrap_err();
+        assert!(matches!(err, VaultError::KeyFileLength { len: 33, .. }), "{err:?}");
+
+        // The environment wins over the file and creates nothing.
+        let other = dir.path().join("other");
+        let (k, source) = MasterKey::load_with_env(Some(KEY_A.into()), &other).unwrap();
+        assert_eq!(source, KeySource::Environment);
+        assert_eq!(k.bytes[31], 0x1f);
+        assert!(!other.exists());
+    }
+
+    #[test]
+    fn racing_processes_create_one_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<[u8; 32]> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8).map(|_| s.spawn(|| *MasterKey::load_with_env(None, dir.path()).unwrap().0.bytes)).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(keys.iter().all(|k| *k == keys[0]));
+    }
+
+    #[test]
+    fn a_missing_key_file_with_stored_secrets_is_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = Vault::open(dir.path(), key_of(dir.path())).unwrap();
+        vault.put("acme", "notes", "API_KEY", &secret("v")).unwrap();
+        drop(vault);
+        fs::remove_file(dir.path().join(MASTER_KEY_FILE)).unwrap();
+        let err = MasterKey::load_with_env(None, dir.path()).unwrap_err();
+        assert!(matches!(err, VaultError::MissingMasterKey { .. }), "{err:?}");
+        assert!(!dir.path().join(MASTER_KEY_FILE).exists());
+    }
+
+    #[test]
+    fn the_environment_key_is_parsed_strictly() {
+        assert_eq!(key(KEY_A).bytes[..4], [0, 1, 2, 3]);
+        assert_eq!(*key(&KEY_B.to_uppercase()).bytes, *key(KEY_B).bytes);
+        for (bad, problem) in [
+            ("", "it is empty"),
+            (&KEY_A[..63], "63 bytes"),
+            (&format!("{KEY_A}0"), "65 bytes"),
+            (&format!("{KEY_A}\n"), "65 bytes"),
+            (&format!("{}zz", &KEY_A[..62]), "characters other than"),
+            (&format!(" {}", &KEY_A[..63]), "characters other than"),
+        ] {
+            let err = MasterKey::from_env_value(bad).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, VaultError::BadEnvKey { .. }) && msg.contains(problem), "{bad:?}: {msg}");
+            assert!(msg.contains("64 hexadecimal characters") && !msg.contains(&KEY_A[..16]), "{msg}");
+        }
+    }
+
+    #[test]
+    fn debug_and_display_never_show_a_value() {
+        let value = secret("sup3r-s3cret-VALUE-xyz");
+        for shown in [format!("{value:?}"), format!("{value}"), format!("{value:#?}"), format!("{:?}", Some(value.clone()))] {
+            assert!(shown.contains("[redacted]") && !shown.contains("sup3r"), "{shown}");
+        }
+        let master = key(&"ab".repeat(32));
+        let shown = format!("{master:?} {master:#?}");
+        assert!(shown.contains("[redacted]") && !shown.contains("ab") && !shown.contains("171"), "{shown}");
+    }
+
+    #[test]
+    fn a_row_moved_to_another_worker_or_name_fails_to_decrypt() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
+        vault.put("acme", "notes", "API_KEY", &secret("v")).unwrap();
+        vault.conn().execute_batch(
+            "INSERT INTO secrets SELECT tenant, 'thief', name, nonce, ciphertext FROM secrets WHERE worker = 'notes';
+             INSERT INTO secrets SELECT tenant, worker, 'OTHER', nonce, ciphertext FROM secrets WHERE worker = 'notes';
+             INSERT INTO secrets SELECT 'globex', worker, name, nonce, ciphertext FROM secrets WHERE worker = 'notes' AND name = 'API_KEY';",
+        )
+        .unwrap();
+        for (tenant, worker, name) in [("acme", "thief", "API_KEY"), ("acme", "notes", "OTHER"), ("globex", "notes", "API_KEY")] {
+            let err = vault.get(tenant, worker, name).unwrap_err();
+            assert!(matches!(err, VaultError::Undecryptable { .. }), "{tenant}/{worker}/{name}: {err:?}");
+        }
+        assert_eq!(vault.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "v");
+
+        // A damaged ciphertext is an error too, not a wrong value.
+        vault
+            .conn()
+            .execute_batch("UPDATE secrets SET ciphertext = CAST(ciphertext || x'00' AS BLOB) WHERE worker = 'notes' AND name = 'API_KEY'")
+            .unwrap();
+        assert!(matches!(vault.get("acme", "notes", "API_KEY"), Err(VaultError::Undecryptable { .. })));
+    }
+
+    #[test]
+    fn the_database_is_private_and_the_vault_is_shareable() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Vault>();
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("a/b");
+        let vault = Vault::open(&data, key(KEY_A)).unwrap();
+        vault.put("acme", "notes", "API_KEY", &secret("v")).unwrap();
+        assert_eq!(mode(&data), 0o700);
+        for file in files(&data) {
+            assert_eq!(mode(&file), 0o600, "{}", file.display());
+        }
+        let (journal, sync, secure): (String, i64, i64) = vault
+            .conn()
+            .query_row("SELECT * FROM pragma_journal_mode, pragma_synchronous, pragma_secure_delete", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!((journal.as_str(), sync, secure), ("wal", 2, 1));
+    }
+}
