@@ -10,10 +10,10 @@ target_dir="$repo_dir/target/guests"
 
 rustup target list --installed | grep -q wasm32-wasip2 || rustup target add wasm32-wasip2
 
-for example in hello fetch; do
+for example in hello fetch kv-counter notes; do
     cargo build --release --target wasm32-wasip2 \
         --manifest-path "$examples_dir/$example/Cargo.toml" \
         --target-dir "$target_dir"
-    cp "$target_dir/wasm32-wasip2/release/$example.wasm" "$examples_dir/$example/$example.wasm"
+    cp "$target_dir/wasm32-wasip2/release/${example//-/_}.wasm" "$examples_dir/$example/$example.wasm"
     echo "built $examples_dir/$example/$example.wasm"
 done

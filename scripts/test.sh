@@ -7,10 +7,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 ensure_toolchain
 
-# The guest components the tests run (examples/*, tests/guests/hostile).
+# The guest components the tests run (examples/*, tests/guests/*).
 examples/build.sh
-cargo build --quiet --release --target wasm32-wasip2 \
-    --manifest-path tests/guests/hostile/Cargo.toml --target-dir target/guests
+for guest in hostile bindings; do
+    cargo build --quiet --release --target wasm32-wasip2 \
+        --manifest-path "tests/guests/$guest/Cargo.toml" --target-dir target/guests
+done
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast

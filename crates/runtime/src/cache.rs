@@ -272,8 +272,14 @@ pub enum LoadError {
     Invalid(String),
     #[error("the component imports `{0}`, which Cordon does not provide; remove the import or build against the `wasi:http/proxy` world")]
     UnknownImport(String),
+    #[error(
+        "the component imports `{interface}`, but this worker has no grant for it; add {section} to the worker's config, or remove the import"
+    )]
+    Ungranted { interface: String, section: &'static str },
     #[error("the component does not export `wasi:http/incoming-handler`; build it against the `wasi:http/proxy` world")]
     NotAProxy(String),
+    #[error("{0}")]
+    Capability(String),
     #[error(transparent)]
     Cache(std::sync::Arc<CacheError>),
 }

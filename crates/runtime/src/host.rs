@@ -12,6 +12,10 @@ use wasmtime::{Engine, ResourceLimiter};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use cordon_kv::host::{KvView, RequestKv};
+use cordon_sql::host::{RequestSql, SqlView};
+use cordon_vars::host::{VarsView, WorkerVars};
+
 use crate::clock::{CoarseMonotonicClock, CoarseWallClock};
 use crate::meter::CpuMeter;
 use crate::outbound::Outbound;
@@ -24,6 +28,9 @@ const MAX_RANDOM_BYTES: u64 = 64 * 1024;
 
 pub(crate) struct Host {
     wasi: WasiCtx,
+    kv: RequestKv,
+    sql: RequestSql,
+    vars: Arc<WorkerVars>,
     http: WasiHttpCtx,
     table: ResourceTable,
     outbound: Outbound,
@@ -40,6 +47,9 @@ pub(crate) struct HostParts {
     pub meter: Arc<CpuMeter>,
     pub memory_denied: Arc<AtomicBool>,
     pub egress: cordon_egress::RequestEgress,
+    pub kv: RequestKv,
+    pub sql: RequestSql,
+    pub vars: Arc<WorkerVars>,
 }
 
 impl Host {
@@ -58,6 +68,9 @@ impl Host {
             .build();
         Self {
             wasi,
+            kv: parts.kv,
+            sql: parts.sql,
+            vars: parts.vars,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             outbound: Outbound(parts.egress),
@@ -91,6 +104,12 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    // Capabilities are linked for every worker; each call checks the
+    // calling worker's own grants, and `grants::check` refuses at load time
+    // a component that imports one its worker was not granted.
+    cordon_kv::host::add_to_linker(&mut linker, |h: &mut Host| KvView { state: &mut h.kv, table: &mut h.table })?;
+    cordon_sql::host::add_to_linker(&mut linker, |h: &mut Host| SqlView { state: &mut h.sql, table: &mut h.table })?;
+    cordon_vars::host::add_to_linker(&mut linker, |h: &mut Host| VarsView { state: &h.vars })?;
     Ok(linker)
 }
 

@@ -8,6 +8,7 @@
 mod body;
 mod cache;
 mod clock;
+mod grants;
 mod host;
 mod meter;
 mod outbound;
@@ -31,6 +32,45 @@ pub use stdio::CapturedText;
 pub use worker::{Invocation, InvokeError, Outcome, Report, RequestId, StatsSnapshot, Worker};
 
 use host::Host;
+use worker::Capabilities;
+
+/// The storage behind capabilities, under the data directory: key-value
+/// namespaces, SQL databases and the secret vault.
+struct Stores {
+    kv: cordon_kv::store::Namespaces,
+    sql: cordon_sql::database::Databases,
+    vault: Option<Arc<cordon_vars::vault::Vault>>,
+}
+
+impl Stores {
+    fn open(config: &Config) -> Result<Stores, StartError> {
+        let data = &config.server.data_dir;
+        // The vault (and the master key it needs) only when a worker is
+        // granted a secret; otherwise no key is read or created.
+        let vault = if config.workers.iter().any(|w| !w.grants.secrets.is_empty()) {
+            let (key, source) = cordon_vars::vault::MasterKey::load(data).map_err(|e| StartError::Secrets(e.to_string()))?;
+            tracing::info!(source = ?source, "secret vault master key loaded");
+            Some(Arc::new(cordon_vars::vault::Vault::open(data, key).map_err(|e| StartError::Secrets(e.to_string()))?))
+        } else {
+            None
+        };
+        Ok(Stores {
+            kv: cordon_kv::store::Namespaces::new(data.join("kv")),
+            sql: cordon_sql::database::Databases::new(data.join("sql")),
+            vault,
+        })
+    }
+
+    fn capabilities(&self, w: &WorkerConfig, network: &Arc<Network>) -> Result<Capabilities, LoadError> {
+        let cap = |what: &str, e: &dyn std::fmt::Display| LoadError::Capability(format!("{what}: {e}"));
+        Ok(Capabilities {
+            network: network.clone(),
+            kv: Arc::new(cordon_kv::host::WorkerKv::open(w, &self.kv).map_err(|e| cap("cannot open a key-value namespace", &e))?),
+            sql: Arc::new(cordon_sql::host::WorkerSql::open(w, &self.sql).map_err(|e| cap("cannot open a SQL database", &e))?),
+            vars: Arc::new(cordon_vars::host::WorkerVars::new(w, self.vault.clone()).map_err(|e| cap("secrets", &e))?),
+        })
+    }
+}
 
 /// A worker that failed to load, and why.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +89,8 @@ pub enum StartError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Network(#[from] cordon_egress::NetworkError),
+    #[error("cannot open the secret vault: {0}")]
+    Secrets(String),
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Workers(Vec<WorkerLoadError>),
 }
@@ -79,7 +121,8 @@ impl Runtime {
         let (engine, posture) = build_engine(config)?;
         let cache = CodeCache::open(&config.server.data_dir)?;
         let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
-        let results = load_workers(&engine, &linker, &config.workers, Some(&cache), &network);
+        let stores = Stores::open(config)?;
+        let results = load_workers(&engine, &linker, &config.workers, Some(&cache), &|w| stores.capabilities(w, &network));
         let mut workers = Vec::new();
         let mut errors = Vec::new();
         for r in results {
@@ -103,7 +146,10 @@ impl Runtime {
         let (engine, posture) = build_engine(config)?;
         let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
         let network = Arc::new(Network::system()?);
-        let results = load_workers(&engine, &linker, &config.workers, None, &network).into_iter().map(|r| r.map(drop)).collect();
+        let results = load_workers(&engine, &linker, &config.workers, None, &|_| Ok(Capabilities::none(&network)))
+            .into_iter()
+            .map(|r| r.map(drop))
+            .collect();
         Ok((posture, results))
     }
 
@@ -140,7 +186,7 @@ fn load_workers(
     linker: &Linker<Host>,
     workers: &[WorkerConfig],
     cache: Option<&CodeCache>,
-    network: &Arc<Network>,
+    capabilities: &dyn Fn(&WorkerConfig) -> Result<Capabilities, LoadError>,
 ) -> Vec<Result<Worker, WorkerLoadError>> {
     let err = |w: &WorkerConfig, error| WorkerLoadError { worker: w.name.clone(), component: w.component.clone(), error };
     let files: Vec<Result<(Vec<u8>, String), LoadError>> = workers
@@ -190,7 +236,9 @@ fn load_workers(
                 Ok(c) => c.clone(),
                 Err(e) => return Err(err(w, e.clone())),
             };
-            let worker = Worker::new(w, linker, &component, source, sha.clone(), network.clone()).map_err(|e| err(w, e))?;
+            grants::check(engine, &component, w).map_err(|e| err(w, e))?;
+            let caps = capabilities(w).map_err(|e| err(w, e))?;
+            let worker = Worker::new(w, linker, &component, source, sha.clone(), caps).map_err(|e| err(w, e))?;
             tracing::info!(worker = %w.name, tenant = %w.tenant, code = ?source, "worker ready");
             Ok(worker)
         })

@@ -34,7 +34,18 @@ pub struct Worker {
     pre: ProxyPre<Host>,
     stats: Arc<WorkerStats>,
     egress: Arc<WorkerEgress>,
-    network: Arc<Network>,
+    caps: Capabilities,
+}
+
+/// What a worker may use besides its sandbox, opened at startup: the
+/// network for its outbound requests, and its key-value, SQL and
+/// configuration grants.
+#[derive(Clone)]
+pub(crate) struct Capabilities {
+    pub network: Arc<Network>,
+    pub kv: Arc<cordon_kv::host::WorkerKv>,
+    pub sql: Arc<cordon_sql::host::WorkerSql>,
+    pub vars: Arc<cordon_vars::host::WorkerVars>,
 }
 
 /// The gateway's id for a request, carried in the request's extensions so
@@ -222,7 +233,7 @@ impl Worker {
         component: &wasmtime::component::Component,
         code_source: CodeSource,
         component_sha256: String,
-        network: Arc<Network>,
+        caps: Capabilities,
     ) -> Result<Self, crate::LoadError> {
         let pre = linker.instantiate_pre(component).map_err(|e| {
             let msg = e.to_string();
@@ -242,7 +253,7 @@ impl Worker {
             pre,
             stats: Arc::default(),
             egress: Arc::new(WorkerEgress::new(&config.tenant, &config.name, config.allowed_outbound.clone(), config.limits.egress())),
-            network,
+            caps,
         })
     }
 
@@ -261,7 +272,7 @@ impl Worker {
         let request_body_exceeded = Arc::new(AtomicBool::new(false));
         let memory_denied = Arc::new(AtomicBool::new(false));
         let request_id = request.extensions().get::<RequestId>().map_or("-", |id| id.0.as_str());
-        let egress = RequestEgress::new(self.network.clone(), self.egress.clone(), request_id);
+        let egress = RequestEgress::new(self.caps.network.clone(), self.egress.clone(), request_id);
         let usage = Usage::new(limits, egress.clone());
 
         let mut store = Store::new(
@@ -274,6 +285,9 @@ impl Worker {
                 meter: usage.meter.clone(),
                 memory_denied: memory_denied.clone(),
                 egress,
+                kv: cordon_kv::host::RequestKv::new(self.caps.kv.clone()),
+                sql: cordon_sql::host::RequestSql::new(self.caps.sql.clone()),
+                vars: self.caps.vars.clone(),
             }),
         );
         store.limiter(|host| &mut host.limiter);
@@ -484,6 +498,19 @@ impl WorkerStats {
             traps: get(&self.traps),
             other_errors: get(&self.other_errors),
             egress: EgressStats::default(),
+        }
+    }
+}
+
+impl Capabilities {
+    /// Grants nothing: for `cordon check`, which validates components
+    /// without opening any store.
+    pub(crate) fn none(network: &Arc<Network>) -> Capabilities {
+        Capabilities {
+            network: network.clone(),
+            kv: Arc::new(cordon_kv::host::WorkerKv::none()),
+            sql: Arc::new(cordon_sql::host::WorkerSql::none()),
+            vars: Arc::new(cordon_vars::host::WorkerVars::none()),
         }
     }
 }

@@ -21,13 +21,19 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// Builds the guest components once per test process and returns the path
-/// of `name.wasm` (`hostile` or `hello`).
+/// of `name.wasm` (`hostile`, `bindings`, `hello`, `kv_counter`, `notes`).
 pub fn guest(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let out = BUILT.get_or_init(|| {
         let root = repo_root();
         let target_dir = root.join("target/guests");
-        for manifest in ["tests/guests/hostile/Cargo.toml", "examples/hello/Cargo.toml"] {
+        for manifest in [
+            "tests/guests/hostile/Cargo.toml",
+            "tests/guests/bindings/Cargo.toml",
+            "examples/hello/Cargo.toml",
+            "examples/kv-counter/Cargo.toml",
+            "examples/notes/Cargo.toml",
+        ] {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = Command::new(cargo)
                 .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "--manifest-path"])

@@ -4,6 +4,7 @@
 mod harness;
 
 mod admin;
+mod bindings;
 mod cache;
 mod egress;
 mod hostile_requests;
