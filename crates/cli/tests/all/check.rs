@@ -164,3 +164,16 @@ fn check_refuses_a_data_directory_others_can_write() {
     assert!(!ok, "{out}");
     assert!(out.contains("writable by group or others") && out.contains("chmod 700"), "{out}");
 }
+
+#[test]
+fn an_import_without_its_grant_is_refused_by_check() {
+    let (_dir, path) = config(&worker_toml("notes", &example_wasm("notes")));
+    let (ok, out) = check(&path);
+    assert!(!ok, "{out}");
+    assert!(out.contains("imports `cordon:sql/sql@0.1.0`") && out.contains("add a [[worker.sql]] grant"), "{out}");
+
+    let granted = format!("{}\n[[worker.sql]]\nbinding = \"DB\"\ndatabase = \"notes\"\n", worker_toml("notes", &example_wasm("notes")));
+    let (_dir, path) = config(&granted);
+    let (ok, out) = check(&path);
+    assert!(ok, "{out}");
+}
