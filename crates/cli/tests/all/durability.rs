@@ -2,29 +2,13 @@
 //! served by a real `cordon serve`, killed without warning mid-stream and
 //! restarted on the same data directory.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::serve::{Server, free_port};
 use crate::*;
-
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// Serves the counter and notes examples on `data`, and waits until ready.
 fn serve(dir: &Path) -> Server {
@@ -63,31 +47,9 @@ database = "notes"
     );
     let path = dir.join("cordon.toml");
     std::fs::write(&path, toml).unwrap();
-    let mut child = cordon()
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    // Owned by `Server` from here on, so that a failed start still kills it.
-    let server = Server { child, port };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100))
-            && line.contains("cordon is serving")
-        {
-            return server;
-        }
-    }
-    panic!("the server did not start");
+    let server = Server::start(&path, port, None);
+    server.wait_for("cordon is serving");
+    server
 }
 
 /// One request; the status and body.

@@ -7,15 +7,15 @@ use std::time::{Duration, Instant};
 
 use crate::*;
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-struct Server {
-    child: Child,
-    port: u16,
+pub(crate) struct Server {
+    pub child: Child,
+    pub port: u16,
     log: std::sync::mpsc::Receiver<String>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 fn spawn(extra: &str) -> Server {
@@ -25,25 +25,31 @@ fn spawn(extra: &str) -> Server {
         worker_toml("hello", &hello_wasm())
     );
     let (dir, path) = config(&toml);
-    let mut child = cordon()
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, log) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    Server { child, port, log, _dir: dir }
+    Server::start(&path, port, Some(dir))
 }
 
 impl Server {
-    fn wait_for(&self, needle: &str) -> String {
+    /// `cordon serve --config path` (listening on `port`), with its JSON log
+    /// lines collected; dropped, it kills the process.
+    pub(crate) fn start(path: &std::path::Path, port: u16, dir: Option<tempfile::TempDir>) -> Server {
+        let mut child = cordon()
+            .args(["--log-format", "json", "serve", "--config"])
+            .arg(path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Server { child, port, log, _dir: dir }
+    }
+
+    pub(crate) fn wait_for(&self, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Ok(line) = self.log.recv_timeout(Duration::from_millis(100))
