@@ -205,6 +205,19 @@ async fn sql_attacks_are_refused_with_their_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sql_statement_budget_is_per_request() {
+    let s = start_with(&worker("app", "acme", ALL, "max_sql_statements = 3"), Options::default()).await;
+    let select = serde_json::json!({"sql": "SELECT 1"});
+    let three = serde_json::json!({"batch": [select, select, select]});
+    let (_, text) = sql(&s, "app", "DB", three).await;
+    assert_eq!(json(&text).as_array().map(Vec::len), Some(3), "{text}");
+    let four = serde_json::json!({"batch": [select, select, select, select]});
+    let (_, text) = sql(&s, "app", "DB", four).await;
+    let failed = json(&text);
+    assert!(failed["error"].as_str().unwrap().contains("limits.max_sql_statements"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_value_limits_are_reported() {
     let s = start_with(&worker("app", "acme", ALL, "max_kv_operations = 20\nmax_kv_value_bytes = 1000"), Options::default()).await;
     let long_key = "k".repeat(513);
