@@ -37,6 +37,7 @@ impl Admin {
                     "component_sha256": w.component_sha256,
                     "code": w.code_source,
                     "limits": w.limits,
+                    "grants": w.grants,
                     "stats": w.stats(),
                 })
             })

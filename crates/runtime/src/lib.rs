@@ -29,7 +29,7 @@ pub use cache::{CacheError, CodeCache, CodeSource, DataDirLock, LoadError};
 pub use cordon_egress::Network;
 pub use policy::{PolicyError, Posture};
 pub use stdio::CapturedText;
-pub use worker::{Invocation, InvokeError, Outcome, Report, RequestId, StatsSnapshot, Worker};
+pub use worker::{GrantSummary, Invocation, InvokeError, Outcome, Report, RequestId, StatsSnapshot, Worker};
 
 use host::Host;
 use worker::Capabilities;

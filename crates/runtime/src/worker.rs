@@ -29,6 +29,8 @@ pub struct Worker {
     pub tenant: String,
     pub routes: Vec<Route>,
     pub limits: Limits,
+    /// What the worker is granted, by name (no values), for `/health`.
+    pub grants: GrantSummary,
     pub code_source: CodeSource,
     pub component_sha256: String,
     pre: ProxyPre<Host>,
@@ -248,6 +250,7 @@ impl Worker {
             tenant: config.tenant.clone(),
             routes: config.routes.clone(),
             limits: config.limits.clone(),
+            grants: GrantSummary::of(config),
             code_source,
             component_sha256,
             pre,
@@ -511,6 +514,45 @@ impl Capabilities {
             kv: Arc::new(cordon_kv::host::WorkerKv::none()),
             sql: Arc::new(cordon_sql::host::WorkerSql::none()),
             vars: Arc::new(cordon_vars::host::WorkerVars::none()),
+        }
+    }
+}
+
+/// A worker's grants as the operator may see them: binding and store names,
+/// variable and secret names, never a value.
+#[derive(Debug, Clone, Serialize)]
+pub struct GrantSummary {
+    pub kv: Vec<KvGrantSummary>,
+    pub sql: Vec<SqlGrantSummary>,
+    pub vars: Vec<String>,
+    pub secrets: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KvGrantSummary {
+    pub binding: String,
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SqlGrantSummary {
+    pub binding: String,
+    pub database: String,
+    pub read_only: bool,
+}
+
+impl GrantSummary {
+    fn of(config: &WorkerConfig) -> GrantSummary {
+        let g = &config.grants;
+        GrantSummary {
+            kv: g.kv.iter().map(|k| KvGrantSummary { binding: k.binding.clone(), namespace: k.namespace.clone() }).collect(),
+            sql: g
+                .sql
+                .iter()
+                .map(|s| SqlGrantSummary { binding: s.binding.clone(), database: s.database.clone(), read_only: s.read_only })
+                .collect(),
+            vars: g.vars.keys().cloned().collect(),
+            secrets: g.secrets.clone(),
         }
     }
 }

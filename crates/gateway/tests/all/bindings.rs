@@ -269,8 +269,12 @@ async fn secrets_reach_only_their_worker_and_never_the_logs() {
     let captured = String::from_utf8_lossy(&logs().lock().unwrap()).to_string();
     assert!(captured.contains("failing on purpose"), "the failure was logged");
     assert!(!captured.contains(value), "the secret value is in the logs");
-    let health = s.health().await.to_string();
-    assert!(!health.contains(value));
+    let health = s.health().await;
+    assert!(!health.to_string().contains(value));
+    let app = health["workers"].as_array().unwrap().iter().find(|w| w["name"] == "app").unwrap();
+    assert_eq!(app["grants"]["secrets"], serde_json::json!(["API_KEY"]), "/health names the grant, not the value");
+    assert_eq!(app["grants"]["vars"], serde_json::json!(["GREETING"]));
+    assert_eq!(app["grants"]["kv"], serde_json::json!([{"binding": "CACHE", "namespace": "sessions"}]));
 }
 
 /// Stores a secret the way `cordon secret put` does.
