@@ -22,3 +22,19 @@ ensure_toolchain() {
         as_root apt-get install -y build-essential
     fi
 }
+
+# The crates/pgaccel tests start throwaway Postgres clusters of their own
+# (initdb and pg_ctl, on free ports); they need the server programs, which
+# Debian keeps in /usr/lib/postgresql/<version>/bin, off PATH.
+ensure_postgres() {
+    if command -v initdb >/dev/null 2>&1 || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+        return
+    fi
+    echo "no initdb: installing Debian's postgresql" >&2
+    # No cluster of the package's own on port 5432: the tests make theirs.
+    # (A drop-in, not an edit of the package's createcluster.conf.)
+    as_root mkdir -p /etc/postgresql-common/createcluster.d
+    echo 'create_main_cluster = false' | as_root tee /etc/postgresql-common/createcluster.d/cordon-tests.conf >/dev/null
+    as_root apt-get update
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql
+}

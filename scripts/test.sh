@@ -6,6 +6,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 source scripts/lib.sh
 ensure_toolchain
+ensure_postgres
 
 # The guest components the tests run (examples/*, tests/guests/*).
 examples/build.sh
