@@ -1,7 +1,7 @@
 //! The capability grants of a worker: `[[worker.kv]]`, `[[worker.sql]]`,
-//! `[worker.vars]` and `secrets`. Each grant gives the guest a name (the
-//! binding) that it opens at run time; storage behind it is always scoped
-//! to the worker's tenant.
+//! `[[worker.postgres]]`, `[worker.vars]` and `secrets`. Each grant gives
+//! the guest a name (the binding) that it opens at run time; storage behind
+//! it is always scoped to the worker's tenant.
 
 use std::collections::BTreeMap;
 
@@ -44,11 +44,23 @@ pub struct SqlGrant {
     pub read_only: bool,
 }
 
+/// `[[worker.postgres]]`: a `[[database]]` of the worker's tenant, reached
+/// through the Postgres accelerator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresGrant {
+    /// The name the guest opens.
+    pub binding: String,
+    /// The `name` of a `[[database]]` whose `tenant` is the worker's;
+    /// validation refuses any other.
+    pub database: String,
+}
+
 /// Every grant of one worker.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Grants {
     pub kv: Vec<KvGrant>,
     pub sql: Vec<SqlGrant>,
+    pub postgres: Vec<PostgresGrant>,
     /// Plain configuration values, readable through `wasi:config/store`.
     pub vars: BTreeMap<String, String>,
     /// Names of the secrets this worker may read through `wasi:config/store`;
@@ -61,6 +73,13 @@ pub struct Grants {
 pub(crate) struct RawKv {
     pub binding: Spanned<String>,
     pub namespace: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPostgres {
+    pub binding: Spanned<String>,
+    pub database: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +126,12 @@ impl Validator<'_> {
                 database: sql.database.get_ref().clone(),
                 read_only: sql.read_only,
             });
+        }
+        // Whether the database exists for this tenant is checked once all
+        // `[[database]]` tables are read (`postgres_grant_checks`).
+        for (j, pg) in raw.postgres.iter().enumerate() {
+            self.binding_name(&pg.binding, key(format!("postgres[{j}].binding")), &name_help, &mut bindings);
+            grants.postgres.push(PostgresGrant { binding: pg.binding.get_ref().clone(), database: pg.database.get_ref().clone() });
         }
 
         let mut config_names: Vec<&str> = Vec::new();

@@ -8,6 +8,7 @@
 //! so a config means the same thing whatever the working directory.
 
 mod grants;
+mod postgres;
 mod raw;
 mod validate;
 
@@ -15,7 +16,11 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-pub use grants::{BINDING_MAX_LEN, Grants, KvGrant, SqlGrant, is_valid_binding};
+pub use grants::{BINDING_MAX_LEN, Grants, KvGrant, PostgresGrant, SqlGrant, is_valid_binding};
+pub use postgres::{
+    DatabaseCache, DatabaseConfig, DatabaseUser, ENV_NAME_MAX_LEN, OriginTlsMode, OriginUrl, PostgresProxyConfig, ProxyTls,
+    is_valid_env_name,
+};
 pub use validate::{NAME_MAX_LEN, is_valid_name};
 
 /// A loaded and validated configuration.
@@ -26,6 +31,10 @@ pub struct Config {
     pub server: ServerConfig,
     pub security: SecurityConfig,
     pub sandbox: SandboxConfig,
+    /// `[postgres_proxy]`; `None` when the section is absent.
+    pub postgres_proxy: Option<PostgresProxyConfig>,
+    /// `[[database]]`, in file order; `(tenant, name)` is unique.
+    pub databases: Vec<DatabaseConfig>,
     pub workers: Vec<WorkerConfig>,
 }
 
@@ -230,6 +239,11 @@ impl Config {
                 )
             })
             .collect()
+    }
+
+    /// The `[[database]]` named `name` of `tenant`.
+    pub fn database(&self, tenant: &str, name: &str) -> Option<&DatabaseConfig> {
+        self.databases.iter().find(|d| d.tenant == tenant && d.name == name)
     }
 
     /// The largest `memory_mb` of any worker, which sizes the allocator's

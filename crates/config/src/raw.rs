@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use toml::Spanned;
 
-pub(crate) use crate::grants::{RawKv, RawSql};
+pub(crate) use crate::grants::{RawKv, RawPostgres, RawSql};
+pub(crate) use crate::postgres::{RawDatabase, RawPostgresProxy};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -18,6 +19,9 @@ pub(crate) struct RawConfig {
     pub security: RawSecurity,
     #[serde(default)]
     pub sandbox: RawSandbox,
+    pub postgres_proxy: Option<RawPostgresProxy>,
+    #[serde(default, rename = "database")]
+    pub databases: Vec<RawDatabase>,
     #[serde(default, rename = "worker")]
     pub workers: Vec<RawWorker>,
 }
@@ -62,6 +66,8 @@ pub(crate) struct RawWorker {
     pub kv: Vec<RawKv>,
     #[serde(default)]
     pub sql: Vec<RawSql>,
+    #[serde(default)]
+    pub postgres: Vec<RawPostgres>,
     pub vars: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
     #[serde(default)]
     pub secrets: Vec<Spanned<String>>,

@@ -54,14 +54,22 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         ) as u32,
     };
 
+    let postgres_proxy = raw.postgres_proxy.as_ref().map(|p| v.postgres_proxy(p, &server, &base));
+    let mut databases = Vec::with_capacity(raw.databases.len());
+    for (i, d) in raw.databases.iter().enumerate() {
+        databases.push(v.database(i, d, &base));
+    }
+    v.cross_database_checks(&raw.databases, &databases);
+
     let mut workers = Vec::with_capacity(raw.workers.len());
     for (i, w) in raw.workers.iter().enumerate() {
         workers.push(v.worker(i, w, &base));
     }
     v.cross_worker_checks(&raw.workers, &workers);
+    v.postgres_grant_checks(&raw.workers, &workers, &databases);
 
     if v.errors.is_empty() {
-        Ok(Config { source: file.to_path_buf(), server, security, sandbox, workers })
+        Ok(Config { source: file.to_path_buf(), server, security, sandbox, postgres_proxy, databases, workers })
     } else {
         Err(ConfigErrors(v.errors))
     }
@@ -91,7 +99,7 @@ impl Validator<'_> {
     }
 
     /// An integer key with a default and an inclusive range.
-    fn int(&mut self, value: &Option<Spanned<i64>>, key: &str, default: u64, min: u64, max: u64, what: &str) -> u64 {
+    pub(crate) fn int(&mut self, value: &Option<Spanned<i64>>, key: &str, default: u64, min: u64, max: u64, what: &str) -> u64 {
         let Some(value) = value else { return default };
         let n = *value.get_ref();
         if n < min as i64 || n > max as i64 {
@@ -109,18 +117,20 @@ impl Validator<'_> {
     fn addr(&mut self, value: &Option<Spanned<String>>, key: &str, default: &str) -> SocketAddr {
         let default: SocketAddr = default.parse().expect("built-in default address parses");
         let Some(value) = value else { return default };
-        match value.get_ref().parse::<SocketAddr>() {
-            Ok(a) => a,
-            Err(_) => {
-                self.error(
-                    Some(value.span()),
-                    key,
-                    format!("`{}` is not an IP address with a port", value.get_ref()),
-                    "write it as IP:PORT, for example \"127.0.0.1:8080\" or \"[::1]:8080\"",
-                );
-                default
-            }
+        self.socket_addr(value, key).unwrap_or(default)
+    }
+
+    pub(crate) fn socket_addr(&mut self, value: &Spanned<String>, key: &str) -> Option<SocketAddr> {
+        let addr = value.get_ref().parse::<SocketAddr>().ok();
+        if addr.is_none() {
+            self.error(
+                Some(value.span()),
+                key,
+                format!("`{}` is not an IP address with a port", value.get_ref()),
+                "write it as IP:PORT, for example \"127.0.0.1:8080\" or \"[::1]:8080\"",
+            );
         }
+        addr
     }
 
     fn server(&mut self, raw: &RawConfig, base: &Path) -> ServerConfig {
@@ -207,7 +217,7 @@ impl Validator<'_> {
         SecurityConfig { memory_protection_keys: mpk }
     }
 
-    fn name(&mut self, value: &Spanned<String>, key: &str) {
+    pub(crate) fn name(&mut self, value: &Spanned<String>, key: &str) {
         if !is_valid_name(value.get_ref()) {
             self.error(
                 Some(value.span()),

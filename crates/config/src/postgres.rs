@@ -1,0 +1,1143 @@
+//! The Postgres accelerator: `[postgres_proxy]`, the listener that clients
+//! connect to, and `[[database]]`, the tenants' origin databases that it
+//! pools and caches. Workers reach a database through a `[[worker.postgres]]`
+//! grant (see `crate::grants`), which may only name a database of the
+//! worker's own tenant.
+
+use std::fmt;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::raw::RawWorker;
+use crate::validate::Validator;
+use crate::{ServerConfig, WorkerConfig};
+
+/// Longest name of an environment variable that holds a password.
+pub const ENV_NAME_MAX_LEN: usize = 128;
+
+/// Longest Postgres role or database name: Postgres truncates identifiers
+/// to `NAMEDATALEN - 1` bytes, so a longer name would silently mean another.
+const PG_IDENT_MAX_LEN: usize = 63;
+
+/// Names of environment variables: `[A-Za-z_][A-Za-z0-9_]*`, 1 to 128
+/// characters. Only the name is in the config; the value is read from the
+/// environment at startup, so passwords stay out of the file.
+pub fn is_valid_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && name.len() <= ENV_NAME_MAX_LEN
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// `[postgres_proxy]`: where Postgres clients connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresProxyConfig {
+    pub listen: SocketAddr,
+    /// Certificate and key offered to clients that ask for TLS; `None`
+    /// answers every `SSLRequest` with "no".
+    pub tls: Option<ProxyTls>,
+    /// Refuse clients that do not switch to TLS before authenticating.
+    /// Always `false` when `tls` is `None`.
+    pub require_tls: bool,
+}
+
+/// The proxy's TLS certificate chain and private key, both PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyTls {
+    /// Absolute path of the certificate chain.
+    pub cert: PathBuf,
+    /// Absolute path of the private key.
+    pub key: PathBuf,
+}
+
+/// One `[[database]]`: a tenant's origin Postgres and how the accelerator
+/// pools and caches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseConfig {
+    /// Unique together with `tenant`.
+    pub name: String,
+    pub tenant: String,
+    pub origin: OriginUrl,
+    /// Name of the environment variable that holds the origin password;
+    /// `None` connects without one (trust or certificate authentication).
+    pub origin_password_env: Option<String>,
+    /// Origin connections kept open and shared between clients.
+    pub pool_size: u32,
+    /// Clients connected through the proxy at once.
+    pub max_client_connections: u32,
+    /// Clients waiting for a pooled connection at once; past it a client's
+    /// query fails at once instead of queueing.
+    pub max_waiting_clients: u32,
+    /// Time a client waits for a pooled connection.
+    pub acquire_timeout_ms: u64,
+    /// Time one statement may run on the origin; 0 means no limit.
+    pub statement_timeout_ms: u64,
+    /// A connected client that sends nothing for this long is closed; 0
+    /// means never.
+    pub idle_client_timeout_ms: u64,
+    /// A client idle inside a transaction, and so holding a pooled
+    /// connection, is closed after this long; 0 means never.
+    pub idle_in_transaction_timeout_ms: u64,
+    /// Time to open one origin connection, TLS and authentication included.
+    pub connect_timeout_ms: u64,
+    /// Who may connect through the proxy (SCRAM-SHA-256).
+    pub users: Vec<DatabaseUser>,
+    pub cache: DatabaseCache,
+}
+
+/// `[[database.users]]`: a login that the proxy accepts for this database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseUser {
+    /// Unique within the database.
+    pub name: String,
+    /// Name of the environment variable that holds the password.
+    pub password_env: String,
+}
+
+/// `[database.cache]`: the result cache of one database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseCache {
+    pub enabled: bool,
+    /// Seconds a cached result is served as fresh.
+    pub max_age_s: u64,
+    /// Seconds after `max_age_s` during which a stale result is still served
+    /// while a fresh one is fetched in the background.
+    pub stale_while_revalidate_s: u64,
+    /// Largest result that is cached, in bytes.
+    pub max_entry_bytes: u64,
+    /// Memory bound of this database's cache, in bytes.
+    pub max_bytes: u64,
+}
+
+impl Default for DatabaseCache {
+    fn default() -> Self {
+        Self { enabled: true, max_age_s: 60, stale_while_revalidate_s: 15, max_entry_bytes: 1 << 20, max_bytes: 64 << 20 }
+    }
+}
+
+/// An origin `postgres://` URL, checked and taken apart. It never holds a
+/// password: that comes from `origin_password_env`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginUrl {
+    /// Lowercase host name or IP address; an IPv6 address has no brackets.
+    pub host: String,
+    pub port: u16,
+    /// Percent-decoded.
+    pub user: String,
+    /// Percent-decoded.
+    pub database: String,
+    pub tls: OriginTlsMode,
+}
+
+/// `sslmode` of the origin URL. Only the two modes that mean what they say
+/// are accepted: `require` and `verify-ca` encrypt without checking whom
+/// they talk to, and `prefer`/`allow` fall back to plain text silently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OriginTlsMode {
+    /// `sslmode=disable`, the default: plain TCP.
+    Disable,
+    /// `sslmode=verify-full`: TLS, with the certificate chain and the host
+    /// name checked.
+    VerifyFull {
+        /// Absolute path of the PEM roots from `sslrootcert`; `None` trusts
+        /// the webpki roots.
+        root_cert: Option<PathBuf>,
+    },
+}
+
+impl fmt::Display for OriginUrl {
+    /// The URL for logs, in a form that parses back to the same value.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("postgres://")?;
+        percent_encode(f, &self.user, b"")?;
+        if self.host.contains(':') {
+            write!(f, "@[{}]:{}/", self.host, self.port)?;
+        } else {
+            write!(f, "@{}:{}/", self.host, self.port)?;
+        }
+        percent_encode(f, &self.database, b"")?;
+        match &self.tls {
+            OriginTlsMode::Disable => f.write_str("?sslmode=disable"),
+            OriginTlsMode::VerifyFull { root_cert: None } => f.write_str("?sslmode=verify-full"),
+            OriginTlsMode::VerifyFull { root_cert: Some(path) } => {
+                f.write_str("?sslmode=verify-full&sslrootcert=")?;
+                percent_encode(f, &path.to_string_lossy(), b"/")
+            }
+        }
+    }
+}
+
+fn percent_encode(f: &mut fmt::Formatter<'_>, s: &str, keep: &[u8]) -> fmt::Result {
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || keep.contains(&b) {
+            write!(f, "{}", b as char)?;
+        } else {
+            write!(f, "%{b:02X}")?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPostgresProxy {
+    pub listen: Spanned<String>,
+    pub tls_cert: Option<Spanned<String>>,
+    pub tls_key: Option<Spanned<String>>,
+    pub require_tls: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDatabase {
+    pub name: Spanned<String>,
+    pub tenant: Spanned<String>,
+    pub origin: Spanned<String>,
+    pub origin_password_env: Option<Spanned<String>>,
+    pub pool_size: Option<Spanned<i64>>,
+    pub max_client_connections: Option<Spanned<i64>>,
+    pub max_waiting_clients: Option<Spanned<i64>>,
+    pub acquire_timeout_ms: Option<Spanned<i64>>,
+    pub statement_timeout_ms: Option<Spanned<i64>>,
+    pub idle_client_timeout_ms: Option<Spanned<i64>>,
+    pub idle_in_transaction_timeout_ms: Option<Spanned<i64>>,
+    pub connect_timeout_ms: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub users: Vec<RawDatabaseUser>,
+    #[serde(default)]
+    pub cache: RawDatabaseCache,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDatabaseUser {
+    pub name: Spanned<String>,
+    pub password_env: Spanned<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDatabaseCache {
+    pub enabled: Option<Spanned<bool>>,
+    pub max_age_s: Option<Spanned<i64>>,
+    pub stale_while_revalidate_s: Option<Spanned<i64>>,
+    pub max_entry_bytes: Option<Spanned<i64>>,
+    pub max_bytes: Option<Spanned<i64>>,
+}
+
+const ENV_HELP: &str = "name an environment variable: a letter or `_`, then letters, digits or `_`, up to 128 characters";
+
+impl Validator<'_> {
+    pub(crate) fn postgres_proxy(&mut self, raw: &RawPostgresProxy, server: &ServerConfig, base: &Path) -> PostgresProxyConfig {
+        let listen = self.socket_addr(&raw.listen, "postgres_proxy.listen");
+        if let Some(listen) = listen
+            && (listen == server.listen || listen == server.admin_listen)
+            && listen.port() != 0
+        {
+            self.error(
+                Some(raw.listen.span()),
+                "postgres_proxy.listen",
+                "is the same address as a listener in [server]",
+                "give the Postgres proxy its own port, for example \"127.0.0.1:6432\"",
+            );
+        }
+        let listen = listen.unwrap_or(server.listen);
+        let cert = self.path(&raw.tls_cert, "postgres_proxy.tls_cert", base);
+        let key = self.path(&raw.tls_key, "postgres_proxy.tls_key", base);
+        let tls = match (&raw.tls_cert, &raw.tls_key) {
+            (Some(_), Some(_)) => cert.zip(key).map(|(cert, key)| ProxyTls { cert, key }),
+            (None, None) => None,
+            (Some(given), None) | (None, Some(given)) => {
+                let (k, missing) = if raw.tls_cert.is_some() { ("tls_cert", "tls_key") } else { ("tls_key", "tls_cert") };
+                self.error(
+                    Some(given.span()),
+                    format!("postgres_proxy.{k}"),
+                    format!("is set without {missing}"),
+                    "set both tls_cert (the PEM certificate chain) and tls_key (its PEM private key), or neither",
+                );
+                None
+            }
+        };
+        let require_tls = raw.require_tls.as_ref().is_some_and(|r| *r.get_ref());
+        if let Some(flag) = &raw.require_tls
+            && require_tls
+            && raw.tls_cert.is_none()
+            && raw.tls_key.is_none()
+        {
+            self.error(
+                Some(flag.span()),
+                "postgres_proxy.require_tls",
+                "is true, but the proxy has no certificate",
+                "set tls_cert and tls_key, or set require_tls = false",
+            );
+        }
+        PostgresProxyConfig { listen, require_tls: require_tls && tls.is_some(), tls }
+    }
+
+    /// A path relative to the config file's directory, made absolute.
+    fn path(&mut self, value: &Option<Spanned<String>>, key: &str, base: &Path) -> Option<PathBuf> {
+        let value = value.as_ref()?;
+        if value.get_ref().trim().is_empty() {
+            self.error(Some(value.span()), key, "is empty", "give the path of a PEM file");
+            return None;
+        }
+        Some(absolute(base, value.get_ref()))
+    }
+
+    pub(crate) fn database(&mut self, i: usize, raw: &RawDatabase, base: &Path) -> DatabaseConfig {
+        let key = |k: &str| format!("database[{i}].{k}");
+        self.name(&raw.name, &key("name"));
+        self.name(&raw.tenant, &key("tenant"));
+
+        let origin = match parse_origin(raw.origin.get_ref(), base) {
+            Ok(origin) => origin,
+            Err(e) => {
+                self.error(Some(raw.origin.span()), key("origin"), e.message, e.help);
+                OriginUrl { host: String::new(), port: 5432, user: String::new(), database: String::new(), tls: OriginTlsMode::Disable }
+            }
+        };
+        let origin_password_env = raw.origin_password_env.as_ref().map(|env| {
+            self.env_name(env, key("origin_password_env"));
+            env.get_ref().clone()
+        });
+
+        let max_client_connections = self.int(
+            &raw.max_client_connections,
+            &key("max_client_connections"),
+            1000,
+            1,
+            100_000,
+            "the number of clients connected through the proxy at once",
+        );
+        DatabaseConfig {
+            name: raw.name.get_ref().clone(),
+            tenant: raw.tenant.get_ref().clone(),
+            origin,
+            origin_password_env,
+            pool_size: self.int(&raw.pool_size, &key("pool_size"), 10, 1, 1000, "the number of origin connections kept open") as u32,
+            max_client_connections: max_client_connections as u32,
+            max_waiting_clients: self.int(
+                &raw.max_waiting_clients,
+                &key("max_waiting_clients"),
+                max_client_connections,
+                0,
+                100_000,
+                "the number of clients that may wait for a pooled connection at once (the default is max_client_connections)",
+            ) as u32,
+            acquire_timeout_ms: self.int(
+                &raw.acquire_timeout_ms,
+                &key("acquire_timeout_ms"),
+                5000,
+                1,
+                600_000,
+                "the time a client waits for a pooled connection, in ms",
+            ),
+            statement_timeout_ms: self.int(
+                &raw.statement_timeout_ms,
+                &key("statement_timeout_ms"),
+                30_000,
+                0,
+                86_400_000,
+                "the time one statement may run, in ms, or 0 for no limit",
+            ),
+            idle_client_timeout_ms: self.int(
+                &raw.idle_client_timeout_ms,
+                &key("idle_client_timeout_ms"),
+                600_000,
+                0,
+                86_400_000,
+                "the time a silent client stays connected, in ms, or 0 for no limit",
+            ),
+            idle_in_transaction_timeout_ms: self.int(
+                &raw.idle_in_transaction_timeout_ms,
+                &key("idle_in_transaction_timeout_ms"),
+                60_000,
+                0,
+                86_400_000,
+                "the time a client may sit idle inside a transaction, in ms, or 0 for no limit",
+            ),
+            connect_timeout_ms: self.int(
+                &raw.connect_timeout_ms,
+                &key("connect_timeout_ms"),
+                5000,
+                1,
+                600_000,
+                "the time to open one origin connection, in ms",
+            ),
+            users: self.database_users(i, raw),
+            cache: self.database_cache(i, raw),
+        }
+    }
+
+    fn database_users(&mut self, i: usize, raw: &RawDatabase) -> Vec<DatabaseUser> {
+        let mut users: Vec<DatabaseUser> = Vec::with_capacity(raw.users.len());
+        for (j, user) in raw.users.iter().enumerate() {
+            let key = |k: &str| format!("database[{i}].users[{j}].{k}");
+            let name = user.name.get_ref();
+            if name.is_empty() || name.len() > PG_IDENT_MAX_LEN || name.chars().any(char::is_control) {
+                self.error(
+                    Some(user.name.span()),
+                    key("name"),
+                    format!("`{}` is not a valid user name", name.escape_debug()),
+                    format!("use 1 to {PG_IDENT_MAX_LEN} bytes without control characters"),
+                );
+            } else if let Some(first) = users.iter().position(|u| &u.name == name) {
+                self.error(
+                    Some(user.name.span()),
+                    key("name"),
+                    format!("user `{name}` is already users[{first}] of this database"),
+                    "list every user of a database once",
+                );
+            }
+            self.env_name(&user.password_env, key("password_env"));
+            users.push(DatabaseUser { name: name.clone(), password_env: user.password_env.get_ref().clone() });
+        }
+        users
+    }
+
+    fn database_cache(&mut self, i: usize, raw: &RawDatabase) -> DatabaseCache {
+        let c = &raw.cache;
+        let d = DatabaseCache::default();
+        let key = |k: &str| format!("database[{i}].cache.{k}");
+        let cache = DatabaseCache {
+            enabled: c.enabled.as_ref().map_or(d.enabled, |e| *e.get_ref()),
+            max_age_s: self.int(&c.max_age_s, &key("max_age_s"), d.max_age_s, 1, 86_400, "the seconds a result is served as fresh"),
+            stale_while_revalidate_s: self.int(
+                &c.stale_while_revalidate_s,
+                &key("stale_while_revalidate_s"),
+                d.stale_while_revalidate_s,
+                0,
+                86_400,
+                "the seconds a stale result is still served while it is refreshed",
+            ),
+            max_entry_bytes: self.int(
+                &c.max_entry_bytes,
+                &key("max_entry_bytes"),
+                d.max_entry_bytes,
+                1,
+                64 << 20,
+                "the largest result that is cached, in bytes",
+            ),
+            max_bytes: self.int(
+                &c.max_bytes,
+                &key("max_bytes"),
+                d.max_bytes,
+                1 << 20,
+                16 << 30,
+                "the memory this database's cache may use, in bytes",
+            ),
+        };
+        if cache.max_entry_bytes > cache.max_bytes {
+            // Point at whichever of the two the file sets (max_entry_bytes if both).
+            let (span, name) = match (&c.max_entry_bytes, &c.max_bytes) {
+                (Some(entry), _) => (Some(entry.span()), "max_entry_bytes"),
+                (None, Some(total)) => (Some(total.span()), "max_bytes"),
+                (None, None) => (None, "max_entry_bytes"),
+            };
+            self.error(
+                span,
+                key(name),
+                format!("max_entry_bytes ({}) is more than max_bytes ({})", cache.max_entry_bytes, cache.max_bytes),
+                "an entry cannot be larger than the whole cache: lower max_entry_bytes or raise max_bytes",
+            );
+        }
+        cache
+    }
+
+    fn env_name(&mut self, value: &Spanned<String>, key: String) {
+        if !is_valid_env_name(value.get_ref()) {
+            self.error(
+                Some(value.span()),
+                key,
+                format!("`{}` is not a valid environment variable name", value.get_ref().escape_debug()),
+                format!("{ENV_HELP}; the password itself goes in that variable, never in this file"),
+            );
+        }
+    }
+
+    pub(crate) fn cross_database_checks(&mut self, raw: &[RawDatabase], databases: &[DatabaseConfig]) {
+        for (i, d) in databases.iter().enumerate() {
+            if let Some(first) = databases[..i].iter().position(|o| o.tenant == d.tenant && o.name == d.name) {
+                self.error(
+                    Some(raw[i].name.span()),
+                    format!("database[{i}].name"),
+                    format!("tenant `{}` already has a database `{}` (database[{first}])", d.tenant, d.name),
+                    "give every database of a tenant its own name",
+                );
+            }
+        }
+    }
+
+    /// A `[[worker.postgres]]` grant reaches only its own tenant's databases.
+    pub(crate) fn postgres_grant_checks(&mut self, raw: &[RawWorker], workers: &[WorkerConfig], databases: &[DatabaseConfig]) {
+        for (i, (w, rw)) in workers.iter().zip(raw).enumerate() {
+            for (j, (grant, rg)) in w.grants.postgres.iter().zip(&rw.postgres).enumerate() {
+                let own: Vec<&str> = databases.iter().filter(|d| d.tenant == w.tenant).map(|d| d.name.as_str()).collect();
+                if own.contains(&grant.database.as_str()) {
+                    continue;
+                }
+                let help = if own.is_empty() {
+                    format!("tenant `{}` has no [[database]]; add one with tenant = \"{}\", or remove this grant", w.tenant, w.tenant)
+                } else {
+                    let names: Vec<String> = own.iter().map(|n| format!("`{n}`")).collect();
+                    format!("a worker may use only its own tenant's databases; tenant `{}` has {}", w.tenant, names.join(", "))
+                };
+                self.error(
+                    Some(rg.database.span()),
+                    format!("worker[{i}].postgres[{j}].database"),
+                    format!("tenant `{}` has no database `{}`", w.tenant, grant.database),
+                    help,
+                );
+            }
+        }
+    }
+}
+
+fn absolute(base: &Path, path: &str) -> PathBuf {
+    let joined = base.join(path);
+    std::path::absolute(&joined).unwrap_or(joined)
+}
+
+/// Why an origin URL was refused. The message never repeats the URL, which
+/// may hold a password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OriginUrlError {
+    pub message: String,
+    pub help: String,
+}
+
+const URL_HELP: &str = "write it as postgres://USER@HOST[:PORT]/DATABASE[?sslmode=verify-full]";
+
+fn url_error(message: impl Into<String>, help: impl Into<String>) -> OriginUrlError {
+    OriginUrlError { message: message.into(), help: help.into() }
+}
+
+/// Parses the subset of libpq's URL syntax that the accelerator supports.
+/// Anything it does not understand is an error rather than ignored, since
+/// an ignored `sslmode` or host list would silently change what is trusted.
+pub(crate) fn parse_origin(url: &str, base: &Path) -> Result<OriginUrl, OriginUrlError> {
+    let rest = ["postgres://", "postgresql://"]
+        .iter()
+        .find_map(|scheme| url.get(..scheme.len()).filter(|s| s.eq_ignore_ascii_case(scheme)).map(|_| &url[scheme.len()..]))
+        .ok_or_else(|| url_error("origin is not a postgres:// URL", URL_HELP))?;
+    if rest.contains('#') {
+        return Err(url_error("origin URL has a `#` fragment", URL_HELP));
+    }
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+
+    // The last `@` ends the user part, so an unescaped `@` inside a password
+    // is still seen as part of the password.
+    let Some((userinfo, hostport)) = authority.rsplit_once('@') else {
+        return Err(url_error("origin URL has no user", URL_HELP));
+    };
+    if userinfo.contains(':') {
+        return Err(url_error(
+            "origin URL has a password",
+            "remove `:PASSWORD` from the URL and put the password in an environment variable named by origin_password_env",
+        ));
+    }
+    let user = decode(userinfo, "user")?;
+    check_ident(&user, "user")?;
+    let (host, port) = parse_hostport(hostport)?;
+    let database = decode(path, "database")?;
+    check_ident(&database, "database")?;
+
+    let mut sslmode: Option<&str> = None;
+    let mut root_cert: Option<String> = None;
+    for param in query.split('&').filter(|p| !p.is_empty()) {
+        let Some((name, value)) = param.split_once('=') else {
+            return Err(url_error(
+                format!("origin URL parameter `{}` has no value", param.escape_debug()),
+                "write parameters as NAME=VALUE",
+            ));
+        };
+        match name {
+            "sslmode" if sslmode.is_some() => return Err(url_error("origin URL sets sslmode twice", "keep one sslmode")),
+            "sslmode" => sslmode = Some(value),
+            "sslrootcert" if root_cert.is_some() => {
+                return Err(url_error("origin URL sets sslrootcert twice", "keep one sslrootcert"));
+            }
+            "sslrootcert" => {
+                let path = decode(value, "sslrootcert")?;
+                if path.is_empty() {
+                    return Err(url_error("origin URL has an empty sslrootcert", "give the path of a PEM file of root certificates"));
+                }
+                root_cert = Some(path);
+            }
+            other => {
+                return Err(url_error(
+                    format!("origin URL has the parameter `{}`, which is not supported", other.escape_debug()),
+                    "remove it: only sslmode and sslrootcert are accepted; the pool's own settings are keys of [[database]]",
+                ));
+            }
+        }
+    }
+    let tls = match sslmode.unwrap_or("disable") {
+        "disable" => {
+            if root_cert.is_some() {
+                return Err(url_error(
+                    "origin URL sets sslrootcert, but sslmode is not verify-full",
+                    "add sslmode=verify-full to use the certificate, or remove sslrootcert",
+                ));
+            }
+            OriginTlsMode::Disable
+        }
+        "verify-full" => OriginTlsMode::VerifyFull { root_cert: root_cert.map(|p| absolute(base, &p)) },
+        mode @ ("require" | "prefer" | "allow" | "verify-ca") => {
+            return Err(url_error(
+                format!("origin URL has sslmode={mode}, which is not supported"),
+                "use sslmode=verify-full (certificate and host name checked) or sslmode=disable",
+            ));
+        }
+        other => {
+            return Err(url_error(
+                format!("origin URL has an unknown sslmode `{}`", other.escape_debug()),
+                "use sslmode=verify-full (certificate and host name checked) or sslmode=disable",
+            ));
+        }
+    };
+    Ok(OriginUrl { host, port, user, database, tls })
+}
+
+fn parse_hostport(hostport: &str) -> Result<(String, u16), OriginUrlError> {
+    let (host, port) = if let Some(bracketed) = hostport.strip_prefix('[') {
+        let Some((ip, after)) = bracketed.split_once(']') else {
+            return Err(url_error("origin URL has a `[` without `]` in its host", "write an IPv6 address as [ADDRESS]"));
+        };
+        if ip.parse::<Ipv6Addr>().is_err() {
+            return Err(url_error(
+                format!("origin URL host `[{}]` is not an IPv6 address", ip.escape_debug()),
+                "write an IPv6 address as [ADDRESS], for example [::1]",
+            ));
+        }
+        let port = match after {
+            "" => None,
+            _ => match after.strip_prefix(':') {
+                Some(port) => Some(port),
+                None => return Err(url_error("origin URL has text after its IPv6 host", URL_HELP)),
+            },
+        };
+        (ip.to_ascii_lowercase(), port)
+    } else {
+        let (host, port) = match hostport.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (hostport, None),
+        };
+        if port.is_some_and(|p| p.contains(':')) {
+            return Err(url_error("origin URL host has more than one `:`", "write an IPv6 address in brackets, as [ADDRESS]:PORT"));
+        }
+        if host.is_empty() {
+            return Err(url_error("origin URL has no host", URL_HELP));
+        }
+        let valid = host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+            && !host.starts_with('.')
+            && !host.ends_with('.')
+            && !host.contains("..");
+        if !valid {
+            return Err(url_error(
+                format!("origin URL host `{}` is not a host name or IP address", host.escape_debug()),
+                "give one host: a name, an IPv4 address or an [IPv6] address (host lists are not supported)",
+            ));
+        }
+        (host.to_ascii_lowercase(), port)
+    };
+    let port = match port {
+        None => 5432,
+        Some(p) => match p.parse::<u16>() {
+            Ok(port) if port != 0 && p.bytes().all(|b| b.is_ascii_digit()) => port,
+            _ => {
+                return Err(url_error(
+                    format!("origin URL port `{}` is not a port number", p.escape_debug()),
+                    "use a port from 1 to 65535, or leave it out for 5432",
+                ));
+            }
+        },
+    };
+    Ok((host, port))
+}
+
+/// Percent-decoding; the result must be UTF-8.
+fn decode(s: &str, what: &str) -> Result<String, OriginUrlError> {
+    let bad = || url_error(format!("origin URL {what} has an invalid percent escape"), "escape a byte as % and two hex digits");
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).ok_or_else(bad)?;
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad());
+            }
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| url_error(format!("origin URL {what} is not UTF-8 once decoded"), "percent-encode UTF-8 text"))
+}
+
+fn check_ident(value: &str, what: &str) -> Result<(), OriginUrlError> {
+    if value.is_empty() {
+        return Err(url_error(format!("origin URL has no {what}"), URL_HELP));
+    }
+    if value.len() > PG_IDENT_MAX_LEN || value.chars().any(char::is_control) {
+        return Err(url_error(
+            format!("origin URL {what} is not a valid Postgres name"),
+            format!("use 1 to {PG_IDENT_MAX_LEN} bytes without control characters"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, ConfigError};
+
+    const FILE: &str = "/srv/cordon/cordon.toml";
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        Config::parse(Path::new(FILE), text).unwrap_err().0
+    }
+
+    /// The error with `key`, which must exist and carry a position and a help.
+    fn error_at(text: &str, key: &str) -> ConfigError {
+        let e = errors(text);
+        let found = e.iter().find(|e| e.key.as_deref() == Some(key)).unwrap_or_else(|| panic!("no error at {key}: {e:?}")).clone();
+        assert!(found.location.is_some(), "{found:?}");
+        assert!(!found.help.is_empty(), "{found:?}");
+        found
+    }
+
+    fn origin(url: &str) -> Result<OriginUrl, OriginUrlError> {
+        parse_origin(url, Path::new("/srv/cordon"))
+    }
+
+    fn db(extra: &str) -> String {
+        format!("[[database]]\nname = \"main\"\ntenant = \"acme\"\norigin = \"postgres://app@db.internal/app\"\n{extra}")
+    }
+
+    #[test]
+    fn a_full_example_parses() {
+        let text = r#"
+[postgres_proxy]
+listen = "127.0.0.1:6432"
+tls_cert = "certs/proxy.pem"
+tls_key = "certs/proxy.key"
+require_tls = true
+
+[[database]]
+name = "main"
+tenant = "acme"
+origin = "postgresql://app@127.0.0.1:5433/app?sslmode=verify-full&sslrootcert=ca.pem"
+origin_password_env = "APP_DB_PASSWORD"
+pool_size = 20
+max_client_connections = 5000
+max_waiting_clients = 100
+acquire_timeout_ms = 2000
+statement_timeout_ms = 0
+idle_client_timeout_ms = 0
+idle_in_transaction_timeout_ms = 1000
+connect_timeout_ms = 3000
+
+[[database.users]]
+name = "acme_app"
+password_env = "ACME_APP_PASSWORD"
+
+[[database.users]]
+name = "Reporting User"
+password_env = "_REPORTING"
+
+[database.cache]
+enabled = false
+max_age_s = 1
+stale_while_revalidate_s = 0
+max_entry_bytes = 4096
+max_bytes = 1048576
+
+[[database]]
+name = "main"
+tenant = "other"
+origin = "postgres://u@[::1]/d"
+"#;
+        let c = Config::parse(Path::new(FILE), text).unwrap();
+        let proxy = c.postgres_proxy.as_ref().unwrap();
+        assert_eq!(proxy.listen.to_string(), "127.0.0.1:6432");
+        assert_eq!(proxy.tls, Some(ProxyTls { cert: "/srv/cordon/certs/proxy.pem".into(), key: "/srv/cordon/certs/proxy.key".into() }));
+        assert!(proxy.require_tls);
+
+        assert_eq!(c.databases.len(), 2);
+        let main = c.database("acme", "main").unwrap();
+        assert_eq!(
+            *main,
+            DatabaseConfig {
+                name: "main".into(),
+                tenant: "acme".into(),
+                origin: OriginUrl {
+                    host: "127.0.0.1".into(),
+                    port: 5433,
+                    user: "app".into(),
+                    database: "app".into(),
+                    tls: OriginTlsMode::VerifyFull { root_cert: Some("/srv/cordon/ca.pem".into()) },
+                },
+                origin_password_env: Some("APP_DB_PASSWORD".into()),
+                pool_size: 20,
+                max_client_connections: 5000,
+                max_waiting_clients: 100,
+                acquire_timeout_ms: 2000,
+                statement_timeout_ms: 0,
+                idle_client_timeout_ms: 0,
+                idle_in_transaction_timeout_ms: 1000,
+                connect_timeout_ms: 3000,
+                users: vec![
+                    DatabaseUser { name: "acme_app".into(), password_env: "ACME_APP_PASSWORD".into() },
+                    DatabaseUser { name: "Reporting User".into(), password_env: "_REPORTING".into() },
+                ],
+                cache: DatabaseCache {
+                    enabled: false,
+                    max_age_s: 1,
+                    stale_while_revalidate_s: 0,
+                    max_entry_bytes: 4096,
+                    max_bytes: 1 << 20
+                },
+            }
+        );
+        assert_eq!(c.database("other", "main").unwrap().origin.host, "::1");
+        assert!(c.database("acme", "nope").is_none());
+        assert!(c.database("nobody", "main").is_none());
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_database() {
+        let c = Config::parse(Path::new(FILE), &db("")).unwrap();
+        assert!(c.postgres_proxy.is_none());
+        let d = &c.databases[0];
+        assert_eq!(d.origin.port, 5432);
+        assert_eq!(d.origin.tls, OriginTlsMode::Disable);
+        assert_eq!(d.origin_password_env, None);
+        assert_eq!((d.pool_size, d.max_client_connections, d.max_waiting_clients), (10, 1000, 1000));
+        assert_eq!((d.acquire_timeout_ms, d.statement_timeout_ms, d.connect_timeout_ms), (5000, 30_000, 5000));
+        assert_eq!((d.idle_client_timeout_ms, d.idle_in_transaction_timeout_ms), (600_000, 60_000));
+        assert!(d.users.is_empty());
+        assert_eq!(d.cache, DatabaseCache::default());
+        assert_eq!(
+            d.cache,
+            DatabaseCache { enabled: true, max_age_s: 60, stale_while_revalidate_s: 15, max_entry_bytes: 1 << 20, max_bytes: 64 << 20 }
+        );
+
+        // The waiting-room default follows the connection limit.
+        let c = Config::parse(Path::new(FILE), &db("max_client_connections = 7\n")).unwrap();
+        assert_eq!(c.databases[0].max_waiting_clients, 7);
+    }
+
+    #[test]
+    fn the_proxy_section_alone_is_valid() {
+        let c = Config::parse(Path::new(FILE), "[postgres_proxy]\nlisten = \"[::1]:6432\"\n").unwrap();
+        let proxy = c.postgres_proxy.clone().unwrap();
+        assert_eq!(proxy, PostgresProxyConfig { listen: "[::1]:6432".parse().unwrap(), tls: None, require_tls: false });
+        assert!(c.databases.is_empty());
+        assert!(c.warnings().is_empty());
+    }
+
+    #[test]
+    fn proxy_errors_point_at_their_key() {
+        let e = errors("[postgres_proxy]\ntls_cert = \"a.pem\"\n");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].message.contains("missing field `listen`"), "{e:?}");
+        assert_eq!(e[0].key.as_deref(), Some("postgres_proxy"));
+        assert!(e[0].help.contains("add this key"));
+
+        let bad = error_at("[postgres_proxy]\nlisten = \"localhost:6432\"\n", "postgres_proxy.listen");
+        assert_eq!(bad.location, Some(crate::Location { line: 2, column: 10 }));
+
+        let clash = error_at("[postgres_proxy]\nlisten = \"127.0.0.1:8080\"\n", "postgres_proxy.listen");
+        assert!(clash.message.contains("[server]"), "{clash:?}");
+
+        let half = error_at("[postgres_proxy]\nlisten = \"127.0.0.1:6432\"\ntls_key = \"k.pem\"\n", "postgres_proxy.tls_key");
+        assert_eq!(half.location.unwrap().line, 3);
+        assert!(half.message.contains("without tls_cert"), "{half:?}");
+        assert!(half.help.contains("or neither"));
+
+        let half = error_at("[postgres_proxy]\nlisten = \"127.0.0.1:6432\"\ntls_cert = \"c.pem\"\n", "postgres_proxy.tls_cert");
+        assert!(half.message.contains("without tls_key"), "{half:?}");
+
+        let require = error_at("[postgres_proxy]\nlisten = \"127.0.0.1:6432\"\nrequire_tls = true\n", "postgres_proxy.require_tls");
+        assert_eq!(require.location, Some(crate::Location { line: 3, column: 15 }));
+        assert!(require.help.contains("tls_cert and tls_key"), "{require:?}");
+
+        let e = errors("[postgres_proxy]\nlisten = \"127.0.0.1:6432\"\nrequire_tls = \"yes\"\n");
+        assert_eq!(e[0].key.as_deref(), Some("postgres_proxy.require_tls"));
+        let e = errors("[postgres_proxy]\nlisten = \"127.0.0.1:6432\"\ntls = true\n");
+        assert!(e[0].message.contains("unknown field `tls`"), "{e:?}");
+    }
+
+    #[test]
+    fn database_errors_point_at_their_key() {
+        let name = error_at(&db("").replace("\"main\"", "\"Main\""), "database[0].name");
+        assert_eq!(name.location, Some(crate::Location { line: 2, column: 8 }));
+        let tenant = error_at(&db("").replace("\"acme\"", "\"ac me\""), "database[0].tenant");
+        assert_eq!(tenant.location.unwrap().line, 3);
+
+        let env = error_at(&db("origin_password_env = \"1PASS\"\n"), "database[0].origin_password_env");
+        assert!(env.help.contains("environment variable"), "{env:?}");
+        error_at(&db(&format!("origin_password_env = \"{}\"\n", "A".repeat(129))), "database[0].origin_password_env");
+        Config::parse(Path::new(FILE), &db(&format!("origin_password_env = \"{}\"\n", "A".repeat(128)))).unwrap();
+
+        for (key, bad) in [
+            ("pool_size", "0"),
+            ("pool_size", "1001"),
+            ("max_client_connections", "0"),
+            ("max_client_connections", "100001"),
+            ("max_waiting_clients", "-1"),
+            ("max_waiting_clients", "100001"),
+            ("acquire_timeout_ms", "0"),
+            ("acquire_timeout_ms", "600001"),
+            ("statement_timeout_ms", "86400001"),
+            ("statement_timeout_ms", "-1"),
+            ("idle_client_timeout_ms", "-1"),
+            ("idle_in_transaction_timeout_ms", "-1"),
+            ("connect_timeout_ms", "0"),
+        ] {
+            let e = error_at(&db(&format!("{key} = {bad}\n")), &format!("database[0].{key}"));
+            assert_eq!(e.location, Some(crate::Location { line: 5, column: key.len() + 4 }), "{key}");
+            assert!(e.message.contains("must be between"), "{e:?}");
+        }
+        let waiting = error_at(&db("max_client_connections = 20\nmax_waiting_clients = -1\n"), "database[0].max_waiting_clients");
+        assert!(waiting.help.contains("default 20"), "{waiting:?}");
+
+        let dup = error_at(&[db(""), db("")].concat(), "database[1].name");
+        assert!(dup.message.contains("database[0]"), "{dup:?}");
+        assert_eq!(dup.location.unwrap().line, 6);
+        // The same name under another tenant is another database.
+        Config::parse(Path::new(FILE), &[db(""), db("").replace("acme", "other")].concat()).unwrap();
+    }
+
+    #[test]
+    fn user_errors_point_at_their_key() {
+        let user = |name: &str, env: &str| format!("[[database.users]]\nname = \"{name}\"\npassword_env = \"{env}\"\n");
+        let dup = error_at(&db(&[user("app", "A"), user("app", "B")].concat()), "database[0].users[1].name");
+        assert!(dup.message.contains("users[0]"), "{dup:?}");
+        assert_eq!(dup.location.unwrap().line, 9);
+
+        error_at(&db(&user("", "A")), "database[0].users[0].name");
+        error_at(&db(&user(&"u".repeat(64), "A")), "database[0].users[0].name");
+        error_at(&db(&user("a\\u0000b", "A")), "database[0].users[0].name");
+        error_at(&db(&user("a\\tb", "A")), "database[0].users[0].name");
+        Config::parse(Path::new(FILE), &db(&user(&"u".repeat(63), "A"))).unwrap();
+
+        let env = error_at(&db(&user("app", "MY-PASSWORD")), "database[0].users[0].password_env");
+        assert_eq!(env.location.unwrap().line, 7);
+
+        let e = errors(&db("[[database.users]]\nname = \"app\"\n"));
+        assert!(e[0].message.contains("missing field `password_env`"), "{e:?}");
+    }
+
+    #[test]
+    fn cache_errors_point_at_their_key() {
+        for (key, bad) in [
+            ("max_age_s", "0"),
+            ("max_age_s", "86401"),
+            ("stale_while_revalidate_s", "-1"),
+            ("stale_while_revalidate_s", "86401"),
+            ("max_entry_bytes", "0"),
+            ("max_entry_bytes", "67108865"),
+            ("max_bytes", "1048575"),
+            ("max_bytes", "17179869185"),
+        ] {
+            let e = error_at(&db(&format!("[database.cache]\n{key} = {bad}\n")), &format!("database[0].cache.{key}"));
+            assert_eq!(e.location.unwrap().line, 6, "{key}");
+        }
+        let c = Config::parse(Path::new(FILE), &db("[database.cache]\nmax_bytes = 17179869184\nmax_entry_bytes = 67108864\n")).unwrap();
+        assert_eq!(c.databases[0].cache.max_bytes, 16 << 30);
+
+        let e = error_at(&db("[database.cache]\nmax_entry_bytes = 2097152\nmax_bytes = 1048576\n"), "database[0].cache.max_entry_bytes");
+        assert!(e.help.contains("larger than the whole cache"), "{e:?}");
+        let e = errors(&db("[database.cache]\nttl = 5\n"));
+        assert!(e[0].message.contains("unknown field `ttl`"), "{e:?}");
+    }
+
+    #[test]
+    fn origin_errors_point_at_the_origin_value() {
+        let text = db("").replace("postgres://app@db.internal/app", "postgres://app:hunter2@db.internal/app");
+        let e = error_at(&text, "database[0].origin");
+        assert_eq!(e.location, Some(crate::Location { line: 4, column: 10 }));
+        assert!(e.message.contains("password"), "{e:?}");
+        assert!(e.help.contains("origin_password_env"), "{e:?}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn origin_urls_parse() {
+        let u = origin("postgres://app@db.example.com/app").unwrap();
+        assert_eq!(
+            u,
+            OriginUrl {
+                host: "db.example.com".into(),
+                port: 5432,
+                user: "app".into(),
+                database: "app".into(),
+                tls: OriginTlsMode::Disable
+            }
+        );
+        let u = origin("POSTGRESQL://app@DB.Example.com:6543/app?sslmode=disable").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("db.example.com", 6543));
+
+        let u = origin("postgres://app@[2001:DB8::1]:5433/app").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("2001:db8::1", 5433));
+        assert_eq!(u.to_string(), "postgres://app@[2001:db8::1]:5433/app?sslmode=disable");
+        assert_eq!(origin("postgres://app@[::1]/app").unwrap().port, 5432);
+
+        let u = origin("postgres://us%40er%20x@10.0.0.1/my%2Fdb%C3%A9").unwrap();
+        assert_eq!((u.user.as_str(), u.database.as_str()), ("us@er x", "my/dbé"));
+        assert_eq!(u.to_string(), "postgres://us%40er%20x@10.0.0.1:5432/my%2Fdb%C3%A9?sslmode=disable");
+
+        let u = origin("postgres://app@db/app?sslmode=verify-full").unwrap();
+        assert_eq!(u.tls, OriginTlsMode::VerifyFull { root_cert: None });
+        let u = origin("postgres://app@db/app?sslrootcert=certs/ca.pem&sslmode=verify-full").unwrap();
+        assert_eq!(u.tls, OriginTlsMode::VerifyFull { root_cert: Some("/srv/cordon/certs/ca.pem".into()) });
+        let u = origin("postgres://app@db/app?sslmode=verify-full&sslrootcert=/etc/ssl/ca%20roots.pem").unwrap();
+        assert_eq!(u.tls, OriginTlsMode::VerifyFull { root_cert: Some("/etc/ssl/ca roots.pem".into()) });
+        assert_eq!(u.to_string(), "postgres://app@db:5432/app?sslmode=verify-full&sslrootcert=/etc/ssl/ca%20roots.pem");
+    }
+
+    #[test]
+    fn display_parses_back() {
+        for url in [
+            "postgres://a%3Ab@[fe80::1]:1/x%3Fy?sslmode=verify-full&sslrootcert=%2Fr%26s%3D.pem",
+            "postgresql://app@h-1.example:65535/app",
+            "postgres://app@db/app?sslmode=verify-full",
+        ] {
+            let u = origin(url).unwrap();
+            assert_eq!(origin(&u.to_string()).unwrap(), u, "{url} -> {u}");
+        }
+    }
+
+    #[test]
+    fn origin_urls_are_refused() {
+        let refused = |url: &str, message: &str, help: &str| {
+            let e = origin(url).expect_err(url);
+            assert!(e.message.contains(message), "{url}: {e:?}");
+            assert!(e.help.contains(help), "{url}: {e:?}");
+            e
+        };
+        let e = refused("postgres://app:secret@db/app", "password", "origin_password_env");
+        assert!(!e.message.contains("secret") && !e.help.contains("secret"));
+        refused("postgres://app:@db/app", "password", "origin_password_env");
+        refused("postgres://app:p@ss@db/app", "password", "origin_password_env");
+
+        refused("mysql://app@db/app", "not a postgres:// URL", "postgres://USER@HOST");
+        refused("postgres://db/app", "no user", "USER@HOST");
+        refused("postgres://@db/app", "no user", "USER@HOST");
+        refused("postgres://app@/app", "no host", "HOST");
+        refused("postgres://app@db", "no database", "DATABASE");
+        refused("postgres://app@db/", "no database", "DATABASE");
+        refused("postgres://app@db:0/app", "port", "1 to 65535");
+        refused("postgres://app@db:65536/app", "port", "1 to 65535");
+        refused("postgres://app@db:/app", "port", "1 to 65535");
+        refused("postgres://app@db:+5/app", "port", "1 to 65535");
+        refused("postgres://app@::1/app", "more than one `:`", "[ADDRESS]");
+        refused("postgres://app@[::1/app", "without `]`", "IPv6");
+        refused("postgres://app@[db]/app", "not an IPv6 address", "IPv6");
+        refused("postgres://app@[::1]x/app", "after its IPv6 host", "postgres://");
+        refused("postgres://app@a,b/app", "not a host name", "host lists");
+        refused("postgres://app@db/app#x", "fragment", "postgres://");
+        refused("postgres://app@db/a%zzb", "percent escape", "hex digits");
+        refused("postgres://app@db/a%2", "percent escape", "hex digits");
+        refused("postgres://app@db/a%FF", "UTF-8", "UTF-8");
+        refused(&format!("postgres://app@db/{}", "d".repeat(64)), "not a valid Postgres name", "63 bytes");
+
+        for mode in ["require", "prefer", "allow", "verify-ca"] {
+            refused(
+                &format!("postgres://app@db/app?sslmode={mode}"),
+                &format!("sslmode={mode}"),
+                "use sslmode=verify-full (certificate and host name checked) or sslmode=disable",
+            );
+        }
+        refused("postgres://app@db/app?sslmode=on", "unknown sslmode `on`", "sslmode=verify-full");
+        refused("postgres://app@db/app?sslmode=disable&sslmode=verify-full", "twice", "one sslmode");
+        refused("postgres://app@db/app?sslrootcert=ca.pem", "sslrootcert", "sslmode=verify-full");
+        refused("postgres://app@db/app?sslmode=disable&sslrootcert=ca.pem", "sslrootcert", "sslmode=verify-full");
+        refused("postgres://app@db/app?sslmode=verify-full&sslrootcert=", "empty sslrootcert", "PEM");
+        refused("postgres://app@db/app?application_name=x", "parameter `application_name`", "only sslmode and sslrootcert");
+        refused("postgres://app@db/app?sslmode", "has no value", "NAME=VALUE");
+    }
+
+    fn worker(tenant: &str, database: &str) -> String {
+        format!(
+            "[[worker]]\nname = \"w-{tenant}\"\ntenant = \"{tenant}\"\ncomponent = \"w.wasm\"\nroutes = [\"{tenant}.localhost/\"]\n\
+             [[worker.kv]]\nbinding = \"PG\"\nnamespace = \"n\"\n\
+             [[worker.postgres]]\nbinding = \"PG2\"\ndatabase = \"{database}\"\n"
+        )
+    }
+
+    #[test]
+    fn postgres_grants_reach_only_the_workers_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("w.wasm"), b"").unwrap();
+        let path = dir.path().join("cordon.toml");
+
+        let text = [db(""), worker("acme", "main")].concat();
+        let c = Config::parse(&path, &text).unwrap();
+        assert_eq!(c.workers[0].grants.postgres, vec![crate::PostgresGrant { binding: "PG2".into(), database: "main".into() }]);
+
+        // `main` exists, but belongs to acme.
+        let text = [db(""), worker("other", "main")].concat();
+        let e = Config::parse(&path, &text).unwrap_err().0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].key.as_deref(), Some("worker[0].postgres[0].database"));
+        assert_eq!(e[0].location, Some(crate::Location { line: 15, column: 12 }));
+        assert!(e[0].message.contains("tenant `other` has no database `main`"), "{e:?}");
+        assert!(e[0].help.contains("tenant `other` has no [[database]]"), "{e:?}");
+
+        let text = [db(""), db("").replace("main", "reports"), worker("acme", "mian")].concat();
+        let e = Config::parse(&path, &text).unwrap_err().0;
+        assert_eq!(e[0].key.as_deref(), Some("worker[0].postgres[0].database"));
+        assert!(e[0].help.contains("tenant `acme` has `main`, `reports`"), "{e:?}");
+    }
+
+    #[test]
+    fn postgres_bindings_share_the_workers_binding_names() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("w.wasm"), b"").unwrap();
+        let text = [db(""), worker("acme", "main").replace("PG2", "PG")].concat();
+        let e = Config::parse(&dir.path().join("cordon.toml"), &text).unwrap_err().0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].key.as_deref(), Some("worker[0].postgres[0].binding"));
+        assert!(e[0].message.contains("already granted"), "{e:?}");
+
+        let text = [db(""), worker("acme", "main").replace("PG2", "2PG")].concat();
+        let e = Config::parse(&dir.path().join("cordon.toml"), &text).unwrap_err().0;
+        assert_eq!(e[0].key.as_deref(), Some("worker[0].postgres[0].binding"));
+    }
+
+    #[test]
+    fn relative_paths_start_at_the_config_directory() {
+        let text = "[postgres_proxy]\nlisten = \"127.0.0.1:6432\"\ntls_cert = \"c.pem\"\ntls_key = \"/etc/k.pem\"\n";
+        let c = Config::parse(Path::new("cordon.toml"), text).unwrap();
+        let tls = c.postgres_proxy.unwrap().tls.unwrap();
+        assert!(tls.cert.is_absolute(), "{tls:?}");
+        assert_eq!(tls.cert, std::env::current_dir().unwrap().join("c.pem"));
+        assert_eq!(tls.key, Path::new("/etc/k.pem"));
+
+        let u = parse_origin("postgres://a@h/d?sslmode=verify-full&sslrootcert=ca.pem", Path::new(".")).unwrap();
+        let OriginTlsMode::VerifyFull { root_cert: Some(root) } = u.tls else { panic!("{u:?}") };
+        assert!(root.is_absolute(), "{root:?}");
+    }
+
+    #[test]
+    fn env_names_are_restricted() {
+        assert!(is_valid_env_name("APP_DB_PASSWORD"));
+        assert!(is_valid_env_name("_x1"));
+        assert!(!is_valid_env_name(""));
+        assert!(!is_valid_env_name("1X"));
+        assert!(!is_valid_env_name("A-B"));
+        assert!(!is_valid_env_name("A B"));
+        assert!(!is_valid_env_name(&"A".repeat(129)));
+    }
+}
