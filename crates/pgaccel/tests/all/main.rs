@@ -1,6 +1,9 @@
 //! Integration tests of the Postgres accelerator against a real Postgres:
 //! each test starts its own throwaway cluster (`postgres::TestPostgres`).
+//! Behaviour Postgres never shows (TLS origins, other authentication methods,
+//! broken servers) is tested against fake servers on loopback.
 
 mod postgres;
 
+mod origin;
 mod smoke;
