@@ -1,9 +1,14 @@
-//! The Postgres accelerator's building blocks: the wire protocol with
-//! bounded framing, SCRAM-SHA-256 authentication of clients, the
-//! classification of statements for pooling and caching, authenticated
-//! connections to the origin database, and TLS for clients. The pooler, the
-//! cache and the proxy listener are built on these.
+//! The Postgres accelerator: a transaction-mode pooler with a per-tenant query cache in front of
+//! real Postgres, offered as a wire-protocol proxy ([`proxy`]) and to workers ([`exec`]).
+//!
+//! - [`protocol`]: the v3 wire protocol with bounded framing; [`scram`]: SCRAM-SHA-256 for clients;
+//!   [`tls`]: TLS for clients; [`origin`]: authenticated connections to the origin database.
+//! - [`classify`]: what a statement reads, writes and leaves behind, for pinning and caching.
+//! - [`pool`]: the bounded pool of origin connections; [`cache`]: the encrypted result cache;
+//!   [`cancel`]: routing of cancel requests to the right backend.
+//! - [`accel`]: every configured database, built from the configuration.
 
+pub mod cache;
 pub mod classify;
 pub mod origin;
 pub mod protocol;

@@ -1,0 +1,706 @@
+//! The per-database query result cache.
+//!
+//! One [`QueryCache`] serves one database of one tenant, so a tenant that fills its cache evicts only
+//! its own entries. Values are opaque [`Bytes`] (the encoded backend messages of one result) produced
+//! by the caller's fetch function; the cache decides when to run it.
+//!
+//! # Lookups
+//!
+//! * age < `max_age`: [`CacheOutcome::Hit`].
+//! * `max_age` <= age < `max_age + stale_while_revalidate`: [`CacheOutcome::StaleHit`]; the stale bytes
+//!   are returned at once and one background refresh per key is spawned.
+//! * otherwise [`CacheOutcome::Miss`]: the fetch runs. Identical concurrent misses share one fetch
+//!   ([`CacheOutcome::Coalesced`]), but only when the leader's result is storable: an error or a
+//!   result the caller marked `store = false` may belong to the leader's connection alone (a
+//!   cancellation, a statement timeout), so then, and when the leader fails or is dropped, every
+//!   follower runs its own fetch, uncoalesced. That also means the error type needs no `Clone`.
+//!
+//! # Invalidation
+//!
+//! A single invalidation clock counts writes. A write stamps each table name it touches (or the
+//! whole database) with the next clock value; a fetch records the clock when it starts, and its
+//! result counts as current only while none of its tables, and not the database, has been stamped
+//! later. Checking this both before storing and on every lookup closes the race where a write lands
+//! while a read is in flight, and makes an invalidation cost O(tables written) instead of O(entries);
+//! outdated entries are dropped when they are next looked up, or evicted. Table names are matched
+//! without their schema and case-folded: treating `a.t` and `b.t` as one table over-invalidates,
+//! which is safe, whereas resolving schemas through a `search_path` the proxy cannot see would risk
+//! under-invalidating.
+//!
+//! A concurrent miss joins an in-flight fetch only if nothing it reads was invalidated since that
+//! fetch started: otherwise a client that wrote and then read could be handed a result computed
+//! before its own write.
+//!
+//! # Memory and confidentiality
+//!
+//! Entries are weighed in bytes (sealed value, key digest, table names and a per-entry overhead
+//! estimate) and the least recently used ones are evicted to keep the total within `max_bytes`.
+//!
+//! The map is keyed by a keyed SHA-256 digest of the [`CacheKey`], so neither SQL text nor parameter
+//! values are kept in the clear. Every value is sealed with XChaCha20-Poly1305 under a key derived
+//! from a per-process random secret and the tenant and database names, with the key digest as
+//! associated data: an entry moved to another key, or into another tenant's cache, fails to open
+//! and is dropped, never served.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use rand::TryRngCore;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use crate::classify::{TableRef, Writes};
+
+/// Limits and lifetimes of one cache.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSettings {
+    /// How long an entry is served as fresh.
+    pub max_age: Duration,
+    /// How long after `max_age` an entry is still served while it is refreshed in the background.
+    pub stale_while_revalidate: Duration,
+    /// Results larger than this (plaintext bytes) are not stored.
+    pub max_entry_bytes: usize,
+    /// Upper bound of the cache's weighted size.
+    pub max_bytes: u64,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            max_age: Duration::from_secs(60),
+            stale_while_revalidate: Duration::from_secs(15),
+            max_entry_bytes: 1 << 20,
+            max_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What identifies a result. Built by the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    /// The session's effective role (after confirmed SET ROLE), plus the proxy user; caller decides the string.
+    pub role: String,
+    /// The normalized query text.
+    pub query: String,
+    /// Parameter values as sent (None = NULL).
+    pub params: Vec<Option<Bytes>>,
+    /// Parameter formats followed by result formats, and anything else that changes the encoded
+    /// result (caller encodes).
+    pub formats: Vec<i16>,
+    /// `b'Q'` simple protocol or `b'E'` extended; results are encoded differently.
+    pub protocol: u8,
+}
+
+/// How [`QueryCache::get_or_fetch`] produced its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// A fresh entry.
+    Hit,
+    /// A stale entry, served while a background refresh runs.
+    StaleHit,
+    /// The fetch ran (and its result was stored if it could be).
+    Miss,
+    /// Waited for another caller's in-flight fetch of the same key.
+    Coalesced,
+    /// The caller's fetch said the result is not storable.
+    Bypass,
+}
+
+/// The result of a fetch: `store = false` when the result must not be stored (an error, too large, a notice, ...).
+pub struct Fetched {
+    /// The encoded result.
+    pub bytes: Bytes,
+    /// Whether the result may be stored and shared.
+    pub store: bool,
+}
+
+/// What a fetch factory returns.
+pub type FetchFuture<E> = Pin<Box<dyn Future<Output = Result<Fetched, E>> + Send>>;
+
+/// A fetch factory: called once per miss, and again for each background refresh.
+pub type FetchFn<E> = Arc<dyn Fn() -> FetchFuture<E> + Send + Sync>;
+
+/// Counters of one cache. Every [`QueryCache::get_or_fetch`] call that returns `Ok` counts in
+/// exactly one of `hits`, `stale_hits`, `misses`, `coalesced` and `bypass`; one that returns `Err`
+/// counts in `fetch_errors`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub stale_hits: u64,
+    pub misses: u64,
+    pub coalesced: u64,
+    pub bypass: u64,
+    /// Storable results not stored because of their size (also counted in `misses` or `coalesced`).
+    pub too_large: u64,
+    /// Fetches of the caller (not background refreshes) that failed.
+    pub fetch_errors: u64,
+    /// Background refreshes started.
+    pub refreshes: u64,
+    /// Entries that failed to decrypt and were dropped.
+    pub integrity_failures: u64,
+    /// Entries currently stored (including outdated ones not yet dropped).
+    pub entries: u64,
+    /// Weighted size of the stored entries.
+    pub bytes: u64,
+    /// Entries evicted to stay within `max_bytes`.
+    pub evictions: u64,
+    /// Invalidations (calls that wrote at least one table, or the whole database).
+    pub invalidations: u64,
+}
+
+/// Estimated bookkeeping per entry beyond its sealed value, digest and table names (hash map slot,
+/// LRU node, `Bytes` header, allocator slack), so many tiny entries cannot exceed the bound unseen.
+const ENTRY_OVERHEAD: u64 = 160;
+/// Per table name stored in an entry: the boxed `str` header.
+const TABLE_OVERHEAD: u64 = 16;
+/// Distinct written table names remembered before they are folded into one database-wide
+/// invalidation, so a tenant writing ever-new names cannot grow the map without bound.
+const MAX_TRACKED_TABLES: usize = 4096;
+const NONCE_LEN: usize = 24;
+
+type KeyDigest = [u8; 32];
+
+/// The process-wide secret every cache key is derived from. `None` when the OS has no randomness
+/// to give: the caches then store nothing rather than encrypt under a guessable key.
+fn master_secret() -> Option<&'static [u8; 32]> {
+    static MASTER: OnceLock<Option<[u8; 32]>> = OnceLock::new();
+    MASTER
+        .get_or_init(|| {
+            let mut secret = [0u8; 32];
+            rand::rngs::OsRng.try_fill_bytes(&mut secret).ok().map(|()| secret)
+        })
+        .as_ref()
+}
+
+fn update_len_prefixed(hasher: &mut Sha256, data: &[u8]) {
+    hasher.update((data.len() as u64).to_be_bytes());
+    hasher.update(data);
+}
+
+fn derive(purpose: &[u8], master: &[u8; 32], tenant: &str, database: &str) -> Zeroizing<[u8; 32]> {
+    let mut hasher = Sha256::new();
+    update_len_prefixed(&mut hasher, purpose);
+    hasher.update(master);
+    update_len_prefixed(&mut hasher, tenant.as_bytes());
+    update_len_prefixed(&mut hasher, database.as_bytes());
+    Zeroizing::new(hasher.finalize().into())
+}
+
+/// Schema dropped and case folded; see the module documentation.
+fn table_names(reads: &[TableRef]) -> Box<[Box<str>]> {
+    let mut names: Vec<Box<str>> = reads.iter().map(|t| t.name.to_lowercase().into_boxed_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    names.into_boxed_slice()
+}
+
+/// A query result cache for one database of one tenant. Shared as `Arc<QueryCache>`.
+pub struct QueryCache {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for QueryCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryCache").field("settings", &self.inner.settings).field("stats", &self.stats()).finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    /// `None` without a process secret: nothing is stored.
+    cipher: Option<XChaCha20Poly1305>,
+    /// Keys the map digests, so a digest cannot be checked against guessed SQL and parameters.
+    index_key: Zeroizing<[u8; 32]>,
+    settings: CacheSettings,
+    state: Mutex<State>,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    stale_hits: AtomicU64,
+    misses: AtomicU64,
+    coalesced: AtomicU64,
+    bypass: AtomicU64,
+    too_large: AtomicU64,
+    fetch_errors: AtomicU64,
+    refreshes: AtomicU64,
+    integrity_failures: AtomicU64,
+    entries: AtomicU64,
+    bytes: AtomicU64,
+    evictions: AtomicU64,
+    invalidations: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<KeyDigest, Entry>,
+    /// LRU order: sequence number of the last use -> key.
+    lru: BTreeMap<u64, KeyDigest>,
+    bytes: u64,
+    /// Source of entry ids, LRU positions and in-flight ids.
+    seq: u64,
+    /// The invalidation clock: advanced by each invalidation.
+    clock: u64,
+    db_invalidated_at: u64,
+    table_invalidated_at: HashMap<Box<str>, u64>,
+    in_flight: HashMap<KeyDigest, InFlight>,
+    refreshing: HashSet<KeyDigest>,
+}
+
+struct Entry {
+    /// `nonce || XChaCha20-Poly1305(value)`, associated data = the key digest.
+    sealed: Bytes,
+    tables: Box<[Box<str>]>,
+    /// The invalidation clock when the fetch that produced the value started.
+    started_at: u64,
+    stored_at: Instant,
+    lru_pos: u64,
+    id: u64,
+    weight: u64,
+}
+
+struct InFlight {
+    id: u64,
+    started_at: u64,
+    /// Gets the leader's bytes when its result is storable; dropped unset otherwise, which tells the
+    /// followers to fetch for themselves.
+    tx: watch::Sender<Option<Bytes>>,
+}
+
+enum Found {
+    Fresh(Bytes, u64),
+    Stale(Bytes, u64),
+}
+
+impl State {
+    fn next_seq(&mut self) -> u64 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// True when nothing in `tables`, nor the database, was invalidated after `started_at`.
+    fn is_current(&self, started_at: u64, tables: &[Box<str>]) -> bool {
+        self.db_invalidated_at <= started_at && tables.iter().all(|t| self.table_invalidated_at.get(t).is_none_or(|&at| at <= started_at))
+    }
+
+    fn remove(&mut self, digest: &KeyDigest, counters: &Counters) -> Option<Entry> {
+        let entry = self.entries.remove(digest)?;
+        self.lru.remove(&entry.lru_pos);
+        self.bytes = self.bytes.saturating_sub(entry.weight);
+        counters.entries.store(self.entries.len() as u64, Ordering::Relaxed);
+        counters.bytes.store(self.bytes, Ordering::Relaxed);
+        Some(entry)
+    }
+
+    fn remove_if_id(&mut self, digest: &KeyDigest, id: u64, counters: &Counters) {
+        if self.entries.get(digest).is_some_and(|e| e.id == id) {
+            self.remove(digest, counters);
+        }
+    }
+
+    fn advance_clock(&mut self) -> u64 {
+        self.clock = self.clock.saturating_add(1);
+        self.clock
+    }
+}
+
+impl QueryCache {
+    /// `tenant` and `database` are bound into the encryption key and the associated data, so an entry decrypts only for them.
+    pub fn new(tenant: &str, database: &str, settings: CacheSettings) -> QueryCache {
+        Self::with_master(master_secret(), tenant, database, settings)
+    }
+
+    fn with_master(master: Option<&[u8; 32]>, tenant: &str, database: &str, settings: CacheSettings) -> QueryCache {
+        let (cipher, index_key) = match master {
+            Some(master) => {
+                let key = derive(b"cordon-pgaccel cache encryption v1", master, tenant, database);
+                let index_key = derive(b"cordon-pgaccel cache index v1", master, tenant, database);
+                (Some(XChaCha20Poly1305::new((&*key).into())), index_key)
+            }
+            None => (None, Zeroizing::new([0u8; 32])),
+        };
+        QueryCache {
+            inner: Arc::new(Inner { cipher, index_key, settings, state: Mutex::new(State::default()), counters: Counters::default() }),
+        }
+    }
+
+    /// The settings the cache was created with.
+    pub fn settings(&self) -> CacheSettings {
+        self.inner.settings
+    }
+
+    /// Returns the cached bytes or runs `fetch`. `reads` = the tables the query reads (for invalidation).
+    ///
+    /// See the module documentation for the outcomes. When the leader of a coalesced miss fails, is
+    /// dropped or returns a result with `store = false`, its followers each run their own fetch.
+    pub async fn get_or_fetch<E: Send + 'static>(
+        &self,
+        key: CacheKey,
+        reads: &[TableRef],
+        fetch: FetchFn<E>,
+    ) -> Result<(Bytes, CacheOutcome), E> {
+        let inner = &*self.inner;
+        let digest = inner.digest(&key);
+        drop(key);
+        let tables = table_names(reads);
+
+        if let Some(found) = inner.lookup(&digest, &tables) {
+            let (sealed, id, fresh) = match found {
+                Found::Fresh(sealed, id) => (sealed, id, true),
+                Found::Stale(sealed, id) => (sealed, id, false),
+            };
+            match inner.open(&digest, &sealed) {
+                Some(bytes) if fresh => {
+                    bump(&inner.counters.hits);
+                    return Ok((bytes, CacheOutcome::Hit));
+                }
+                Some(bytes) => {
+                    bump(&inner.counters.stale_hits);
+                    self.spawn_refresh(digest, tables, fetch);
+                    return Ok((bytes, CacheOutcome::StaleHit));
+                }
+                None => {
+                    tracing::warn!("query cache entry failed to decrypt; dropped");
+                    bump(&inner.counters.integrity_failures);
+                    inner.lock().remove_if_id(&digest, id, &inner.counters);
+                }
+            }
+        }
+
+        enum Role {
+            Leader(LeaderGuard, u64, u64),
+            Follower(watch::Receiver<Option<Bytes>>),
+            Alone(u64),
+        }
+        let role = {
+            let mut state = inner.lock();
+            let started_at = state.clock;
+            match state.in_flight.get(&digest) {
+                Some(flight) if state.is_current(flight.started_at, &tables) => Role::Follower(flight.tx.subscribe()),
+                Some(_) => Role::Alone(started_at),
+                None => {
+                    let id = state.next_seq();
+                    let (tx, _) = watch::channel(None);
+                    state.in_flight.insert(digest, InFlight { id, started_at, tx });
+                    Role::Leader(LeaderGuard { inner: Arc::clone(&self.inner), digest, id }, id, started_at)
+                }
+            }
+        };
+
+        match role {
+            Role::Leader(guard, id, started_at) => {
+                let result = inner.fetch_and_store(&digest, tables, started_at, Some(id), &fetch).await;
+                drop(guard);
+                result
+            }
+            Role::Alone(started_at) => inner.fetch_and_store(&digest, tables, started_at, None, &fetch).await,
+            Role::Follower(mut rx) => {
+                let shared = rx.wait_for(Option::is_some).await.ok().and_then(|value| value.clone());
+                drop(rx);
+                if let Some(bytes) = shared {
+                    bump(&inner.counters.coalesced);
+                    return Ok((bytes, CacheOutcome::Coalesced));
+                }
+                let started_at = inner.lock().clock;
+                inner.fetch_and_store(&digest, tables, started_at, None, &fetch).await
+            }
+        }
+    }
+
+    /// A write through Cordon: invalidates entries reading these tables, matched on the table name
+    /// only. `Writes::Unknown` invalidates everything in this cache; `Writes::None` nothing.
+    pub fn invalidate(&self, writes: &Writes) {
+        let tables = match writes {
+            Writes::None => return,
+            Writes::Unknown => return self.invalidate_all(),
+            Writes::Tables(tables) if tables.is_empty() => return,
+            Writes::Tables(tables) => tables,
+        };
+        let names = table_names(tables);
+        let mut state = self.inner.lock();
+        let at = state.advance_clock();
+        for name in names {
+            if state.table_invalidated_at.len() >= MAX_TRACKED_TABLES && !state.table_invalidated_at.contains_key(&name) {
+                state.table_invalidated_at.clear();
+                state.db_invalidated_at = at;
+                break;
+            }
+            state.table_invalidated_at.insert(name, at);
+        }
+        drop(state);
+        bump(&self.inner.counters.invalidations);
+    }
+
+    /// Invalidates every entry of this cache.
+    pub fn invalidate_all(&self) {
+        let mut state = self.inner.lock();
+        let at = state.advance_clock();
+        state.db_invalidated_at = at;
+        // Every entry a table stamp could still outdate started before `at`, so the stamps are moot.
+        state.table_invalidated_at.clear();
+        drop(state);
+        bump(&self.inner.counters.invalidations);
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.inner.counters;
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        CacheStats {
+            hits: get(&c.hits),
+            stale_hits: get(&c.stale_hits),
+            misses: get(&c.misses),
+            coalesced: get(&c.coalesced),
+            bypass: get(&c.bypass),
+            too_large: get(&c.too_large),
+            fetch_errors: get(&c.fetch_errors),
+            refreshes: get(&c.refreshes),
+            integrity_failures: get(&c.integrity_failures),
+            entries: get(&c.entries),
+            bytes: get(&c.bytes),
+            evictions: get(&c.evictions),
+            invalidations: get(&c.invalidations),
+        }
+    }
+
+    fn spawn_refresh<E: Send + 'static>(&self, digest: KeyDigest, tables: Box<[Box<str>]>, fetch: FetchFn<E>) {
+        if !self.inner.lock().refreshing.insert(digest) {
+            return;
+        }
+        let guard = RefreshGuard { inner: Arc::clone(&self.inner), digest };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to refresh on: keep serving the stale entry until it expires.
+            return;
+        };
+        bump(&self.inner.counters.refreshes);
+        runtime.spawn(async move {
+            let inner = &guard.inner;
+            let started_at = inner.lock().clock;
+            match fetch().await {
+                Ok(fetched) if fetched.store && fetched.bytes.len() <= inner.settings.max_entry_bytes => {
+                    inner.store(&guard.digest, tables, started_at, &fetched.bytes);
+                }
+                Ok(_) => tracing::debug!("query cache refresh returned a result that is not stored"),
+                Err(_) => tracing::debug!("query cache refresh failed; the stale entry stays until it expires"),
+            }
+            drop(guard);
+        });
+    }
+
+    #[cfg(test)]
+    fn sealed_entry(&self, key: &CacheKey) -> Option<Bytes> {
+        let digest = self.inner.digest(key);
+        self.inner.lock().entries.get(&digest).map(|e| e.sealed.clone())
+    }
+
+    /// Stores `sealed` under `key` as if it had been sealed for it.
+    #[cfg(test)]
+    fn plant_sealed(&self, key: &CacheKey, sealed: Bytes) {
+        let digest = self.inner.digest(key);
+        let mut state = self.inner.lock();
+        let started_at = state.clock;
+        self.inner.insert_locked(&mut state, digest, sealed, Box::default(), started_at);
+    }
+}
+
+/// Removes the in-flight record when the leader finishes or is dropped mid-fetch; dropping the
+/// record's sender without a value sends the followers to fetch for themselves.
+struct LeaderGuard {
+    inner: Arc<Inner>,
+    digest: KeyDigest,
+    id: u64,
+}
+
+impl Drop for LeaderGuard {
+    fn drop(&mut self) {
+        let mut state = self.inner.lock();
+        if state.in_flight.get(&self.digest).is_some_and(|f| f.id == self.id) {
+            state.in_flight.remove(&self.digest);
+        }
+    }
+}
+
+/// Lets the next stale hit start a refresh again, also when the refresh panics or is cancelled.
+struct RefreshGuard {
+    inner: Arc<Inner>,
+    digest: KeyDigest,
+}
+
+impl Drop for RefreshGuard {
+    fn drop(&mut self) {
+        self.inner.lock().refreshing.remove(&self.digest);
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent between statements, so a panic elsewhere need not disable the cache.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn digest(&self, key: &CacheKey) -> KeyDigest {
+        let mut hasher = Sha256::new();
+        update_len_prefixed(&mut hasher, b"cordon-pgaccel cache key v1");
+        hasher.update(*self.index_key);
+        hasher.update([key.protocol]);
+        update_len_prefixed(&mut hasher, key.role.as_bytes());
+        update_len_prefixed(&mut hasher, key.query.as_bytes());
+        hasher.update((key.params.len() as u64).to_be_bytes());
+        for param in &key.params {
+            match param {
+                None => hasher.update([0u8]),
+                Some(value) => {
+                    hasher.update([1u8]);
+                    update_len_prefixed(&mut hasher, value);
+                }
+            }
+        }
+        hasher.update((key.formats.len() as u64).to_be_bytes());
+        for format in &key.formats {
+            hasher.update(format.to_be_bytes());
+        }
+        hasher.finalize().into()
+    }
+
+    fn seal(&self, digest: &KeyDigest, plaintext: &[u8]) -> Option<Bytes> {
+        let cipher = self.cipher.as_ref()?;
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rngs::OsRng.try_fill_bytes(&mut nonce).ok()?;
+        let ciphertext = cipher.encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad: digest }).ok()?;
+        let mut sealed = Vec::with_capacity(NONCE_LEN + ciphertext.len());
+        sealed.extend_from_slice(&nonce);
+        sealed.extend_from_slice(&ciphertext);
+        Some(Bytes::from(sealed))
+    }
+
+    fn open(&self, digest: &KeyDigest, sealed: &[u8]) -> Option<Bytes> {
+        let cipher = self.cipher.as_ref()?;
+        if sealed.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
+        cipher.decrypt(XNonce::from_slice(nonce), Payload { msg: ciphertext, aad: digest }).ok().map(Bytes::from)
+    }
+
+    fn lifetime(&self) -> Duration {
+        self.settings.max_age.saturating_add(self.settings.stale_while_revalidate)
+    }
+
+    /// The sealed value of a live entry, touched in the LRU order. Expired and outdated entries are
+    /// dropped on the way.
+    fn lookup(&self, digest: &KeyDigest, tables: &[Box<str>]) -> Option<Found> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let entry = state.entries.get(digest)?;
+        let age = now.saturating_duration_since(entry.stored_at);
+        // The caller's tables are checked too, should they ever differ from the entry's.
+        let live = age < self.lifetime() && state.is_current(entry.started_at, &entry.tables) && state.is_current(entry.started_at, tables);
+        if !live {
+            state.remove(digest, &self.counters);
+            return None;
+        }
+        let (old_pos, sealed, id) = (entry.lru_pos, entry.sealed.clone(), entry.id);
+        let pos = state.next_seq();
+        state.lru.remove(&old_pos);
+        state.lru.insert(pos, *digest);
+        if let Some(entry) = state.entries.get_mut(digest) {
+            entry.lru_pos = pos;
+        }
+        Some(if age < self.settings.max_age { Found::Fresh(sealed, id) } else { Found::Stale(sealed, id) })
+    }
+
+    /// Runs the caller's fetch, stores a storable result, and hands it to the followers when
+    /// `leader` is this key's in-flight id.
+    async fn fetch_and_store<E>(
+        &self,
+        digest: &KeyDigest,
+        tables: Box<[Box<str>]>,
+        started_at: u64,
+        leader: Option<u64>,
+        fetch: &FetchFn<E>,
+    ) -> Result<(Bytes, CacheOutcome), E> {
+        let fetched = match fetch().await {
+            Ok(fetched) => fetched,
+            Err(err) => {
+                bump(&self.counters.fetch_errors);
+                return Err(err);
+            }
+        };
+        if !fetched.store {
+            bump(&self.counters.bypass);
+            return Ok((fetched.bytes, CacheOutcome::Bypass));
+        }
+        bump(&self.counters.misses);
+        if fetched.bytes.len() > self.settings.max_entry_bytes {
+            bump(&self.counters.too_large);
+        } else {
+            self.store(digest, tables, started_at, &fetched.bytes);
+        }
+        if let Some(id) = leader {
+            let state = self.lock();
+            if let Some(flight) = state.in_flight.get(digest).filter(|f| f.id == id) {
+                flight.tx.send_replace(Some(fetched.bytes.clone()));
+            }
+        }
+        Ok((fetched.bytes, CacheOutcome::Miss))
+    }
+
+    fn store(&self, digest: &KeyDigest, tables: Box<[Box<str>]>, started_at: u64, plaintext: &Bytes) {
+        if self.lifetime().is_zero() {
+            return;
+        }
+        let Some(sealed) = self.seal(digest, plaintext) else {
+            return;
+        };
+        let mut state = self.lock();
+        if !state.is_current(started_at, &tables) {
+            return;
+        }
+        self.insert_locked(&mut state, *digest, sealed, tables, started_at);
+    }
+
+    fn insert_locked(&self, state: &mut State, digest: KeyDigest, sealed: Bytes, tables: Box<[Box<str>]>, started_at: u64) {
+        let weight = sealed.len() as u64
+            + digest.len() as u64
+            + tables.iter().map(|t| t.len() as u64 + TABLE_OVERHEAD).sum::<u64>()
+            + ENTRY_OVERHEAD;
+        if weight > self.settings.max_bytes {
+            bump(&self.counters.too_large);
+            return;
+        }
+        if let Some(existing) = state.entries.get(&digest) {
+            // A result whose fetch started after an invalidation this one predates is not replaced.
+            if existing.started_at > started_at {
+                return;
+            }
+            state.remove(&digest, &self.counters);
+        }
+        while state.bytes + weight > self.settings.max_bytes {
+            let Some((_, victim)) = state.lru.pop_first() else { break };
+            if let Some(entry) = state.entries.remove(&victim) {
+                state.bytes = state.bytes.saturating_sub(entry.weight);
+                bump(&self.counters.evictions);
+            }
+        }
+        let (id, lru_pos) = (state.next_seq(), state.next_seq());
+        state.lru.insert(lru_pos, digest);
+        state.entries.insert(digest, Entry { sealed, tables, started_at, stored_at: Instant::now(), lru_pos, id, weight });
+        state.bytes += weight;
+        self.counters.entries.store(state.entries.len() as u64, Ordering::Relaxed);
+        self.counters.bytes.store(state.bytes, Ordering::Relaxed);
+    }
+}
