@@ -357,6 +357,11 @@ impl ServerConn {
                 }
                 b'E' => {
                     let fields = ErrorFields::parse(&frame.body)?;
+                    // The server hangs up after a FATAL; waiting for ReadyForQuery would turn
+                    // its explanation into a bare "closed".
+                    if matches!(fields.severity, Severity::Fatal | Severity::Panic) {
+                        return Err(OriginError::Server(fields));
+                    }
                     if error.is_none() {
                         error = Some(fields);
                     }
@@ -606,8 +611,14 @@ fn password(config: &OriginConfig) -> Result<&OriginPassword, OriginError> {
     config.password.as_ref().ok_or_else(|| OriginError::Auth("the origin requires a password and none is configured".to_owned()))
 }
 
+/// An ErrorResponse before the first ReadyForQuery. Postgres sends these as FATAL, since there is
+/// no session to go on with; one marked ERROR is upgraded so that `is_fatal` tells the truth.
 fn server_error(frame: &Frame) -> Result<OriginError, OriginError> {
-    Ok(OriginError::Server(ErrorFields::parse(&frame.body)?))
+    let mut fields = ErrorFields::parse(&frame.body)?;
+    if fields.severity == Severity::Error {
+        fields.severity = Severity::Fatal;
+    }
+    Ok(OriginError::Server(fields))
 }
 
 fn parse_backend_key(body: &Bytes) -> Result<(i32, i32), OriginError> {

@@ -195,6 +195,24 @@ async fn query_errors_arrive_after_ready_for_query_and_leave_the_connection_usab
     assert_eq!(conn.simple_query("SELECT 1").await.unwrap(), TransactionStatus::Idle);
 }
 
+/// Waits until backend `pid` is running its `pg_sleep`.
+async fn wait_until_sleeping(pg: &TestPostgres, pid: i32) {
+    let observer = pg.connect("postgres").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let active: i64 = observer
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active' AND query LIKE '%pg_sleep%'", &[&pid])
+            .await
+            .unwrap()
+            .get(0);
+        if active == 1 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the query never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn send_cancel_stops_the_running_query_and_nothing_else() {
     let pg = TestPostgres::start();
@@ -208,20 +226,7 @@ async fn send_cancel_stops_the_running_query_and_nothing_else() {
         let result = sleeper.simple_query("SELECT pg_sleep(30)").await;
         (sleeper, result)
     });
-    let observer = pg.connect("postgres").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let active: i64 = observer
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active' AND query LIKE '%pg_sleep%'", &[&pid])
-            .await
-            .unwrap()
-            .get(0);
-        if active == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the query never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_sleeping(&pg, pid).await;
 
     // A wrong secret is ignored by the server.
     send_cancel(&config, pid, key.wrapping_add(1)).await.unwrap();
@@ -236,6 +241,20 @@ async fn send_cancel_stops_the_running_query_and_nothing_else() {
 
     assert_eq!(sleeper.simple_query("SELECT 1").await.unwrap(), TransactionStatus::Idle);
     assert_eq!(idle.simple_query("SELECT 1").await.unwrap(), TransactionStatus::Idle);
+}
+
+#[tokio::test]
+async fn a_terminated_backend_reports_the_servers_fatal_error() {
+    let pg = TestPostgres::start();
+    let mut conn = ServerConn::connect(&tenant(&pg).await).await.unwrap();
+    let (pid, _) = conn.backend_key();
+    let running = tokio::spawn(async move { conn.simple_query("SELECT pg_sleep(30)").await });
+    wait_until_sleeping(&pg, pid).await;
+    let admin = pg.connect("postgres").await;
+    assert!(admin.query_one("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap().get::<_, bool>(0));
+    let error = tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap_err();
+    assert_eq!(server_code(&error), "57P01");
+    assert!(error.is_fatal());
 }
 
 #[tokio::test]
@@ -571,6 +590,19 @@ async fn md5_authentication_sends_the_salted_hash() {
     server.await.unwrap();
 }
 
+fn kind(error: &OriginError) -> &'static str {
+    match error {
+        OriginError::Connect { .. } => "connect",
+        OriginError::Timeout(_) => "timeout",
+        OriginError::Tls(_) => "tls",
+        OriginError::Auth(_) => "auth",
+        OriginError::Server(_) => "server",
+        OriginError::Protocol(_) => "protocol",
+        // A peer that hangs up may be seen as end of file or as a reset.
+        OriginError::Closed | OriginError::Io(_) => "closed",
+    }
+}
+
 /// A fake origin that reads the startup packet, answers with `reply`, and hangs up.
 async fn garbage_origin(reply: Vec<u8>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -597,31 +629,33 @@ fn auth_request(code: i32, data: &[u8]) -> Vec<u8> {
 async fn misbehaving_origins_give_clean_errors() {
     let ok = auth_request(0, b"");
     let ready = b"Z\0\0\0\x05I".to_vec();
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("nothing", vec![]),
-        ("huge length", b"R\x7f\xff\xff\xff".to_vec()),
-        ("negative length", b"R\xff\xff\xff\xff".to_vec()),
-        ("length below minimum", b"R\0\0\0\x02".to_vec()),
-        ("truncated frame", b"R\0\0\0\x10\0\0".to_vec()),
-        ("short auth request", b"R\0\0\0\x06\0\0".to_vec()),
-        ("unknown auth method", auth_request(2, b"")),
-        ("md5 without salt", auth_request(5, b"\x01")),
-        ("sasl without scram", auth_request(10, b"PLAIN\0\0")),
-        ("sasl unterminated", auth_request(10, b"SCRAM-SHA-256")),
-        ("sasl continue first", auth_request(11, b"r=abc")),
-        ("sasl bogus continue", [auth_request(10, b"SCRAM-SHA-256\0\0"), auth_request(11, b"garbage")].concat()),
-        ("sasl skipped to ok", [auth_request(10, b"SCRAM-SHA-256\0\0"), ok.clone()].concat()),
-        ("unexpected message", b"D\0\0\0\x04".to_vec()),
-        ("bad error response", b"E\0\0\0\x06X\0".to_vec()),
-        ("ok then eof", ok.clone()),
-        ("bad backend key", [ok.clone(), b"K\0\0\0\x08\0\0\0\x01".to_vec()].concat()),
-        ("bad parameter status", [ok.clone(), b"S\0\0\0\x06a\0".to_vec()].concat()),
-        ("bad ready status", [ok.clone(), b"Z\0\0\0\x05Q".to_vec()].concat()),
-        ("ready too long", [ok.clone(), b"Z\0\0\0\x06II".to_vec()].concat()),
-        ("row before ready", [ok.clone(), b"D\0\0\0\x06\0\0".to_vec(), ready.clone()].concat()),
-        ("fatal after ok", [ok.clone(), b"E\0\0\0\x18SFATAL\0C57P01\0Mbye\0\0".to_vec()].concat()),
+    let cases: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("nothing", "closed", vec![]),
+        ("huge length", "protocol", b"R\x7f\xff\xff\xff".to_vec()),
+        ("negative length", "protocol", b"R\xff\xff\xff\xff".to_vec()),
+        ("length below minimum", "protocol", b"R\0\0\0\x02".to_vec()),
+        ("truncated frame", "closed", b"R\0\0\0\x10\0\0".to_vec()),
+        ("short auth request", "protocol", b"R\0\0\0\x06\0\0".to_vec()),
+        ("unknown auth method", "auth", auth_request(2, b"")),
+        ("md5 without salt", "protocol", auth_request(5, b"\x01")),
+        ("sasl without scram", "auth", auth_request(10, b"PLAIN\0\0")),
+        ("sasl unterminated", "protocol", auth_request(10, b"SCRAM-SHA-256")),
+        ("sasl continue first", "protocol", auth_request(11, b"r=abc")),
+        ("sasl bogus continue", "auth", [auth_request(10, b"SCRAM-SHA-256\0\0"), auth_request(11, b"garbage")].concat()),
+        ("sasl skipped to ok", "auth", [auth_request(10, b"SCRAM-SHA-256\0\0"), ok.clone()].concat()),
+        ("unexpected message", "protocol", b"D\0\0\0\x04".to_vec()),
+        ("bad error response", "protocol", b"E\0\0\0\x06X\0".to_vec()),
+        ("ok then eof", "closed", ok.clone()),
+        ("bad backend key", "protocol", [ok.clone(), b"K\0\0\0\x08\0\0\0\x01".to_vec()].concat()),
+        ("bad parameter status", "protocol", [ok.clone(), b"S\0\0\0\x06a\0".to_vec()].concat()),
+        ("bad ready status", "protocol", [ok.clone(), b"Z\0\0\0\x05Q".to_vec()].concat()),
+        ("ready too long", "protocol", [ok.clone(), b"Z\0\0\0\x06II".to_vec()].concat()),
+        ("row before ready", "protocol", [ok.clone(), b"D\0\0\0\x06\0\0".to_vec(), ready.clone()].concat()),
+        ("fatal after ok", "server", [ok.clone(), b"E\0\0\0\x18SFATAL\0C57P01\0Mbye\0\0".to_vec()].concat()),
+        // Before ReadyForQuery there is no session, so even an ERROR ends the connection.
+        ("error after ok", "server", [ok.clone(), b"E\0\0\0\x18SERROR\0C08P01\0Mbye\0\0".to_vec()].concat()),
     ];
-    for (name, reply) in cases {
+    for (name, expected, reply) in cases {
         let port = garbage_origin(reply).await;
         let mut config = super_config(port, "pw");
         config.connect_timeout = Duration::from_secs(2);
@@ -629,7 +663,7 @@ async fn misbehaving_origins_give_clean_errors() {
         let result = ServerConn::connect(&config).await;
         assert!(result.is_err(), "{name}: connected");
         let error = result.unwrap_err();
-        assert!(!matches!(error, OriginError::Timeout(_)), "{name}: {error:?}");
+        assert_eq!(kind(&error), expected, "{name}: {error:?}");
         assert!(error.is_fatal(), "{name}: {error:?}");
         assert!(started.elapsed() < Duration::from_secs(2), "{name}");
     }
