@@ -8,9 +8,14 @@
 //!   [`cancel`]: routing of cancel requests to the right backend.
 //! - [`accel`]: every configured database, built from the configuration.
 
+pub mod accel;
 pub mod cache;
+pub mod cancel;
 pub mod classify;
+pub mod exec;
 pub mod origin;
+pub mod pool;
 pub mod protocol;
+pub mod proxy;
 pub mod scram;
 pub mod tls;

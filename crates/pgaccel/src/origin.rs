@@ -78,6 +78,10 @@ pub struct OriginConfig {
     pub connect_timeout: Duration,
     /// Sent in the startup packet, so the origin's `pg_stat_activity` shows who is connected.
     pub application_name: String,
+    /// Server settings sent in the startup packet (such as `statement_timeout`). They become the
+    /// session's defaults, so `DISCARD ALL` and `RESET ALL` return to them rather than to the
+    /// server's.
+    pub options: Vec<(String, String)>,
 }
 
 #[derive(Clone)]
@@ -261,6 +265,21 @@ impl ServerConn {
         Ok(conn)
     }
 
+    /// Whether an idle connection is unusable: the origin closed it (a restart, an idle timeout,
+    /// an administrator's `pg_terminate_backend`) or sent something unprompted, which on an idle
+    /// connection is only ever a FATAL error before closing. Checked without blocking before the
+    /// pool hands a connection out.
+    pub fn is_broken(&mut self) -> bool {
+        if !self.read_buf.is_empty() {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // Data or end of stream: either way the connection is done.
+        Pin::new(&mut self.stream).poll_read(&mut cx, &mut buf).is_ready()
+    }
+
     /// Process-unique id, for logs and bookkeeping.
     pub fn id(&self) -> u64 {
         self.id
@@ -400,6 +419,7 @@ impl ServerConn {
             ("client_encoding".to_owned(), "UTF8".to_owned()),
             ("application_name".to_owned(), config.application_name.clone()),
         ];
+        let params = params.into_iter().chain(config.options.iter().cloned()).collect();
         StartupMessage::Startup { params }.encode(&mut self.write_buf)?;
         self.flush().await?;
         self.authenticate(config).await?;
@@ -679,6 +699,7 @@ mod tests {
             tls: OriginTls::Disable,
             connect_timeout: Duration::from_secs(1),
             application_name: "cordon".into(),
+            options: Vec::new(),
         };
         let shown = format!("{config:?}");
         assert!(!shown.contains("hunter2"), "{shown}");

@@ -7,3 +7,8 @@ mod postgres;
 
 mod origin;
 mod smoke;
+
+mod harness;
+
+mod caching;
+mod proxy;

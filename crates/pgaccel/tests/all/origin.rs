@@ -33,6 +33,7 @@ fn config(port: u16, user: &str, password: &str, database: &str) -> OriginConfig
         tls: OriginTls::Disable,
         connect_timeout: Duration::from_secs(10),
         application_name: "cordon-test".into(),
+        options: Vec::new(),
     }
 }
 

@@ -1,0 +1,1515 @@
+//! The wire-protocol proxy: Postgres clients connect to Cordon, authenticate with SCRAM-SHA-256
+//! against the database's proxy users, and share the database's pool in transaction mode.
+//!
+//! A client holds an origin connection only while it is inside a transaction (or, when it leaves
+//! session state behind, until it disconnects; see [`crate::classify`] for what pins). Between
+//! transactions its named prepared statements live here, in the session, and are prepared on
+//! whichever origin connection runs its next `Bind`, under a server-side name derived from the
+//! statement's text, so clients never collide on names and an origin connection keeps each
+//! statement once for every client.
+//!
+//! Responses are matched to requests with a queue of [`Slot`]s, one per message sent (or answered
+//! here without the origin), in order. That is what lets the session inject `Parse` messages the
+//! client never sent and hide their `ParseComplete`, answer `Close` of a statement itself, and
+//! skip to the next `Sync` after an error exactly as Postgres does.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::accel::{Accelerator, Database};
+use crate::cache::{CacheKey, CacheOutcome, FetchFuture, Fetched};
+use crate::cancel::{CancelHandle, CancelTarget};
+use crate::classify::{Classification, Writes, classify};
+use crate::origin::OriginError;
+use crate::pool::{Pool, PoolError, PooledConn, Release, describe_origin_error};
+use crate::protocol::{
+    BackendMessage, ErrorFields, Frame, FrontendMessage, Limits, Phase, ProtocolError, Severity, StartupMessage, Target, TransactionStatus,
+    decode_frame, decode_startup, parse_frontend,
+};
+use crate::scram::{MECHANISM, ScramServer};
+use crate::tls::ClientStream;
+
+/// Time a new connection has to finish TLS, startup and authentication.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections still in their handshake, across all databases: they are not yet counted against
+/// any database's client limit, so they get a limit of their own.
+const MAX_HANDSHAKES: usize = 1024;
+/// Messages and bytes a client may queue before a Sync or Flush.
+const MAX_BATCH_MESSAGES: usize = 4096;
+const MAX_BATCH_BYTES: usize = 64 << 20;
+/// Responses are written to the client once this much is buffered, or when the origin has
+/// nothing more buffered.
+const CLIENT_FLUSH_BYTES: usize = 64 << 10;
+/// Startup parameters a client may send. Others would be session state that transaction pooling
+/// cannot carry from one origin connection to the next, so they are refused with a clear error.
+const ACCEPTED_STARTUP_PARAMS: &[&str] = &["user", "database", "application_name", "fallback_application_name", "client_encoding"];
+
+/// Settings of the proxy listener.
+#[derive(Clone)]
+pub struct ProxySettings {
+    pub tls: Option<TlsAcceptor>,
+    pub require_tls: bool,
+}
+
+impl std::fmt::Debug for ProxySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxySettings").field("tls", &self.tls.is_some()).field("require_tls", &self.require_tls).finish()
+    }
+}
+
+/// Accepts proxy clients until `shutdown` resolves.
+pub async fn serve(accel: Arc<Accelerator>, listener: TcpListener, settings: ProxySettings, shutdown: impl Future<Output = ()>) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (socket, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(target: "cordon::pgaccel", error = %error, "accepting a proxy connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tokio::spawn(async move {
+                let mut socket = socket;
+                let fields = ErrorFields::new(Severity::Fatal, "53300", "too many connections are being opened at once; retry");
+                let _ = write_message(&mut socket, &BackendMessage::ErrorResponse(fields)).await;
+            });
+            continue;
+        };
+        let accel = accel.clone();
+        let settings = settings.clone();
+        tokio::spawn(async move {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&accel, ClientStream::Plain(socket), &settings)).await;
+            drop(permit);
+            let session = match handshake {
+                Ok(Ok(Some(session))) => session,
+                Ok(Ok(None)) => return,
+                Ok(Err(error)) => {
+                    tracing::debug!(target: "cordon::pgaccel", %peer, error = %error, "proxy handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(target: "cordon::pgaccel", %peer, "proxy handshake timed out");
+                    return;
+                }
+            };
+            session.run().await;
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// Reads the startup packet, negotiates TLS, checks the database and its limits, and runs SCRAM.
+/// Nothing touches the origin before the client has authenticated.
+async fn handshake(
+    accel: &Arc<Accelerator>,
+    mut stream: ClientStream,
+    settings: &ProxySettings,
+) -> Result<Option<Session>, HandshakeError> {
+    let limits = Limits::default();
+    let mut rbuf = BytesMut::with_capacity(1024);
+    let mut negotiated = false;
+    let params = loop {
+        let message = match decode_startup(&mut rbuf, &limits) {
+            Ok(Some(message)) => message,
+            Ok(None) => {
+                if stream.read_buf(&mut rbuf).await? == 0 {
+                    return Ok(None);
+                }
+                continue;
+            }
+            Err(error) => {
+                let _ = write_message(&mut stream, &BackendMessage::ErrorResponse(error.to_error_fields())).await;
+                return Err(error.into());
+            }
+        };
+        match message {
+            StartupMessage::SslRequest if !negotiated => {
+                negotiated = true;
+                if !rbuf.is_empty() {
+                    // Bytes after the SSLRequest would be read as plaintext but believed encrypted.
+                    return Err(HandshakeError::Refused("data sent after SSLRequest, before the TLS handshake".into()));
+                }
+                match (&settings.tls, stream) {
+                    (Some(acceptor), ClientStream::Plain(mut socket)) => {
+                        socket.write_all(b"S").await?;
+                        let tls = acceptor.accept(socket).await?;
+                        stream = ClientStream::Tls(Box::new(tls));
+                    }
+                    (_, other) => {
+                        stream = other;
+                        stream.write_all(b"N").await?;
+                    }
+                }
+            }
+            StartupMessage::GssEncRequest if !negotiated => {
+                negotiated = true;
+                stream.write_all(b"N").await?;
+            }
+            StartupMessage::SslRequest | StartupMessage::GssEncRequest => {
+                return Err(HandshakeError::Refused("a second encryption request".into()));
+            }
+            StartupMessage::Cancel { process_id, secret_key } => {
+                accel.cancels.cancel(process_id, secret_key).await;
+                return Ok(None);
+            }
+            StartupMessage::Startup { params } => break params,
+        }
+    };
+    let refuse = |code: &str, message: String, hint: Option<&str>| {
+        let mut fields = ErrorFields::new(Severity::Fatal, code, message);
+        if let Some(hint) = hint {
+            fields = fields.with_hint(hint);
+        }
+        fields
+    };
+    let tls = matches!(stream, ClientStream::Tls(_));
+    let param = |key: &str| params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let user = param("user").unwrap_or_default().to_owned();
+    let dbname = param("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_owned();
+    let application_name = param("application_name").or(param("fallback_application_name")).unwrap_or("").to_owned();
+
+    let refusal = if settings.require_tls && !tls {
+        Some(refuse("28000", "this server requires TLS".into(), Some("connect with sslmode=require or stricter")))
+    } else if let Some((key, _)) = params.iter().find(|(k, _)| !ACCEPTED_STARTUP_PARAMS.contains(&k.as_str())) {
+        Some(refuse(
+            "0A000",
+            format!("startup parameter \"{}\" is not supported by the transaction pooler", truncate(key, 64)),
+            Some("set session options with SET inside a transaction (SET LOCAL), or remove the parameter from the connection string"),
+        ))
+    } else if let Some(encoding) = param("client_encoding")
+        && !matches!(encoding.to_ascii_uppercase().replace('-', "").as_str(), "UTF8" | "UNICODE")
+    {
+        Some(refuse(
+            "22023",
+            format!("client_encoding \"{}\" is not supported", truncate(encoding, 32)),
+            Some("use client_encoding UTF8 (for psql: PGCLIENTENCODING=UTF8)"),
+        ))
+    } else {
+        None
+    };
+    if let Some(fields) = refusal {
+        write_message(&mut stream, &BackendMessage::ErrorResponse(fields)).await?;
+        return Err(HandshakeError::Refused("startup parameters".into()));
+    }
+    let Some(db) = accel.database_for_client(&dbname).cloned() else {
+        // Same answer whether the database exists for another tenant or not at all.
+        let fields = refuse("3D000", format!("database \"{}\" does not exist", truncate(&dbname, 64)), None);
+        write_message(&mut stream, &BackendMessage::ErrorResponse(fields)).await?;
+        return Err(HandshakeError::Refused("unknown database".into()));
+    };
+
+    let clients = db.clients.fetch_add(1, Ordering::AcqRel) + 1;
+    let slot = ClientSlot(db.clone());
+    if clients > db.limits.max_client_connections {
+        db.counters.clients_refused.fetch_add(1, Ordering::Relaxed);
+        let fields = refuse(
+            "53300",
+            format!("too many clients connected to database \"{dbname}\" (limit {})", db.limits.max_client_connections),
+            Some("retry later, or raise max_client_connections for this database"),
+        );
+        write_message(&mut stream, &BackendMessage::ErrorResponse(fields)).await?;
+        return Err(HandshakeError::Refused("client limit".into()));
+    }
+
+    // SCRAM-SHA-256. An unknown user runs the same exchange against a mock verifier and fails
+    // the same way as a wrong password.
+    let mut scram = match db.users.get(&user) {
+        Some(verifier) => ScramServer::new(verifier),
+        None => ScramServer::new_for_unknown_user(&user, &accel.mock),
+    };
+    write_message(&mut stream, &BackendMessage::AuthenticationSasl { mechanisms: vec![MECHANISM.to_owned()] }).await?;
+    let auth_failed = |detail: String| {
+        db.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(target: "cordon::security", event = "pg_auth_failed", tenant = %db.tenant, database = %db.name, user = %truncate(&user, 64), reason = %detail, "proxy authentication failed");
+        refuse("28P01", format!("password authentication failed for user \"{}\"", truncate(&user, 64)), None)
+    };
+    let first = match read_auth_message(&mut stream, &mut rbuf, &limits, Phase::AwaitingSaslInitialResponse).await? {
+        FrontendMessage::SaslInitialResponse { mechanism, data } if mechanism == MECHANISM => data.unwrap_or_default(),
+        FrontendMessage::SaslInitialResponse { mechanism, .. } => {
+            let fields = refuse("28000", format!("unsupported SASL mechanism \"{}\"", truncate(&mechanism, 32)), Some("use SCRAM-SHA-256"));
+            write_message(&mut stream, &BackendMessage::ErrorResponse(fields)).await?;
+            return Err(HandshakeError::Refused("SASL mechanism".into()));
+        }
+        _ => return Ok(None),
+    };
+    let server_first = match scram.client_first(&first) {
+        Ok(reply) => reply,
+        Err(error) => {
+            let fields = if error.sqlstate() == "28P01" {
+                auth_failed(error.to_string())
+            } else {
+                refuse(error.sqlstate(), error.to_string(), None)
+            };
+            write_message(&mut stream, &BackendMessage::ErrorResponse(fields)).await?;
+            return Err(HandshakeError::Refused("SCRAM".into()));
+        }
+    };
+    write_message(&mut stream, &BackendMessage::AuthenticationSaslContinue(server_first.into())).await?;
+    let FrontendMessage::SaslResponse(client_final) =
+        read_auth_message(&mut stream, &mut rbuf, &limits, Phase::AwaitingSaslResponse).await?
+    else {
+        return Ok(None);
+    };
+    let server_final = match scram.client_final(&client_final) {
+        Ok(reply) => reply,
+        Err(error) => {
+            let fields = if error.sqlstate() == "28P01" {
+                auth_failed(error.to_string())
+            } else {
+                refuse(error.sqlstate(), error.to_string(), None)
+            };
+            write_message(&mut stream, &BackendMessage::ErrorResponse(fields)).await?;
+            return Err(HandshakeError::Refused("SCRAM".into()));
+        }
+    };
+    let mut out = BytesMut::new();
+    BackendMessage::AuthenticationSaslFinal(server_final.into()).encode(&mut out)?;
+    BackendMessage::AuthenticationOk.encode(&mut out)?;
+
+    // Authenticated: from here on the origin may be contacted on the client's behalf.
+    let mut parameters = db.pool.parameters();
+    if parameters.is_empty() {
+        match db.pool.acquire().await {
+            Ok(conn) => {
+                parameters = conn.conn.parameters().to_vec();
+                drop(conn);
+            }
+            Err(error) => {
+                stream.write_all(&out).await?;
+                let mut fields = error.to_error_fields();
+                fields.severity = Severity::Fatal;
+                write_message(&mut stream, &BackendMessage::ErrorResponse(fields)).await?;
+                return Err(HandshakeError::Refused("origin unavailable".into()));
+            }
+        }
+    }
+    for (name, value) in &parameters {
+        let value = match name.as_str() {
+            // The origin's role name is Cordon's business; the client sees its own user.
+            "session_authorization" => user.clone(),
+            "is_superuser" => "off".into(),
+            "application_name" => application_name.clone(),
+            "client_encoding" => "UTF8".into(),
+            _ => value.clone(),
+        };
+        BackendMessage::ParameterStatus { name: name.clone(), value }.encode(&mut out)?;
+    }
+    let cancel = accel.cancels.register();
+    BackendMessage::BackendKeyData { process_id: cancel.process_id, secret_key: cancel.secret_key }.encode(&mut out)?;
+    BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut out)?;
+    stream.write_all(&out).await?;
+    db.counters.client_connections.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(target: "cordon::pgaccel", tenant = %db.tenant, database = %db.name, user = %user, "proxy client authenticated");
+    Ok(Some(Session::new(db, slot, stream, rbuf, user, cancel)))
+}
+
+async fn read_auth_message(
+    stream: &mut ClientStream,
+    rbuf: &mut BytesMut,
+    limits: &Limits,
+    phase: Phase,
+) -> Result<FrontendMessage, HandshakeError> {
+    loop {
+        match decode_frame(rbuf, limits) {
+            Ok(Some(frame)) => {
+                return match parse_frontend(&frame, phase) {
+                    Ok(message) => Ok(message),
+                    Err(error) => {
+                        let _ = write_message(stream, &BackendMessage::ErrorResponse(error.to_error_fields())).await;
+                        Err(error.into())
+                    }
+                };
+            }
+            Ok(None) => {
+                if stream.read_buf(rbuf).await? == 0 {
+                    return Err(HandshakeError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+            }
+            Err(error) => {
+                let _ = write_message(stream, &BackendMessage::ErrorResponse(error.to_error_fields())).await;
+                return Err(error.into());
+            }
+        }
+    }
+}
+
+async fn write_message<S: AsyncWrite + Unpin>(stream: &mut S, message: &BackendMessage) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    message.encode(&mut buf).map_err(std::io::Error::other)?;
+    stream.write_all(&buf).await
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).filter(|c| !c.is_control()).collect()
+}
+
+/// A client's place in its database's client count, released when the session ends.
+struct ClientSlot(Arc<Database>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A statement the client prepared, known by its text.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub(crate) query: String,
+    pub(crate) param_types: Vec<u32>,
+    /// Name on every origin connection: derived from the text and parameter types.
+    pub(crate) server_name: String,
+    pub(crate) class: Classification,
+}
+
+impl Prepared {
+    pub(crate) fn new(query: String, param_types: Vec<u32>) -> Prepared {
+        let mut hash = Sha256::new();
+        hash.update(query.as_bytes());
+        for oid in &param_types {
+            hash.update(oid.to_be_bytes());
+        }
+        let digest = hash.finalize();
+        let server_name = format!("cordon_{}", hex(&digest[..12]));
+        let class = classify(&query, false);
+        Prepared { query, param_types, server_name, class }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the session expects back for one message, in order.
+#[derive(Debug)]
+enum Slot {
+    /// A simple Query: everything up to its ReadyForQuery.
+    Query {
+        class: Option<Box<Classification>>,
+        completed: bool,
+        failed: bool,
+    },
+    /// A Parse sent to the origin. `visible` is false for one the session injected, whose
+    /// ParseComplete the client must not see. `client` is the client statement it created.
+    Parse {
+        server_name: String,
+        visible: bool,
+        client: Option<String>,
+    },
+    Bind,
+    DescribeStatement,
+    DescribePortal,
+    Execute {
+        statement: Option<Arc<Prepared>>,
+    },
+    /// A Close sent to the origin; invisible when the session evicts a statement itself.
+    Close {
+        visible: bool,
+    },
+    /// A response the session gives without the origin (ParseComplete, CloseComplete).
+    Synthetic(u8),
+    /// An error the session raises itself; the batch was cut before the next Sync.
+    Error(ErrorFields),
+    Sync,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("client connection: {0}")]
+    ClientIo(#[from] std::io::Error),
+    #[error("client protocol: {0}")]
+    ClientProtocol(#[from] ProtocolError),
+    #[error("origin: {0}")]
+    Origin(#[from] OriginError),
+    #[error("origin sent {tag:?} where {expected} was expected")]
+    Desync { tag: char, expected: &'static str },
+    #[error("{0}")]
+    Fatal(String),
+}
+
+struct Session {
+    db: Arc<Database>,
+    _slot: ClientSlot,
+    stream: ClientStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    limits: Limits,
+    user: String,
+    cancel: CancelHandle,
+    /// The client's named statements ("" is the unnamed one).
+    statements: HashMap<String, Arc<Prepared>>,
+    /// Portals bound in the current transaction, for the effects of their Execute.
+    portals: HashMap<String, Arc<Prepared>>,
+    server: Option<PooledConn>,
+    status: TransactionStatus,
+    /// Why the client is pinned to its origin connection, if it is.
+    pinned: Option<String>,
+    /// Role set with a confirmed SET ROLE / SET SESSION AUTHORIZATION.
+    role: Option<String>,
+    /// An error occurred in the extended protocol: everything up to the next Sync is skipped.
+    skipping: bool,
+    /// Extended-protocol messages went to the origin without a Sync yet: the origin holds an
+    /// implicit transaction and portals for the client, so the connection stays with it.
+    unsynced: bool,
+    /// Tables written in the open transaction, invalidated again when it ends.
+    txn_writes: Vec<Writes>,
+    batch: Vec<FrontendMessage>,
+    batch_bytes: usize,
+}
+
+impl Session {
+    fn new(db: Arc<Database>, slot: ClientSlot, stream: ClientStream, rbuf: BytesMut, user: String, cancel: CancelHandle) -> Session {
+        Session {
+            db,
+            _slot: slot,
+            stream,
+            rbuf,
+            wbuf: BytesMut::with_capacity(16 << 10),
+            limits: Limits::default(),
+            user,
+            cancel,
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            server: None,
+            status: TransactionStatus::Idle,
+            pinned: None,
+            role: None,
+            skipping: false,
+            unsynced: false,
+            txn_writes: Vec::new(),
+            batch: Vec::new(),
+            batch_bytes: 0,
+        }
+    }
+
+    async fn run(mut self) {
+        let result = self.serve().await;
+        if let Err(error) = &result {
+            tracing::debug!(target: "cordon::pgaccel", tenant = %self.db.tenant, database = %self.db.name, error = %error, "proxy session ended");
+            let fields = match error {
+                SessionError::ClientIo(_) => None,
+                SessionError::ClientProtocol(e) => Some(e.to_error_fields()),
+                SessionError::Fatal(message) => Some(ErrorFields::new(Severity::Fatal, "08006", message.clone())),
+                SessionError::Origin(e) => Some(ErrorFields::new(
+                    Severity::Fatal,
+                    e.sqlstate(),
+                    format!("lost the connection to the origin: {}", describe_origin_error(e)),
+                )),
+                SessionError::Desync { .. } => {
+                    Some(ErrorFields::new(Severity::Fatal, "08P01", "the origin connection went out of step; reconnect"))
+                }
+            };
+            if let Some(fields) = fields {
+                self.wbuf.clear();
+                let _ = BackendMessage::ErrorResponse(fields).encode(&mut self.wbuf);
+                let _ = self.flush_client().await;
+            }
+        }
+        self.release_server(true).await;
+    }
+
+    async fn serve(&mut self) -> Result<(), SessionError> {
+        loop {
+            let Some(frame) = self.read_client_frame().await? else { return Ok(()) };
+            let message = parse_frontend(&frame, Phase::Ready)?;
+            match message {
+                FrontendMessage::Terminate => return Ok(()),
+                FrontendMessage::Query(sql) => {
+                    if !self.batch.is_empty() {
+                        self.run_batch().await?;
+                    }
+                    self.simple_query(sql).await?;
+                }
+                FrontendMessage::Sync => {
+                    self.push_batch(FrontendMessage::Sync, frame.body.len())?;
+                    self.run_batch().await?;
+                }
+                FrontendMessage::Flush => {
+                    self.push_batch(FrontendMessage::Flush, 0)?;
+                    self.run_batch().await?;
+                }
+                // Outside COPY mode these are ignored, as Postgres ignores them.
+                FrontendMessage::CopyData(_) | FrontendMessage::CopyDone | FrontendMessage::CopyFail(_) => {}
+                other @ (FrontendMessage::Parse { .. }
+                | FrontendMessage::Bind { .. }
+                | FrontendMessage::Describe { .. }
+                | FrontendMessage::Execute { .. }
+                | FrontendMessage::Close { .. }) => self.push_batch(other, frame.body.len())?,
+                FrontendMessage::Password(_) | FrontendMessage::SaslInitialResponse { .. } | FrontendMessage::SaslResponse(_) => {
+                    return Err(ProtocolError::UnexpectedMessage { tag: crate::protocol::Tag(b'p'), phase: Phase::Ready }.into());
+                }
+            }
+            if self.server.is_some()
+                && self.status == TransactionStatus::Idle
+                && self.pinned.is_none()
+                && !self.unsynced
+                && self.batch.is_empty()
+                && !self.client_has_frame()
+            {
+                self.release_server(false).await;
+            }
+        }
+    }
+
+    fn push_batch(&mut self, message: FrontendMessage, bytes: usize) -> Result<(), SessionError> {
+        self.batch_bytes += bytes;
+        self.batch.push(message);
+        if self.batch.len() > MAX_BATCH_MESSAGES || self.batch_bytes > MAX_BATCH_BYTES {
+            return Err(SessionError::Fatal(format!(
+                "more than {MAX_BATCH_MESSAGES} messages or {} MiB sent without a Sync",
+                MAX_BATCH_BYTES >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    fn client_has_frame(&self) -> bool {
+        self.rbuf.len() >= 5 && {
+            let len = i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]);
+            len >= 4 && self.rbuf.len() > len as usize
+        }
+    }
+
+    /// Reads the next client message, closing idle clients after the configured timeouts.
+    async fn read_client_frame(&mut self) -> Result<Option<Frame>, SessionError> {
+        loop {
+            if let Some(frame) = decode_frame(&mut self.rbuf, &self.limits)? {
+                return Ok(Some(frame));
+            }
+            let in_transaction = self.status != TransactionStatus::Idle;
+            let timeout = if in_transaction { self.db.limits.idle_in_transaction_timeout } else { self.db.limits.idle_client_timeout };
+            let read = self.stream.read_buf(&mut self.rbuf);
+            let n = match timeout {
+                Some(timeout) => match tokio::time::timeout(timeout, read).await {
+                    Ok(n) => n?,
+                    Err(_) => {
+                        self.db.counters.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                        let (code, what) = if in_transaction {
+                            ("25P03", "terminating connection due to idle-in-transaction timeout")
+                        } else {
+                            ("57P05", "terminating connection due to idle-session timeout")
+                        };
+                        self.wbuf.clear();
+                        BackendMessage::ErrorResponse(ErrorFields::new(Severity::Fatal, code, what)).encode(&mut self.wbuf)?;
+                        let _ = self.flush_client().await;
+                        return Ok(None);
+                    }
+                },
+                None => read.await?,
+            };
+            if n == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn flush_client(&mut self) -> std::io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    fn send_error(&mut self, fields: ErrorFields) -> Result<(), SessionError> {
+        BackendMessage::ErrorResponse(fields).encode(&mut self.wbuf)?;
+        Ok(())
+    }
+
+    fn send_ready(&mut self) -> Result<(), SessionError> {
+        BackendMessage::ReadyForQuery(self.status).encode(&mut self.wbuf)?;
+        Ok(())
+    }
+
+    /// Gets an origin connection for the client, unless it holds one.
+    async fn ensure_server(&mut self) -> Result<bool, SessionError> {
+        if self.server.is_some() {
+            return Ok(true);
+        }
+        match self.db.pool.acquire().await {
+            Ok(conn) => {
+                let (process_id, secret_key) = conn.conn.backend_key();
+                self.cancel.set(CancelTarget { origin: conn.pool().origin().clone(), process_id, secret_key }).await;
+                self.server = Some(conn);
+                Ok(true)
+            }
+            Err(error) => {
+                self.pool_failure(&error);
+                self.send_error(error.to_error_fields())?;
+                Ok(false)
+            }
+        }
+    }
+
+    fn pool_failure(&self, error: &PoolError) {
+        tracing::debug!(target: "cordon::pgaccel", tenant = %self.db.tenant, database = %self.db.name, error = %error, "no origin connection for a proxy client");
+    }
+
+    /// Gives the origin connection back: clean when idle and unpinned, otherwise reset first.
+    async fn release_server(&mut self, ending: bool) {
+        let Some(mut conn) = self.server.take() else { return };
+        self.cancel.clear().await;
+        if self.status != TransactionStatus::Idle || self.pinned.is_some() {
+            conn.mark(Release::Reset);
+        }
+        if ending {
+            self.status = TransactionStatus::Idle;
+        }
+        drop(conn);
+    }
+
+    /// The origin connection broke or went out of step: close it. A client inside a transaction
+    /// or pinned to it has lost state it relies on, so it is disconnected too.
+    fn server_lost(&mut self) -> bool {
+        if let Some(mut conn) = self.server.take() {
+            conn.mark(Release::Discard);
+        }
+        let keep_client = self.status == TransactionStatus::Idle && self.pinned.is_none();
+        self.status = TransactionStatus::Idle;
+        keep_client
+    }
+
+    fn role_key(&self) -> String {
+        format!("{}\u{0}{}", self.user, self.role.as_deref().unwrap_or(""))
+    }
+
+    fn cache_usable(&self) -> bool {
+        self.db.cache.is_some() && self.pinned.is_none() && self.status == TransactionStatus::Idle && self.server.is_none()
+    }
+
+    async fn simple_query(&mut self, sql: String) -> Result<(), SessionError> {
+        self.db.counters.queries.fetch_add(1, Ordering::Relaxed);
+        let class = classify(&sql, self.status != TransactionStatus::Idle);
+        // A simple Query replaces the unnamed statement.
+        self.statements.remove("");
+        if self.cache_usable() && class.cacheable {
+            if let Some(normalized) = class.normalized.clone() {
+                let key = CacheKey { role: self.role_key(), query: normalized, params: Vec::new(), formats: Vec::new(), protocol: b'Q' };
+                let fetch = fetch_simple(self.db.pool.clone(), sql.clone(), self.db.cache_max_entry_bytes);
+                if self.serve_cached(key, &class, fetch).await? {
+                    return Ok(());
+                }
+            }
+        } else if !class.cacheable {
+            self.db.counters.uncacheable.fetch_add(1, Ordering::Relaxed);
+        }
+        if !self.ensure_server().await? {
+            self.send_ready()?;
+            return Ok(self.flush_client().await?);
+        }
+        let server = self.server.as_mut().expect("ensured");
+        FrontendMessage::Query(sql).encode(server.conn.write_buf())?;
+        let mut slots = VecDeque::from([Slot::Query { class: Some(Box::new(class)), completed: false, failed: false }]);
+        self.exchange(&mut slots).await
+    }
+
+    /// Answers from the cache (or a coalesced, cached fetch). Returns false when the result was
+    /// too large to go through the cache and the query must run on the client's own connection.
+    async fn serve_cached(
+        &mut self,
+        key: CacheKey,
+        class: &Classification,
+        fetch: Arc<dyn Fn() -> FetchFuture<FetchError> + Send + Sync>,
+    ) -> Result<bool, SessionError> {
+        let cache = self.db.cache.clone().expect("checked by cache_usable");
+        match cache.get_or_fetch(key, &class.reads, fetch).await {
+            Ok((bytes, outcome)) => {
+                let counters = &self.db.counters;
+                match outcome {
+                    CacheOutcome::Hit => counters.cache_hits.fetch_add(1, Ordering::Relaxed),
+                    CacheOutcome::StaleHit => counters.cache_stale_hits.fetch_add(1, Ordering::Relaxed),
+                    CacheOutcome::Coalesced => counters.cache_coalesced.fetch_add(1, Ordering::Relaxed),
+                    CacheOutcome::Miss | CacheOutcome::Bypass => counters.cache_misses.fetch_add(1, Ordering::Relaxed),
+                };
+                self.wbuf.extend_from_slice(&bytes);
+                self.send_ready()?;
+                self.flush_client().await?;
+                Ok(true)
+            }
+            Err(FetchError::TooLarge) => Ok(false),
+            Err(FetchError::Pool(fields)) => {
+                self.send_error(fields)?;
+                self.send_ready()?;
+                self.flush_client().await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Sends the queued extended-protocol messages, rewriting statement names, and relays the
+    /// responses.
+    async fn run_batch(&mut self) -> Result<(), SessionError> {
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        if self.try_cached_batch(&batch).await? {
+            return Ok(());
+        }
+        let needs_origin = batch
+            .iter()
+            .any(|m| !matches!(m, FrontendMessage::Sync | FrontendMessage::Close { kind: Target::Statement, .. } | FrontendMessage::Flush));
+        if !needs_origin && self.server.is_none() {
+            // Only statement closes and syncs: nothing for the origin to do.
+            for message in &batch {
+                match message {
+                    FrontendMessage::Close { name, .. } if !self.skipping => {
+                        self.statements.remove(name);
+                        Frame::new(b'3', Bytes::new()).encode(&mut self.wbuf)?;
+                    }
+                    FrontendMessage::Sync => {
+                        self.skipping = false;
+                        self.send_ready()?;
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(self.flush_client().await?);
+        }
+        if !self.ensure_server().await? {
+            // The error is queued; skip to the Sync like Postgres does after an error.
+            if batch.iter().any(|m| matches!(m, FrontendMessage::Sync)) {
+                self.send_ready()?;
+            } else {
+                self.skipping = true;
+            }
+            return Ok(self.flush_client().await?);
+        }
+        let mut slots = VecDeque::new();
+        self.unsynced = !matches!(batch.last(), Some(FrontendMessage::Sync));
+        let mut cut = self.skipping;
+        for message in batch {
+            if cut && !matches!(message, FrontendMessage::Sync) {
+                continue;
+            }
+            if let Some(error) = self.queue_message(message, &mut slots)? {
+                slots.push_back(Slot::Error(error));
+                cut = true;
+            }
+            if matches!(slots.back(), Some(Slot::Sync)) {
+                cut = false;
+            }
+        }
+        self.exchange(&mut slots).await
+    }
+
+    /// Encodes one client message for the origin (or answers it here) and queues its slot.
+    /// Returns an error the client must see, after which the batch is cut until the next Sync.
+    fn queue_message(&mut self, message: FrontendMessage, slots: &mut VecDeque<Slot>) -> Result<Option<ErrorFields>, SessionError> {
+        match message {
+            FrontendMessage::Parse { name, query, param_types } => {
+                if !name.is_empty() && self.statements.contains_key(&name) {
+                    return Ok(Some(ErrorFields::new(
+                        Severity::Error,
+                        "42P05",
+                        format!("prepared statement \"{}\" already exists", truncate(&name, 64)),
+                    )));
+                }
+                let prepared = Arc::new(Prepared::new(query, param_types));
+                self.statements.insert(name.clone(), prepared.clone());
+                let server = self.server.as_mut().expect("ensured");
+                if server.prepared.contains(&prepared.server_name) {
+                    server.prepared.touch(&prepared.server_name);
+                    slots.push_back(Slot::Synthetic(b'1'));
+                } else {
+                    self.prepare_on_server(&prepared, true, Some(name), slots)?;
+                }
+            }
+            FrontendMessage::Bind { portal, statement, param_formats, params, result_formats } => {
+                let Some(prepared) = self.statements.get(&statement).cloned() else {
+                    return Ok(Some(unknown_statement(&statement)));
+                };
+                self.ensure_prepared(&prepared, slots)?;
+                self.portals.insert(portal.clone(), prepared.clone());
+                let server = self.server.as_mut().expect("ensured");
+                FrontendMessage::Bind { portal, statement: prepared.server_name.clone(), param_formats, params, result_formats }
+                    .encode(server.conn.write_buf())?;
+                slots.push_back(Slot::Bind);
+            }
+            FrontendMessage::Describe { kind: Target::Statement, name } => {
+                let Some(prepared) = self.statements.get(&name).cloned() else {
+                    return Ok(Some(unknown_statement(&name)));
+                };
+                self.ensure_prepared(&prepared, slots)?;
+                let server = self.server.as_mut().expect("ensured");
+                FrontendMessage::Describe { kind: Target::Statement, name: prepared.server_name.clone() }
+                    .encode(server.conn.write_buf())?;
+                slots.push_back(Slot::DescribeStatement);
+            }
+            FrontendMessage::Describe { kind: Target::Portal, name } => {
+                let server = self.server.as_mut().expect("ensured");
+                FrontendMessage::Describe { kind: Target::Portal, name }.encode(server.conn.write_buf())?;
+                slots.push_back(Slot::DescribePortal);
+            }
+            FrontendMessage::Execute { portal, max_rows } => {
+                let statement = self.portals.get(&portal).cloned();
+                if let Some(prepared) = &statement {
+                    self.db.counters.queries.fetch_add(1, Ordering::Relaxed);
+                    if !prepared.class.cacheable {
+                        self.db.counters.uncacheable.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let server = self.server.as_mut().expect("ensured");
+                FrontendMessage::Execute { portal, max_rows }.encode(server.conn.write_buf())?;
+                slots.push_back(Slot::Execute { statement });
+            }
+            FrontendMessage::Close { kind: Target::Statement, name } => {
+                // The origin keeps the statement for other clients; only the client's name goes.
+                self.statements.remove(&name);
+                slots.push_back(Slot::Synthetic(b'3'));
+            }
+            FrontendMessage::Close { kind: Target::Portal, name } => {
+                self.portals.remove(&name);
+                let server = self.server.as_mut().expect("ensured");
+                FrontendMessage::Close { kind: Target::Portal, name }.encode(server.conn.write_buf())?;
+                slots.push_back(Slot::Close { visible: true });
+            }
+            FrontendMessage::Sync => {
+                let server = self.server.as_mut().expect("ensured");
+                FrontendMessage::Sync.encode(server.conn.write_buf())?;
+                slots.push_back(Slot::Sync);
+            }
+            FrontendMessage::Flush => {
+                let server = self.server.as_mut().expect("ensured");
+                FrontendMessage::Flush.encode(server.conn.write_buf())?;
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    /// Prepares the statement on the current origin connection if it is not there yet, hiding
+    /// the ParseComplete from the client.
+    fn ensure_prepared(&mut self, prepared: &Arc<Prepared>, slots: &mut VecDeque<Slot>) -> Result<(), SessionError> {
+        let server = self.server.as_mut().expect("ensured");
+        if server.prepared.contains(&prepared.server_name) {
+            server.prepared.touch(&prepared.server_name);
+            return Ok(());
+        }
+        self.prepare_on_server(prepared, false, None, slots)
+    }
+
+    fn prepare_on_server(
+        &mut self,
+        prepared: &Arc<Prepared>,
+        visible: bool,
+        client: Option<String>,
+        slots: &mut VecDeque<Slot>,
+    ) -> Result<(), SessionError> {
+        let server = self.server.as_mut().expect("ensured");
+        if let Some(victim) = server.prepared.victim(&[&prepared.server_name]) {
+            server.prepared.remove(&victim);
+            FrontendMessage::Close { kind: Target::Statement, name: victim }.encode(server.conn.write_buf())?;
+            slots.push_back(Slot::Close { visible: false });
+        }
+        FrontendMessage::Parse {
+            name: prepared.server_name.clone(),
+            query: prepared.query.clone(),
+            param_types: prepared.param_types.clone(),
+        }
+        .encode(server.conn.write_buf())?;
+        server.prepared.touch(&prepared.server_name);
+        slots.push_back(Slot::Parse { server_name: prepared.server_name.clone(), visible, client });
+        Ok(())
+    }
+
+    /// Serves `[Parse] Bind [Describe portal] Execute Sync` from the cache when the statement is
+    /// cacheable: the shape ORMs and drivers send for one parameterised query.
+    async fn try_cached_batch(&mut self, batch: &[FrontendMessage]) -> Result<bool, SessionError> {
+        if !self.cache_usable() || self.skipping {
+            return Ok(false);
+        }
+        let mut messages = batch.iter().peekable();
+        let parse = match messages.peek() {
+            Some(FrontendMessage::Parse { name, query, param_types }) => {
+                messages.next();
+                Some((name, query, param_types))
+            }
+            _ => None,
+        };
+        let Some(FrontendMessage::Bind { portal, statement, param_formats, params, result_formats }) = messages.next() else {
+            return Ok(false);
+        };
+        let describe = matches!(messages.peek(), Some(FrontendMessage::Describe { kind: Target::Portal, name }) if name == portal);
+        if describe {
+            messages.next();
+        }
+        let shape_ok = matches!(messages.next(), Some(FrontendMessage::Execute { portal: p, max_rows: 0 }) if p == portal)
+            && matches!(messages.next(), Some(FrontendMessage::Sync))
+            && messages.next().is_none()
+            && portal.is_empty();
+        if !shape_ok {
+            return Ok(false);
+        }
+        let prepared = match parse {
+            Some((name, query, param_types)) => {
+                if name != statement || (!name.is_empty() && self.statements.contains_key(name)) {
+                    return Ok(false);
+                }
+                Arc::new(Prepared::new(query.clone(), param_types.clone()))
+            }
+            None => match self.statements.get(statement) {
+                Some(prepared) => prepared.clone(),
+                None => return Ok(false),
+            },
+        };
+        let (true, Some(normalized)) = (prepared.class.cacheable, prepared.class.normalized.clone()) else { return Ok(false) };
+        self.db.counters.queries.fetch_add(1, Ordering::Relaxed);
+        let mut formats: Vec<i16> = param_formats.clone();
+        formats.push(i16::MIN);
+        formats.extend(result_formats);
+        formats.push(if describe { 1 } else { 0 });
+        // Parameter types change how values are read; they are part of the statement.
+        let query = format!("{normalized}\u{0}{:?}", prepared.param_types);
+        let key = CacheKey { role: self.role_key(), query, params: params.clone(), formats, protocol: b'E' };
+        let request = ExtendedRequest {
+            prepared: prepared.clone(),
+            param_formats: param_formats.clone(),
+            params: params.clone(),
+            result_formats: result_formats.clone(),
+            describe,
+        };
+        let fetch = fetch_extended(self.db.pool.clone(), Arc::new(request), self.db.cache_max_entry_bytes);
+        if let Some((name, _, _)) = parse {
+            self.statements.insert(name.clone(), prepared.clone());
+            Frame::new(b'1', Bytes::new()).encode(&mut self.wbuf)?;
+        }
+        let class = prepared.class.clone();
+        if self.serve_cached(key, &class, fetch).await? {
+            return Ok(true);
+        }
+        // Too large for the cache: run it on the client's own connection instead.
+        self.wbuf.clear();
+        if let Some((name, _, _)) = parse {
+            self.statements.remove(name.as_str());
+        }
+        Ok(false)
+    }
+
+    /// Flushes the queued messages to the origin and relays responses until every slot is
+    /// answered.
+    async fn exchange(&mut self, slots: &mut VecDeque<Slot>) -> Result<(), SessionError> {
+        match self.relay(slots).await {
+            Ok(()) => Ok(()),
+            Err(SessionError::Origin(error)) => {
+                let fields = ErrorFields::new(
+                    Severity::Error,
+                    error.sqlstate(),
+                    format!("lost the connection to the origin: {}", describe_origin_error(&error)),
+                );
+                if !self.server_lost() {
+                    return Err(SessionError::Origin(error));
+                }
+                // Outside a transaction nothing the client relies on was lost: report the
+                // failure of this request and carry on with a new connection next time.
+                self.skipping = false;
+                self.wbuf.clear();
+                self.send_error(fields)?;
+                if slots.iter().any(|s| matches!(s, Slot::Sync | Slot::Query { .. })) {
+                    self.send_ready()?;
+                } else {
+                    self.skipping = true;
+                }
+                Ok(self.flush_client().await?)
+            }
+            Err(error @ SessionError::Desync { .. }) => {
+                self.server_lost();
+                Err(error)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn relay(&mut self, slots: &mut VecDeque<Slot>) -> Result<(), SessionError> {
+        {
+            let server = self.server.as_mut().expect("ensured");
+            server.begin_exchange();
+            server.conn.flush().await?;
+        }
+        loop {
+            self.answer_local_slots(slots)?;
+            if slots.is_empty() {
+                break;
+            }
+            let frame = {
+                let server = self.server.as_mut().expect("ensured");
+                server.conn.read_frame().await?
+            };
+            self.handle_response(frame, slots).await?;
+            let buffered = self.server.as_ref().is_some_and(|s| s.conn.has_buffered_frame());
+            if self.wbuf.len() >= CLIENT_FLUSH_BYTES || !buffered {
+                self.flush_client().await?;
+            }
+        }
+        if let Some(server) = self.server.as_mut() {
+            server.end_exchange();
+        }
+        self.flush_client().await?;
+        Ok(())
+    }
+
+    /// Answers the slots at the front of the queue that need no origin response, and after an
+    /// error drops everything up to the Sync, as the origin does.
+    fn answer_local_slots(&mut self, slots: &mut VecDeque<Slot>) -> Result<(), SessionError> {
+        while let Some(front) = slots.front() {
+            if self.skipping {
+                match front {
+                    Slot::Sync | Slot::Query { .. } => break,
+                    Slot::Parse { server_name, client, .. } => {
+                        // The origin skipped it, so it was never prepared.
+                        let (server_name, client) = (server_name.clone(), client.clone());
+                        self.forget_parse(&server_name, client.as_deref());
+                    }
+                    _ => {}
+                }
+                slots.pop_front();
+                continue;
+            }
+            match front {
+                Slot::Synthetic(tag) => {
+                    Frame::new(*tag, Bytes::new()).encode(&mut self.wbuf)?;
+                }
+                Slot::Error(fields) => {
+                    BackendMessage::ErrorResponse(fields.clone()).encode(&mut self.wbuf)?;
+                    self.skipping = true;
+                }
+                _ => break,
+            }
+            slots.pop_front();
+        }
+        Ok(())
+    }
+
+    fn forget_parse(&mut self, server_name: &str, client: Option<&str>) {
+        if let Some(server) = self.server.as_mut() {
+            server.prepared.remove(server_name);
+        }
+        if let Some(name) = client {
+            self.statements.remove(name);
+        }
+    }
+
+    fn forward(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        Ok(frame.encode(&mut self.wbuf)?)
+    }
+
+    async fn handle_response(&mut self, frame: Frame, slots: &mut VecDeque<Slot>) -> Result<(), SessionError> {
+        let tag = frame.tag;
+        // Asynchronous messages may arrive at any point.
+        if matches!(tag, b'N' | b'A' | b'S') {
+            return self.forward(&frame);
+        }
+        let Some(slot) = slots.front_mut() else {
+            return Err(SessionError::Desync { tag: tag as char, expected: "nothing" });
+        };
+        let desync = |expected| SessionError::Desync { tag: tag as char, expected };
+        match slot {
+            Slot::Query { class, completed, failed } => match tag {
+                b'Z' => {
+                    let status = TransactionStatus::from_ready_for_query(&frame)?;
+                    let (class, completed, failed) = (class.take(), *completed, *failed);
+                    slots.pop_front();
+                    self.forward(&frame)?;
+                    if let Some(class) = class {
+                        self.after_statement(&class, completed, failed);
+                    }
+                    self.after_ready(status);
+                }
+                b'G' => {
+                    self.forward(&frame)?;
+                    self.flush_client().await?;
+                    self.copy_in(false).await?;
+                }
+                b'C' => {
+                    *completed = true;
+                    self.forward(&frame)?;
+                }
+                b'E' => {
+                    *failed = true;
+                    self.forward(&frame)?;
+                }
+                _ => self.forward(&frame)?,
+            },
+            Slot::Parse { server_name, visible, client } => match tag {
+                b'1' => {
+                    if *visible {
+                        self.forward(&frame)?;
+                    }
+                    slots.pop_front();
+                }
+                b'E' => {
+                    let (server_name, client) = (server_name.clone(), client.clone());
+                    slots.pop_front();
+                    self.forget_parse(&server_name, client.as_deref());
+                    self.forward(&frame)?;
+                    self.skipping = true;
+                }
+                _ => return Err(desync("ParseComplete")),
+            },
+            Slot::Bind => self.single_response(&frame, b'2', slots, "BindComplete")?,
+            Slot::Close { visible } => {
+                let visible = *visible;
+                match tag {
+                    b'3' => {
+                        if visible {
+                            self.forward(&frame)?;
+                        }
+                        slots.pop_front();
+                    }
+                    b'E' => {
+                        slots.pop_front();
+                        self.forward(&frame)?;
+                        self.skipping = true;
+                    }
+                    _ => return Err(desync("CloseComplete")),
+                }
+            }
+            Slot::DescribeStatement => match tag {
+                b't' => self.forward(&frame)?,
+                b'T' | b'n' => {
+                    self.forward(&frame)?;
+                    slots.pop_front();
+                }
+                b'E' => {
+                    slots.pop_front();
+                    self.forward(&frame)?;
+                    self.skipping = true;
+                }
+                _ => return Err(desync("ParameterDescription")),
+            },
+            Slot::DescribePortal => match tag {
+                b'T' | b'n' => {
+                    self.forward(&frame)?;
+                    slots.pop_front();
+                }
+                b'E' => {
+                    slots.pop_front();
+                    self.forward(&frame)?;
+                    self.skipping = true;
+                }
+                _ => return Err(desync("RowDescription")),
+            },
+            Slot::Execute { statement } => match tag {
+                b'D' | b'H' | b'd' | b'c' => self.forward(&frame)?,
+                b'C' | b'I' | b's' => {
+                    let statement = statement.take();
+                    slots.pop_front();
+                    self.forward(&frame)?;
+                    if let Some(prepared) = statement {
+                        self.after_statement(&prepared.class, true, false);
+                    }
+                }
+                b'G' => {
+                    self.forward(&frame)?;
+                    self.flush_client().await?;
+                    self.copy_in(true).await?;
+                }
+                b'E' => {
+                    slots.pop_front();
+                    self.forward(&frame)?;
+                    self.skipping = true;
+                }
+                _ => return Err(desync("CommandComplete")),
+            },
+            Slot::Sync => match tag {
+                b'Z' => {
+                    let status = TransactionStatus::from_ready_for_query(&frame)?;
+                    slots.pop_front();
+                    self.skipping = false;
+                    self.forward(&frame)?;
+                    self.after_ready(status);
+                }
+                _ => return Err(desync("ReadyForQuery")),
+            },
+            Slot::Synthetic(_) | Slot::Error(_) => return Err(desync("a local answer")),
+        }
+        Ok(())
+    }
+
+    fn single_response(&mut self, frame: &Frame, expected: u8, slots: &mut VecDeque<Slot>, name: &'static str) -> Result<(), SessionError> {
+        if frame.tag == expected {
+            slots.pop_front();
+            self.forward(frame)
+        } else if frame.tag == b'E' {
+            slots.pop_front();
+            self.skipping = true;
+            self.forward(frame)
+        } else {
+            Err(SessionError::Desync { tag: frame.tag as char, expected: name })
+        }
+    }
+
+    /// Relays COPY FROM STDIN data from the client until it finishes or fails the copy.
+    ///
+    /// In the extended protocol the origin ignores the Sync that followed the Execute (it arrived
+    /// in COPY mode), and it holds the command's completion until the next Sync. Clients send
+    /// that Sync right after CopyDone or CopyFail, so it is relayed here, and it answers the
+    /// Sync slot already queued.
+    async fn copy_in(&mut self, extended: bool) -> Result<(), SessionError> {
+        loop {
+            let Some(frame) = self.read_client_frame().await? else {
+                return Err(SessionError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
+            };
+            let message = parse_frontend(&frame, Phase::Ready)?;
+            let done = matches!(message, FrontendMessage::CopyDone | FrontendMessage::CopyFail(_));
+            let server = self.server.as_mut().expect("held during COPY");
+            match message {
+                FrontendMessage::CopyData(_) | FrontendMessage::CopyDone | FrontendMessage::CopyFail(_) => {
+                    frame.encode(server.conn.write_buf())?;
+                }
+                // Ignored in COPY mode, as the origin would ignore them.
+                FrontendMessage::Sync | FrontendMessage::Flush => {}
+                _ => return Err(SessionError::Fatal("unexpected message during COPY FROM STDIN".into())),
+            }
+            if done && extended {
+                let Some(frame) = self.read_client_frame().await? else {
+                    return Err(SessionError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
+                };
+                if !matches!(parse_frontend(&frame, Phase::Ready)?, FrontendMessage::Sync) {
+                    return Err(SessionError::Fatal("expected Sync after the end of COPY FROM STDIN".into()));
+                }
+                let server = self.server.as_mut().expect("held during COPY");
+                frame.encode(server.conn.write_buf())?;
+            }
+            let server = self.server.as_mut().expect("held during COPY");
+            if done || server.conn.write_buf().len() >= CLIENT_FLUSH_BYTES {
+                server.conn.flush().await?;
+            }
+            if done {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Applies what a statement that completed did: pins, role changes and cache invalidation.
+    fn after_statement(&mut self, class: &Classification, completed: bool, failed: bool) {
+        if class.writes != Writes::None {
+            if let Some(cache) = &self.db.cache {
+                cache.invalidate(&class.writes);
+            }
+            if self.status != TransactionStatus::Idle || class.transaction_control.is_some() {
+                self.txn_writes.push(class.writes.clone());
+            }
+        }
+        // A statement that failed outright changed nothing; one that completed (even if a later
+        // statement of the same text failed) may have left session state.
+        if !completed && failed {
+            return;
+        }
+        if let Some(reason) = &class.pins_session {
+            if self.pinned.is_none() {
+                tracing::debug!(target: "cordon::pgaccel", tenant = %self.db.tenant, database = %self.db.name, reason = %reason, "proxy client pinned to its origin connection");
+            }
+            self.pinned = Some(reason.clone());
+            if let Some(normalized) = &class.normalized
+                && (normalized.starts_with("discard") || normalized.starts_with("deallocate"))
+                && let Some(server) = self.server.as_mut()
+            {
+                // The client dropped prepared statements on the origin, ours included.
+                server.prepared.clear();
+            }
+        }
+        if let Some(role) = &class.role_change {
+            self.role = role.clone();
+        }
+    }
+
+    fn after_ready(&mut self, status: TransactionStatus) {
+        self.status = status;
+        if status == TransactionStatus::Idle {
+            self.portals.clear();
+            if let Some(cache) = &self.db.cache {
+                // Writes become visible at commit; invalidate again so that nothing read between
+                // the statement and the commit stays cached.
+                for writes in self.txn_writes.drain(..) {
+                    cache.invalidate(&writes);
+                }
+            } else {
+                self.txn_writes.clear();
+            }
+        }
+    }
+}
+
+fn unknown_statement(name: &str) -> ErrorFields {
+    ErrorFields::new(Severity::Error, "26000", format!("prepared statement \"{}\" does not exist", truncate(name, 64)))
+}
+
+/// Why a cached fetch produced no result for the client.
+#[derive(Debug, Clone)]
+pub(crate) enum FetchError {
+    /// No origin connection: the error to report.
+    Pool(ErrorFields),
+    /// The result is larger than the cache's entry limit; the caller runs the query itself so
+    /// that it is streamed rather than held in memory.
+    TooLarge,
+}
+
+impl From<&PoolError> for FetchError {
+    fn from(error: &PoolError) -> Self {
+        FetchError::Pool(error.to_error_fields())
+    }
+}
+
+/// Collects the response frames of a cacheable request on a pooled connection. Only results made
+/// of row descriptions, rows and completions are stored; anything else (errors, notices) is
+/// passed on but not stored.
+/// `housekeeping` is the number of leading ParseComplete/CloseComplete answers to requests the
+/// pooler injected, which are not part of the result.
+pub(crate) async fn collect_response(conn: &mut PooledConn, max_bytes: usize, mut housekeeping: usize) -> Result<Fetched, FetchError> {
+    let lost = |error: OriginError| {
+        FetchError::Pool(ErrorFields::new(
+            Severity::Error,
+            error.sqlstate(),
+            format!("lost the connection to the origin: {}", describe_origin_error(&error)),
+        ))
+    };
+    conn.begin_exchange();
+    if let Err(error) = conn.conn.flush().await {
+        conn.mark(Release::Discard);
+        return Err(lost(error));
+    }
+    let mut bytes = BytesMut::new();
+    let mut store = true;
+    let mut too_large = false;
+    loop {
+        let frame = match conn.conn.read_frame().await {
+            Ok(frame) => frame,
+            Err(error) => {
+                conn.mark(Release::Discard);
+                return Err(lost(error));
+            }
+        };
+        match frame.tag {
+            b'Z' => {
+                if TransactionStatus::from_ready_for_query(&frame).ok() != Some(TransactionStatus::Idle) {
+                    conn.mark(Release::Reset);
+                }
+                conn.end_exchange();
+                break;
+            }
+            b'1' | b'3' if housekeeping > 0 => {
+                housekeeping -= 1;
+                continue;
+            }
+            b'T' | b'D' | b'C' | b'I' | b'2' | b'n' => {}
+            _ => store = false,
+        }
+        if !too_large {
+            if frame.encode(&mut bytes).is_err() {
+                store = false;
+            }
+            if bytes.len() > max_bytes {
+                too_large = true;
+                bytes = BytesMut::new();
+            }
+        }
+    }
+    if too_large {
+        return Err(FetchError::TooLarge);
+    }
+    Ok(Fetched { bytes: bytes.freeze(), store })
+}
+
+fn fetch_simple(pool: Arc<Pool>, sql: String, max_bytes: usize) -> Arc<dyn Fn() -> FetchFuture<FetchError> + Send + Sync> {
+    let sql = Arc::new(sql);
+    Arc::new(move || {
+        let pool = pool.clone();
+        let sql = sql.clone();
+        Box::pin(async move {
+            let mut conn = pool.acquire().await.map_err(|e| FetchError::from(&e))?;
+            FrontendMessage::Query(sql.to_string()).encode(conn.conn.write_buf()).map_err(|e| FetchError::Pool(e.to_error_fields()))?;
+            collect_response(&mut conn, max_bytes, 0).await
+        })
+    })
+}
+
+pub(crate) struct ExtendedRequest {
+    pub(crate) prepared: Arc<Prepared>,
+    pub(crate) param_formats: Vec<i16>,
+    pub(crate) params: Vec<Option<Bytes>>,
+    pub(crate) result_formats: Vec<i16>,
+    pub(crate) describe: bool,
+}
+
+pub(crate) fn fetch_extended(
+    pool: Arc<Pool>,
+    request: Arc<ExtendedRequest>,
+    max_bytes: usize,
+) -> Arc<dyn Fn() -> FetchFuture<FetchError> + Send + Sync> {
+    Arc::new(move || {
+        let pool = pool.clone();
+        let request = request.clone();
+        Box::pin(async move {
+            let mut conn = pool.acquire().await.map_err(|e| FetchError::from(&e))?;
+            let encode_error = |e: ProtocolError| FetchError::Pool(e.to_error_fields());
+            let prepared = &request.prepared;
+            let injected = !conn.prepared.contains(&prepared.server_name);
+            let mut housekeeping = 0;
+            if injected {
+                if let Some(victim) = conn.prepared.victim(&[&prepared.server_name]) {
+                    conn.prepared.remove(&victim);
+                    FrontendMessage::Close { kind: Target::Statement, name: victim }.encode(conn.conn.write_buf()).map_err(encode_error)?;
+                    housekeeping += 1;
+                }
+                housekeeping += 1;
+                FrontendMessage::Parse {
+                    name: prepared.server_name.clone(),
+                    query: prepared.query.clone(),
+                    param_types: prepared.param_types.clone(),
+                }
+                .encode(conn.conn.write_buf())
+                .map_err(encode_error)?;
+            }
+            FrontendMessage::Bind {
+                portal: String::new(),
+                statement: prepared.server_name.clone(),
+                param_formats: request.param_formats.clone(),
+                params: request.params.clone(),
+                result_formats: request.result_formats.clone(),
+            }
+            .encode(conn.conn.write_buf())
+            .map_err(encode_error)?;
+            if request.describe {
+                FrontendMessage::Describe { kind: Target::Portal, name: String::new() }
+                    .encode(conn.conn.write_buf())
+                    .map_err(encode_error)?;
+            }
+            FrontendMessage::Execute { portal: String::new(), max_rows: 0 }.encode(conn.conn.write_buf()).map_err(encode_error)?;
+            FrontendMessage::Sync.encode(conn.conn.write_buf()).map_err(encode_error)?;
+            let fetched = collect_response(&mut conn, max_bytes, housekeeping).await?;
+            if injected {
+                if fetched.bytes.first() == Some(&b'E') {
+                    conn.prepared.remove(&prepared.server_name);
+                } else {
+                    conn.prepared.touch(&prepared.server_name);
+                }
+            }
+            Ok(fetched)
+        })
+    })
+}
