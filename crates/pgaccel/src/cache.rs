@@ -704,3 +704,529 @@ impl Inner {
         self.counters.bytes.store(state.bytes, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use tokio::sync::Notify;
+    use tokio::task::JoinSet;
+
+    use super::*;
+
+    const MAX_AGE: Duration = Duration::from_millis(100);
+    const SWR: Duration = Duration::from_millis(100);
+
+    fn settings() -> CacheSettings {
+        CacheSettings { max_age: MAX_AGE, stale_while_revalidate: SWR, max_entry_bytes: 1024, max_bytes: 1 << 20 }
+    }
+
+    fn cache() -> Arc<QueryCache> {
+        Arc::new(QueryCache::new("tenant-a", "db", settings()))
+    }
+
+    fn key(query: &str) -> CacheKey {
+        CacheKey { role: "app".into(), query: query.into(), params: Vec::new(), formats: Vec::new(), protocol: b'Q' }
+    }
+
+    fn table(schema: Option<&str>, name: &str) -> TableRef {
+        TableRef::new(schema, name)
+    }
+
+    fn fetcher<F, Fut>(f: F) -> FetchFn<()>
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Fetched, ()>> + Send + 'static,
+    {
+        Arc::new(move || Box::pin(f()))
+    }
+
+    /// Returns `v1`, `v2`, ... by call number, storable.
+    fn counting(calls: &Arc<AtomicUsize>) -> FetchFn<()> {
+        let calls = Arc::clone(calls);
+        fetcher(move || {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            async move { Ok(Fetched { bytes: Bytes::from(format!("v{n}")), store: true }) }
+        })
+    }
+
+    /// Like [`counting`], but every call signals `started` and then waits for `gate` (one permit per call).
+    fn gated(calls: &Arc<AtomicUsize>, started: &Arc<Notify>, gate: &Arc<Notify>) -> FetchFn<()> {
+        let (calls, started, gate) = (Arc::clone(calls), Arc::clone(started), Arc::clone(gate));
+        fetcher(move || {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let (started, gate) = (Arc::clone(&started), Arc::clone(&gate));
+            async move {
+                started.notify_one();
+                gate.notified().await;
+                Ok(Fetched { bytes: Bytes::from(format!("v{n}")), store: true })
+            }
+        })
+    }
+
+    async fn get(cache: &QueryCache, key: CacheKey, reads: &[TableRef], fetch: &FetchFn<()>) -> (String, CacheOutcome) {
+        let (bytes, outcome) = cache.get_or_fetch(key, reads, Arc::clone(fetch)).await.expect("fetch succeeds");
+        (String::from_utf8(bytes.to_vec()).expect("utf-8"), outcome)
+    }
+
+    async fn settle(cache: &QueryCache) {
+        for _ in 0..100 {
+            if cache.inner.lock().refreshing.is_empty() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the background refresh did not finish");
+    }
+
+    #[test]
+    fn the_cache_and_its_future_are_send_and_sync() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>(_: &T) {}
+        send_sync::<QueryCache>();
+        let cache = QueryCache::new("t", "d", settings());
+        let calls = Arc::new(AtomicUsize::new(0));
+        send(&cache.get_or_fetch(key("select 1"), &[], counting(&calls)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_miss_is_stored_and_then_hit() {
+        let cache = cache();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fetch = counting(&calls);
+        let reads = [table(None, "t")];
+        assert_eq!(get(&cache, key("select * from t"), &reads, &fetch).await, ("v1".into(), CacheOutcome::Miss));
+        assert_eq!(get(&cache, key("select * from t"), &reads, &fetch).await, ("v1".into(), CacheOutcome::Hit));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let stats = cache.stats();
+        assert_eq!((stats.hits, stats.misses, stats.entries), (1, 1, 1));
+        assert!(stats.bytes > 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_expire_after_max_age() {
+        let cache = Arc::new(QueryCache::new("t", "d", CacheSettings { stale_while_revalidate: Duration::ZERO, ..settings() }));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fetch = counting(&calls);
+        assert_eq!(get(&cache, key("q"), &[], &fetch).await.1, CacheOutcome::Miss);
+        tokio::time::advance(MAX_AGE - Duration::from_millis(1)).await;
+        assert_eq!(get(&cache, key("q"), &[], &fetch).await, ("v1".into(), CacheOutcome::Hit));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(get(&cache, key("q"), &[], &fetch).await, ("v2".into(), CacheOutcome::Miss));
+        assert_eq!(cache.stats().entries, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn beyond_max_age_plus_stale_while_revalidate_is_a_miss() {
+        let cache = cache();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fetch = counting(&calls);
+        get(&cache, key("q"), &[], &fetch).await;
+        tokio::time::advance(MAX_AGE + SWR).await;
+        assert_eq!(get(&cache, key("q"), &[], &fetch).await, ("v2".into(), CacheOutcome::Miss));
+        assert_eq!(cache.stats().refreshes, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_hits_start_exactly_one_refresh_whose_result_is_served_next() {
+        let cache = cache();
+        let calls = Arc::new(AtomicUsize::new(0));
+        assert_eq!(get(&cache, key("q"), &[], &counting(&calls)).await.1, CacheOutcome::Miss);
+        tokio::time::advance(MAX_AGE + SWR / 2).await;
+
+        let (started, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let fetch = gated(&calls, &started, &gate);
+        let mut hits = JoinSet::new();
+        for _ in 0..20 {
+            let (cache, fetch) = (Arc::clone(&cache), Arc::clone(&fetch));
+            hits.spawn(async move { get(&cache, key("q"), &[], &fetch).await });
+        }
+        while let Some(hit) = hits.join_next().await {
+            assert_eq!(hit.expect("task"), ("v1".into(), CacheOutcome::StaleHit));
+        }
+        started.notified().await;
+        // A stale hit while the refresh is still running starts no second one.
+        assert_eq!(get(&cache, key("q"), &[], &fetch).await, ("v1".into(), CacheOutcome::StaleHit));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        gate.notify_one();
+        settle(&cache).await;
+        assert_eq!(get(&cache, key("q"), &[], &fetch).await, ("v2".into(), CacheOutcome::Hit));
+        let stats = cache.stats();
+        assert_eq!((stats.stale_hits, stats.refreshes, stats.hits), (21, 1, 1));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_that_raced_a_write_is_not_stored() {
+        let cache = cache();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let reads = [table(None, "t")];
+        get(&cache, key("q"), &reads, &counting(&calls)).await;
+        let original = cache.sealed_entry(&key("q"));
+        tokio::time::advance(MAX_AGE).await;
+        let (started, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let fetch = gated(&calls, &started, &gate);
+        assert_eq!(get(&cache, key("q"), &reads, &fetch).await.1, CacheOutcome::StaleHit);
+        started.notified().await;
+        cache.invalidate(&Writes::Tables(vec![table(Some("public"), "t")]));
+        gate.notify_one();
+        settle(&cache).await;
+        // Still the outdated original (dropped lazily on the next lookup), not the refresh's result.
+        assert_eq!(cache.sealed_entry(&key("q")), original);
+        assert_eq!(get(&cache, key("q"), &reads, &counting(&calls)).await, ("v3".into(), CacheOutcome::Miss));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_identical_misses_share_one_fetch() {
+        let cache = cache();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fetch = {
+            let calls = Arc::clone(&calls);
+            fetcher(move || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    Ok(Fetched { bytes: Bytes::from_static(b"shared"), store: true })
+                }
+            })
+        };
+        let mut tasks = JoinSet::new();
+        for _ in 0..50 {
+            let (cache, fetch) = (Arc::clone(&cache), Arc::clone(&fetch));
+            tasks.spawn(async move { get(&cache, key("q"), &[table(None, "t")], &fetch).await });
+        }
+        let mut outcomes = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            let (value, outcome) = done.expect("task");
+            assert_eq!(value, "shared");
+            outcomes.push(outcome);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(outcomes.iter().filter(|o| **o == CacheOutcome::Miss).count(), 1);
+        assert_eq!(outcomes.iter().filter(|o| **o == CacheOutcome::Coalesced).count(), 49);
+        assert_eq!(cache.stats().coalesced, 49);
+        assert!(cache.inner.lock().in_flight.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn followers_of_a_failed_or_unstorable_leader_fetch_for_themselves() {
+        for first in [Err(()), Ok(false)] {
+            let cache = cache();
+            let calls = Arc::new(AtomicUsize::new(0));
+            let fetch = {
+                let calls = Arc::clone(&calls);
+                fetcher(move || {
+                    let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        match (n, first) {
+                            (1, Err(())) => Err(()),
+                            (1, Ok(store)) => Ok(Fetched { bytes: Bytes::from_static(b"error response"), store }),
+                            _ => Ok(Fetched { bytes: Bytes::from(format!("v{n}")), store: true }),
+                        }
+                    }
+                })
+            };
+            let mut tasks = JoinSet::new();
+            for _ in 0..5 {
+                let (cache, fetch) = (Arc::clone(&cache), Arc::clone(&fetch));
+                tasks.spawn(async move { cache.get_or_fetch(key("q"), &[], fetch).await });
+            }
+            let mut outcomes = Vec::new();
+            while let Some(done) = tasks.join_next().await {
+                outcomes.push(done.expect("task").map(|(_, outcome)| outcome));
+            }
+            assert_eq!(calls.load(Ordering::SeqCst), 5, "{first:?}");
+            let leader = if first.is_err() { Err(()) } else { Ok(CacheOutcome::Bypass) };
+            assert_eq!(outcomes.iter().filter(|o| **o == leader).count(), 1, "{outcomes:?}");
+            assert_eq!(outcomes.iter().filter(|o| **o == Ok(CacheOutcome::Miss)).count(), 4, "{outcomes:?}");
+            assert_eq!(cache.stats().coalesced, 0);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn followers_of_a_cancelled_leader_fetch_for_themselves() {
+        let cache = cache();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (started, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let fetch = gated(&calls, &started, &gate);
+        let leader = {
+            let (cache, fetch) = (Arc::clone(&cache), Arc::clone(&fetch));
+            tokio::spawn(async move { get(&cache, key("q"), &[], &fetch).await })
+        };
+        started.notified().await;
+        let follower = {
+            let (cache, fetch) = (Arc::clone(&cache), Arc::clone(&fetch));
+            tokio::spawn(async move { get(&cache, key("q"), &[], &fetch).await })
+        };
+        tokio::task::yield_now().await;
+        leader.abort();
+        started.notified().await;
+        gate.notify_one();
+        assert_eq!(follower.await.expect("task"), ("v2".into(), CacheOutcome::Miss));
+        assert!(cache.inner.lock().in_flight.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_miss_after_a_write_does_not_join_a_fetch_that_started_before_it() {
+        let cache = cache();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (started, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let fetch = gated(&calls, &started, &gate);
+        let reads = [table(None, "t")];
+        let spawn_get = || {
+            let (cache, fetch, reads) = (Arc::clone(&cache), Arc::clone(&fetch), reads.clone());
+            tokio::spawn(async move { get(&cache, key("q"), &reads, &fetch).await })
+        };
+        let before = spawn_get();
+        started.notified().await;
+        cache.invalidate(&Writes::Tables(vec![table(None, "t")]));
+        let after = spawn_get();
+        started.notified().await;
+        gate.notify_one();
+        gate.notify_one();
+        assert_eq!(before.await.expect("task"), ("v1".into(), CacheOutcome::Miss));
+        assert_eq!(after.await.expect("task"), ("v2".into(), CacheOutcome::Miss));
+        // The fetch that started after the write is current and stored.
+        assert_eq!(get(&cache, key("q"), &reads, &fetch).await, ("v2".into(), CacheOutcome::Hit));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn role_params_formats_and_protocol_are_all_part_of_the_key() {
+        let cache = cache();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fetch = counting(&calls);
+        let base = CacheKey {
+            role: "app".into(),
+            query: "select * from t where a = $1 and b = $2".into(),
+            params: vec![Some(Bytes::from_static(b"ab")), Some(Bytes::from_static(b"c"))],
+            formats: vec![0, 0, 1],
+            protocol: b'E',
+        };
+        let variants = [
+            CacheKey { role: "admin".into(), ..base.clone() },
+            CacheKey { params: vec![Some(Bytes::from_static(b"a")), Some(Bytes::from_static(b"bc"))], ..base.clone() },
+            CacheKey { params: vec![Some(Bytes::from_static(b"ab")), None], ..base.clone() },
+            CacheKey { params: vec![Some(Bytes::from_static(b"ab")), Some(Bytes::new())], ..base.clone() },
+            CacheKey { params: vec![Some(Bytes::from_static(b"ab"))], ..base.clone() },
+            CacheKey { formats: vec![0, 0, 0], ..base.clone() },
+            CacheKey { formats: vec![0, 0], ..base.clone() },
+            CacheKey { protocol: b'Q', ..base.clone() },
+            CacheKey { query: "select * from t where a = $1 and b = $3".into(), ..base.clone() },
+        ];
+        assert_eq!(get(&cache, base.clone(), &[], &fetch).await, ("v1".into(), CacheOutcome::Miss));
+        for (i, variant) in variants.iter().enumerate() {
+            assert_eq!(get(&cache, variant.clone(), &[], &fetch).await, (format!("v{}", i + 2), CacheOutcome::Miss), "{variant:?}");
+        }
+        assert_eq!(get(&cache, base, &[], &fetch).await, ("v1".into(), CacheOutcome::Hit));
+        for (i, variant) in variants.into_iter().enumerate() {
+            assert_eq!(get(&cache, variant, &[], &fetch).await, (format!("v{}", i + 2), CacheOutcome::Hit));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tenants_and_databases_never_share_entries_even_when_ciphertext_is_copied() {
+        let ours = QueryCache::new("tenant-a", "db", settings());
+        let theirs = [QueryCache::new("tenant-b", "db", settings()), QueryCache::new("tenant-a", "db2", settings())];
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fetch = counting(&calls);
+        assert_eq!(get(&ours, key("q"), &[], &fetch).await, ("v1".into(), CacheOutcome::Miss));
+        let sealed = ours.sealed_entry(&key("q")).expect("stored");
+        for (i, other) in theirs.iter().enumerate() {
+            assert_ne!(ours.inner.digest(&key("q")), other.inner.digest(&key("q")));
+            assert_eq!(other.sealed_entry(&key("q")), None);
+            other.plant_sealed(&key("q"), sealed.clone());
+            let (value, outcome) = get(other, key("q"), &[], &fetch).await;
+            assert_eq!((value, outcome), (format!("v{}", i + 2), CacheOutcome::Miss));
+            assert_eq!(other.stats().integrity_failures, 1);
+            // The planted entry was dropped and replaced by the cache's own result.
+            assert_eq!(get(other, key("q"), &[], &fetch).await, (format!("v{}", i + 2), CacheOutcome::Hit));
+        }
+        assert_eq!(get(&ours, key("q"), &[], &fetch).await, ("v1".into(), CacheOutcome::Hit));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_moved_to_another_key_does_not_open() {
+        let cache = cache();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fetch = counting(&calls);
+        get(&cache, key("select secret"), &[], &fetch).await;
+        let sealed = cache.sealed_entry(&key("select secret")).expect("stored");
+        cache.plant_sealed(&key("select public"), sealed);
+        assert_eq!(get(&cache, key("select public"), &[], &fetch).await, ("v2".into(), CacheOutcome::Miss));
+        assert_eq!(cache.stats().integrity_failures, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_invalidates_readers_of_the_table_by_name() {
+        let cache = cache();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fetch = counting(&calls);
+        let reads_t = [table(None, "t")];
+        let reads_u = [table(Some("app"), "u")];
+        let reads_none: [TableRef; 0] = [];
+        get(&cache, key("select t"), &reads_t, &fetch).await;
+        get(&cache, key("select u"), &reads_u, &fetch).await;
+        get(&cache, key("select 1"), &reads_none, &fetch).await;
+
+        cache.invalidate(&Writes::None);
+        cache.invalidate(&Writes::Tables(Vec::new()));
+        cache.invalidate(&Writes::Tables(vec![table(None, "unrelated")]));
+        assert_eq!(get(&cache, key("select t"), &reads_t, &fetch).await.1, CacheOutcome::Hit);
+
+        cache.invalidate(&Writes::Tables(vec![table(Some("public"), "T")]));
+        assert_eq!(get(&cache, key("select t"), &reads_t, &fetch).await, ("v4".into(), CacheOutcome::Miss));
+        assert_eq!(get(&cache, key("select u"), &reads_u, &fetch).await, ("v2".into(), CacheOutcome::Hit));
+        assert_eq!(get(&cache, key("select 1"), &reads_none, &fetch).await, ("v3".into(), CacheOutcome::Hit));
+
+        // A differently qualified write to the same name over-invalidates, which is safe.
+        cache.invalidate(&Writes::Tables(vec![table(Some("other"), "u")]));
+        assert_eq!(get(&cache, key("select u"), &reads_u, &fetch).await, ("v5".into(), CacheOutcome::Miss));
+
+        cache.invalidate(&Writes::Unknown);
+        assert_eq!(get(&cache, key("select t"), &reads_t, &fetch).await, ("v6".into(), CacheOutcome::Miss));
+        assert_eq!(get(&cache, key("select u"), &reads_u, &fetch).await, ("v7".into(), CacheOutcome::Miss));
+        assert_eq!(get(&cache, key("select 1"), &reads_none, &fetch).await, ("v8".into(), CacheOutcome::Miss));
+
+        cache.invalidate_all();
+        assert_eq!(get(&cache, key("select 1"), &reads_none, &fetch).await, ("v9".into(), CacheOutcome::Miss));
+        assert_eq!(cache.stats().invalidations, 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn many_written_table_names_fold_into_a_database_wide_invalidation() {
+        let cache = cache();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fetch = counting(&calls);
+        let reads = [table(None, "kept")];
+        get(&cache, key("q"), &reads, &fetch).await;
+        for i in 0..MAX_TRACKED_TABLES + 10 {
+            cache.invalidate(&Writes::Tables(vec![table(None, &format!("t{i}"))]));
+        }
+        assert!(cache.inner.lock().table_invalidated_at.len() <= MAX_TRACKED_TABLES);
+        assert_eq!(get(&cache, key("q"), &reads, &fetch).await, ("v2".into(), CacheOutcome::Miss));
+        cache.invalidate(&Writes::Tables(vec![table(None, "t1")]));
+        assert_eq!(get(&cache, key("q"), &reads, &fetch).await, ("v2".into(), CacheOutcome::Hit));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_during_a_fetch_keeps_its_result_out_of_the_cache() {
+        let cache = cache();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (started, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let fetch = gated(&calls, &started, &gate);
+        let reads = [table(None, "t")];
+        for (write, stored) in [(table(Some("public"), "t"), false), (table(None, "other"), true)] {
+            let task = {
+                let (cache, fetch, reads) = (Arc::clone(&cache), Arc::clone(&fetch), reads.clone());
+                tokio::spawn(async move { get(&cache, key("q"), &reads, &fetch).await })
+            };
+            started.notified().await;
+            cache.invalidate(&Writes::Tables(vec![write]));
+            gate.notify_one();
+            assert_eq!(task.await.expect("task").1, CacheOutcome::Miss);
+            assert_eq!(cache.stats().entries, u64::from(stored));
+        }
+        assert_eq!(get(&cache, key("q"), &reads, &fetch).await, ("v2".into(), CacheOutcome::Hit));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unstorable_and_too_large_results_are_never_stored() {
+        let cache = cache();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let unstorable = {
+            let calls = Arc::clone(&calls);
+            fetcher(move || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Ok(Fetched { bytes: Bytes::from_static(b"ERROR"), store: false }) }
+            })
+        };
+        let too_large = {
+            let calls = Arc::clone(&calls);
+            fetcher(move || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Ok(Fetched { bytes: Bytes::from(vec![7u8; 1025]), store: true }) }
+            })
+        };
+        for _ in 0..2 {
+            assert_eq!(get(&cache, key("a"), &[], &unstorable).await, ("ERROR".into(), CacheOutcome::Bypass));
+            let (bytes, outcome) = cache.get_or_fetch(key("b"), &[], Arc::clone(&too_large)).await.expect("fetch");
+            assert_eq!((bytes.len(), outcome), (1025, CacheOutcome::Miss));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        let stats = cache.stats();
+        assert_eq!((stats.bypass, stats.too_large, stats.misses, stats.entries, stats.bytes), (2, 2, 2, 0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fetch_errors_are_returned_and_not_stored() {
+        let cache = cache();
+        let failing = fetcher(|| async { Err(()) });
+        assert_eq!(cache.get_or_fetch(key("q"), &[], Arc::clone(&failing)).await, Err(()));
+        assert_eq!(cache.get_or_fetch(key("q"), &[], failing).await, Err(()));
+        let stats = cache.stats();
+        assert_eq!((stats.fetch_errors, stats.entries), (2, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_stays_within_max_bytes_and_evicts_least_recently_used() {
+        let max_bytes = 10_000;
+        let cache = QueryCache::new("t", "d", CacheSettings { max_bytes, ..settings() });
+        let value = fetcher(|| async { Ok(Fetched { bytes: Bytes::from(vec![1u8; 500]), store: true }) });
+        let reads = [table(None, "t")];
+        get(&cache, key("hot"), &reads, &value).await;
+        for i in 0..200 {
+            get(&cache, key(&format!("q{i}")), &reads, &value).await;
+            assert!(cache.stats().bytes <= max_bytes);
+            // Kept recently used, so it is never the one evicted.
+            assert_eq!(get(&cache, key("hot"), &reads, &value).await.1, CacheOutcome::Hit);
+        }
+        let stats = cache.stats();
+        assert!(stats.evictions >= 180, "{stats:?}");
+        assert!(stats.entries < 20 && stats.entries > 1, "{stats:?}");
+        assert_eq!(stats.entries, cache.inner.lock().entries.len() as u64);
+        assert_eq!(get(&cache, key("q199"), &reads, &value).await.1, CacheOutcome::Hit);
+        assert_eq!(get(&cache, key("q0"), &reads, &value).await.1, CacheOutcome::Miss);
+
+        // An entry heavier than the whole cache is refused rather than emptying it.
+        let tiny = QueryCache::new("t", "d", CacheSettings { max_bytes: 600, ..settings() });
+        get(&tiny, key("q"), &reads, &value).await;
+        assert_eq!((tiny.stats().entries, tiny.stats().too_large), (0, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stored_values_are_encrypted() {
+        let cache = cache();
+        let secret = Bytes::from_static(b"credit-card 4111-1111-1111-1111 belongs to alice");
+        let fetch = {
+            let secret = secret.clone();
+            fetcher(move || {
+                let secret = secret.clone();
+                async move { Ok(Fetched { bytes: secret, store: true }) }
+            })
+        };
+        get(&cache, key("select card from cards"), &[], &fetch).await;
+        let sealed = cache.sealed_entry(&key("select card from cards")).expect("stored");
+        assert_eq!(sealed.len(), NONCE_LEN + secret.len() + 16);
+        assert!(!sealed.windows(8).any(|w| secret.windows(8).any(|s| s == w)));
+        // Same value, fresh nonce: no two entries share a ciphertext.
+        get(&cache, key("select card from cards limit 1"), &[], &fetch).await;
+        assert_ne!(cache.sealed_entry(&key("select card from cards limit 1")).expect("stored")[NONCE_LEN..], sealed[NONCE_LEN..]);
+        let digest = cache.inner.digest(&key("select card from cards"));
+        assert!(!digest.windows(4).any(|w| b"select card".windows(4).any(|s| s == w)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_process_secret_nothing_is_stored() {
+        let cache = QueryCache::with_master(None, "t", "d", settings());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fetch = counting(&calls);
+        assert_eq!(get(&cache, key("q"), &[], &fetch).await.1, CacheOutcome::Miss);
+        assert_eq!(get(&cache, key("q"), &[], &fetch).await.1, CacheOutcome::Miss);
+        assert_eq!(cache.stats().entries, 0);
+    }
+}
