@@ -1,6 +1,7 @@
 //! `cordon`: serve workers, check a config and its components, or manage
 //! the secrets of workers.
 
+mod postgres;
 mod secret;
 
 use std::path::PathBuf;
@@ -111,6 +112,14 @@ fn serve(
         tracing::warn!("{warning}");
     }
     let runtime = Arc::new(Runtime::start(&config).context("cannot start the sandbox")?);
+    let accelerator = if config.databases.is_empty() {
+        None
+    } else {
+        Some(Arc::new(
+            cordon_pgaccel::accel::Accelerator::from_config(&config, &|k| std::env::var(k).ok())
+                .context("cannot start the Postgres accelerator")?,
+        ))
+    };
     log_posture(runtime.posture());
     if runtime.workers().is_empty() {
         tracing::warn!("the config has no [[worker]]; every request will get 404");
@@ -121,9 +130,21 @@ fn serve(
         let gateway = Gateway::bind(&config, runtime.clone()).await?;
         // Handlers first: a signal after the "serving" line must never find
         // the default disposition, which would kill requests in flight.
-        let shutdown = shutdown_signal()?;
+        let signal = shutdown_signal()?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until_stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let proxy = postgres::start(&config, accelerator, until_stopped(stopped.clone())).await?;
         tracing::info!(listen = %gateway.local_addr(), admin = %gateway.admin_addr(), workers = runtime.workers().len(), "cordon is serving");
-        gateway.run(shutdown).await;
+        tokio::spawn(async move {
+            signal.await;
+            let _ = stop.send(true);
+        });
+        gateway.run(until_stopped(stopped)).await;
+        if let Some(proxy) = proxy {
+            let _ = proxy.await;
+        }
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)

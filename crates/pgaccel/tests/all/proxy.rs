@@ -354,3 +354,28 @@ async fn garbage_and_hostile_lengths_get_errors_not_hangs_or_panics() {
     client.simple_query("SELECT 1").await.unwrap();
     assert_eq!(proxy.stats().pool.connects, 1, "garbage never reached the origin");
 }
+
+#[tokio::test]
+async fn statement_idle_and_idle_in_transaction_timeouts_answer_with_sqlstates() {
+    let proxy =
+        Proxy::start("statement_timeout_ms = 300\nidle_client_timeout_ms = 1500\nidle_in_transaction_timeout_ms = 400", "enabled = false")
+            .await;
+    let client = proxy.client().await;
+    let err = client.simple_query("SELECT pg_sleep(3)").await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err:?}");
+    client.simple_query("SELECT 1").await.expect("the session survives a statement timeout");
+
+    // Idle inside a transaction: the client is closed and its connection rolled back.
+    client.batch_execute("BEGIN").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(client.simple_query("SELECT 1").await.is_err(), "the idle transaction was ended");
+    assert!(client.is_closed());
+    crate::harness::eventually(5, "the connection is back after its rollback", async || proxy.stats().pool.in_use == 0).await;
+
+    // Idle outside a transaction, past idle_client_timeout_ms: closed.
+    let idle = proxy.client().await;
+    idle.simple_query("SELECT 1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert!(idle.simple_query("SELECT 1").await.is_err());
+    assert!(proxy.stats().idle_timeouts >= 2, "{:?}", proxy.stats());
+}
