@@ -13,6 +13,8 @@
 #                                               serverless code behaves)
 #   many-clients  pgbench -S -c MANY_CLIENTS   (thousands of clients held on POOL_SIZE
 #                                               origin connections; not run direct)
+#   hot           like select, but over HOT_ROWS accounts only (a read-mostly working set
+#                 that fits a cache, as in most web applications)
 # and prints tps and p99 latency for each, with the ratios against PgBouncer.
 # Clients authenticate with SCRAM-SHA-256 everywhere.
 #
@@ -24,7 +26,8 @@
 #   MANY_CLIENTS=5000   pgbench -c for many-clients
 #   POOL_SIZE=20        origin connections for PgBouncer and Cordon
 #   SCALE=10            pgbench -i -s
-#   WORKLOADS="select connect many-clients"
+#   HOT_ROWS=1000       accounts read by the hot workload
+#   WORKLOADS="select connect many-clients hot"
 #   TARGETS="direct pgbouncer cordon cordon-cache"
 #   SKIP_BUILD=0        1: reuse target/release/cordon
 #   KEEP_TMP=0          1: keep the temp dir (configs, logs, latency logs)
@@ -35,7 +38,8 @@ CLIENTS=${CLIENTS:-50}
 MANY_CLIENTS=${MANY_CLIENTS:-5000}
 POOL_SIZE=${POOL_SIZE:-20}
 SCALE=${SCALE:-10}
-WORKLOADS=${WORKLOADS:-"select connect many-clients"}
+HOT_ROWS=${HOT_ROWS:-1000}
+WORKLOADS=${WORKLOADS:-"select connect many-clients hot"}
 TARGETS=${TARGETS:-"direct pgbouncer cordon cordon-cache"}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP_TMP=${KEEP_TMP:-0}
@@ -115,7 +119,8 @@ CLIENT_PASSWORD="client-$RANDOM$RANDOM"
 # The origin.
 log "initdb and start Postgres on port $PG_PORT"
 mkdir -p "$TMP_DIR/pgdata" "$TMP_DIR/sock"
-[[ ${#RUN_AS[@]} -gt 0 ]] && chown postgres "$TMP_DIR/pgdata" "$TMP_DIR/sock"
+# The servers write their logs here too.
+[[ ${#RUN_AS[@]} -gt 0 ]] && chown postgres "$TMP_DIR" "$TMP_DIR/pgdata" "$TMP_DIR/sock"
 printf '%s\n' "$ORIGIN_PASSWORD" >"$TMP_DIR/pwfile"
 chmod 0644 "$TMP_DIR/pwfile"
 "${RUN_AS[@]}" "$PGBIN/initdb" -D "$TMP_DIR/pgdata" -U postgres --pwfile="$TMP_DIR/pwfile" \
@@ -157,7 +162,6 @@ logfile = $TMP_DIR/pgbouncer.log
 pidfile = $TMP_DIR/pgbouncer.pid
 EOF
 chmod 0644 "$TMP_DIR/pgbouncer.ini" "$TMP_DIR/userlist.txt"
-[[ ${#RUN_AS[@]} -gt 0 ]] && chown postgres "$TMP_DIR"
 "${RUN_AS[@]}" bash -c "ulimit -n 65536; exec $PGBOUNCER $TMP_DIR/pgbouncer.ini" >"$TMP_DIR/pgbouncer.out" 2>&1 &
 PIDS+=($!)
 
@@ -206,7 +210,7 @@ max_age_s = 60
 max_bytes = 268435456
 EOF
 ORIGIN_PASSWORD=$ORIGIN_PASSWORD CLIENT_PASSWORD=$CLIENT_PASSWORD RUST_LOG=warn \
-    "$CORDON" serve "$TMP_DIR/cordon.toml" >"$TMP_DIR/cordon.log" 2>&1 &
+    "$CORDON" serve --config "$TMP_DIR/cordon.toml" >"$TMP_DIR/cordon.log" 2>&1 &
 PIDS+=($!)
 
 wait_port() {
@@ -245,6 +249,9 @@ for workload in $WORKLOADS; do
             many-clients)
                 [[ $target == direct ]] && continue
                 flags=(-S -c "$MANY_CLIENTS") ;;
+            hot)
+                printf '\\set aid random(1, %d)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n' "$HOT_ROWS" >"$TMP_DIR/hot.sql"
+                flags=(-f "$TMP_DIR/hot.sql" -c "$CLIENTS") ;;
             *) die "unknown workload '$workload'" ;;
         esac
         prefix="$TMP_DIR/lat-$workload-$target"
