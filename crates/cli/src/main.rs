@@ -135,7 +135,7 @@ fn serve(
         let until_stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
-        let proxy = postgres::start(&config, accelerator, until_stopped(stopped.clone())).await?;
+        let proxy = postgres::start(&config, accelerator, until_stopped(stopped.clone()))?;
         tracing::info!(listen = %gateway.local_addr(), admin = %gateway.admin_addr(), workers = runtime.workers().len(), "cordon is serving");
         tokio::spawn(async move {
             signal.await;
@@ -143,7 +143,7 @@ fn serve(
         });
         gateway.run(until_stopped(stopped)).await;
         if let Some(proxy) = proxy {
-            let _ = proxy.await;
+            let _ = tokio::task::spawn_blocking(move || proxy.join()).await;
         }
         anyhow::Ok(())
     })?;
