@@ -152,3 +152,34 @@ fn a_second_server_on_the_same_data_directory_is_refused() {
     // The first one is unaffected.
     assert!(get(first.port, "/").starts_with("HTTP/1.1 200 OK"));
 }
+
+#[test]
+fn serve_starts_the_postgres_proxy_and_stops_it_with_the_server() {
+    let pg_port = free_port();
+    let mut s = spawn(&format!("[postgres_proxy]\nlisten = \"127.0.0.1:{pg_port}\"\n"));
+    let line = s.wait_for("postgres proxy is serving");
+    assert!(line.contains(&format!("127.0.0.1:{pg_port}")), "{line}");
+    s.wait_for("cordon is serving");
+    // A startup packet for a database that is not configured: a Postgres error, 3D000.
+    let mut client = TcpStream::connect(("127.0.0.1", pg_port)).unwrap();
+    let mut packet = Vec::new();
+    for part in [&b"user"[..], b"someone", b"database", b"nosuch"] {
+        packet.extend_from_slice(part);
+        packet.push(0);
+    }
+    packet.push(0);
+    let mut message = ((packet.len() + 8) as u32).to_be_bytes().to_vec();
+    message.extend_from_slice(&(3u32 << 16).to_be_bytes());
+    message.extend_from_slice(&packet);
+    client.write_all(&message).unwrap();
+    let mut reply = Vec::new();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = client.read_to_end(&mut reply);
+    assert_eq!(reply.first(), Some(&b'E'), "{reply:?}");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.contains("3D000") && text.contains("database \"nosuch\" does not exist"), "{text}");
+
+    s.signal(libc::SIGTERM);
+    assert!(s.child.wait().unwrap().success());
+    assert!(TcpStream::connect(("127.0.0.1", pg_port)).is_err(), "the proxy stopped with the server");
+}
