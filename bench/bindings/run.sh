@@ -289,8 +289,9 @@ chmod 700 "$DATA_ROOT"
 mkdir -m 700 "$DATA_ROOT/cordon" "$DATA_ROOT/native"
 
 if [[ $SKIP_CORDON != 1 ]]; then
-    # The guest imports kv, sql and wasi:config, so the worker needs all
-    # three grants; the variable is never read.
+    # The guest imports kv, sql, postgres and wasi:config, so the worker
+    # needs all four grants; the variable is never read, and the Postgres
+    # origin is never dialed (the benchmark does not call it).
     cat >"$TMP_DIR/cordon.toml" <<EOF
 [server]
 listen = "127.0.0.1:$CORDON_PORT"
@@ -311,8 +312,17 @@ namespace = "bench"
 binding = "$SQL_BINDING"
 database = "bench"
 
+[[worker.postgres]]
+binding = "PG"
+database = "bench"
+
 [worker.vars]
 BENCH = "bindings"
+
+[[database]]
+name = "bench"
+tenant = "bench"
+origin = "postgres://bench@127.0.0.1:1/bench"
 EOF
     start cordon "$TMP_DIR/cordon.log" \
         env RUST_LOG="$CORDON_LOG" "$CORDON_BIN" serve --config "$TMP_DIR/cordon.toml"

@@ -112,14 +112,8 @@ fn serve(
         tracing::warn!("{warning}");
     }
     let runtime = Arc::new(Runtime::start(&config).context("cannot start the sandbox")?);
-    let accelerator = if config.databases.is_empty() {
-        None
-    } else {
-        Some(Arc::new(
-            cordon_pgaccel::accel::Accelerator::from_config(&config, &|k| std::env::var(k).ok())
-                .context("cannot start the Postgres accelerator")?,
-        ))
-    };
+    // The same pools and caches serve the worker binding and the wire-protocol proxy.
+    let accelerator = runtime.accelerator();
     log_posture(runtime.posture());
     if runtime.workers().is_empty() {
         tracing::warn!("the config has no [[worker]]; every request will get 404");

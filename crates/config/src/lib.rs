@@ -168,6 +168,12 @@ pub struct Limits {
     pub max_sql_rows: u64,
     /// Bytes of values one SQL statement may return.
     pub max_sql_result_bytes: u64,
+    /// Postgres statements (each statement of a transaction counts) per
+    /// request.
+    pub max_postgres_queries: u64,
+    /// Largest encoded result of one Postgres call (a transaction's results
+    /// together), in bytes.
+    pub max_postgres_result_bytes: u64,
 }
 
 impl Default for Limits {
@@ -189,6 +195,8 @@ impl Default for Limits {
             sql_statement_timeout_ms: 1000,
             max_sql_rows: 10_000,
             max_sql_result_bytes: 4 * 1024 * 1024,
+            max_postgres_queries: 50,
+            max_postgres_result_bytes: 16 * 1024 * 1024,
         }
     }
 }

@@ -94,4 +94,6 @@ pub(crate) struct RawLimits {
     pub sql_statement_timeout_ms: Option<Spanned<i64>>,
     pub max_sql_rows: Option<Spanned<i64>>,
     pub max_sql_result_bytes: Option<Spanned<i64>>,
+    pub max_postgres_queries: Option<Spanned<i64>>,
+    pub max_postgres_result_bytes: Option<Spanned<i64>>,
 }

@@ -431,6 +431,22 @@ impl Validator<'_> {
                 1 << 30,
                 "the bytes of values one SQL statement may return",
             ),
+            max_postgres_queries: self.int(
+                &l.max_postgres_queries,
+                &key("max_postgres_queries"),
+                d.max_postgres_queries,
+                1,
+                10_000,
+                "the Postgres statements one request may run",
+            ),
+            max_postgres_result_bytes: self.int(
+                &l.max_postgres_result_bytes,
+                &key("max_postgres_result_bytes"),
+                d.max_postgres_result_bytes,
+                1024,
+                256 << 20,
+                "the largest result of one Postgres call, in bytes",
+            ),
         };
         if limits.cpu_ms > limits.wall_ms {
             // Point at whichever of the two the file sets (cpu_ms if both).
@@ -698,5 +714,20 @@ mod tests {
         let e = errors(&worker_with("[worker.limits]\nmax_subrequests = -1\nsubrequest_timeout_ms = 0\n"));
         assert!(e.iter().any(|e| e.key.as_deref() == Some("worker[0].limits.max_subrequests")));
         assert!(e.iter().any(|e| e.key.as_deref() == Some("worker[0].limits.subrequest_timeout_ms")));
+    }
+
+    #[test]
+    fn postgres_limits_have_defaults_and_ranges() {
+        let d = Limits::default();
+        assert_eq!((d.max_postgres_queries, d.max_postgres_result_bytes), (50, 16 << 20));
+        let postgres = |e: &ConfigError| e.key.as_deref().is_some_and(|k| k.contains("postgres"));
+        // The component does not exist, so there are errors, but none about the limits at their bounds.
+        let e = errors(&worker_with("[worker.limits]\nmax_postgres_queries = 10000\nmax_postgres_result_bytes = 1024\n"));
+        assert!(!e.iter().any(postgres), "{e:?}");
+        let e = errors(&worker_with("[worker.limits]\nmax_postgres_queries = 0\nmax_postgres_result_bytes = 1023\n"));
+        assert!(e.iter().any(|e| e.key.as_deref() == Some("worker[0].limits.max_postgres_queries")), "{e:?}");
+        assert!(e.iter().any(|e| e.key.as_deref() == Some("worker[0].limits.max_postgres_result_bytes")), "{e:?}");
+        let e = errors(&worker_with("[worker.limits]\nmax_postgres_queries = 10001\nmax_postgres_result_bytes = 268435457\n"));
+        assert_eq!(e.iter().filter(|e| postgres(e)).count(), 2, "{e:?}");
     }
 }

@@ -48,6 +48,9 @@ impl Admin {
             "sandbox": self.runtime.posture(),
             "gateway": self.gateway,
             "security": { "egress_denied": self.runtime.egress_denied_total() },
+            // Per tenant and database: pool, clients, queries and cache counters, for metrics
+            // and metering.
+            "postgres": self.runtime.accelerator().map(|a| a.stats()).unwrap_or_default(),
             "workers": workers,
         })
     }

@@ -21,6 +21,11 @@ const CAPABILITIES: &[Capability] = &[
     Capability { interfaces: cordon_kv::host::INTERFACES, granted: |w| !w.grants.kv.is_empty(), section: "a [[worker.kv]] grant" },
     Capability { interfaces: cordon_sql::host::INTERFACES, granted: |w| !w.grants.sql.is_empty(), section: "a [[worker.sql]] grant" },
     Capability {
+        interfaces: cordon_postgres::host::INTERFACES,
+        granted: |w| !w.grants.postgres.is_empty(),
+        section: "a [[worker.postgres]] grant",
+    },
+    Capability {
         interfaces: cordon_vars::host::INTERFACES,
         granted: |w| !w.grants.vars.is_empty() || !w.grants.secrets.is_empty(),
         section: "[worker.vars] or secrets = [...]",

@@ -13,6 +13,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use cordon_kv::host::{KvView, RequestKv};
+use cordon_postgres::host::{PostgresView, RequestPostgres};
 use cordon_sql::host::{RequestSql, SqlView};
 use cordon_vars::host::{VarsView, WorkerVars};
 
@@ -30,6 +31,7 @@ pub(crate) struct Host {
     wasi: WasiCtx,
     kv: RequestKv,
     sql: RequestSql,
+    postgres: RequestPostgres,
     vars: Arc<WorkerVars>,
     http: WasiHttpCtx,
     table: ResourceTable,
@@ -49,6 +51,7 @@ pub(crate) struct HostParts {
     pub egress: cordon_egress::RequestEgress,
     pub kv: RequestKv,
     pub sql: RequestSql,
+    pub postgres: RequestPostgres,
     pub vars: Arc<WorkerVars>,
 }
 
@@ -70,6 +73,7 @@ impl Host {
             wasi,
             kv: parts.kv,
             sql: parts.sql,
+            postgres: parts.postgres,
             vars: parts.vars,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
@@ -110,6 +114,7 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
     cordon_kv::host::add_to_linker(&mut linker, |h: &mut Host| KvView { state: &mut h.kv, table: &mut h.table })?;
     cordon_sql::host::add_to_linker(&mut linker, |h: &mut Host| SqlView { state: &mut h.sql, table: &mut h.table })?;
     cordon_vars::host::add_to_linker(&mut linker, |h: &mut Host| VarsView { state: &h.vars })?;
+    cordon_postgres::host::add_to_linker(&mut linker, |h: &mut Host| PostgresView { state: &mut h.postgres })?;
     Ok(linker)
 }
 

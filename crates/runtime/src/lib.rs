@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use cordon_config::{Config, WorkerConfig};
+use cordon_pgaccel::accel::Accelerator;
 use wasmtime::Engine;
 use wasmtime::component::Linker;
 
@@ -34,16 +35,20 @@ pub use worker::{GrantSummary, Invocation, InvokeError, Outcome, Report, Request
 use host::Host;
 use worker::Capabilities;
 
-/// The storage behind capabilities, under the data directory: key-value
-/// namespaces, SQL databases and the secret vault.
+/// The storage behind capabilities: key-value namespaces, SQL databases and
+/// the secret vault under the data directory, and the Postgres accelerator
+/// in front of the tenants' origin databases.
 struct Stores {
     kv: cordon_kv::store::Namespaces,
     sql: cordon_sql::database::Databases,
     vault: Option<Arc<cordon_vars::vault::Vault>>,
+    /// One for the process, when there is a `[[database]]`: the worker
+    /// binding and the wire-protocol proxy share its pools and caches.
+    accel: Option<Arc<Accelerator>>,
 }
 
 impl Stores {
-    fn open(config: &Config) -> Result<Stores, StartError> {
+    fn open(config: &Config, env: &dyn Fn(&str) -> Option<String>) -> Result<Stores, StartError> {
         let data = &config.server.data_dir;
         // The vault (and the master key it needs) only when a worker is
         // granted a secret; otherwise no key is read or created.
@@ -54,10 +59,17 @@ impl Stores {
         } else {
             None
         };
+        // Building it opens no connection: origins are dialed on first use.
+        let accel = if config.databases.is_empty() {
+            None
+        } else {
+            Some(Arc::new(Accelerator::from_config(config, env).map_err(|e| StartError::Postgres(e.to_string()))?))
+        };
         Ok(Stores {
             kv: cordon_kv::store::Namespaces::new(data.join("kv")),
             sql: cordon_sql::database::Databases::new(data.join("sql")),
             vault,
+            accel,
         })
     }
 
@@ -68,6 +80,10 @@ impl Stores {
             kv: Arc::new(cordon_kv::host::WorkerKv::open(w, &self.kv).map_err(|e| cap("cannot open a key-value namespace", &e))?),
             sql: Arc::new(cordon_sql::host::WorkerSql::open(w, &self.sql).map_err(|e| cap("cannot open a SQL database", &e))?),
             vars: Arc::new(cordon_vars::host::WorkerVars::new(w, self.vault.clone()).map_err(|e| cap("secrets", &e))?),
+            postgres: Arc::new(
+                cordon_postgres::host::WorkerPostgres::open(w, self.accel.as_ref())
+                    .map_err(|e| cap("cannot use a Postgres database", &e))?,
+            ),
         })
     }
 }
@@ -91,6 +107,8 @@ pub enum StartError {
     Network(#[from] cordon_egress::NetworkError),
     #[error("cannot open the secret vault: {0}")]
     Secrets(String),
+    #[error("cannot start the Postgres accelerator: {0}")]
+    Postgres(String),
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Workers(Vec<WorkerLoadError>),
 }
@@ -101,6 +119,7 @@ pub struct Runtime {
     posture: Posture,
     workers: Vec<Arc<Worker>>,
     network: Arc<Network>,
+    accel: Option<Arc<Accelerator>>,
     _ticker: EpochTicker,
     /// Held while the runtime lives; it holds the data directory's lock, so
     /// one process owns a data directory at a time.
@@ -118,10 +137,17 @@ impl Runtime {
     /// [`Runtime::start`], with outbound requests going through `network`
     /// (tests give it a resolver, a dialer or a CA of their own).
     pub fn start_with_network(config: &Config, network: Arc<Network>) -> Result<Runtime, StartError> {
+        Self::start_with_env(config, network, &|name| std::env::var(name).ok())
+    }
+
+    /// [`Runtime::start_with_network`], with the environment variables that
+    /// hold the `[[database]]` passwords read through `env` instead of the
+    /// process environment (tests give theirs).
+    pub fn start_with_env(config: &Config, network: Arc<Network>, env: &dyn Fn(&str) -> Option<String>) -> Result<Runtime, StartError> {
         let (engine, posture) = build_engine(config)?;
         let cache = CodeCache::open(&config.server.data_dir)?;
         let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
-        let stores = Stores::open(config)?;
+        let stores = Stores::open(config, env)?;
         let results = load_workers(&engine, &linker, &config.workers, Some(&cache), &|w| stores.capabilities(w, &network));
         let mut workers = Vec::new();
         let mut errors = Vec::new();
@@ -135,7 +161,7 @@ impl Runtime {
             return Err(StartError::Workers(errors));
         }
         let ticker = EpochTicker::start(&engine);
-        Ok(Runtime { engine, posture, workers, network, _ticker: ticker, _cache: cache })
+        Ok(Runtime { engine, posture, workers, network, accel: stores.accel, _ticker: ticker, _cache: cache })
     }
 
     /// Validates the policy and every component without writing anything:
@@ -163,6 +189,13 @@ impl Runtime {
 
     pub fn workers(&self) -> &[Arc<Worker>] {
         &self.workers
+    }
+
+    /// The Postgres accelerator, when the config has a `[[database]]`. The
+    /// workers' `cordon:postgres` calls use this instance, so a wire-protocol
+    /// proxy started on it shares their pools and caches.
+    pub fn accelerator(&self) -> Option<Arc<Accelerator>> {
+        self.accel.clone()
     }
 
     /// Outbound requests refused by policy since start, over all workers.

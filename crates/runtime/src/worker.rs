@@ -40,13 +40,14 @@ pub struct Worker {
 }
 
 /// What a worker may use besides its sandbox, opened at startup: the
-/// network for its outbound requests, and its key-value, SQL and
+/// network for its outbound requests, and its key-value, SQL, Postgres and
 /// configuration grants.
 #[derive(Clone)]
 pub(crate) struct Capabilities {
     pub network: Arc<Network>,
     pub kv: Arc<cordon_kv::host::WorkerKv>,
     pub sql: Arc<cordon_sql::host::WorkerSql>,
+    pub postgres: Arc<cordon_postgres::host::WorkerPostgres>,
     pub vars: Arc<cordon_vars::host::WorkerVars>,
 }
 
@@ -290,6 +291,7 @@ impl Worker {
                 egress,
                 kv: cordon_kv::host::RequestKv::new(self.caps.kv.clone()),
                 sql: cordon_sql::host::RequestSql::new(self.caps.sql.clone()),
+                postgres: cordon_postgres::host::RequestPostgres::new(self.caps.postgres.clone()),
                 vars: self.caps.vars.clone(),
             }),
         );
@@ -513,6 +515,7 @@ impl Capabilities {
             network: network.clone(),
             kv: Arc::new(cordon_kv::host::WorkerKv::none()),
             sql: Arc::new(cordon_sql::host::WorkerSql::none()),
+            postgres: Arc::new(cordon_postgres::host::WorkerPostgres::none()),
             vars: Arc::new(cordon_vars::host::WorkerVars::none()),
         }
     }
@@ -524,6 +527,7 @@ impl Capabilities {
 pub struct GrantSummary {
     pub kv: Vec<KvGrantSummary>,
     pub sql: Vec<SqlGrantSummary>,
+    pub postgres: Vec<PostgresGrantSummary>,
     pub vars: Vec<String>,
     pub secrets: Vec<String>,
 }
@@ -541,6 +545,12 @@ pub struct SqlGrantSummary {
     pub read_only: bool,
 }
 
+#[derive(Debug, Clone, Serialize)]
+pub struct PostgresGrantSummary {
+    pub binding: String,
+    pub database: String,
+}
+
 impl GrantSummary {
     fn of(config: &WorkerConfig) -> GrantSummary {
         let g = &config.grants;
@@ -550,6 +560,11 @@ impl GrantSummary {
                 .sql
                 .iter()
                 .map(|s| SqlGrantSummary { binding: s.binding.clone(), database: s.database.clone(), read_only: s.read_only })
+                .collect(),
+            postgres: g
+                .postgres
+                .iter()
+                .map(|p| PostgresGrantSummary { binding: p.binding.clone(), database: p.database.clone() })
                 .collect(),
             vars: g.vars.keys().cloned().collect(),
             secrets: g.secrets.clone(),

@@ -7,6 +7,8 @@
 //! - [`kv`]: key-value stores (`[[worker.kv]]`, the `wasi:keyvalue`
 //!   interfaces plus Cordon's prefix listing and expiry);
 //! - [`sql`]: SQL databases (`[[worker.sql]]`, `cordon:sql`);
+//! - [`postgres`]: the tenant's Postgres databases through the accelerator
+//!   (`[[worker.postgres]]`, `cordon:postgres`);
 //! - [`config`]: variables and secrets (`[worker.vars]` and `secrets`,
 //!   `wasi:config/store`).
 //!
@@ -20,6 +22,9 @@
 //!
 //! let db = cordon_sdk::sql::Database::open("DB")?;
 //! db.execute("INSERT INTO visits (path, n) VALUES (?, ?)", &["/home".into(), (n as i64).into()])?;
+//!
+//! let pg = cordon_sdk::postgres::Database::open("PG");
+//! let user = pg.query("SELECT name FROM users WHERE id = $1", &[42.into()])?;
 //!
 //! let greeting = cordon_sdk::config::get("GREETING")?.unwrap_or_default();
 //! # Ok::<(), cordon_sdk::Error>(())
@@ -37,9 +42,10 @@ mod bindings {
                 import cordon:kv/ext@0.1.0;
                 import wasi:config/store@0.2.0-rc.1;
                 import cordon:sql/sql@0.1.0;
+                import cordon:postgres/postgres@0.1.0;
             }
         ",
-        path: ["../../wit/keyvalue", "../../wit/cordon-kv", "../../wit/config", "../../wit/cordon-sql"],
+        path: ["../../wit/keyvalue", "../../wit/cordon-kv", "../../wit/config", "../../wit/cordon-sql", "../../wit/cordon-postgres"],
         world: "cordon:sdk/worker",
         generate_all,
     });
@@ -47,6 +53,7 @@ mod bindings {
 
 pub mod config;
 pub mod kv;
+pub mod postgres;
 pub mod sql;
 
 /// An error from a Cordon capability, with the host's message (which names
@@ -55,6 +62,7 @@ pub mod sql;
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    code: Option<String>,
 }
 
 /// What kind of failure an [`Error`] is.
@@ -66,10 +74,14 @@ pub enum ErrorKind {
     Denied,
     /// A limit was reached; the message names it.
     LimitExceeded,
-    /// A SQL constraint failed.
+    /// A SQL constraint failed (for Postgres, SQLSTATE class 23).
     Constraint,
     /// The request was malformed (bad SQL, key too long, ...).
     Invalid,
+    /// Postgres refused or failed the statement; [`Error::code`] has its SQLSTATE.
+    Database,
+    /// Postgres could not be reached (pool limits, origin down); [`Error::code`] has a SQLSTATE.
+    Unavailable,
     /// Anything else.
     Other,
 }
@@ -83,8 +95,17 @@ impl Error {
         &self.message
     }
 
+    /// The SQLSTATE of a Postgres error (`23505`, `42601`, ...), if it has one.
+    pub fn code(&self) -> Option<&str> {
+        self.code.as_deref()
+    }
+
     pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
-        Error { kind, message: message.into() }
+        Error { kind, message: message.into(), code: None }
+    }
+
+    pub(crate) fn with_code(kind: ErrorKind, message: impl Into<String>, code: String) -> Error {
+        Error { kind, message: message.into(), code: Some(code) }
     }
 }
 

@@ -10,17 +10,23 @@ use cordon_runtime::Runtime;
 use crate::harness::{Options, TestServer, guest, logs, request, start_with};
 
 /// A `bindings` worker of `tenant` routed at `NAME.localhost`, with
-/// `grants` (TOML lines inside `[[worker]]`) and `limits`.
+/// `grants` (TOML lines inside `[[worker]]`, where `{worker}` stands for
+/// the worker's name) and `limits`. Each worker gets a `[[database]]` of
+/// its own tenant named after it, which a `[[worker.postgres]]` grant in
+/// `grants` may name; its origin is never reached here (see
+/// `postgres_binding.rs` for Postgres itself).
 fn worker(name: &str, tenant: &str, grants: &str, limits: &str) -> String {
     format!(
-        "\n[[worker]]\nname = \"{name}\"\ntenant = \"{tenant}\"\ncomponent = \"{}\"\nroutes = [\"{name}.localhost/\"]\n{grants}\n[worker.limits]\ncpu_ms = 1000\n{limits}\n",
-        guest("bindings").display()
+        "\n[[worker]]\nname = \"{name}\"\ntenant = \"{tenant}\"\ncomponent = \"{}\"\nroutes = [\"{name}.localhost/\"]\n{}\n[worker.limits]\ncpu_ms = 1000\n{limits}\n\n[[database]]\nname = \"{name}\"\ntenant = \"{tenant}\"\norigin = \"postgres://app@127.0.0.1:1/app\"\n",
+        guest("bindings").display(),
+        grants.replace("{worker}", name),
     )
 }
 
-/// All three kinds granted: KV `CACHE` (namespace `sessions`), SQL `DB`
-/// (database `notes`), and a variable.
-const ALL: &str = "[[worker.kv]]\nbinding = \"CACHE\"\nnamespace = \"sessions\"\n\n[[worker.sql]]\nbinding = \"DB\"\ndatabase = \"notes\"\n\n[worker.vars]\nGREETING = \"hello from vars\"\n";
+/// Every kind the guest imports granted: KV `CACHE` (namespace `sessions`),
+/// SQL `DB` (database `notes`), Postgres `PG` (the worker's own database),
+/// and a variable.
+const ALL: &str = "[[worker.kv]]\nbinding = \"CACHE\"\nnamespace = \"sessions\"\n\n[[worker.sql]]\nbinding = \"DB\"\ndatabase = \"notes\"\n\n[[worker.postgres]]\nbinding = \"PG\"\ndatabase = \"{worker}\"\n\n[worker.vars]\nGREETING = \"hello from vars\"\n";
 
 async fn kv(s: &TestServer, worker: &str, query: &str) -> (u16, String) {
     let r = s.get(&format!("{worker}.localhost"), &format!("/kv?{query}")).await;
@@ -154,8 +160,8 @@ async fn start_error(workers: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_import_without_a_grant_refuses_to_load() {
-    let kv_only = "[[worker.kv]]\nbinding = \"CACHE\"\nnamespace = \"sessions\"\n[worker.vars]\nX = \"1\"\n";
-    let e = start_error(&worker("app", "acme", kv_only, "")).await;
+    let no_sql = "[[worker.kv]]\nbinding = \"CACHE\"\nnamespace = \"sessions\"\n[[worker.postgres]]\nbinding = \"PG\"\ndatabase = \"{worker}\"\n[worker.vars]\nX = \"1\"\n";
+    let e = start_error(&worker("app", "acme", no_sql, "")).await;
     assert!(e.contains("cordon:sql/sql@0.1.0") && e.contains("[[worker.sql]]"), "{e}");
     let e = start_error(&worker("app", "acme", "", "")).await;
     assert!(e.contains("this worker has no grant"), "{e}");

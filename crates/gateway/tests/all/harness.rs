@@ -119,6 +119,9 @@ pub struct Options<'a> {
     pub max_instances: Option<u32>,
     /// Resolver, dialer and TLS roots for outbound requests (default: the system's).
     pub network: Option<Arc<cordon_runtime::Network>>,
+    /// The environment the runtime reads `[[database]]` passwords from,
+    /// instead of the process's (default: empty).
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 /// The standard pair: `hello` (well-behaved) and `hostile` (the fixture),
@@ -169,7 +172,11 @@ pub async fn start_with(workers: &str, options: Options<'_>) -> TestServer {
     std::fs::write(&path, &text).unwrap();
     let config = Config::load(&path).unwrap_or_else(|e| panic!("test config is invalid: {e}\n{text}"));
     let network = options.network.unwrap_or_else(|| Arc::new(cordon_runtime::Network::system().unwrap()));
-    let runtime = tokio::task::spawn_blocking(move || Runtime::start_with_network(&config, network).map(|r| (r, config))).await.unwrap();
+    let env: std::collections::HashMap<String, String> = options.env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let runtime =
+        tokio::task::spawn_blocking(move || Runtime::start_with_env(&config, network, &|name| env.get(name).cloned()).map(|r| (r, config)))
+            .await
+            .unwrap();
     let (runtime, config) = runtime.unwrap_or_else(|e| panic!("runtime failed to start: {e}"));
     let mut gateway = Gateway::bind(&config, Arc::new(runtime)).await.unwrap();
     if let Some(f) = options.filter {

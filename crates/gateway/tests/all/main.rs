@@ -11,5 +11,6 @@ mod hostile_requests;
 mod hostile_workers;
 mod isolation;
 mod lifecycle;
+mod postgres_binding;
 mod routing;
 mod streaming;

@@ -94,7 +94,7 @@ async fn volatile_and_stable_functions_are_never_cached() {
 async fn tenants_and_roles_with_identical_sql_never_share_entries() {
     let proxy = Proxy::start("", "max_age_s = 60").await;
     proxy.origin().await.batch_execute("CREATE TABLE whoami (v text); INSERT INTO whoami VALUES ('acme')").await.unwrap();
-    let globex_origin = crate::postgres::connect(&proxy.pg.url_as("globex_origin", "globex-origin-pw", "globex")).await;
+    let globex_origin = cordon_testpg::connect(&proxy.pg.url_as("globex_origin", "globex-origin-pw", "globex")).await;
     globex_origin.batch_execute("CREATE TABLE whoami (v text); INSERT INTO whoami VALUES ('globex')").await.unwrap();
 
     let acme = proxy.client().await;

@@ -13,7 +13,7 @@ use cordon_pgaccel::proxy::{ProxySettings, serve};
 use tokio::sync::oneshot;
 use tokio_postgres::{Client, NoTls};
 
-use crate::postgres::TestPostgres;
+use cordon_testpg::TestPostgres;
 
 pub const APP_PASSWORD: &str = "origin-secret-Vq3";
 pub const ACME_APP_PASSWORD: &str = "acme-app-pw";
@@ -108,7 +108,7 @@ password_env = "GLOBEX_PASSWORD"
 
     /// A direct connection to the origin database, as its owner.
     pub async fn origin(&self) -> Client {
-        crate::postgres::connect(&self.pg.url_as("app", APP_PASSWORD, "app")).await
+        cordon_testpg::connect(&self.pg.url_as("app", APP_PASSWORD, "app")).await
     }
 
     pub fn stats(&self) -> DatabaseStats {

@@ -1,9 +1,7 @@
 //! Integration tests of the Postgres accelerator against a real Postgres:
-//! each test starts its own throwaway cluster (`postgres::TestPostgres`).
+//! each test starts its own throwaway cluster (`cordon_testpg::TestPostgres`).
 //! Behaviour Postgres never shows (TLS origins, other authentication methods,
 //! broken servers) is tested against fake servers on loopback.
-
-mod postgres;
 
 mod origin;
 mod smoke;

@@ -17,7 +17,7 @@ use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::postgres::TestPostgres;
+use cordon_testpg::TestPostgres;
 
 const TENANT: &str = "tenant_origin";
 const TENANT_PASSWORD: &str = "origin-pw-Zq7xK2";

@@ -2,7 +2,7 @@
 
 use tokio_postgres::error::SqlState;
 
-use crate::postgres::{TestPostgres, connect};
+use cordon_testpg::{TestPostgres, connect};
 
 #[tokio::test]
 async fn superuser_connects_with_scram_and_nothing_is_trusted_over_tcp() {

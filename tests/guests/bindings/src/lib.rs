@@ -3,6 +3,7 @@
 //! contract.
 
 use cordon_sdk::kv::Store;
+use cordon_sdk::postgres;
 use cordon_sdk::sql::{Database, Rows, Value};
 use cordon_sdk::{Error, config};
 use serde_json::{Value as Json, json};
@@ -18,6 +19,8 @@ impl Guest for Bindings {
         let result = match path {
             "/kv" => kv(query),
             "/sql" => sql(query, &read_body(&request)),
+            "/pg" => pg(query, &read_body(&request)),
+            "/pg-many" => pg_many(query),
             "/config" => config_get(query),
             "/config-all" => config::get_all().map(|all| all.iter().map(|(k, v)| format!("{k}={v}\n")).collect()),
             _ => Ok("bindings guest\n".to_string()),
@@ -125,6 +128,75 @@ fn rows_json(rows: &Rows) -> Json {
         "rows": rows.rows.iter().map(|r| r.iter().map(value).collect::<Vec<_>>()).collect::<Vec<_>>(),
         "rows_affected": rows.rows_affected,
         "last_insert_rowid": rows.last_insert_rowid,
+    })
+}
+
+/// Like `/sql`, for `cordon:postgres`: `{"sql": "...", "params": [...]}`
+/// answers one result as JSON (`columns` with names and type OIDs, `rows`,
+/// `rows_affected`, `cached`); `{"transaction": [{"sql", "params"}, ...]}`
+/// answers a list of them, or `{"failed_at": i, "error": "..."}`.
+/// Parameters: JSON null, booleans, integers, floats, strings, and
+/// `{"bytes": [...]}` for bytea.
+fn pg(query: &str, body: &[u8]) -> Result<String, Error> {
+    let db = postgres::Database::open(&param(query, "binding"));
+    let request: Json = serde_json::from_slice(body).unwrap_or(Json::Null);
+    if let Some(statements) = request.get("transaction").and_then(Json::as_array) {
+        let statements: Vec<(&str, Vec<postgres::Value>)> =
+            statements.iter().map(|s| (s.get("sql").and_then(Json::as_str).unwrap_or_default(), pg_params(s))).collect();
+        return Ok(match db.transaction(&statements) {
+            Ok(results) => Json::Array(results.iter().map(pg_json).collect()).to_string(),
+            Err((i, e)) => json!({ "failed_at": i, "error": format!("{:?}: {}", e.kind(), e.message()) }).to_string(),
+        });
+    }
+    let statement = request.get("sql").and_then(Json::as_str).unwrap_or_default();
+    Ok(pg_json(&db.query(statement, &pg_params(&request))?).to_string())
+}
+
+/// `n` separate one-statement calls, to reach the per-request budget.
+fn pg_many(query: &str) -> Result<String, Error> {
+    let db = postgres::Database::open(&param(query, "binding"));
+    let n: i64 = param(query, "n").parse().unwrap_or(1);
+    for i in 0..n {
+        db.query("SELECT $1::int8 AS i", &[i.into()])?;
+    }
+    Ok(format!("did {n}"))
+}
+
+fn pg_params(statement: &Json) -> Vec<postgres::Value> {
+    use postgres::Value;
+    let list = statement.get("params").and_then(Json::as_array).cloned().unwrap_or_default();
+    list.iter()
+        .map(|p| match p {
+            Json::Null => Value::Null,
+            Json::Bool(b) => Value::Boolean(*b),
+            Json::Number(n) => n.as_i64().map(Value::Int).unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or(0.0))),
+            Json::String(s) => Value::Text(s.clone()),
+            Json::Object(o) => Value::Bytes(
+                o.get("bytes")
+                    .and_then(Json::as_array)
+                    .map(|b| b.iter().map(|x| x.as_u64().unwrap_or(0) as u8).collect())
+                    .unwrap_or_default(),
+            ),
+            Json::Array(_) => Value::Null,
+        })
+        .collect()
+}
+
+fn pg_json(rows: &postgres::Rows) -> Json {
+    use postgres::Value;
+    let value = |v: &Value| match v {
+        Value::Null => Json::Null,
+        Value::Boolean(b) => json!(b),
+        Value::Int(i) => json!(i),
+        Value::Float(f) => json!(f),
+        Value::Text(t) => json!(t),
+        Value::Bytes(b) => json!({ "bytes": b }),
+    };
+    json!({
+        "columns": rows.columns.iter().map(|c| json!({ "name": c.name, "type_oid": c.type_oid })).collect::<Vec<_>>(),
+        "rows": rows.rows.iter().map(|r| r.iter().map(value).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "rows_affected": rows.rows_affected,
+        "cached": rows.cached,
     })
 }
 

@@ -1,6 +1,8 @@
 //! A real, throwaway Postgres cluster per test: `initdb` into a temporary
 //! directory, `pg_ctl start` on a free loopback port, `pg_ctl stop` and
-//! removal of the directory on drop.
+//! removal of the directory on drop. Shared by the tests of every crate that
+//! needs a real Postgres (`cordon-pgaccel`, `cordon-gateway`); a
+//! dev-dependency only, never published.
 //!
 //! Guarantees:
 //! - TCP connections always authenticate with SCRAM-SHA-256; nothing is
@@ -402,7 +404,7 @@ impl PgBin {
             Some(dir) => PgBin { initdb: dir.join("initdb"), pg_ctl: dir.join("pg_ctl") },
             None => panic!(
                 "the Postgres server programs (initdb, pg_ctl) are not installed: neither on PATH \
-                 nor in /usr/lib/postgresql/*/bin. The pgaccel tests run a real Postgres; install \
+                 nor in /usr/lib/postgresql/*/bin. The Postgres tests run a real Postgres; install \
                  it with `sudo apt-get install postgresql` (scripts/test.sh does this)"
             ),
         }
