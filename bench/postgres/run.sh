@@ -18,6 +18,11 @@
 # and prints tps and p99 latency for each, with the ratios against PgBouncer.
 # Clients authenticate with SCRAM-SHA-256 everywhere.
 #
+# Then the worker binding: the tests/guests/bindings worker runs one point query
+# (`SELECT abalance FROM pgbench_accounts WHERE aid = $1`) per HTTP request through
+# `cordon:postgres`, once against the cached database (every request after the first
+# is a cache hit) and once against the uncached one; wrk reports the latency of each.
+#
 # Usage: bench/postgres/run.sh          (from any directory; as root or a sudoer)
 #
 # Environment:
@@ -29,7 +34,8 @@
 #   HOT_ROWS=1000       accounts read by the hot workload
 #   WORKLOADS="select connect many-clients hot"
 #   TARGETS="direct pgbouncer cordon cordon-cache"
-#   SKIP_BUILD=0        1: reuse target/release/cordon
+#   BINDING_DURATION=10s  wrk duration per binding run (BINDING=0 skips that part)
+#   SKIP_BUILD=0        1: reuse target/release/cordon and the bindings guest
 #   KEEP_TMP=0          1: keep the temp dir (configs, logs, latency logs)
 set -euo pipefail
 
@@ -42,6 +48,8 @@ HOT_ROWS=${HOT_ROWS:-1000}
 WORKLOADS=${WORKLOADS:-"select connect many-clients hot"}
 TARGETS=${TARGETS:-"direct pgbouncer cordon cordon-cache"}
 SKIP_BUILD=${SKIP_BUILD:-0}
+BINDING=${BINDING:-1}
+BINDING_DURATION=${BINDING_DURATION:-10s}
 KEEP_TMP=${KEEP_TMP:-0}
 
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
@@ -75,7 +83,13 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 if [[ $SKIP_BUILD != 1 ]]; then
     log "building cordon (release)"
     (cd "$REPO_ROOT" && cargo build --release -q -p cordon)
+    if [[ $BINDING == 1 ]]; then
+        (cd "$REPO_ROOT/tests/guests/bindings" && cargo build --release -q --target wasm32-wasip2 --target-dir "$REPO_ROOT/target/guests")
+    fi
 fi
+BINDINGS_WASM="$REPO_ROOT/target/guests/wasm32-wasip2/release/bindings.wasm"
+[[ $BINDING != 1 || -f $BINDINGS_WASM ]] || die "$BINDINGS_WASM not found; build it or unset SKIP_BUILD"
+[[ $BINDING != 1 ]] || command -v wrk >/dev/null 2>&1 || die "'wrk' not found (Debian: apt-get install -y wrk)"
 CORDON="$REPO_ROOT/target/release/cordon"
 [[ -x $CORDON ]] || die "$CORDON not found; build it or unset SKIP_BUILD"
 
@@ -209,6 +223,29 @@ enabled = true
 max_age_s = 60
 max_bytes = 268435456
 EOF
+if [[ $BINDING == 1 ]]; then
+    for db in cached nocache; do
+        cat >>"$TMP_DIR/cordon.toml" <<EOF
+
+[[worker]]
+name = "pg-$db"
+tenant = "bench"
+component = "$BINDINGS_WASM"
+routes = ["$db.localhost/"]
+[[worker.kv]]
+binding = "KV"
+namespace = "bench"
+[[worker.sql]]
+binding = "DB"
+database = "bench"
+[[worker.postgres]]
+binding = "PG"
+database = "$db"
+[worker.vars]
+BENCH = "postgres"
+EOF
+    done
+fi
 ORIGIN_PASSWORD=$ORIGIN_PASSWORD CLIENT_PASSWORD=$CLIENT_PASSWORD RUST_LOG=warn \
     "$CORDON" serve --config "$TMP_DIR/cordon.toml" >"$TMP_DIR/cordon.log" 2>&1 &
 PIDS+=($!)
@@ -289,6 +326,33 @@ EOF
 done
 
 # ---------------------------------------------------------------------------
+# The worker binding: latency of one point query per HTTP request.
+BINDING_RESULTS="$TMP_DIR/binding.tsv"
+: >"$BINDING_RESULTS"
+if [[ $BINDING == 1 ]]; then
+    cat >"$TMP_DIR/pg.lua" <<'EOF'
+wrk.method = "POST"
+wrk.body = '{"sql": "SELECT abalance FROM pgbench_accounts WHERE aid = $1", "params": [4242]}'
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+    io.write(string.format("RESULT\t%d\t%.1f\t%.1f\t%.1f\n", summary.requests, summary.requests / (summary.duration / 1e6),
+        latency:percentile(50), latency:percentile(99)))
+end
+EOF
+    for db in cached nocache; do
+        url="http://127.0.0.1:$HTTP_PORT/pg?binding=PG"
+        reply=$(curl -sS -H "Host: $db.localhost" -H 'Content-Type: application/json' \
+            --data-binary '{"sql": "SELECT abalance FROM pgbench_accounts WHERE aid = $1", "params": [4242]}' "$url")
+        [[ $reply == *rows* ]] || die "the binding worker answered: $reply"
+        log "binding via $db: wrk -c 8 -t 2 -d $BINDING_DURATION"
+        wrk -c 8 -t 2 -d "$BINDING_DURATION" -H "Host: $db.localhost" -s "$TMP_DIR/pg.lua" "$url" >"$TMP_DIR/wrk-$db.out"
+        line=$(grep '^RESULT' "$TMP_DIR/wrk-$db.out" | tail -n 1)
+        printf 'binding-%s\t%s\n' "$db" "${line#RESULT$'\t'}" >>"$BINDING_RESULTS"
+        tail -n 1 "$BINDING_RESULTS" >&2
+    done
+fi
+
+# ---------------------------------------------------------------------------
 # Report.
 mkdir -p "$RESULTS_DIR"
 REPORT="$RESULTS_DIR/postgres-$(date -u +%Y%m%dT%H%M%SZ).txt"
@@ -315,4 +379,14 @@ for w in order:
             ratio = "-"
         print(f"{w:<14}{t:<14}{tps:>10}{p99:>10}{ratio:>18}")
 EOF
+if [[ -s $BINDING_RESULTS ]]; then
+    {
+        echo
+        echo "worker binding, one point query per HTTP request (wrk -c 8 -t 2, $BINDING_DURATION; latency includes the HTTP round trip and a fresh instance)"
+        printf '%-18s%12s%10s%10s\n' target 'req/s' 'p50 us' 'p99 us'
+        while IFS=$'\t' read -r name requests rps p50 p99; do
+            printf '%-18s%12s%10s%10s\n' "$name" "$rps" "$p50" "$p99"
+        done <"$BINDING_RESULTS"
+    } | tee -a "$REPORT"
+fi
 log "report: $REPORT"

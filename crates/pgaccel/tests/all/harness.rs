@@ -31,6 +31,11 @@ impl Proxy {
     /// Starts Postgres and the proxy. `database_extra` is appended to the `[[database]] main`
     /// table (e.g. `pool_size = 2`); `cache` is the body of its `[database.cache]` table.
     pub async fn start(database_extra: &str, cache: &str) -> Proxy {
+        Proxy::start_with(database_extra, cache, ProxySettings { tls: None, require_tls: false }).await
+    }
+
+    /// Like [`Proxy::start`], with the listener's TLS settings.
+    pub async fn start_with(database_extra: &str, cache: &str, settings: ProxySettings) -> Proxy {
         let pg = TestPostgres::start();
         pg.create_role_and_database("app", APP_PASSWORD, "app").await;
         pg.create_role_and_database("globex_origin", "globex-origin-pw", "globex").await;
@@ -81,7 +86,7 @@ password_env = "GLOBEX_PASSWORD"
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
-        tokio::spawn(serve(accel.clone(), listener, ProxySettings { tls: None, require_tls: false }, async move {
+        tokio::spawn(serve(accel.clone(), listener, settings, async move {
             let _ = rx.await;
         }));
         Proxy { pg, accel, addr, shutdown: Some(tx) }

@@ -338,7 +338,7 @@ fn pem(label: &str, der: &[u8]) -> String {
 
 /// A throwaway CA and a server certificate for `names`, written as PEM files: returns the
 /// directory, the CA file, and the server's (chain, key) files.
-fn write_pki(names: &[&str]) -> (TempDir, PathBuf, (PathBuf, PathBuf)) {
+pub(crate) fn write_pki(names: &[&str]) -> (TempDir, PathBuf, (PathBuf, PathBuf)) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -358,7 +358,7 @@ fn write_pki(names: &[&str]) -> (TempDir, PathBuf, (PathBuf, PathBuf)) {
     (dir, ca_file, (chain, key_file))
 }
 
-fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
+pub(crate) fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_file(ca).unwrap()).unwrap();
     Arc::new(

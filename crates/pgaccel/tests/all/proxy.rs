@@ -379,3 +379,44 @@ async fn statement_idle_and_idle_in_transaction_timeouts_answer_with_sqlstates()
     assert!(idle.simple_query("SELECT 1").await.is_err());
     assert!(proxy.stats().idle_timeouts >= 2, "{:?}", proxy.stats());
 }
+
+#[tokio::test]
+async fn tls_is_negotiated_and_plaintext_is_refused_when_tls_is_required() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_dir, ca, (chain, key)) = crate::origin::write_pki(&["localhost"]);
+    let acceptor = cordon_pgaccel::tls::acceptor(&chain, &key).unwrap();
+    let settings = cordon_pgaccel::proxy::ProxySettings { tls: Some(acceptor), require_tls: true };
+    let proxy = Proxy::start_with("", "enabled = false", settings).await;
+
+    // Plaintext: refused before authentication, with the reason.
+    let err =
+        tokio_postgres::connect(&proxy.url("acme_app", ACME_APP_PASSWORD, "acme.main"), NoTls).await.err().expect("plaintext refused");
+    assert_eq!(err.code(), Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION), "{err:?}");
+    assert!(format!("{err:?}").contains("requires TLS"), "{err:?}");
+
+    // SSLRequest, 'S', a verified handshake, and then the startup packet over TLS gets the
+    // SCRAM challenge.
+    let mut socket = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    socket.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap();
+    let mut answer = [0u8; 1];
+    socket.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    let connector = tokio_rustls::TlsConnector::from(crate::origin::client_config(&ca));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, socket).await.expect("handshake with the configured certificate");
+    let mut params = Vec::new();
+    for part in [&b"user"[..], b"acme_app", b"database", b"acme.main"] {
+        params.extend_from_slice(part);
+        params.push(0);
+    }
+    params.push(0);
+    let mut startup = ((params.len() + 8) as u32).to_be_bytes().to_vec();
+    startup.extend_from_slice(&(3u32 << 16).to_be_bytes());
+    startup.extend_from_slice(&params);
+    tls.write_all(&startup).await.unwrap();
+    let mut head = [0u8; 9];
+    tls.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[0], b'R', "an authentication request");
+    assert_eq!(i32::from_be_bytes([head[5], head[6], head[7], head[8]]), 10, "SASL");
+    assert_eq!(proxy.stats().pool.connects, 0);
+}
