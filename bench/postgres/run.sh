@@ -156,6 +156,8 @@ export PGPASSWORD=$ORIGIN_PASSWORD
 
 # ---------------------------------------------------------------------------
 # PgBouncer, transaction mode, SCRAM for clients.
+# PgBouncer's auth file holds the client password itself, its usual setup; it derives the
+# SCRAM keys at each login, where Cordon derives them once at startup.
 cat >"$TMP_DIR/userlist.txt" <<EOF
 "bench" "$CLIENT_PASSWORD"
 EOF
@@ -176,7 +178,12 @@ logfile = $TMP_DIR/pgbouncer.log
 pidfile = $TMP_DIR/pgbouncer.pid
 EOF
 chmod 0644 "$TMP_DIR/pgbouncer.ini" "$TMP_DIR/userlist.txt"
-"${RUN_AS[@]}" bash -c "ulimit -n 65536; exec $PGBOUNCER $TMP_DIR/pgbouncer.ini" >"$TMP_DIR/pgbouncer.out" 2>&1 &
+# Started here so that it inherits the raised open-files limit; it drops to `postgres` itself.
+if [[ ${#RUN_AS[@]} -gt 0 ]]; then
+    "$PGBOUNCER" -u postgres "$TMP_DIR/pgbouncer.ini" >"$TMP_DIR/pgbouncer.out" 2>&1 &
+else
+    "$PGBOUNCER" "$TMP_DIR/pgbouncer.ini" >"$TMP_DIR/pgbouncer.out" 2>&1 &
+fi
 PIDS+=($!)
 
 # ---------------------------------------------------------------------------
@@ -285,6 +292,8 @@ for workload in $WORKLOADS; do
             connect) flags=(-S -C -c "$CLIENTS") ;;
             many-clients)
                 [[ $target == direct ]] && continue
+                # pgbench counts the time its clients take to connect (each one a SCRAM
+                # login) against -T, so this run is longer.
                 flags=(-S -c "$MANY_CLIENTS") ;;
             hot)
                 printf '\\set aid random(1, %d)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n' "$HOT_ROWS" >"$TMP_DIR/hot.sql"
@@ -292,9 +301,11 @@ for workload in $WORKLOADS; do
             *) die "unknown workload '$workload'" ;;
         esac
         prefix="$TMP_DIR/lat-$workload-$target"
-        log "$workload via $target: pgbench ${flags[*]} -j 2 -T $DURATION"
+        duration=$DURATION
+        [[ $workload == many-clients ]] && duration=$((DURATION + MANY_CLIENTS / 100))
+        log "$workload via $target: pgbench ${flags[*]} -j 2 -T $duration"
         # shellcheck disable=SC2046
-        if ! PGPASSWORD=$(target_password "$target") "$PGBENCH" -n "${flags[@]}" -j 2 -T "$DURATION" \
+        if ! PGPASSWORD=$(target_password "$target") "$PGBENCH" -n "${flags[@]}" -j 2 -T "$duration" \
             -l --log-prefix="$prefix" $(target_args "$target") >"$prefix.out" 2>&1; then
             tail -n 5 "$prefix.out" >&2
             log "$workload via $target failed"

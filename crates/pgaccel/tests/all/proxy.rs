@@ -420,3 +420,25 @@ async fn tls_is_negotiated_and_plaintext_is_refused_when_tls_is_required() {
     assert_eq!(i32::from_be_bytes([head[5], head[6], head[7], head[8]]), 10, "SASL");
     assert_eq!(proxy.stats().pool.connects, 0);
 }
+
+#[tokio::test]
+async fn waiting_clients_beyond_the_limit_are_refused_at_once() {
+    let proxy = Proxy::start("pool_size = 1\nmax_waiting_clients = 1\nacquire_timeout_ms = 5000", "enabled = false").await;
+    let holder = proxy.client().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiter = proxy.client().await;
+    let waiting = tokio::spawn(async move { waiter.simple_query("SELECT 2").await.map(|m| m.len()) });
+    crate::harness::eventually(5, "one client waits for the pool", async || proxy.stats().pool.waiting == 1).await;
+
+    let refused = proxy.client().await;
+    let started = std::time::Instant::now();
+    let err = refused.simple_query("SELECT 3").await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err:?}");
+    assert!(format!("{err:?}").contains("waiting"), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "refused at once, not after the acquire timeout");
+
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert!(waiting.await.unwrap().is_ok(), "the waiting client got the connection");
+    refused.simple_query("SELECT 4").await.expect("the refused client can retry");
+    assert_eq!(proxy.stats().pool.refused_waiting, 1);
+}
