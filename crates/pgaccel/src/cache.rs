@@ -42,6 +42,16 @@
 //! associated data: an entry moved to another key, or into another tenant's cache, fails to open
 //! and is dropped, never served.
 
+/// Written anywhere in a statement's text (usually in a comment, `/* cordon:no-cache */`), keeps
+/// that statement out of the cache: it is neither served from nor stored in it.
+pub const NO_CACHE_HINT: &str = "cordon:no-cache";
+
+/// Whether the statement asks not to be cached. A string literal that happens to contain the
+/// hint opts out too, which only ever costs a cache hit.
+pub fn opted_out(sql: &str) -> bool {
+    sql.contains(NO_CACHE_HINT)
+}
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;

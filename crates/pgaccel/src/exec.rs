@@ -86,11 +86,11 @@ impl Database {
         let request = Arc::new(request(sql, params)?);
         let class = request.prepared.class.clone();
         let max_bytes = match &self.cache {
-            Some(_) if class.cacheable => limits.max_result_bytes.min(self.cache_max_entry_bytes),
+            Some(_) if request.prepared.cacheable => limits.max_result_bytes.min(self.cache_max_entry_bytes),
             _ => limits.max_result_bytes,
         };
         let fetch = fetch_extended(self.pool.clone(), request.clone(), max_bytes);
-        let (bytes, cached) = match (&self.cache, class.cacheable, &class.normalized) {
+        let (bytes, cached) = match (&self.cache, request.prepared.cacheable, &class.normalized) {
             (Some(cache), true, Some(normalized)) => {
                 let key = CacheKey {
                     role: BINDING_ROLE.to_owned(),
@@ -119,7 +119,7 @@ impl Database {
                 }
             }
             _ => {
-                if !class.cacheable {
+                if !request.prepared.cacheable {
                     self.counters.uncacheable.fetch_add(1, Ordering::Relaxed);
                 }
                 (fetch().await.map_err(|e| fetch_error(e, limits))?.bytes, false)

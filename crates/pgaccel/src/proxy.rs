@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::accel::{Accelerator, Database};
-use crate::cache::{CacheKey, CacheOutcome, FetchFuture, Fetched};
+use crate::cache::{CacheKey, CacheOutcome, FetchFuture, Fetched, opted_out};
 use crate::cancel::{CancelHandle, CancelTarget};
 use crate::classify::{Classification, Writes, classify};
 use crate::origin::OriginError;
@@ -386,6 +386,8 @@ pub(crate) struct Prepared {
     /// Name on every origin connection: derived from the text and parameter types.
     pub(crate) server_name: String,
     pub(crate) class: Classification,
+    /// Cacheable by its classification and not opted out with the no-cache hint.
+    pub(crate) cacheable: bool,
 }
 
 impl Prepared {
@@ -398,7 +400,8 @@ impl Prepared {
         let digest = hash.finalize();
         let server_name = format!("cordon_{}", hex(&digest[..12]));
         let class = classify(&query, false);
-        Prepared { query, param_types, server_name, class }
+        let cacheable = class.cacheable && !opted_out(&query);
+        Prepared { query, param_types, server_name, class, cacheable }
     }
 }
 
@@ -708,7 +711,8 @@ impl Session {
         let class = classify(&sql, self.status != TransactionStatus::Idle);
         // A simple Query replaces the unnamed statement.
         self.statements.remove("");
-        if self.cache_usable() && class.cacheable {
+        let cacheable = class.cacheable && !opted_out(&sql);
+        if self.cache_usable() && cacheable {
             if let Some(normalized) = class.normalized.clone() {
                 let key = CacheKey { role: self.role_key(), query: normalized, params: Vec::new(), formats: Vec::new(), protocol: b'Q' };
                 let fetch = fetch_simple(self.db.pool.clone(), sql.clone(), self.db.cache_max_entry_bytes);
@@ -716,7 +720,7 @@ impl Session {
                     return Ok(());
                 }
             }
-        } else if !class.cacheable {
+        } else if !cacheable {
             self.db.counters.uncacheable.fetch_add(1, Ordering::Relaxed);
         }
         if !self.ensure_server().await? {
@@ -869,7 +873,7 @@ impl Session {
                 let statement = self.portals.get(&portal).cloned();
                 if let Some(prepared) = &statement {
                     self.db.counters.queries.fetch_add(1, Ordering::Relaxed);
-                    if !prepared.class.cacheable {
+                    if !prepared.cacheable {
                         self.db.counters.uncacheable.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -977,7 +981,7 @@ impl Session {
                 None => return Ok(false),
             },
         };
-        let (true, Some(normalized)) = (prepared.class.cacheable, prepared.class.normalized.clone()) else { return Ok(false) };
+        let (true, Some(normalized)) = (prepared.cacheable, prepared.class.normalized.clone()) else { return Ok(false) };
         self.db.counters.queries.fetch_add(1, Ordering::Relaxed);
         let mut formats: Vec<i16> = param_formats.clone();
         formats.push(i16::MIN);
@@ -1127,6 +1131,16 @@ impl Session {
             return Err(SessionError::Desync { tag: tag as char, expected: "nothing" });
         };
         let desync = |expected| SessionError::Desync { tag: tag as char, expected };
+        // An error answers any extended-protocol message; the origin then skips to the Sync.
+        if tag == b'E' && !matches!(slot, Slot::Query { .. } | Slot::Sync) {
+            if let Slot::Parse { server_name, client, .. } = slot {
+                let (server_name, client) = (server_name.clone(), client.clone());
+                self.forget_parse(&server_name, client.as_deref());
+            }
+            slots.pop_front();
+            self.skipping = true;
+            return self.forward(&frame);
+        }
         match slot {
             Slot::Query { class, completed, failed } => match tag {
                 b'Z' => {
@@ -1154,50 +1168,36 @@ impl Session {
                 }
                 _ => self.forward(&frame)?,
             },
-            Slot::Parse { server_name, visible, client } => match tag {
+            Slot::Parse { visible, .. } => match tag {
                 b'1' => {
                     if *visible {
                         self.forward(&frame)?;
                     }
                     slots.pop_front();
                 }
-                b'E' => {
-                    let (server_name, client) = (server_name.clone(), client.clone());
-                    slots.pop_front();
-                    self.forget_parse(&server_name, client.as_deref());
-                    self.forward(&frame)?;
-                    self.skipping = true;
-                }
                 _ => return Err(desync("ParseComplete")),
             },
-            Slot::Bind => self.single_response(&frame, b'2', slots, "BindComplete")?,
-            Slot::Close { visible } => {
-                let visible = *visible;
-                match tag {
-                    b'3' => {
-                        if visible {
-                            self.forward(&frame)?;
-                        }
-                        slots.pop_front();
-                    }
-                    b'E' => {
-                        slots.pop_front();
-                        self.forward(&frame)?;
-                        self.skipping = true;
-                    }
-                    _ => return Err(desync("CloseComplete")),
+            Slot::Bind => match tag {
+                b'2' => {
+                    slots.pop_front();
+                    self.forward(&frame)?;
                 }
-            }
+                _ => return Err(desync("BindComplete")),
+            },
+            Slot::Close { visible } => match tag {
+                b'3' => {
+                    if *visible {
+                        self.forward(&frame)?;
+                    }
+                    slots.pop_front();
+                }
+                _ => return Err(desync("CloseComplete")),
+            },
             Slot::DescribeStatement => match tag {
                 b't' => self.forward(&frame)?,
                 b'T' | b'n' => {
                     self.forward(&frame)?;
                     slots.pop_front();
-                }
-                b'E' => {
-                    slots.pop_front();
-                    self.forward(&frame)?;
-                    self.skipping = true;
                 }
                 _ => return Err(desync("ParameterDescription")),
             },
@@ -1205,11 +1205,6 @@ impl Session {
                 b'T' | b'n' => {
                     self.forward(&frame)?;
                     slots.pop_front();
-                }
-                b'E' => {
-                    slots.pop_front();
-                    self.forward(&frame)?;
-                    self.skipping = true;
                 }
                 _ => return Err(desync("RowDescription")),
             },
@@ -1228,11 +1223,6 @@ impl Session {
                     self.flush_client().await?;
                     self.copy_in(true).await?;
                 }
-                b'E' => {
-                    slots.pop_front();
-                    self.forward(&frame)?;
-                    self.skipping = true;
-                }
                 _ => return Err(desync("CommandComplete")),
             },
             Slot::Sync => match tag {
@@ -1248,19 +1238,6 @@ impl Session {
             Slot::Synthetic(_) | Slot::Error(_) => return Err(desync("a local answer")),
         }
         Ok(())
-    }
-
-    fn single_response(&mut self, frame: &Frame, expected: u8, slots: &mut VecDeque<Slot>, name: &'static str) -> Result<(), SessionError> {
-        if frame.tag == expected {
-            slots.pop_front();
-            self.forward(frame)
-        } else if frame.tag == b'E' {
-            slots.pop_front();
-            self.skipping = true;
-            self.forward(frame)
-        } else {
-            Err(SessionError::Desync { tag: frame.tag as char, expected: name })
-        }
     }
 
     /// Relays COPY FROM STDIN data from the client until it finishes or fails the copy.

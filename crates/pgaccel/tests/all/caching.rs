@@ -49,6 +49,18 @@ async fn hits_expiry_stale_while_revalidate_and_eviction_on_write() {
     client.batch_execute("BEGIN; UPDATE prices SET cents = 500; COMMIT").await.unwrap();
     assert_eq!(read().await.as_deref(), Some("500"));
 
+    // A statement can opt out of the cache with a hint.
+    let uncached = "SELECT /* cordon:no-cache */ cents FROM prices WHERE sku = 'a'";
+    let before = proxy.stats();
+    for _ in 0..2 {
+        assert_eq!(first_value(&client.simple_query(uncached).await.unwrap()).as_deref(), Some("500"));
+    }
+    origin.batch_execute("UPDATE prices SET cents = 501").await.unwrap();
+    assert_eq!(first_value(&client.simple_query(uncached).await.unwrap()).as_deref(), Some("501"), "never served from the cache");
+    let after = proxy.stats();
+    assert_eq!((after.cache_hits, after.cache_misses), (before.cache_hits, before.cache_misses));
+    client.simple_query("UPDATE prices SET cents = 500").await.unwrap();
+
     // Extended protocol with parameters: cached per parameter value.
     let row = client.query_one("SELECT cents FROM prices WHERE sku = $1", &[&"a"]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 500);
