@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cordon_config::{Config, DatabaseConfig, OriginTlsMode};
 
-use crate::cache::{CacheSettings, CacheStats, QueryCache};
+use crate::cache::{CacheOutcome, CacheSettings, CacheStats, QueryCache};
 use crate::cancel::CancelRegistry;
 use crate::origin::{OriginConfig, OriginError, OriginPassword, OriginTls};
 use crate::pool::{Pool, PoolSettings, PoolStats};
@@ -53,6 +53,19 @@ pub struct DatabaseCounters {
     pub uncacheable: AtomicU64,
     pub idle_timeouts: AtomicU64,
     pub cancels: AtomicU64,
+}
+
+impl DatabaseCounters {
+    /// Counts how the cache answered one lookup.
+    pub fn count_cache(&self, outcome: CacheOutcome) {
+        let counter = match outcome {
+            CacheOutcome::Hit => &self.cache_hits,
+            CacheOutcome::StaleHit => &self.cache_stale_hits,
+            CacheOutcome::Coalesced => &self.cache_coalesced,
+            CacheOutcome::Miss | CacheOutcome::Bypass => &self.cache_misses,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// One `[[database]]`: a tenant's origin database behind a pool and a cache.

@@ -15,7 +15,7 @@ use crate::cache::{CacheKey, CacheOutcome};
 use crate::classify::Writes;
 use crate::origin::OriginError;
 use crate::pool::{PooledConn, Release, describe_origin_error};
-use crate::protocol::{ErrorFields, Frame, FrontendMessage, Target, TransactionStatus};
+use crate::protocol::{ErrorFields, Frame, FrontendMessage, TransactionStatus};
 use crate::proxy::{ExtendedRequest, FetchError, Prepared, fetch_extended};
 
 /// The cache role of worker bindings: a control character cannot appear in a proxy user name.
@@ -101,13 +101,7 @@ impl Database {
                 };
                 match cache.get_or_fetch(key, &class.reads, fetch.clone()).await {
                     Ok((bytes, outcome)) => {
-                        let counter = match outcome {
-                            CacheOutcome::Hit => &self.counters.cache_hits,
-                            CacheOutcome::StaleHit => &self.counters.cache_stale_hits,
-                            CacheOutcome::Coalesced => &self.counters.cache_coalesced,
-                            CacheOutcome::Miss | CacheOutcome::Bypass => &self.counters.cache_misses,
-                        };
-                        counter.fetch_add(1, Ordering::Relaxed);
+                        self.counters.count_cache(outcome);
                         (bytes, matches!(outcome, CacheOutcome::Hit | CacheOutcome::StaleHit | CacheOutcome::Coalesced))
                     }
                     // Too large for a cache entry, but maybe within the caller's own limit.
@@ -199,18 +193,7 @@ async fn run_on(conn: &mut PooledConn, request: &ExtendedRequest, max_bytes: usi
     }
     .encode(buf)
     .map_err(encode)?;
-    FrontendMessage::Bind {
-        portal: String::new(),
-        statement: String::new(),
-        param_formats: request.param_formats.clone(),
-        params: request.params.clone(),
-        result_formats: request.result_formats.clone(),
-    }
-    .encode(buf)
-    .map_err(encode)?;
-    FrontendMessage::Describe { kind: Target::Portal, name: String::new() }.encode(buf).map_err(encode)?;
-    FrontendMessage::Execute { portal: String::new(), max_rows: 0 }.encode(buf).map_err(encode)?;
-    FrontendMessage::Sync.encode(buf).map_err(encode)?;
+    request.encode_execution(buf, "").map_err(encode)?;
     let fetched = crate::proxy::collect_response(conn, max_bytes, 1).await?;
     Ok(fetched.bytes)
 }

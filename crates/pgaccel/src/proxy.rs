@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::accel::{Accelerator, Database};
-use crate::cache::{CacheKey, CacheOutcome, FetchFuture, Fetched, opted_out};
+use crate::cache::{CacheKey, FetchFuture, Fetched, opted_out};
 use crate::cancel::{CancelHandle, CancelTarget};
 use crate::classify::{Classification, Writes, classify};
 use crate::origin::OriginError;
@@ -214,14 +214,12 @@ async fn handshake(
         None
     };
     if let Some(fields) = refusal {
-        write_message(&mut stream, &BackendMessage::ErrorResponse(fields)).await?;
-        return Err(HandshakeError::Refused("startup parameters".into()));
+        return Err(refused(&mut stream, fields, "startup parameters").await);
     }
     let Some(db) = accel.database_for_client(&dbname).cloned() else {
         // Same answer whether the database exists for another tenant or not at all.
         let fields = refuse("3D000", format!("database \"{}\" does not exist", truncate(&dbname, 64)), None);
-        write_message(&mut stream, &BackendMessage::ErrorResponse(fields)).await?;
-        return Err(HandshakeError::Refused("unknown database".into()));
+        return Err(refused(&mut stream, fields, "unknown database").await);
     };
 
     let clients = db.clients.fetch_add(1, Ordering::AcqRel) + 1;
@@ -233,8 +231,7 @@ async fn handshake(
             format!("too many clients connected to database \"{dbname}\" (limit {})", db.limits.max_client_connections),
             Some("retry later, or raise max_client_connections for this database"),
         );
-        write_message(&mut stream, &BackendMessage::ErrorResponse(fields)).await?;
-        return Err(HandshakeError::Refused("client limit".into()));
+        return Err(refused(&mut stream, fields, "client limit").await);
     }
 
     // SCRAM-SHA-256. An unknown user runs the same exchange against a mock verifier and fails
@@ -244,31 +241,26 @@ async fn handshake(
         None => ScramServer::new_for_unknown_user(&user, &accel.mock),
     };
     write_message(&mut stream, &BackendMessage::AuthenticationSasl { mechanisms: vec![MECHANISM.to_owned()] }).await?;
-    let auth_failed = |detail: String| {
+    // A failed proof is counted and logged as a security event; a malformed exchange is not.
+    let scram_refusal = |error: crate::scram::ScramError| {
+        if error.sqlstate() != "28P01" {
+            return refuse(error.sqlstate(), error.to_string(), None);
+        }
         db.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(target: "cordon::security", event = "pg_auth_failed", tenant = %db.tenant, database = %db.name, user = %truncate(&user, 64), reason = %detail, "proxy authentication failed");
+        tracing::info!(target: "cordon::security", event = "pg_auth_failed", tenant = %db.tenant, database = %db.name, user = %truncate(&user, 64), reason = %error, "proxy authentication failed");
         refuse("28P01", format!("password authentication failed for user \"{}\"", truncate(&user, 64)), None)
     };
     let first = match read_auth_message(&mut stream, &mut rbuf, &limits, Phase::AwaitingSaslInitialResponse).await? {
         FrontendMessage::SaslInitialResponse { mechanism, data } if mechanism == MECHANISM => data.unwrap_or_default(),
         FrontendMessage::SaslInitialResponse { mechanism, .. } => {
             let fields = refuse("28000", format!("unsupported SASL mechanism \"{}\"", truncate(&mechanism, 32)), Some("use SCRAM-SHA-256"));
-            write_message(&mut stream, &BackendMessage::ErrorResponse(fields)).await?;
-            return Err(HandshakeError::Refused("SASL mechanism".into()));
+            return Err(refused(&mut stream, fields, "SASL mechanism").await);
         }
         _ => return Ok(None),
     };
     let server_first = match scram.client_first(&first) {
         Ok(reply) => reply,
-        Err(error) => {
-            let fields = if error.sqlstate() == "28P01" {
-                auth_failed(error.to_string())
-            } else {
-                refuse(error.sqlstate(), error.to_string(), None)
-            };
-            write_message(&mut stream, &BackendMessage::ErrorResponse(fields)).await?;
-            return Err(HandshakeError::Refused("SCRAM".into()));
-        }
+        Err(error) => return Err(refused(&mut stream, scram_refusal(error), "SCRAM").await),
     };
     write_message(&mut stream, &BackendMessage::AuthenticationSaslContinue(server_first.into())).await?;
     let FrontendMessage::SaslResponse(client_final) =
@@ -278,15 +270,7 @@ async fn handshake(
     };
     let server_final = match scram.client_final(&client_final) {
         Ok(reply) => reply,
-        Err(error) => {
-            let fields = if error.sqlstate() == "28P01" {
-                auth_failed(error.to_string())
-            } else {
-                refuse(error.sqlstate(), error.to_string(), None)
-            };
-            write_message(&mut stream, &BackendMessage::ErrorResponse(fields)).await?;
-            return Err(HandshakeError::Refused("SCRAM".into()));
-        }
+        Err(error) => return Err(refused(&mut stream, scram_refusal(error), "SCRAM").await),
     };
     let mut out = BytesMut::new();
     BackendMessage::AuthenticationSaslFinal(server_final.into()).encode(&mut out)?;
@@ -304,8 +288,7 @@ async fn handshake(
                 stream.write_all(&out).await?;
                 let mut fields = error.to_error_fields();
                 fields.severity = Severity::Fatal;
-                write_message(&mut stream, &BackendMessage::ErrorResponse(fields)).await?;
-                return Err(HandshakeError::Refused("origin unavailable".into()));
+                return Err(refused(&mut stream, fields, "origin unavailable").await);
             }
         }
     }
@@ -356,6 +339,14 @@ async fn read_auth_message(
                 return Err(error.into());
             }
         }
+    }
+}
+
+/// Sends a refusal and ends the handshake; `why` is for the debug log.
+async fn refused(stream: &mut ClientStream, fields: ErrorFields, why: &str) -> HandshakeError {
+    match write_message(stream, &BackendMessage::ErrorResponse(fields)).await {
+        Ok(()) => HandshakeError::Refused(why.to_owned()),
+        Err(error) => HandshakeError::Io(error),
     }
 }
 
@@ -744,13 +735,7 @@ impl Session {
         let cache = self.db.cache.clone().expect("checked by cache_usable");
         match cache.get_or_fetch(key, &class.reads, fetch).await {
             Ok((bytes, outcome)) => {
-                let counters = &self.db.counters;
-                match outcome {
-                    CacheOutcome::Hit => counters.cache_hits.fetch_add(1, Ordering::Relaxed),
-                    CacheOutcome::StaleHit => counters.cache_stale_hits.fetch_add(1, Ordering::Relaxed),
-                    CacheOutcome::Coalesced => counters.cache_coalesced.fetch_add(1, Ordering::Relaxed),
-                    CacheOutcome::Miss | CacheOutcome::Bypass => counters.cache_misses.fetch_add(1, Ordering::Relaxed),
-                };
+                self.db.counters.count_cache(outcome);
                 self.wbuf.extend_from_slice(&bytes);
                 self.send_ready()?;
                 self.flush_client().await?;
@@ -1433,6 +1418,26 @@ pub(crate) struct ExtendedRequest {
     pub(crate) describe: bool,
 }
 
+impl ExtendedRequest {
+    /// Encodes the execution of `statement` (already parsed on the connection) into the unnamed
+    /// portal: Bind, Describe when asked, Execute for every row, Sync.
+    pub(crate) fn encode_execution(&self, buf: &mut BytesMut, statement: &str) -> Result<(), ProtocolError> {
+        FrontendMessage::Bind {
+            portal: String::new(),
+            statement: statement.to_owned(),
+            param_formats: self.param_formats.clone(),
+            params: self.params.clone(),
+            result_formats: self.result_formats.clone(),
+        }
+        .encode(buf)?;
+        if self.describe {
+            FrontendMessage::Describe { kind: Target::Portal, name: String::new() }.encode(buf)?;
+        }
+        FrontendMessage::Execute { portal: String::new(), max_rows: 0 }.encode(buf)?;
+        FrontendMessage::Sync.encode(buf)
+    }
+}
+
 pub(crate) fn fetch_extended(
     pool: Arc<Pool>,
     request: Arc<ExtendedRequest>,
@@ -1462,22 +1467,7 @@ pub(crate) fn fetch_extended(
                 .encode(conn.conn.write_buf())
                 .map_err(encode_error)?;
             }
-            FrontendMessage::Bind {
-                portal: String::new(),
-                statement: prepared.server_name.clone(),
-                param_formats: request.param_formats.clone(),
-                params: request.params.clone(),
-                result_formats: request.result_formats.clone(),
-            }
-            .encode(conn.conn.write_buf())
-            .map_err(encode_error)?;
-            if request.describe {
-                FrontendMessage::Describe { kind: Target::Portal, name: String::new() }
-                    .encode(conn.conn.write_buf())
-                    .map_err(encode_error)?;
-            }
-            FrontendMessage::Execute { portal: String::new(), max_rows: 0 }.encode(conn.conn.write_buf()).map_err(encode_error)?;
-            FrontendMessage::Sync.encode(conn.conn.write_buf()).map_err(encode_error)?;
+            request.encode_execution(conn.conn.write_buf(), &prepared.server_name).map_err(encode_error)?;
             let fetched = collect_response(&mut conn, max_bytes, housekeeping).await?;
             if injected {
                 if fetched.bytes.first() == Some(&b'E') {
