@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use rand::RngCore;
 use tokio::sync::Mutex as AsyncMutex;
 
+use crate::accel::Database;
 use crate::origin::{OriginConfig, send_cancel};
 
 /// The backend a client is running on right now.
@@ -32,6 +33,8 @@ pub struct CancelTarget {
 struct Entry {
     secret_key: i32,
     target: Arc<AsyncMutex<Option<CancelTarget>>>,
+    /// The client's database, whose counters record the cancels forwarded.
+    database: Arc<Database>,
 }
 
 /// Clients' keys, by the process id handed to them.
@@ -50,8 +53,8 @@ pub struct CancelHandle {
 }
 
 impl CancelRegistry {
-    /// Registers a new client under a fresh random key.
-    pub fn register(self: &Arc<Self>) -> CancelHandle {
+    /// Registers a new client of `database` under a fresh random key.
+    pub fn register(self: &Arc<Self>, database: Arc<Database>) -> CancelHandle {
         let mut rng = rand::rng();
         let target = Arc::new(AsyncMutex::new(None));
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
@@ -62,7 +65,7 @@ impl CancelRegistry {
             if process_id == 0 || entries.contains_key(&process_id) {
                 continue;
             }
-            entries.insert(process_id, Entry { secret_key, target: target.clone() });
+            entries.insert(process_id, Entry { secret_key, target: target.clone(), database });
             return CancelHandle { registry: self.clone(), process_id, secret_key, target };
         }
     }
@@ -71,17 +74,20 @@ impl CancelRegistry {
     /// does, so a client learns nothing about other clients' keys. Returns whether a cancel was
     /// sent to an origin.
     pub async fn cancel(&self, process_id: i32, secret_key: i32) -> bool {
-        let target = {
+        let (target, database) = {
             let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             match entries.get(&process_id) {
-                Some(entry) if constant_time_eq(entry.secret_key, secret_key) => entry.target.clone(),
+                Some(entry) if constant_time_eq(entry.secret_key, secret_key) => (entry.target.clone(), entry.database.clone()),
                 _ => return false,
             }
         };
         let slot = target.lock().await;
         let Some(target) = slot.as_ref() else { return false };
         match send_cancel(&target.origin, target.process_id, target.secret_key).await {
-            Ok(()) => true,
+            Ok(()) => {
+                database.counters.cancels.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                true
+            }
             Err(error) => {
                 tracing::warn!(target: "cordon::pgaccel", error = %error, "forwarding a cancel request to the origin failed");
                 false

@@ -303,7 +303,7 @@ async fn handshake(
         };
         BackendMessage::ParameterStatus { name: name.clone(), value }.encode(&mut out)?;
     }
-    let cancel = accel.cancels.register();
+    let cancel = accel.cancels.register(db.clone());
     BackendMessage::BackendKeyData { process_id: cancel.process_id, secret_key: cancel.secret_key }.encode(&mut out)?;
     BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut out)?;
     stream.write_all(&out).await?;

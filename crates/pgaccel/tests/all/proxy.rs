@@ -203,6 +203,7 @@ async fn cancel_reaches_the_backend_running_the_query_and_no_other() {
     let err = tokio::time::timeout(Duration::from_secs(5), slow_a).await.expect("cancelled quickly").unwrap().unwrap_err();
     assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED));
     slow_b.await.unwrap().expect("the other client's query was not cancelled");
+    assert_eq!(proxy.stats().cancels, 1, "the forwarded cancel is counted");
 
     // A cancel with a wrong secret does nothing.
     let c = proxy.client().await;
@@ -217,6 +218,7 @@ async fn cancel_reaches_the_backend_running_the_query_and_no_other() {
     socket.write_all(&packet).await.unwrap();
     drop(forged);
     c_task.await.unwrap().expect("a forged cancel request has no effect");
+    assert_eq!(proxy.stats().cancels, 1, "a forged cancel is not forwarded");
 }
 
 fn rand_i32() -> i32 {
