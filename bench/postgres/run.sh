@@ -197,39 +197,29 @@ data_dir = "$TMP_DIR/cordon-data"
 
 [postgres_proxy]
 listen = "127.0.0.1:$PROXY_PORT"
-
-[[database]]
-name = "nocache"
-tenant = "bench"
-origin = "postgres://postgres@127.0.0.1:$PG_PORT/postgres"
-origin_password_env = "ORIGIN_PASSWORD"
-pool_size = $POOL_SIZE
-max_client_connections = $((MANY_CLIENTS + 100))
-max_waiting_clients = $((MANY_CLIENTS + 100))
-acquire_timeout_ms = 30000
-[[database.users]]
-name = "bench"
-password_env = "CLIENT_PASSWORD"
-[database.cache]
-enabled = false
-
-[[database]]
-name = "cached"
-tenant = "bench"
-origin = "postgres://postgres@127.0.0.1:$PG_PORT/postgres"
-origin_password_env = "ORIGIN_PASSWORD"
-pool_size = $POOL_SIZE
-max_client_connections = $((MANY_CLIENTS + 100))
-max_waiting_clients = $((MANY_CLIENTS + 100))
-acquire_timeout_ms = 30000
-[[database.users]]
-name = "bench"
-password_env = "CLIENT_PASSWORD"
-[database.cache]
-enabled = true
-max_age_s = 60
-max_bytes = 268435456
 EOF
+for db in nocache cached; do
+    if [[ $db == cached ]]; then cache="enabled = true
+max_age_s = 60
+max_bytes = 268435456"; else cache="enabled = false"; fi
+    cat >>"$TMP_DIR/cordon.toml" <<EOF
+
+[[database]]
+name = "$db"
+tenant = "bench"
+origin = "postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+origin_password_env = "ORIGIN_PASSWORD"
+pool_size = $POOL_SIZE
+max_client_connections = $((MANY_CLIENTS + 100))
+max_waiting_clients = $((MANY_CLIENTS + 100))
+acquire_timeout_ms = 30000
+[[database.users]]
+name = "bench"
+password_env = "CLIENT_PASSWORD"
+[database.cache]
+$cache
+EOF
+done
 if [[ $BINDING == 1 ]]; then
     for db in cached nocache; do
         cat >>"$TMP_DIR/cordon.toml" <<EOF
