@@ -1,8 +1,11 @@
 //! Address ranges that no worker may reach by name: the host itself, the
 //! operator's private networks, link-local services (the cloud metadata
 //! endpoint at 169.254.169.254 among them), and ranges that are never a
-//! legitimate public destination. IPv6 forms that embed an IPv4 address are
-//! judged by the IPv4 address they carry.
+//! legitimate public destination. IPv6 forms that embed an IPv4 address at a
+//! fixed place (IPv4-mapped, IPv4-compatible, the well-known NAT64 prefix,
+//! 6to4) are judged by the IPv4 address they carry. Forms that carry it
+//! where only the local network knows (a local-use NAT64 prefix) or
+//! obfuscated (Teredo) are refused outright: the check fails closed.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -34,6 +37,13 @@ pub enum ForbiddenRange {
     Reserved,
     /// fc00::/7
     UniqueLocal,
+    /// 64:ff9b:1::/48, NAT64 prefixes for local use (RFC 8215). Where the
+    /// IPv4 address sits in them depends on the local translator's prefix
+    /// length, so the whole range is refused.
+    LocalUseNat64,
+    /// 2001::/32, Teredo tunnels: the IPv4 address inside is obfuscated and
+    /// reached through a relay, so the whole range is refused.
+    Teredo,
 }
 
 impl fmt::Display for ForbiddenRange {
@@ -51,6 +61,8 @@ impl fmt::Display for ForbiddenRange {
             Self::Broadcast => "broadcast",
             Self::Reserved => "reserved",
             Self::UniqueLocal => "unique local",
+            Self::LocalUseNat64 => "local-use NAT64",
+            Self::Teredo => "Teredo",
         })
     }
 }
@@ -116,16 +128,21 @@ fn forbidden_v6(ip: Ipv6Addr) -> Option<ForbiddenRange> {
         ([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20, Documentation),
         ([0x2001, 0x0002, 0, 0, 0, 0, 0, 0], 48, Benchmarking),
         ([0x0100, 0, 0, 0, 0, 0, 0, 0], 64, Reserved),
+        ([0x0064, 0xff9b, 0x0001, 0, 0, 0, 0, 0], 48, LocalUseNat64),
+        ([0x2001, 0, 0, 0, 0, 0, 0, 0], 32, Teredo),
     ];
     RANGES.iter().find(|(net, prefix, _)| in_v6(ip, *net, *prefix)).map(|(_, _, range)| *range)
 }
 
 /// The IPv4 address inside an IPv4-mapped (`::ffff:a.b.c.d`),
-/// IPv4-compatible (`::a.b.c.d`) or NAT64 (`64:ff9b::a.b.c.d`) address.
+/// IPv4-compatible (`::a.b.c.d`), well-known NAT64 (`64:ff9b::a.b.c.d`) or
+/// 6to4 (`2002:AABB:CCDD::/48`) address.
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
-    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+    let tail = v4(s[6], s[7]);
     match s {
+        [0x2002, hi, lo, ..] => Some(v4(hi, lo)),
         [0, 0, 0, 0, 0, 0xffff, _, _] => Some(tail),
         // `::` and `::1` are IPv6's own unspecified and loopback addresses,
         // judged as such by the caller.
@@ -215,10 +232,20 @@ mod tests {
             ("3fff::1", Documentation),
             ("2001:2::1", Benchmarking),
             ("100::1", Reserved),
+            ("64:ff9b:1::", LocalUseNat64),
+            ("64:ff9b:1::808:808", LocalUseNat64),
+            ("64:ff9b:1:ffff:ffff:ffff:ffff:ffff", LocalUseNat64),
+            ("64:ff9b:1:7f00:1::", LocalUseNat64),
+            ("2001::1", Teredo),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", Teredo),
         ] {
             assert_eq!(range(ip), Some(expected), "{ip}");
         }
         for ip in ["2606:4700:4700::1111", "2001:4860:4860::8888", "2a00:1450::1"] {
+            assert_eq!(range(ip), None, "{ip}");
+        }
+        // The neighbours of the local-use NAT64 and Teredo ranges.
+        for ip in ["64:ff9b:0:ffff:ffff:ffff::", "64:ff9b:2::808:808", "64:ff9a:1::1", "2001:1::1", "2000:ffff::1"] {
             assert_eq!(range(ip), None, "{ip}");
         }
     }
@@ -236,10 +263,15 @@ mod tests {
             ("::192.168.0.1", Private),
             ("64:ff9b::127.0.0.1", Loopback),
             ("64:ff9b::a9fe:a9fe", LinkLocal),
+            ("2002:7f00:1::", Loopback),
+            ("2002:a9fe:a9fe::1", LinkLocal),
+            ("2002:c0a8:101:5::9", Private),
+            ("2002::", ThisNetwork),
         ] {
             assert_eq!(range(ip), Some(expected), "{ip}");
         }
         assert_eq!(range("::ffff:8.8.8.8"), None);
         assert_eq!(range("64:ff9b::8.8.8.8"), None);
+        assert_eq!(range("2002:808:808::1"), None, "6to4 of a public address");
     }
 }

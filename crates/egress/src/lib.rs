@@ -8,7 +8,8 @@
 //!    refused, because resolvers and libraries disagree about them;
 //! 3. scheme, host and port must match an entry of the worker's
 //!    [`Allowlist`];
-//! 4. the name is resolved once, and every address it resolves to must be
+//! 4. the name is resolved once, asynchronously and within a lookup slot of
+//!    the tenant's ([`network`]), and every address it resolves to must be
 //!    public ([`address::forbidden_range`]) unless the matching entry names
 //!    that literal IP or a CIDR containing it;
 //! 5. the connection goes to one of exactly those checked addresses, so a
@@ -28,7 +29,9 @@ pub mod send;
 pub use address::{ForbiddenRange, forbidden_range};
 pub use allowlist::{Allowlist, AllowlistError, HostPattern, OutboundRule, Scheme};
 pub use host::{HostError, TargetHost, parse_host};
-pub use network::{BoxFuture, Dial, Network, NetworkBuilder, NetworkError, Resolve, SystemResolver, TcpDialer};
+pub use network::{
+    BoxFuture, Dial, DnsConfig, DnsResolver, HostsFile, LookupLimits, Network, NetworkBuilder, NetworkError, Resolve, TcpDialer,
+};
 pub use send::{
     ConnectionTask, EgressError, EgressLimits, EgressStats, EgressUsage, Phase, RequestEgress, ResponseBody, Timeouts, WorkerEgress,
 };

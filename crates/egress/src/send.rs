@@ -24,7 +24,7 @@ use tokio::time::{Instant, Sleep};
 use crate::address::ForbiddenRange;
 use crate::allowlist::{Allowlist, Scheme};
 use crate::host::{TargetHost, parse_host};
-use crate::network::{BoxFuture, Network};
+use crate::network::{BoxFuture, LookupError, Network};
 
 /// What one request of a worker may do outbound.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +60,12 @@ pub enum EgressError {
     ResponseTooLarge { limit: u64 },
     #[error("{phase} timed out (limits.subrequest_timeout_ms is {limit_ms} ms)")]
     Timeout { phase: Phase, limit_ms: u64 },
+    #[error("no name server answered for {name} within {after_ms} ms (the resolver's lookup timeout)")]
+    LookupTimeout { name: String, after_ms: u64 },
+    #[error(
+        "name lookup for {name} not started: {limit} lookups {scope} were already in flight until the subrequest's deadline (at most {limit} at once)"
+    )]
+    TooManyLookups { name: String, limit: u32, scope: &'static str },
     #[error("no address found for {name}")]
     NameNotFound { name: String },
     #[error("cannot resolve {name}: {message}")]
@@ -103,7 +109,15 @@ impl EgressError {
     }
 
     fn is_limit(&self) -> bool {
-        matches!(self, Self::TooManySubrequests { .. } | Self::TotalBytesExceeded { .. } | Self::ResponseTooLarge { .. })
+        matches!(
+            self,
+            Self::TooManySubrequests { .. }
+                | Self::TotalBytesExceeded { .. }
+                | Self::ResponseTooLarge { .. }
+                | Self::LookupTimeout { .. }
+                | Self::TooManyLookups { .. }
+                | Self::Timeout { phase: Phase::Resolve, .. }
+        )
     }
 }
 
@@ -372,15 +386,23 @@ impl Shared {
         // Resolve once; these addresses, and only these, are checked and dialed.
         let addrs = match &target.host {
             TargetHost::Ip(ip) => vec![*ip],
-            TargetHost::Name(name) => {
-                let lookup = self.network.resolver.resolve(name);
-                match tokio::time::timeout_at(deadline, lookup).await {
-                    Err(_) => return Err(self.timeout(Phase::Resolve)),
-                    Ok(Err(e)) => return Err(EgressError::Dns { name: name.clone(), message: e.to_string() }),
-                    Ok(Ok(addrs)) if addrs.is_empty() => return Err(EgressError::NameNotFound { name: name.clone() }),
-                    Ok(Ok(addrs)) => addrs,
+            // A lookup that runs out of time, or cannot start because the
+            // tenant's lookups are all in flight, is a limit: logged once
+            // per request as a security event, and counted.
+            TargetHost::Name(name) => match self.network.lookup(&self.worker.tenant, name, deadline).await {
+                Err(LookupError::Busy { limit, per_tenant }) => {
+                    let scope = if per_tenant { "of this tenant" } else { "of the whole process" };
+                    return Err(self.limited(EgressError::TooManyLookups { name: name.clone(), limit, scope }, &target.origin()));
                 }
-            }
+                Err(LookupError::TimedOut { after }) => {
+                    let error = EgressError::LookupTimeout { name: name.clone(), after_ms: after.as_millis() as u64 };
+                    return Err(self.limited(error, &target.origin()));
+                }
+                Err(LookupError::Deadline) => return Err(self.limited(self.timeout(Phase::Resolve), &target.origin())),
+                Err(LookupError::Failed(e)) => return Err(EgressError::Dns { name: name.clone(), message: e.to_string() }),
+                Ok(addrs) if addrs.is_empty() => return Err(EgressError::NameNotFound { name: name.clone() }),
+                Ok(addrs) => addrs,
+            },
         };
         for ip in &addrs {
             if let Err(range) = self.worker.allowlist.check_address(target.scheme, target.port, *ip) {
