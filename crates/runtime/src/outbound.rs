@@ -45,8 +45,10 @@ fn error_code(e: EgressError) -> Error {
         EgressError::NotAllowed { .. } | EgressError::InvalidTarget { .. } => Error::HttpRequestDenied,
         EgressError::ForbiddenAddress { .. } => Error::DestinationIpProhibited,
         EgressError::ResponseTooLarge { limit } => Error::HttpResponseBodySize(Some(limit)),
-        EgressError::TooManySubrequests { .. } | EgressError::TotalBytesExceeded { .. } => Error::InternalError(Some(e.to_string())),
-        EgressError::Timeout { phase: Phase::Resolve, .. } => Error::DnsTimeout,
+        EgressError::TooManySubrequests { .. } | EgressError::TotalBytesExceeded { .. } | EgressError::TooManyLookups { .. } => {
+            Error::InternalError(Some(e.to_string()))
+        }
+        EgressError::Timeout { phase: Phase::Resolve, .. } | EgressError::LookupTimeout { .. } => Error::DnsTimeout,
         EgressError::Timeout { phase: Phase::Connect, .. } => Error::ConnectionTimeout,
         EgressError::Timeout { phase: Phase::ResponseHead | Phase::ResponseBody, .. } => Error::HttpResponseTimeout,
         EgressError::NameNotFound { .. } => Error::DnsError { rcode: Some("NXDOMAIN".into()), info_code: None },
