@@ -98,8 +98,8 @@ impl DnsConfig {
             config.hosts = hosts;
             return Ok(config);
         }
-        let (parsed, options) = hickory_resolver::system_conf::parse_resolv_conf(resolv_conf)
-            .map_err(|e| NetworkError::Dns(format!("resolv.conf: {e}")))?;
+        let (parsed, options) =
+            hickory_resolver::system_conf::parse_resolv_conf(resolv_conf).map_err(|e| NetworkError::Dns(format!("resolv.conf: {e}")))?;
         let name_servers = parsed.name_servers().iter().map(|ns| SocketAddr::new(ns.ip, 53)).collect();
         Ok(DnsConfig {
             name_servers,
@@ -279,9 +279,14 @@ impl Default for LookupLimits {
 pub(crate) enum LookupError {
     /// The deadline passed while the tenant (or the process) had every
     /// lookup slot in use; the lookup never started.
-    Busy { limit: u32, per_tenant: bool },
+    Busy {
+        limit: u32,
+        per_tenant: bool,
+    },
     /// The resolver's own timeout passed without an answer.
-    TimedOut { after: Duration },
+    TimedOut {
+        after: Duration,
+    },
     /// The subrequest's deadline passed during the lookup.
     Deadline,
     Failed(io::Error),
@@ -559,6 +564,8 @@ mod tests {
         }
         // A deadline before the resolver's timeout is the subrequest's.
         assert!(matches!(network.lookup("a", "x.test", soon()).await, Err(LookupError::Deadline)));
-        assert!(matches!(network.lookup("c", "x.test", later()).await, Err(LookupError::TimedOut { after }) if after == Duration::from_millis(400)));
+        assert!(
+            matches!(network.lookup("c", "x.test", later()).await, Err(LookupError::TimedOut { after }) if after == Duration::from_millis(400))
+        );
     }
 }
