@@ -402,6 +402,11 @@ async fn forbidden_ranges_are_refused_by_literal_and_by_name() {
         "::ffff:10.0.0.1",
         "::127.0.0.1",
         "64:ff9b::a9fe:a9fe",
+        "64:ff9b:1::7f00:1",
+        "64:ff9b:1::808:808",
+        "2001::1",
+        "2002:7f00:1::1",
+        "2002:a9fe:a9fe::",
     ];
     for (i, ip) in forbidden.iter().enumerate() {
         net.resolver.answer(&format!("n{i}.test"), &[&[ip]]);

@@ -7,6 +7,7 @@ mod admin;
 mod bindings;
 mod cache;
 mod egress;
+mod egress_dns;
 mod hostile_requests;
 mod hostile_workers;
 mod isolation;
