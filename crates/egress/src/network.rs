@@ -442,6 +442,13 @@ impl NetworkBuilder {
                     Some(dns) => dns,
                     None => DnsConfig::system()?,
                 };
+                tracing::info!(
+                    name_servers = ?dns.name_servers,
+                    hosts = dns.hosts.names.len(),
+                    lookup_timeout_ms = dns.lookup_timeout().as_millis() as u64,
+                    lookups_per_tenant = self.lookup_limits.per_tenant,
+                    "outbound name lookups"
+                );
                 (Arc::new(DnsResolver::new(&dns)?), dns.lookup_timeout())
             }
         };
