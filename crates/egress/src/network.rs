@@ -51,7 +51,8 @@ pub trait Resolve: Send + Sync + 'static {
 /// host table, and how long one query may wait.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsConfig {
-    /// Asked in this order, over UDP (TCP for a truncated answer).
+    /// Asked in this order, over UDP only: an answer too large for one
+    /// datagram (1,232 bytes, some 70 addresses) is an error.
     pub name_servers: Vec<SocketAddr>,
     /// Names answered without asking a name server.
     pub hosts: HostsFile,
@@ -161,7 +162,7 @@ impl HostsFile {
 }
 
 /// The real resolver: the static host table first, then the name servers,
-/// asked asynchronously (hickory-resolver) for A and AAAA at once.
+/// asked asynchronously (hickory-resolver) over UDP for A and AAAA at once.
 pub struct DnsResolver {
     resolver: TokioResolver,
     hosts: HostsFile,
@@ -176,7 +177,11 @@ impl DnsResolver {
             .name_servers
             .iter()
             .map(|addr| {
-                let mut server = NameServerConfig::udp_and_tcp(addr.ip());
+                // UDP only. Over TCP the resolver keeps its connections
+                // past the lookups that opened them, so a name server that
+                // truncates its answers and then stays silent over TCP would
+                // leave sockets behind; a truncated answer is an error instead.
+                let mut server = NameServerConfig::udp(addr.ip());
                 for connection in &mut server.connections {
                     connection.port = addr.port();
                 }

@@ -31,32 +31,50 @@ async fn bind_udp_and_tcp() -> (UdpSocket, TcpListener) {
 }
 
 /// Reads every query and never answers; TCP connections are accepted and
-/// held open in silence.
+/// held open in silence. With
+/// `truncate`, each UDP query gets an empty answer with the truncation bit
+/// set, which sends the resolver to TCP, where nothing answers either.
 struct BlackHole {
     addr: SocketAddr,
     queries: Arc<AtomicU64>,
+    tcp_accepted: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl BlackHole {
     async fn start() -> BlackHole {
+        BlackHole::start_with(false).await
+    }
+
+    async fn start_with(truncate: bool) -> BlackHole {
         let (udp, tcp) = bind_udp_and_tcp().await;
         let addr = udp.local_addr().unwrap();
         let queries = Arc::new(AtomicU64::new(0));
         let count = queries.clone();
         let udp_task = tokio::spawn(async move {
             let mut buf = [0u8; 2048];
-            while udp.recv_from(&mut buf).await.is_ok() {
+            while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
                 count.fetch_add(1, Ordering::Relaxed);
+                if truncate && n >= 12 {
+                    let mut reply = buf[..n].to_vec();
+                    // QR and TC set, no answers, no additional records.
+                    reply[2] = 0x80 | 0x02 | (reply[2] & 0x01);
+                    reply[3] = 0x80;
+                    reply[6..12].fill(0);
+                    let _ = udp.send_to(&reply, peer).await;
+                }
             }
         });
+        let tcp_accepted = Arc::new(AtomicU64::new(0));
+        let accepted = tcp_accepted.clone();
         let tcp_task = tokio::spawn(async move {
             let mut held = Vec::new();
             while let Ok((stream, _)) = tcp.accept().await {
+                accepted.fetch_add(1, Ordering::Relaxed);
                 held.push(stream);
             }
         });
-        BlackHole { addr, queries, tasks: vec![udp_task, tcp_task] }
+        BlackHole { addr, queries, tcp_accepted, tasks: vec![udp_task, tcp_task] }
     }
 
     fn queries(&self) -> u64 {
@@ -391,6 +409,35 @@ async fn a_tenant_at_its_lookup_cap_waits_for_its_own_lookups_only() {
     assert_eq!(events[0]["target"], "cordon::security");
     let capped_event = log_events("egress_limit").into_iter().find(|e| e["worker"] == "capped").expect("the refusal is logged");
     assert!(capped_event["reason"].as_str().unwrap().contains("at most 2 at once"), "{capped_event}");
+}
+
+/// A name server that truncates every answer, to send the resolver over
+/// to TCP, where it would accept connections and say nothing: lookups are
+/// UDP only, so each fails at once with `DNS-error` and no TCP connection
+/// is ever opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncating_name_server_cannot_lead_lookups_to_tcp() {
+    let hole = BlackHole::start_with(true).await;
+    let network = Arc::new(Network::builder().dns(DnsConfig::name_servers(vec![hole.addr])).build().unwrap());
+    let workers = fetcher("tcp", "t-tcp", &["http://*.silent.test".into()], "subrequest_timeout_ms = 5000");
+    let s = Arc::new(start_with(&workers, Options { network: Some(network), ..Default::default() }).await);
+    let fetches: Vec<_> = (0..24)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                (fetch(&s, "tcp", &format!("http://t{i}.silent.test/")).await, started.elapsed())
+            })
+        })
+        .collect();
+    for f in fetches {
+        let (text, took) = f.await.unwrap();
+        assert!(text.starts_with("fetch error: ErrorCode::DnsError("), "{text}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+    assert!(hole.queries() >= 24, "every lookup asked over UDP: {}", hole.queries());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(hole.tcp_accepted.load(Ordering::Relaxed), 0, "no lookup went over to TCP");
 }
 
 /// The attack: one tenant's worker sends subrequests to names under its
