@@ -55,6 +55,12 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// Connections served at once; further ones wait in the accept queue.
     pub max_connections: usize,
+    /// Name lookups for outbound requests in flight at once, over the
+    /// whole process.
+    pub max_name_lookups: u32,
+    /// Name lookups for outbound requests in flight at once for one
+    /// tenant, over all its workers; a further one waits for one of them.
+    pub max_name_lookups_per_tenant: u32,
 }
 
 /// `[security]`: process-wide hardening switches.

@@ -193,6 +193,22 @@ impl Validator<'_> {
                 1_000_000,
                 "the number of connections served at once",
             ) as usize,
+            max_name_lookups: self.int(
+                &s.max_name_lookups,
+                "server.max_name_lookups",
+                1024,
+                1,
+                65_536,
+                "the number of name lookups in flight at once",
+            ) as u32,
+            max_name_lookups_per_tenant: self.int(
+                &s.max_name_lookups_per_tenant,
+                "server.max_name_lookups_per_tenant",
+                16,
+                1,
+                65_536,
+                "the number of name lookups one tenant may have in flight at once",
+            ) as u32,
         }
     }
 
@@ -675,7 +691,29 @@ mod tests {
         assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:8081");
         assert_eq!(c.server.data_dir, Path::new("/srv/.cordon"));
         assert_eq!(c.security.memory_protection_keys, MemoryProtectionKeys::Auto);
+        assert_eq!((c.server.max_name_lookups, c.server.max_name_lookups_per_tenant), (1024, 16));
         assert!(c.workers.is_empty());
+    }
+
+    #[test]
+    fn name_lookup_limits_have_ranges() {
+        let c = parse(
+            Path::new("/srv/cordon.toml"),
+            "[server]
+max_name_lookups = 64
+max_name_lookups_per_tenant = 4
+",
+        )
+        .unwrap();
+        assert_eq!((c.server.max_name_lookups, c.server.max_name_lookups_per_tenant), (64, 4));
+        let e = errors(
+            "[server]
+max_name_lookups = 0
+max_name_lookups_per_tenant = 100000
+",
+        );
+        assert!(e.iter().any(|e| e.key.as_deref() == Some("server.max_name_lookups")), "{e:?}");
+        assert!(e.iter().any(|e| e.key.as_deref() == Some("server.max_name_lookups_per_tenant")), "{e:?}");
     }
 
     fn worker_with(extra: &str) -> String {

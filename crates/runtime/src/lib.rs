@@ -131,7 +131,9 @@ impl Runtime {
     /// from the cache under `data_dir`) every worker's component, in parallel.
     /// Any worker that fails to load fails the start.
     pub fn start(config: &Config) -> Result<Runtime, StartError> {
-        Self::start_with_network(config, Arc::new(Network::system()?))
+        let lookups =
+            cordon_egress::LookupLimits { per_tenant: config.server.max_name_lookups_per_tenant, total: config.server.max_name_lookups };
+        Self::start_with_network(config, Arc::new(Network::builder().lookup_limits(lookups).build()?))
     }
 
     /// [`Runtime::start`], with outbound requests going through `network`
@@ -185,6 +187,12 @@ impl Runtime {
 
     pub fn posture(&self) -> &Posture {
         &self.posture
+    }
+
+    /// The resolver, dialer, TLS trust and lookup slots that outbound
+    /// requests go through.
+    pub fn network(&self) -> &Arc<Network> {
+        &self.network
     }
 
     pub fn workers(&self) -> &[Arc<Worker>] {

@@ -440,6 +440,20 @@ async fn a_truncating_name_server_cannot_lead_lookups_to_tcp() {
     assert_eq!(hole.tcp_accepted.load(Ordering::Relaxed), 0, "no lookup went over to TCP");
 }
 
+/// `cordon serve`'s way in: the `[server]` lookup limits reach the network
+/// that `Runtime::start` builds with the system's name servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lookup_limits_come_from_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let text =
+        format!("[server]\ndata_dir = \"{}\"\nmax_name_lookups = 40\nmax_name_lookups_per_tenant = 3\n", dir.path().join("data").display());
+    let path = dir.path().join("cordon.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = cordon_config::Config::load(&path).unwrap();
+    let runtime = tokio::task::spawn_blocking(move || cordon_runtime::Runtime::start(&config)).await.unwrap().unwrap();
+    assert_eq!(runtime.network().lookup_limits(), LookupLimits { per_tenant: 3, total: 40 });
+}
+
 /// The attack: one tenant's worker sends subrequests to names under its
 /// allowed wildcard whose name server never answers, 48 requests at a time
 /// for 6 s. Every subrequest fails by its deadline with `DNS-timeout` (or,
