@@ -53,7 +53,9 @@ use crate::protocol::FrontendMessage;
 /// A snapshot older than this is refreshed in the background (and still used meanwhile).
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// Refreshes of one database start at least this far apart.
-pub const MIN_REFRESH_GAP: Duration = Duration::from_millis(200);
+pub const MIN_REFRESH_GAP: Duration = Duration::from_millis(100);
+/// How long a cacheable read waits for a current snapshot before it goes to the origin uncached.
+pub const READ_WAIT: Duration = Duration::from_secs(1);
 /// A refresh that takes longer is abandoned; nothing is cached until one succeeds.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest catalog answer read; a database whose catalog is larger is never cached.
@@ -302,6 +304,8 @@ pub struct Catalog {
     /// Invalidated as a whole when a refresh finds the catalog changed behind Cordon's back.
     cache: Option<Arc<QueryCache>>,
     state: Mutex<State>,
+    /// Woken when a snapshot is installed.
+    installed: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -327,7 +331,7 @@ struct Installed {
 impl Catalog {
     /// The catalog of the database behind `pool`. Nothing is read until a statement needs it.
     pub fn new(pool: Arc<Pool>, cache: Option<Arc<QueryCache>>) -> Arc<Catalog> {
-        Arc::new(Catalog { pool, cache, state: Mutex::new(State::default()) })
+        Arc::new(Catalog { pool, cache, state: Mutex::new(State::default()), installed: tokio::sync::Notify::new() })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -363,8 +367,11 @@ impl Catalog {
     /// Why a cacheable-looking read must not be served from or stored in the cache, if it must
     /// not. `params` are the bound values (their format does not matter: text that reads as a
     /// time-relative input is refused either way), `param_types` the declared parameter types.
-    pub fn check_read(self: &Arc<Self>, class: &Classification, params: &[Option<Bytes>], param_types: &[u32]) -> Result<(), String> {
-        let Some(snapshot) = self.current() else {
+    ///
+    /// Without a current snapshot (the first read, or after DDL) it waits up to [`READ_WAIT`] for
+    /// one; this costs the caller's own time only.
+    pub async fn check_read(self: &Arc<Self>, class: &Classification, params: &[Option<Bytes>], param_types: &[u32]) -> Result<(), String> {
+        let Some(snapshot) = self.wait_current().await else {
             return Err("the catalog is being read".to_owned());
         };
         if let Some(reason) = snapshot.read_refusal(class, param_types) {
@@ -379,6 +386,21 @@ impl Catalog {
             return Err("a parameter is a time-relative date/time input ('now', 'today', ...)".to_owned());
         }
         Ok(())
+    }
+
+    async fn wait_current(self: &Arc<Self>) -> Option<Arc<Snapshot>> {
+        let deadline = Instant::now() + READ_WAIT;
+        loop {
+            let installed = self.installed.notified();
+            tokio::pin!(installed);
+            installed.as_mut().enable();
+            if let Some(snapshot) = self.current() {
+                return Some(snapshot);
+            }
+            if tokio::time::timeout_at(deadline, installed).await.is_err() {
+                return None;
+            }
+        }
     }
 
     /// What a statement that ran invalidates, judged against the current snapshot.
@@ -489,6 +511,7 @@ impl Catalog {
         if changed && let Some(cache) = &self.cache {
             cache.invalidate_all();
         }
+        self.installed.notify_waiters();
     }
 }
 
@@ -565,8 +588,8 @@ fn decode_rows(bytes: Bytes) -> Result<Vec<(String, String, String)>, LoadError>
 
 impl Database {
     /// Why a read the classifier found cacheable must not use the cache, if it must not.
-    pub(crate) fn cache_refusal(&self, class: &Classification, params: &[Option<Bytes>], param_types: &[u32]) -> Option<String> {
-        self.catalog.check_read(class, params, param_types).err()
+    pub(crate) async fn cache_refusal(&self, class: &Classification, params: &[Option<Bytes>], param_types: &[u32]) -> Option<String> {
+        self.catalog.check_read(class, params, param_types).await.err()
     }
 
     /// What a statement that ran invalidates.

@@ -88,7 +88,7 @@ impl Database {
         let class = &request.prepared.class;
         let cacheable = request.prepared.cacheable
             && self.cache.is_some()
-            && self.cache_refusal(class, &request.params, &request.prepared.param_types).is_none();
+            && self.cache_refusal(class, &request.params, &request.prepared.param_types).await.is_none();
         let max_bytes = match &self.cache {
             Some(_) if cacheable => limits.max_result_bytes.min(self.cache_max_entry_bytes),
             _ => limits.max_result_bytes,

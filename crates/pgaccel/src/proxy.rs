@@ -703,7 +703,8 @@ impl Session {
         let class = self.db.classifier.classify(&sql, self.status != TransactionStatus::Idle).await;
         // A simple Query replaces the unnamed statement.
         self.statements.remove("");
-        let cacheable = class.cacheable && !opted_out(&sql) && (!self.cache_usable() || self.db.cache_refusal(&class, &[], &[]).is_none());
+        let cacheable =
+            class.cacheable && !opted_out(&sql) && (!self.cache_usable() || self.db.cache_refusal(&class, &[], &[]).await.is_none());
         if self.cache_usable() && cacheable {
             if let Some(normalized) = class.normalized.clone() {
                 let key = CacheKey { role: self.role_key(), query: normalized, params: Vec::new(), formats: Vec::new(), protocol: b'Q' };
@@ -986,7 +987,7 @@ impl Session {
             },
         };
         let (true, Some(normalized)) = (prepared.cacheable, prepared.class.normalized.clone()) else { return Ok(false) };
-        if self.db.cache_refusal(&prepared.class, params, &prepared.param_types).is_some() {
+        if self.db.cache_refusal(&prepared.class, params, &prepared.param_types).await.is_some() {
             return Ok(false);
         }
         self.db.counters.queries.fetch_add(1, Ordering::Relaxed);
