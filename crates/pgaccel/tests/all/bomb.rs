@@ -41,7 +41,7 @@ async fn a_classifier_bomb_through_the_proxy_leaves_other_tenants_latency_alone(
     let victim = proxy.client_as("acme_app", GLOBEX_PASSWORD, "globex.main").await;
     victim.simple_query("SELECT 1").await.unwrap();
     let rss_before = rss_bytes();
-    let text = Arc::new(bomb(300, 15));
+    let text = Arc::new(bomb(300, 14));
     let deadline = Instant::now() + ATTACK;
     let mut attackers = Vec::new();
     for _ in 0..4 {
@@ -86,7 +86,7 @@ async fn a_classifier_bomb_through_the_binding_is_refused_or_bounded_and_leaves_
 
     // Several statements in one text are refused before any parsing.
     let started = Instant::now();
-    let refused = attacker.query(&bomb(300, 15), &[], limits).await;
+    let refused = attacker.query(&bomb(300, 14), &[], limits).await;
     assert!(matches!(&refused, Err(QueryError::Invalid(message)) if message.contains("more than one statement")), "{refused:?}");
     assert!(started.elapsed() < Duration::from_millis(100), "refused in {:?}", started.elapsed());
     let refused = attacker.transaction(&[("SELECT 1".to_owned(), vec![]), (bomb(2, 3), vec![])], limits).await;
@@ -95,7 +95,7 @@ async fn a_classifier_bomb_through_the_binding_is_refused_or_bounded_and_leaves_
     victim.query("SELECT 1", &[], limits).await.unwrap();
     let rss_before = rss_bytes();
     // One statement at the per-statement limit: classified on the pool, one at a time for acme.
-    let single = Arc::new(bomb(1, 15));
+    let single = Arc::new(bomb(1, 14));
     let deadline = Instant::now() + ATTACK;
     let mut attackers = Vec::new();
     for _ in 0..8 {
@@ -104,7 +104,7 @@ async fn a_classifier_bomb_through_the_binding_is_refused_or_bounded_and_leaves_
             let mut sent = 0;
             while Instant::now() < deadline {
                 let _ = attacker.query(&single, &[Value::Null; 0], limits).await;
-                let _ = attacker.query(&bomb(300, 15), &[], limits).await;
+                let _ = attacker.query(&bomb(300, 14), &[], limits).await;
                 sent += 1;
             }
             sent
