@@ -58,6 +58,8 @@ pub const MIN_REFRESH_GAP: Duration = Duration::from_millis(100);
 pub const READ_WAIT: Duration = Duration::from_secs(1);
 /// A refresh that takes longer is abandoned; nothing is cached until one succeeds.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failed refresh the next one waits this long, and reads do not wait for it.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
 /// Largest catalog answer read; a database whose catalog is larger is never cached.
 pub const MAX_CATALOG_BYTES: usize = 16 << 20;
 
@@ -184,6 +186,9 @@ impl Snapshot {
             snapshot.edge(base.clone(), view.clone());
             snapshot.edge(view.clone(), base.clone());
         }
+        for targets in snapshot.affects.values_mut() {
+            targets.sort_unstable();
+        }
         // A view over an uncacheable relation is uncacheable too, through any depth of views.
         loop {
             let before = snapshot.uncacheable.len();
@@ -214,9 +219,7 @@ impl Snapshot {
                 return Some(format!("reads {table}, which the catalog does not list"));
             }
             if self.uncacheable.contains(&name) {
-                return Some(format!(
-                    "reads {table}, a sequence, foreign table, table with row security or view over volatile functions"
-                ));
+                return Some(format!("reads {table}, a sequence, foreign table, table with row security or view over volatile functions"));
             }
         }
         if let Some(reason) = self.user_code(class) {
@@ -316,6 +319,8 @@ struct State {
     refreshing: bool,
     wanted: bool,
     last_started: Option<Instant>,
+    /// Set when the last refresh failed: when the next may start.
+    retry_at: Option<Instant>,
     /// Refreshes that ran to the end, whatever they found (for tests and metrics).
     refreshes: u64,
 }
@@ -397,6 +402,10 @@ impl Catalog {
             if let Some(snapshot) = self.current() {
                 return Some(snapshot);
             }
+            if self.lock().retry_at.is_some() {
+                // The catalog cannot be read now: go to the origin uncached rather than wait.
+                return None;
+            }
             if tokio::time::timeout_at(deadline, installed).await.is_err() {
                 return None;
             }
@@ -421,8 +430,10 @@ impl Catalog {
             }
         };
         let Some(snapshot) = snapshot else {
-            // Never read: nothing was cached yet, but the statement may run the tenant's code.
-            return unknown(touches_code);
+            // Never read: nothing is cached yet. Whatever the classifier could not see into is
+            // already `Unknown` above; a shadowing function or operator exists only if DDL
+            // created it, and that DDL advanced the epoch.
+            return unknown(false);
         };
         if snapshot.user_code(class).is_some() {
             return unknown(true);
@@ -479,7 +490,8 @@ impl Catalog {
                     return;
                 }
                 state.wanted = false;
-                state.last_started.map(|at| (at + MIN_REFRESH_GAP).saturating_duration_since(Instant::now())).unwrap_or_default()
+                let earliest = state.last_started.map(|at| at + MIN_REFRESH_GAP).max(state.retry_at);
+                earliest.map(|at| at.saturating_duration_since(Instant::now())).unwrap_or_default()
             };
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
@@ -489,10 +501,20 @@ impl Catalog {
                 state.last_started = Some(Instant::now());
                 state.epoch
             };
-            match tokio::time::timeout(REFRESH_TIMEOUT, load(&self.pool)).await {
+            let loaded = tokio::time::timeout(REFRESH_TIMEOUT, load(&self.pool)).await;
+            if !matches!(loaded, Ok(Ok(_))) {
+                self.lock().retry_at = Some(Instant::now() + RETRY_AFTER_FAILURE);
+                // Readers waiting for this refresh go to the origin uncached instead.
+                self.installed.notify_waiters();
+            }
+            match loaded {
                 Ok(Ok(snapshot)) => self.install(snapshot, epoch),
-                Ok(Err(error)) => tracing::warn!(target: "cordon::pgaccel", database = %self.pool.origin().database, error = %error, "reading the origin's catalog failed; nothing is cached until it succeeds"),
-                Err(_) => tracing::warn!(target: "cordon::pgaccel", database = %self.pool.origin().database, "reading the origin's catalog timed out; nothing is cached until it succeeds"),
+                Ok(Err(error)) => {
+                    tracing::warn!(target: "cordon::pgaccel", database = %self.pool.origin().database, error = %error, "reading the origin's catalog failed; nothing is cached until it succeeds")
+                }
+                Err(_) => {
+                    tracing::warn!(target: "cordon::pgaccel", database = %self.pool.origin().database, "reading the origin's catalog timed out; nothing is cached until it succeeds")
+                }
             }
         }
     }
@@ -500,6 +522,7 @@ impl Catalog {
     fn install(&self, snapshot: Snapshot, epoch: u64) {
         let mut state = self.lock();
         state.refreshes += 1;
+        state.retry_at = None;
         let changed = state.snapshot.as_ref().is_some_and(|old| *old.snapshot != snapshot);
         state.snapshot = Some(Installed { snapshot: Arc::new(snapshot), epoch, taken_at: Instant::now() });
         if state.epoch != epoch {
@@ -600,5 +623,142 @@ impl Database {
     /// Applies an invalidation to this database's catalog and cache.
     pub(crate) fn invalidate(&self, invalidation: &Invalidation) {
         self.catalog.apply(invalidation, self.cache.as_deref());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::classify;
+
+    fn rows(spec: &[(&str, &str, &str)]) -> Snapshot {
+        Snapshot::from_rows(spec.iter().map(|(k, a, b)| (k.to_string(), a.to_string(), b.to_string())))
+    }
+
+    fn snapshot() -> Snapshot {
+        rows(&[
+            ("k", "parent", ""),
+            ("k", "child", ""),
+            ("k", "grandchild", ""),
+            ("k", "plain", ""),
+            ("k", "base", ""),
+            ("k", "v1", ""),
+            ("k", "v2", ""),
+            ("k", "Mixed", ""),
+            ("k", "audited", ""),
+            ("k", "seq", ""),
+            ("u", "seq", ""),
+            ("k", "nowish", ""),
+            ("u", "nowish", ""),
+            ("k", "over_nowish", ""),
+            ("e", "parent", "child"),
+            ("e", "child", "grandchild"),
+            ("i", "part1", "measures"),
+            ("k", "part1", ""),
+            ("k", "measures", ""),
+            ("v", "v1", "base"),
+            ("v", "v2", "v1"),
+            ("v", "over_nowish", "nowish"),
+            ("x", "audited", ""),
+            ("f", "lower", ""),
+            ("o", "@@", ""),
+            ("t", "bounded", "16400"),
+        ])
+    }
+
+    fn reach(snapshot: &Snapshot, sql: &str) -> Reach {
+        match classify(sql, false).writes {
+            Writes::Tables(tables) => snapshot.reach(&tables),
+            other => panic!("{sql}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn writes_reach_what_keys_inheritance_and_views_link() {
+        let s = snapshot();
+        let names = |list: &[&str]| {
+            let mut v: Vec<String> = list.iter().map(|n| n.to_string()).collect();
+            v.sort();
+            Reach::Relations(v)
+        };
+        assert_eq!(reach(&s, "DELETE FROM parent"), names(&["parent", "child", "grandchild"]));
+        assert_eq!(reach(&s, "DELETE FROM child"), names(&["child", "grandchild"]), "a key's action runs from the referenced table only");
+        assert_eq!(reach(&s, "UPDATE part1 SET v = 1"), names(&["part1", "measures"]));
+        assert_eq!(reach(&s, "UPDATE measures SET v = 1"), names(&["part1", "measures"]));
+        assert_eq!(reach(&s, "UPDATE base SET v = 1"), names(&["base", "v1", "v2"]));
+        assert_eq!(reach(&s, "UPDATE v2 SET v = 1"), names(&["base", "v1", "v2"]));
+        assert_eq!(reach(&s, "UPDATE plain SET v = 1"), names(&["plain"]));
+        assert_eq!(reach(&s, "UPDATE \"Mixed\" SET v = 1"), names(&["mixed"]));
+        assert_eq!(reach(&s, "INSERT INTO audited VALUES (1)"), Reach::RunsCode);
+        assert_eq!(reach(&s, "INSERT INTO brand_new VALUES (1)"), Reach::Unlisted);
+    }
+
+    #[test]
+    fn reads_are_refused_for_user_code_and_unstable_relations() {
+        let s = snapshot();
+        let refusal = |sql: &str, types: &[u32]| s.read_refusal(&classify(sql, false), types);
+        assert_eq!(refusal("SELECT * FROM plain WHERE id = $1", &[]), None);
+        assert_eq!(refusal("SELECT * FROM v2", &[]), None);
+        assert_eq!(refusal("SELECT pg_catalog.lower(a) FROM plain", &[]), None);
+        for sql in [
+            "SELECT * FROM unknown_table",
+            "SELECT last_value FROM seq",
+            "SELECT * FROM over_nowish",
+            "SELECT lower(a) FROM plain",
+            "SELECT a @@ b FROM plain",
+            "SELECT a::bounded FROM plain",
+            "SELECT CAST(a AS public.bounded[]) FROM plain",
+        ] {
+            assert!(refusal(sql, &[]).is_some(), "{sql}");
+        }
+        assert!(refusal("SELECT $1 FROM plain", &[16400]).is_some());
+        // An unsafe comparison operator is used by every statement.
+        let eq = rows(&[("k", "plain", ""), ("o", "=", "")]);
+        assert!(eq.read_refusal(&classify("SELECT * FROM plain ORDER BY a", false), &[]).is_some());
+    }
+
+    #[tokio::test]
+    async fn without_a_current_snapshot_writes_invalidate_everything() {
+        let origin = crate::origin::OriginConfig {
+            host: "127.0.0.1".into(),
+            port: 9,
+            user: "nobody".into(),
+            database: "none".into(),
+            password: None,
+            tls: crate::origin::OriginTls::Disable,
+            connect_timeout: Duration::from_millis(100),
+            application_name: "test".into(),
+            options: Vec::new(),
+        };
+        let pool =
+            Pool::new("none", origin, crate::pool::PoolSettings { size: 1, max_waiting: 1, acquire_timeout: Duration::from_millis(100) });
+        let catalog = Catalog::new(pool, None);
+        let class = classify("UPDATE plain SET v = 1", false);
+        assert_eq!(catalog.invalidation(&class), Invalidation { writes: Writes::Unknown, catalog: false });
+        catalog.install(snapshot(), 0);
+        assert_eq!(
+            catalog.invalidation(&class),
+            Invalidation { writes: Writes::Tables(vec![TableRef::new(None, "plain")]), catalog: false }
+        );
+        let ddl = classify("CREATE TRIGGER t AFTER INSERT ON plain FOR EACH ROW EXECUTE FUNCTION f()", false);
+        let bump = catalog.invalidation(&ddl);
+        assert_eq!(bump, Invalidation { writes: Writes::Unknown, catalog: true });
+        catalog.apply(&bump, None);
+        // The snapshot predates the DDL: no write is trusted to it, no read is cached.
+        assert_eq!(catalog.invalidation(&class), Invalidation { writes: Writes::Unknown, catalog: false });
+        assert_eq!(
+            catalog.invalidation(&classify("SELECT lower(a) FROM plain", false)),
+            Invalidation { writes: Writes::Unknown, catalog: true },
+            "the stale snapshot still knows the shadowing function"
+        );
+        assert!(catalog.check_read(&classify("SELECT * FROM plain", false), &[], &[]).await.is_err());
+        // A parameter that reads as the current time is never cached.
+        let epoch = catalog.lock().epoch;
+        catalog.install(snapshot(), epoch);
+        let read = classify("SELECT $1::timestamptz FROM plain", false);
+        assert!(catalog.check_read(&read, &[Some(Bytes::from("2024-01-01"))], &[]).await.is_ok());
+        for value in ["now", "Today", " tomorrow ", "yesterday"] {
+            assert!(catalog.check_read(&read, &[Some(Bytes::from(value))], &[]).await.is_err(), "{value}");
+        }
     }
 }

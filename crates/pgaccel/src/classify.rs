@@ -342,7 +342,8 @@ pub fn has_multiple_statements(sql: &str) -> bool {
             }
             b'$' if i == 0 || !is_ident(bytes[i - 1]) => {
                 // `$tag$ ... $tag$` (the tag may be empty); `$1` is a parameter.
-                let tag_end = bytes[i + 1..].iter().position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80)).map(|n| i + 1 + n);
+                let tag_end =
+                    bytes[i + 1..].iter().position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80)).map(|n| i + 1 + n);
                 match tag_end {
                     Some(end) if bytes[end] == b'$' && !bytes.get(i + 1).is_some_and(u8::is_ascii_digit) => {
                         let tag = &bytes[i..=end];
@@ -899,7 +900,8 @@ fn operator_spellings(statement: &[Sourced<'_>]) -> Vec<String> {
     let mut operators = Vec::new();
     let mut run = String::new();
     for (token, source) in statement {
-        let is_operator = !source.is_empty() && source.chars().all(|c| OPERATOR_CHARS.contains(c)) && !matches!(token.token, Token::Whitespace(_));
+        let is_operator =
+            !source.is_empty() && source.chars().all(|c| OPERATOR_CHARS.contains(c)) && !matches!(token.token, Token::Whitespace(_));
         if is_operator {
             run.push_str(source);
         } else if !run.is_empty() {
@@ -992,7 +994,9 @@ fn rewrite_for_parser(tokens: &[TokenWithSpan]) -> Cow<'_, [TokenWithSpan]> {
                 let Some(second) = next_significant(index + 1) else { continue };
                 let Some(third) = next_significant(second + 1) else { continue };
                 match (keyword_at(second), keyword_at(third)) {
-                    (Some(Keyword::NO), Some(Keyword::KEY)) if next_significant(third + 1).and_then(keyword_at) == Some(Keyword::UPDATE) => {
+                    (Some(Keyword::NO), Some(Keyword::KEY))
+                        if next_significant(third + 1).and_then(keyword_at) == Some(Keyword::UPDATE) =>
+                    {
                         drop[second] = true;
                         drop[third] = true;
                     }
@@ -1005,11 +1009,21 @@ fn rewrite_for_parser(tokens: &[TokenWithSpan]) -> Cow<'_, [TokenWithSpan]> {
                     matches!(tokens[before].token, Token::Comma)
                         || matches!(
                             keyword_at(before),
-                            Some(Keyword::FROM | Keyword::JOIN | Keyword::UPDATE | Keyword::INTO | Keyword::USING | Keyword::TABLE | Keyword::TRUNCATE)
+                            Some(
+                                Keyword::FROM
+                                    | Keyword::JOIN
+                                    | Keyword::UPDATE
+                                    | Keyword::INTO
+                                    | Keyword::USING
+                                    | Keyword::TABLE
+                                    | Keyword::TRUNCATE
+                            )
                         )
                 });
                 let before_name = next_significant(index + 1).is_some_and(|next| match &tokens[next].token {
-                    Token::Word(word) => word.quote_style.is_some() || word.keyword == Keyword::NoKeyword || !is_reserved_after_only(word.keyword),
+                    Token::Word(word) => {
+                        word.quote_style.is_some() || word.keyword == Keyword::NoKeyword || !is_reserved_after_only(word.keyword)
+                    }
                     Token::LParen => true,
                     _ => false,
                 });
@@ -1182,7 +1196,8 @@ fn normalize(statement: &[Sourced<'_>]) -> String {
             });
             let block_comment = gap.iter().any(|(token, _)| matches!(token.token, Token::Whitespace(Whitespace::MultiLineComment(_))));
             let line_break = gap.iter().any(|(token, text)| {
-                matches!(token.token, Token::Whitespace(Whitespace::SingleLineComment { .. })) || (!matches!(token.token, Token::Whitespace(Whitespace::MultiLineComment(_))) && text.contains(['\n', '\r']))
+                matches!(token.token, Token::Whitespace(Whitespace::SingleLineComment { .. }))
+                    || (!matches!(token.token, Token::Whitespace(Whitespace::MultiLineComment(_))) && text.contains(['\n', '\r']))
             });
             let joins_literals = before.ends_with('\'') && source.starts_with('\'');
             if keep_layout || unusual || (joins_literals && block_comment) {
@@ -2592,7 +2607,11 @@ impl Analyzer {
 fn type_name(data_type: &DataType) -> String {
     match data_type {
         DataType::Custom(name, _) => name_parts(name).and_then(|mut parts| parts.pop()).unwrap_or_default(),
-        DataType::Array(sqlparser::ast::ArrayElemTypeDef::AngleBracket(inner) | sqlparser::ast::ArrayElemTypeDef::SquareBracket(inner, _) | sqlparser::ast::ArrayElemTypeDef::Parenthesis(inner)) => type_name(inner),
+        DataType::Array(
+            sqlparser::ast::ArrayElemTypeDef::AngleBracket(inner)
+            | sqlparser::ast::ArrayElemTypeDef::SquareBracket(inner, _)
+            | sqlparser::ast::ArrayElemTypeDef::Parenthesis(inner),
+        ) => type_name(inner),
         other => {
             let text = other.to_string().to_ascii_lowercase();
             text.split(|c: char| c == '(' || c == '[' || c.is_whitespace()).next().unwrap_or_default().to_owned()
@@ -3498,7 +3517,8 @@ mod tests {
         for sql in single {
             assert!(!has_multiple_statements(sql), "{sql:?}");
         }
-        let multiple = ["SELECT 1; SELECT 2", "SELECT 1;;DELETE FROM t", "SELECT 'a'';'; DROP TABLE t", "SELECT $$a$$; SELECT 2", "SELECT e'\\''; x'"];
+        let multiple =
+            ["SELECT 1; SELECT 2", "SELECT 1;;DELETE FROM t", "SELECT 'a'';'; DROP TABLE t", "SELECT $$a$$; SELECT 2", "SELECT e'\\''; x'"];
         for sql in multiple {
             assert!(has_multiple_statements(sql), "{sql:?}");
         }
@@ -3593,4 +3613,3 @@ mod tests {
         }
     }
 }
-

@@ -201,7 +201,9 @@ async fn binding_writes_through_links_evict_what_they_change() {
         db.query(ddl, &[], limits).await.unwrap_or_else(|e| panic!("{ddl}: {e}"));
     }
     let value = |r: cordon_pgaccel::exec::QueryResult| r.rows[0][0].clone();
-    for (reading, writing) in [("SELECT count(*) FROM audit", "INSERT INTO src VALUES (1)"), ("SELECT v FROM over_base", "UPDATE ONLY base SET v = v + 1")] {
+    for (reading, writing) in
+        [("SELECT count(*) FROM audit", "INSERT INTO src VALUES (1)"), ("SELECT v FROM over_base", "UPDATE ONLY base SET v = v + 1")]
+    {
         let mut hit = false;
         for _ in 0..20 {
             if db.query(reading, &[], limits).await.unwrap().cached {
