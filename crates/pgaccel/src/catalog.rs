@@ -236,7 +236,7 @@ impl Snapshot {
         if let Some(function) = class.functions.iter().find(|f| self.functions.contains(&f.to_lowercase())) {
             return Some(format!("calls {function}(), which the database also defines outside pg_catalog"));
         }
-        let implied = IMPLIED_OPERATORS.iter().map(|op| *op);
+        let implied = IMPLIED_OPERATORS.iter().copied();
         if let Some(operator) = class.operators.iter().map(String::as_str).chain(implied).find(|op| self.operators.contains(*op)) {
             return Some(format!("uses the operator {operator}, which the database defines outside pg_catalog"));
         }

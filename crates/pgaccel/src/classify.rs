@@ -2390,6 +2390,12 @@ impl Analyzer {
             Expr::Cast { expr, data_type, .. } => {
                 self.oid_alias(data_type);
                 self.cast_to(data_type);
+                // Text computed at run time ('n' || 'ow', lower('NOW'), a subquery) may be a
+                // time-relative input once cast to a date/time type; only literals (checked
+                // themselves), parameters (checked by value) and columns are taken as they are.
+                if is_date_time_type(data_type) && !is_plain_operand(expr) {
+                    self.fx.deny("casts a computed value to a date/time type, which may read 'now'");
+                }
                 self.expr(expr);
             }
             Expr::InList { expr, list, .. } => {
@@ -2619,6 +2625,20 @@ fn type_name(data_type: &DataType) -> String {
     }
 }
 
+/// Whether a cast's target is a date/time type, which reads `now`, `today`, ... as the current time.
+fn is_date_time_type(data_type: &DataType) -> bool {
+    matches!(type_name(data_type).as_str(), "timestamp" | "timestamptz" | "date" | "time" | "timetz" | "datetime")
+}
+
+/// A literal, a parameter, a column, or a cast or parentheses around one of them.
+fn is_plain_operand(expr: &Expr) -> bool {
+    match expr {
+        Expr::Value(_) | Expr::TypedString(_) | Expr::Identifier(_) | Expr::CompoundIdentifier(_) => true,
+        Expr::Cast { expr, .. } | Expr::Nested(expr) => is_plain_operand(expr),
+        _ => false,
+    }
+}
+
 /// Whether a (normalised, possibly `pg_catalog`-qualified) type name is an object identifier alias.
 fn is_oid_alias_type(parts: &[String]) -> bool {
     match parts {
@@ -2739,6 +2759,7 @@ mod tests {
             ("SELECT * FROM ONLY public.t AS x, ONLY u JOIN ONLY v ON true", &["public.t", "u", "v"]),
             ("SELECT * FROM ONLY \"T\" WHERE id = $1", &["T"]),
             ("SELECT * FROM t WHERE created_at > '2024-01-01'::date", &["t"]),
+            ("SELECT created_at::date, $1::timestamptz, CAST(d AS timestamp) FROM t", &["t"]),
             ("SELECT * FROM t WHERE status = 'now_playing' AND r = $1::region", &["t"]),
             ("SELECT x.* FROM docs, XMLTABLE('/rows/row' PASSING docs.body COLUMNS id int PATH '@id') x", &["docs"]),
             ("SELECT 1;", &[]),
@@ -2769,6 +2790,11 @@ mod tests {
         let cases = [
             "SELECT now()",
             "SELECT NOW() FROM t",
+            "SELECT ('n' || 'ow')::timestamptz",
+            "SELECT CAST(lower('NOW') AS date)",
+            "SELECT (SELECT 'today')::date",
+            "SELECT 'now'::text::timestamp",
+            "SELECT $$tomorrow$$::date",
             "SELECT CURRENT_TIMESTAMP",
             "SELECT current_timestamp(3)",
             "SELECT * FROM t WHERE created_at > CURRENT_DATE - 1",

@@ -136,7 +136,11 @@ impl Database {
             return Err(QueryError::Invalid(format!("the statement is longer than {MAX_SQL_BYTES} bytes")));
         }
         if has_multiple_statements(sql) {
-            return Err(QueryError::Invalid("the text holds more than one statement; send one statement per call".into()));
+            // The code Postgres gives a prepared statement with several commands.
+            return Err(QueryError::Database {
+                code: "42601".into(),
+                message: "the text holds more than one statement; send one statement per call".into(),
+            });
         }
         let class = self.classifier.classify(sql, false).await;
         if let Some(reason) = &class.over_budget {
