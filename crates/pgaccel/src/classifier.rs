@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, oneshot};
 
@@ -26,6 +26,8 @@ use crate::classify::{self, Budget, Classification, TIME_BUDGET};
 pub const TENANT_CONCURRENCY: usize = 1;
 /// Texts of one tenant waiting for the pool; more fail closed without waiting.
 pub const TENANT_WAITING: usize = 32;
+/// An inline classification that took this long lets the thread's other tasks run before the next.
+const INLINE_YIELD_AFTER: Duration = Duration::from_micros(200);
 /// Threads of the classification pool at most (fewer on small machines: half the cores, at least one).
 const MAX_POOL_THREADS: usize = 4;
 
@@ -62,7 +64,13 @@ impl Classifier {
     /// Classifies `sql`: inline when cheap, otherwise on the pool within the tenant's share. Never
     /// blocks the caller's thread for longer than the inline bound; never panics.
     pub async fn classify(&self, sql: &str, in_transaction: bool) -> Classification {
+        let started = Instant::now();
         if let Some(classification) = classify::classify_inline(sql, in_transaction) {
+            if started.elapsed() >= INLINE_YIELD_AFTER {
+                // Many cheap texts in a row (a batch of Parse messages) take turns with other
+                // clients on the same thread rather than running back to back.
+                tokio::task::yield_now().await;
+            }
             return classification;
         }
         if sql.len() > classify::MAX_SQL_BYTES {
