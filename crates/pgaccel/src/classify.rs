@@ -50,9 +50,11 @@
 //!   settings or role may differ from the defaults the cached results were computed with;
 //! * [`Writes::Tables`] names the tables in the statement only. Triggers, foreign-key `ON DELETE`/
 //!   `ON UPDATE` actions, rules, partition routing and views that read a written table are
-//!   invisible here; expand them from the catalog (or treat such tables as `Unknown`);
-//! * text-format bind parameters such as `'now'` or `'today'` make a timestamp comparison
-//!   time-relative; [`is_time_relative_literal`] tells which values.
+//!   invisible here; [`crate::catalog`] expands them from the origin's catalog, and also decides
+//!   whether a function, operator or type named here is the tenant's own
+//!   ([`Classification::functions`], [`Classification::operators`], [`Classification::types`]);
+//! * bind parameters such as `'now'` or `'today'` make a timestamp comparison time-relative;
+//!   [`is_time_relative_literal`] tells which values.
 //!
 //! # Parser safety
 //!
@@ -64,6 +66,12 @@
 //! caller's stack with a low recursion limit, and the rest on a short-lived thread with a large
 //! stack and the parser's normal limit. A panic inside the parser is caught and classified as
 //! unparseable.
+//!
+//! A text has one budget for all its statements: at most [`MAX_STATEMENTS`] statements, a total
+//! measured parse cost of [`MAX_TEXT_COST`] (measured before anything is parsed) and
+//! [`TIME_BUDGET`]; beyond any of them it fails closed, saying why in `Classification::over_budget`.
+//! [`classify_inline`] answers only for texts cheap enough for a shared thread; the rest go to
+//! [`crate::classifier`]'s pool, which runs [`classify_bounded`].
 
 use std::borrow::Cow;
 use std::fmt;
@@ -389,7 +397,7 @@ pub fn is_time_relative_literal(text: &str) -> bool {
 pub const MAX_SQL_BYTES: usize = 1 << 20;
 /// Statements per text that are classified; a text with more fails closed.
 pub const MAX_STATEMENTS: usize = 256;
-/// Measured parse cost (see [`Shape`]) summed over the statements of one text, about 180 ms in a
+/// Measured parse cost (token visits, weighted by nesting) summed over the statements of one text, about 180 ms in a
 /// release build; a text that would cost more fails closed without being parsed.
 pub const MAX_TEXT_COST: u64 = 2 * MAX_PARSE_COST;
 /// Time one text may take to classify; statements not started by then are not parsed.
