@@ -10,6 +10,8 @@ use cordon_config::{Config, DatabaseConfig, OriginTlsMode};
 
 use crate::cache::{CacheOutcome, CacheSettings, CacheStats, QueryCache};
 use crate::cancel::CancelRegistry;
+use crate::catalog::Catalog;
+use crate::classifier::Classifier;
 use crate::origin::{OriginConfig, OriginError, OriginPassword, OriginTls};
 use crate::pool::{Pool, PoolSettings, PoolStats};
 use crate::scram::{DEFAULT_ITERATIONS, MockAuth, ScramVerifier};
@@ -80,6 +82,10 @@ pub struct Database {
     /// Proxy users by name, with their SCRAM verifiers (never the passwords).
     pub users: HashMap<String, ScramVerifier>,
     pub limits: ClientLimits,
+    /// What the origin's catalog says about the database, for the cache.
+    pub catalog: Arc<Catalog>,
+    /// The tenant's share of SQL classification.
+    pub classifier: Classifier,
     /// Proxy clients connected now.
     pub clients: AtomicUsize,
     pub counters: DatabaseCounters,
@@ -171,6 +177,7 @@ impl Database {
             ))
         });
         let millis = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+        let catalog = Catalog::new(pool.clone(), cache.clone());
         Ok(Database {
             tenant: config.tenant.clone(),
             name: config.name.clone(),
@@ -183,6 +190,8 @@ impl Database {
                 idle_client_timeout: millis(config.idle_client_timeout_ms),
                 idle_in_transaction_timeout: millis(config.idle_in_transaction_timeout_ms),
             },
+            catalog,
+            classifier: Classifier::for_tenant(&config.tenant),
             clients: AtomicUsize::new(0),
             counters: DatabaseCounters::default(),
         })

@@ -50,9 +50,11 @@
 //!   settings or role may differ from the defaults the cached results were computed with;
 //! * [`Writes::Tables`] names the tables in the statement only. Triggers, foreign-key `ON DELETE`/
 //!   `ON UPDATE` actions, rules, partition routing and views that read a written table are
-//!   invisible here; expand them from the catalog (or treat such tables as `Unknown`);
-//! * text-format bind parameters such as `'now'` or `'today'` make a timestamp comparison
-//!   time-relative; [`is_time_relative_literal`] tells which values.
+//!   invisible here; [`crate::catalog`] expands them from the origin's catalog, and also decides
+//!   whether a function, operator or type named here is the tenant's own
+//!   ([`Classification::functions`], [`Classification::operators`], [`Classification::types`]);
+//! * bind parameters such as `'now'` or `'today'` make a timestamp comparison time-relative;
+//!   [`is_time_relative_literal`] tells which values.
 //!
 //! # Parser safety
 //!
@@ -64,10 +66,17 @@
 //! caller's stack with a low recursion limit, and the rest on a short-lived thread with a large
 //! stack and the parser's normal limit. A panic inside the parser is caught and classified as
 //! unparseable.
+//!
+//! A text has one budget for all its statements: at most [`MAX_STATEMENTS`] statements, a total
+//! measured parse cost of [`MAX_TEXT_COST`] (measured before anything is parsed) and
+//! [`TIME_BUDGET`]; beyond any of them it fails closed, saying why in `Classification::over_budget`.
+//! [`classify_inline`] answers only for texts cheap enough for a shared thread; the rest go to
+//! [`crate::classifier`]'s pool, which runs [`classify_bounded`].
 
 use std::borrow::Cow;
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
+use std::time::{Duration, Instant};
 
 use sqlparser::ast::{
     AccessExpr, Assignment, CascadeOption, ContextModifier, CopySource, DataType, DeclareType, DiscardObject, Expr, FromTable, Function,
@@ -124,6 +133,18 @@ pub struct Classification {
     /// Number of statements in the text (a multi-statement simple query is never cacheable); 1 when
     /// the text cannot even be tokenized.
     pub statement_count: usize,
+    /// Functions called by an unqualified name (lowercased unless quoted), including the ones on the
+    /// allowlist: a function of the same name outside `pg_catalog` on the origin may be what the call
+    /// resolves to, which only the catalog can tell (see [`crate::catalog`]).
+    pub functions: Vec<String>,
+    /// Operators spelled in the text (adjacent operator characters joined, as the server reads them).
+    pub operators: Vec<String>,
+    /// Types cast to (`::t`, `CAST(x AS t)`, `t 'literal'`): the last part of the name, lowercased
+    /// unless quoted, without array brackets or modifiers.
+    pub types: Vec<String>,
+    /// Why the text was not examined at all because it exceeds the classification budget (size,
+    /// statements, parse cost or time), if it was not. The classification then fails closed.
+    pub over_budget: Option<String>,
 }
 
 /// A table (or view, or sequence) named in a statement.
@@ -186,16 +207,167 @@ pub enum TxControl {
 ///
 /// Never panics; anything not fully understood is classified fail-closed (see the module docs).
 pub fn classify(sql: &str, in_transaction: bool) -> Classification {
+    let budget = Budget { deadline: Some(Instant::now() + TIME_BUDGET), stop: &|| false };
+    match classify_in(sql, in_transaction, Stack::SpawnLarge, &budget) {
+        Some(classification) => classification,
+        None => unreachable_classification(),
+    }
+}
+
+/// Classifies `sql` on the caller's thread if that is cheap, or answers `None` when it is not: the
+/// text is longer than [`INLINE_MAX_TEXT_BYTES`], has more than [`INLINE_MAX_STATEMENTS`]
+/// statements, or a statement is deeper or costlier than the caller's stack and time allow. The
+/// caller then classifies it elsewhere with [`classify_bounded`]. The worst case of this function
+/// is tokenizing and measuring [`INLINE_MAX_TEXT_BYTES`] plus parsing statements of a total
+/// measured cost of [`INLINE_MAX_TEXT_COST`] on the caller's stack.
+pub fn classify_inline(sql: &str, in_transaction: bool) -> Option<Classification> {
+    if sql.len() > INLINE_MAX_TEXT_BYTES {
+        return None;
+    }
+    let budget = Budget { deadline: None, stop: &|| false };
+    classify_in(sql, in_transaction, Stack::InlineOnly, &budget)
+}
+
+/// Classifies `sql` within `budget`, parsing on the current thread, which must have a stack of at
+/// least [`LARGE_STACK_BYTES`] (the classification pool's threads do). `budget.stop` is asked
+/// between statements; once it says stop, or the deadline passes, the text fails closed.
+pub fn classify_bounded(sql: &str, in_transaction: bool, budget: &Budget<'_>) -> Classification {
+    classify_in(sql, in_transaction, Stack::Large, budget).unwrap_or_else(unreachable_classification)
+}
+
+/// What a classification may spend beyond the fixed limits on size, statements and parse cost.
+pub struct Budget<'a> {
+    /// Statements not started by then are not parsed, and the text fails closed.
+    pub deadline: Option<Instant>,
+    /// Asked between statements: `true` abandons the text (the caller has gone away).
+    pub stop: &'a dyn Fn() -> bool,
+}
+
+/// Where statements are parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stack {
+    /// The caller's stack, only when cheap: anything else answers `None`.
+    InlineOnly,
+    /// The current thread has a large stack.
+    Large,
+    /// Shallow statements on the caller's stack, the rest on a short-lived large-stack thread.
+    SpawnLarge,
+}
+
+fn unreachable_classification() -> Classification {
+    Classification::fail_closed(INTERNAL_ERROR.to_owned())
+}
+
+fn classify_in(sql: &str, in_transaction: bool, stack: Stack, budget: &Budget<'_>) -> Option<Classification> {
     if sql.len() > MAX_SQL_BYTES {
-        return Classification::fail_closed(format!("statement text larger than {MAX_SQL_BYTES} bytes"));
+        return Some(Classification::over_budget(format!("statement text larger than {MAX_SQL_BYTES} bytes")));
     }
     // The tokenizer and parser are third-party code with explicit `panic!`s in places; such a panic
     // must not take the caller's task down. (Under `panic = "abort"` nothing can be caught; the
     // randomized test checks that this path is never taken.)
-    match panic::catch_unwind(|| classify_text(sql, in_transaction)) {
+    match panic::catch_unwind(AssertUnwindSafe(|| classify_text(sql, in_transaction, stack, budget))) {
         Ok(classification) => classification,
-        Err(_) => Classification::fail_closed(INTERNAL_ERROR.to_owned()),
+        Err(_) => Some(Classification::fail_closed(INTERNAL_ERROR.to_owned())),
     }
+}
+
+/// Whether a SQL text holds more than one statement, by a lexical scan that parses nothing: it
+/// follows quoted strings (including `E''` escapes and dollar quotes), quoted identifiers and
+/// comments (nested), and looks for a `;` followed by anything but whitespace, comments and more
+/// `;`. Linear in the text; meant to refuse multi-statement text before classifying it.
+///
+/// A `;` inside a SQL-standard function body (`BEGIN ATOMIC ... END`) counts as a separator.
+pub fn has_multiple_statements(sql: &str) -> bool {
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    let mut seen_separator = false;
+    let is_ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'-' if bytes.get(i + 1) == Some(&b'-') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                let mut depth = 0usize;
+                while i < bytes.len() {
+                    if bytes[i] == b'/' && bytes.get(i + 1) == Some(&b'*') {
+                        depth += 1;
+                        i += 2;
+                    } else if bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/') {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+                continue;
+            }
+            b if b.is_ascii_whitespace() => {
+                i += 1;
+                continue;
+            }
+            b';' => {
+                seen_separator = true;
+                i += 1;
+                continue;
+            }
+            _ => {}
+        }
+        if seen_separator {
+            return true;
+        }
+        match b {
+            b'\'' => {
+                let escapes = i > 0 && matches!(bytes[i - 1], b'e' | b'E') && (i < 2 || !is_ident(bytes[i - 2]));
+                i += 1;
+                while i < bytes.len() {
+                    match bytes[i] {
+                        b'\\' if escapes => i += 2,
+                        b'\'' if bytes.get(i + 1) == Some(&b'\'') => i += 2,
+                        b'\'' => break,
+                        _ => i += 1,
+                    }
+                }
+                i += 1;
+            }
+            b'"' => {
+                i += 1;
+                while i < bytes.len() {
+                    match bytes[i] {
+                        b'"' if bytes.get(i + 1) == Some(&b'"') => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+                i += 1;
+            }
+            b'$' if i == 0 || !is_ident(bytes[i - 1]) => {
+                // `$tag$ ... $tag$` (the tag may be empty); `$1` is a parameter.
+                let tag_end =
+                    bytes[i + 1..].iter().position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80)).map(|n| i + 1 + n);
+                match tag_end {
+                    Some(end) if bytes[end] == b'$' && !bytes.get(i + 1).is_some_and(u8::is_ascii_digit) => {
+                        let tag = &bytes[i..=end];
+                        let body = end + 1;
+                        match bytes[body..].windows(tag.len()).position(|w| w == tag) {
+                            Some(n) => i = body + n + tag.len(),
+                            None => i = bytes.len(),
+                        }
+                    }
+                    _ => i += 1,
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    false
 }
 
 /// Whether a call to `name` may appear in a cacheable query: `name` is a built-in, optionally
@@ -222,7 +394,23 @@ pub fn is_time_relative_literal(text: &str) -> bool {
 }
 
 /// Texts larger than this are not tokenized at all: tokens cost far more memory than the text.
-const MAX_SQL_BYTES: usize = 1 << 20;
+pub const MAX_SQL_BYTES: usize = 1 << 20;
+/// Statements per text that are classified; a text with more fails closed.
+pub const MAX_STATEMENTS: usize = 256;
+/// Measured parse cost (token visits, weighted by nesting) summed over the statements of one text, about 180 ms in a
+/// release build; a text that would cost more fails closed without being parsed.
+pub const MAX_TEXT_COST: u64 = 2 * MAX_PARSE_COST;
+/// Time one text may take to classify; statements not started by then are not parsed.
+pub const TIME_BUDGET: Duration = Duration::from_millis(250);
+/// Largest text [`classify_inline`] examines on the caller's thread.
+pub const INLINE_MAX_TEXT_BYTES: usize = 16 << 10;
+/// Most statements [`classify_inline`] examines on the caller's thread.
+pub const INLINE_MAX_STATEMENTS: usize = 16;
+/// Largest measured parse cost, summed over the statements, that [`classify_inline`] parses on
+/// the caller's thread.
+pub const INLINE_MAX_TEXT_COST: u64 = 4_096;
+/// The stack a thread running [`classify_bounded`] needs.
+pub const LARGE_STACK_BYTES: usize = BIG_STACK_BYTES;
 /// Statements with more tokens than this are not parsed (bounds the depth of left-deep operator
 /// chains, whose drop recurses once per operator).
 const MAX_PARSE_TOKENS: usize = 100_000;
@@ -445,17 +633,85 @@ impl Classification {
             role_change: None,
             normalized: None,
             statement_count: 1,
+            functions: Vec::new(),
+            operators: Vec::new(),
+            types: Vec::new(),
+            over_budget: None,
         }
+    }
+
+    /// The answer for text beyond the classification budget.
+    pub(crate) fn over_budget(reason: String) -> Self {
+        Self { over_budget: Some(reason.clone()), ..Self::fail_closed(reason) }
     }
 }
 
-fn classify_text(sql: &str, in_transaction: bool) -> Classification {
+fn classify_text(sql: &str, in_transaction: bool, stack: Stack, budget: &Budget<'_>) -> Option<Classification> {
     let tokens = match Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize_with_location() {
         Ok(tokens) => tokens,
-        Err(err) => return Classification::fail_closed(format!("cannot tokenize: {err}")),
+        Err(err) => return Some(Classification::fail_closed(format!("cannot tokenize: {err}"))),
     };
-    let outcomes: Vec<Outcome> = split_statements(tokens).into_iter().map(|segment| classify_statement(&segment)).collect();
-    merge(outcomes, in_transaction)
+    let sources = token_sources(sql, &tokens);
+    let statements = split_statements(tokens.into_iter().zip(sources).collect());
+    let limit = if stack == Stack::InlineOnly { INLINE_MAX_STATEMENTS } else { MAX_STATEMENTS };
+    if statements.len() > limit {
+        if stack == Stack::InlineOnly {
+            return None;
+        }
+        return Some(Classification::over_budget(format!("more than {MAX_STATEMENTS} statements in one text")));
+    }
+    // Measure every statement before parsing any: the text's total cost is known up front.
+    let shapes: Vec<Shape> = statements.iter().map(|statement| Shape::measure(&significant_tokens(statement))).collect();
+    let total: u64 = shapes.iter().filter(|shape| shape.too_complex().is_none()).map(|shape| shape.cost).fold(0, u64::saturating_add);
+    if stack == Stack::InlineOnly && (total > INLINE_MAX_TEXT_COST || shapes.iter().any(|shape| !shape.parses_inline())) {
+        return None;
+    }
+    if total > MAX_TEXT_COST {
+        return Some(Classification::over_budget("statements too costly to analyse in one text".to_owned()));
+    }
+    let mut outcomes = Vec::with_capacity(statements.len());
+    for (statement, shape) in statements.iter().zip(&shapes) {
+        if (budget.stop)() {
+            return Some(Classification::over_budget("classification abandoned".to_owned()));
+        }
+        if budget.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            return Some(Classification::over_budget(format!("classification took longer than {} ms", TIME_BUDGET.as_millis())));
+        }
+        outcomes.push(classify_statement(statement, shape, stack)?);
+    }
+    Some(merge(outcomes, in_transaction))
+}
+
+/// One token with the text it was read from.
+type Sourced<'a> = (TokenWithSpan, &'a str);
+
+fn significant_tokens<'t>(statement: &'t [Sourced<'_>]) -> Vec<&'t Token> {
+    statement.iter().map(|(t, _)| &t.token).filter(|t| is_significant(t)).collect()
+}
+
+/// The source text of each token. Token spans are contiguous (whitespace and comments are tokens
+/// too) and count characters per line, so one forward walk maps them to byte offsets.
+fn token_sources<'a>(sql: &'a str, tokens: &[TokenWithSpan]) -> Vec<&'a str> {
+    let mut offsets = Vec::with_capacity(tokens.len() + 1);
+    let mut chars = sql.char_indices().peekable();
+    let (mut line, mut column) = (1u64, 1u64);
+    let mut position = 0usize;
+    for token in tokens {
+        let target = token.span.start;
+        while (line, column) < (target.line, target.column) {
+            let Some((index, c)) = chars.next() else { break };
+            position = index + c.len_utf8();
+            if c == '\n' {
+                line += 1;
+                column = 1;
+            } else {
+                column += 1;
+            }
+        }
+        offsets.push(if (line, column) == (target.line, target.column) { position } else { sql.len() });
+    }
+    offsets.push(sql.len());
+    (0..tokens.len()).map(|i| sql.get(offsets[i]..offsets[i + 1].max(offsets[i])).unwrap_or("")).collect()
 }
 
 /// The classification of one statement.
@@ -463,6 +719,7 @@ struct Outcome {
     effects: Effects,
     /// `None` when the statement could not be parsed.
     normalized: Option<String>,
+    operators: Vec<String>,
 }
 
 /// Combines the statements of one text.
@@ -479,12 +736,26 @@ fn merge(outcomes: Vec<Outcome>, in_transaction: bool) -> Classification {
             role_change: None,
             normalized: None,
             statement_count,
+            functions: Vec::new(),
+            operators: Vec::new(),
+            types: Vec::new(),
+            over_budget: None,
         };
     }
     let mut all = Effects::default();
     let mut normalized = Some(Vec::new());
+    let mut operators = Vec::new();
     for outcome in outcomes {
+        for operator in outcome.operators {
+            push_unique(&mut operators, operator);
+        }
         let fx = outcome.effects;
+        for function in fx.functions {
+            push_unique(&mut all.functions, function);
+        }
+        for name in fx.types {
+            push_unique(&mut all.types, name);
+        }
         for table in fx.reads {
             push_unique(&mut all.reads, table);
         }
@@ -538,6 +809,10 @@ fn merge(outcomes: Vec<Outcome>, in_transaction: bool) -> Classification {
         role_change: all.role_change,
         normalized: normalized.map(|parts| parts.join(" ; ")),
         statement_count,
+        functions: all.functions,
+        operators,
+        types: all.types,
+        over_budget: None,
     }
 }
 
@@ -545,21 +820,21 @@ fn merge(outcomes: Vec<Outcome>, in_transaction: bool) -> Classification {
 ///
 /// Semicolons inside a SQL-standard function body (`CREATE FUNCTION ... BEGIN ATOMIC ...; END`) do
 /// not end the statement; like psql, `CASE` and `BEGIN` open and `END` closes a block there.
-fn split_statements(tokens: Vec<TokenWithSpan>) -> Vec<Vec<TokenWithSpan>> {
+fn split_statements(tokens: Vec<Sourced<'_>>) -> Vec<Vec<Sourced<'_>>> {
     let mut statements = Vec::new();
-    let mut current: Vec<TokenWithSpan> = Vec::new();
+    let mut current: Vec<Sourced<'_>> = Vec::new();
     let mut first_keyword: Option<Keyword> = None;
     let mut previous_keyword: Option<Keyword> = None;
     let mut block_depth = 0usize;
     for token in tokens {
-        match &token.token {
+        match &token.0.token {
             Token::EOF => continue,
             Token::Whitespace(_) => {
                 current.push(token);
                 continue;
             }
             Token::SemiColon if block_depth == 0 => {
-                if current.iter().any(|t| is_significant(&t.token)) {
+                if current.iter().any(|t| is_significant(&t.0.token)) {
                     statements.push(std::mem::take(&mut current));
                 } else {
                     current.clear();
@@ -570,7 +845,7 @@ fn split_statements(tokens: Vec<TokenWithSpan>) -> Vec<Vec<TokenWithSpan>> {
             }
             _ => {}
         }
-        let keyword = match &token.token {
+        let keyword = match &token.0.token {
             Token::Word(word) if word.quote_style.is_none() => Some(word.keyword),
             _ => None,
         };
@@ -587,7 +862,7 @@ fn split_statements(tokens: Vec<TokenWithSpan>) -> Vec<Vec<TokenWithSpan>> {
         previous_keyword = keyword;
         current.push(token);
     }
-    if current.iter().any(|t| is_significant(&t.token)) {
+    if current.iter().any(|t| is_significant(&t.0.token)) {
         statements.push(current);
     }
     statements
@@ -598,25 +873,53 @@ fn is_significant(token: &Token) -> bool {
 }
 
 /// Classifies one statement's tokens: measure, parse where safe, analyse, or fall back to tokens.
-fn classify_statement(tokens: &[TokenWithSpan]) -> Outcome {
-    let significant: Vec<&Token> = tokens.iter().map(|t| &t.token).filter(|t| is_significant(t)).collect();
-    let shape = Shape::measure(&significant);
+fn classify_statement(statement: &[Sourced<'_>], shape: &Shape, stack: Stack) -> Option<Outcome> {
+    let significant = significant_tokens(statement);
+    let operators = operator_spellings(statement);
     if let Some(reason) = shape.too_complex() {
-        return Outcome { effects: fallback(&significant, &reason), normalized: None };
+        return Some(Outcome { effects: fallback(&significant, &reason), normalized: None, operators });
     }
-    let rewritten = rewrite_lock_strengths(tokens);
-    let parsed = if shape.parses_inline() {
-        match parse_and_analyze(&rewritten, INLINE_RECURSION_LIMIT) {
+    let tokens: Vec<TokenWithSpan> = statement.iter().map(|(token, _)| token.clone()).collect();
+    let rewritten = rewrite_for_parser(&tokens);
+    let parsed = match stack {
+        Stack::Large => parse_and_analyze(&rewritten, PARSER_RECURSION_LIMIT),
+        Stack::InlineOnly => match parse_and_analyze(&rewritten, INLINE_RECURSION_LIMIT) {
+            Err(ParseFailure::RecursionLimit) => return None,
+            other => other,
+        },
+        Stack::SpawnLarge if shape.parses_inline() => match parse_and_analyze(&rewritten, INLINE_RECURSION_LIMIT) {
             Err(ParseFailure::RecursionLimit) => parse_on_big_stack(&rewritten),
             other => other,
-        }
-    } else {
-        parse_on_big_stack(&rewritten)
+        },
+        Stack::SpawnLarge => parse_on_big_stack(&rewritten),
     };
-    match parsed {
-        Ok(effects) => Outcome { effects, normalized: Some(normalize(tokens)) },
-        Err(failure) => Outcome { effects: fallback(&significant, &failure.reason()), normalized: None },
+    Some(match parsed {
+        Ok(effects) => Outcome { effects, normalized: Some(normalize(statement)), operators },
+        Err(failure) => Outcome { effects: fallback(&significant, &failure.reason()), normalized: None, operators },
+    })
+}
+
+/// Characters Postgres operators are made of.
+const OPERATOR_CHARS: &str = "+-*/<>=~!@#%^&|`?";
+
+/// The operators of a statement as the server reads them: runs of operator tokens with nothing in
+/// between, joined (the tokenizer may split what the server reads as one operator).
+fn operator_spellings(statement: &[Sourced<'_>]) -> Vec<String> {
+    let mut operators = Vec::new();
+    let mut run = String::new();
+    for (token, source) in statement {
+        let is_operator =
+            !source.is_empty() && source.chars().all(|c| OPERATOR_CHARS.contains(c)) && !matches!(token.token, Token::Whitespace(_));
+        if is_operator {
+            run.push_str(source);
+        } else if !run.is_empty() {
+            push_unique(&mut operators, std::mem::take(&mut run));
+        }
     }
+    if !run.is_empty() {
+        push_unique(&mut operators, run);
+    }
+    operators
 }
 
 /// Why a statement was not analysed from its AST.
@@ -678,28 +981,64 @@ fn parse_on_big_stack(tokens: &[TokenWithSpan]) -> Result<Effects, ParseFailure>
     })
 }
 
-/// Rewrites `FOR NO KEY UPDATE` to `FOR UPDATE` and `FOR KEY SHARE` to `FOR SHARE`, which sqlparser
-/// does not know. For classification they are the same: a locking clause, never cacheable. Only the
-/// parser sees the rewritten tokens; the normalised text keeps the original ones.
-fn rewrite_lock_strengths(tokens: &[TokenWithSpan]) -> Cow<'_, [TokenWithSpan]> {
+/// Rewrites what sqlparser misreads before parsing. `FOR NO KEY UPDATE` becomes `FOR UPDATE` and
+/// `FOR KEY SHARE` becomes `FOR SHARE`, which sqlparser does not know; for classification they are
+/// the same: a locking clause, never cacheable. `ONLY` before a relation name (`FROM ONLY t`,
+/// `UPDATE ONLY t`, `DELETE FROM ONLY t`, `MERGE INTO ONLY t`, `JOIN ONLY t`, `TRUNCATE ONLY t`)
+/// is dropped: sqlparser would read `ONLY` as the table's name and `t` as its alias, and for
+/// classification `ONLY t` names `t`. Only the parser sees the rewritten tokens; the normalised
+/// text keeps the original ones.
+fn rewrite_for_parser(tokens: &[TokenWithSpan]) -> Cow<'_, [TokenWithSpan]> {
     let keyword_at = |index: usize| match tokens.get(index).map(|t| &t.token) {
         Some(Token::Word(word)) if word.quote_style.is_none() => Some(word.keyword),
         _ => None,
     };
     let next_significant = |from: usize| (from..tokens.len()).find(|&i| is_significant(&tokens[i].token));
+    let previous_significant = |before: usize| (0..before).rev().find(|&i| is_significant(&tokens[i].token));
     let mut drop = vec![false; tokens.len()];
     for index in 0..tokens.len() {
-        if keyword_at(index) != Some(Keyword::FOR) {
-            continue;
-        }
-        let Some(second) = next_significant(index + 1) else { continue };
-        let Some(third) = next_significant(second + 1) else { continue };
-        match (keyword_at(second), keyword_at(third)) {
-            (Some(Keyword::NO), Some(Keyword::KEY)) if next_significant(third + 1).and_then(keyword_at) == Some(Keyword::UPDATE) => {
-                drop[second] = true;
-                drop[third] = true;
+        match keyword_at(index) {
+            Some(Keyword::FOR) => {
+                let Some(second) = next_significant(index + 1) else { continue };
+                let Some(third) = next_significant(second + 1) else { continue };
+                match (keyword_at(second), keyword_at(third)) {
+                    (Some(Keyword::NO), Some(Keyword::KEY))
+                        if next_significant(third + 1).and_then(keyword_at) == Some(Keyword::UPDATE) =>
+                    {
+                        drop[second] = true;
+                        drop[third] = true;
+                    }
+                    (Some(Keyword::KEY), Some(Keyword::SHARE)) => drop[second] = true,
+                    _ => {}
+                }
             }
-            (Some(Keyword::KEY), Some(Keyword::SHARE)) => drop[second] = true,
+            Some(Keyword::ONLY) => {
+                let after_relation_keyword = previous_significant(index).is_some_and(|before| {
+                    matches!(tokens[before].token, Token::Comma)
+                        || matches!(
+                            keyword_at(before),
+                            Some(
+                                Keyword::FROM
+                                    | Keyword::JOIN
+                                    | Keyword::UPDATE
+                                    | Keyword::INTO
+                                    | Keyword::USING
+                                    | Keyword::TABLE
+                                    | Keyword::TRUNCATE
+                            )
+                        )
+                });
+                let before_name = next_significant(index + 1).is_some_and(|next| match &tokens[next].token {
+                    Token::Word(word) => {
+                        word.quote_style.is_some() || word.keyword == Keyword::NoKeyword || !is_reserved_after_only(word.keyword)
+                    }
+                    Token::LParen => true,
+                    _ => false,
+                });
+                if after_relation_keyword && before_name {
+                    drop[index] = true;
+                }
+            }
             _ => {}
         }
     }
@@ -707,6 +1046,12 @@ fn rewrite_lock_strengths(tokens: &[TokenWithSpan]) -> Cow<'_, [TokenWithSpan]> 
         return Cow::Borrowed(tokens);
     }
     Cow::Owned(tokens.iter().zip(drop).filter(|(_, dropped)| !dropped).map(|(token, _)| token.clone()).collect())
+}
+
+/// Keywords that cannot start a relation name after `ONLY` (`FETCH FIRST 1 ROW ONLY` and the like
+/// are not preceded by a relation keyword anyway; this keeps `ONLY` when what follows is a clause).
+fn is_reserved_after_only(keyword: Keyword) -> bool {
+    matches!(keyword, Keyword::WHERE | Keyword::SET | Keyword::ON | Keyword::USING | Keyword::AS | Keyword::RETURNING)
 }
 
 /// A cheap token-level measurement of what parsing a statement would cost, taken before parsing.
@@ -821,84 +1166,65 @@ fn is_string_token(token: &Token) -> bool {
     )
 }
 
-/// Renders a statement's tokens as its cache-key text.
+/// Renders a statement as its cache-key text: the statement as written, with each run of whitespace
+/// and comments between two tokens replaced by one space, and unquoted words (keywords and
+/// identifiers) ASCII-lowercased as the server folds them. Every other token (literals of every
+/// kind, numbers, parameters, quoted identifiers, operators) keeps its exact spelling, and tokens
+/// written without anything between them stay joined (`1a` is not `1 a`, `0x1F` is not `X'1F'`).
 ///
-/// Tokens are separated by one space. Each token renders unambiguously (quoted identifiers and
-/// string literals double their closing quote), so equal renderings mean equal token sequences.
-/// The one place where whitespace carries meaning in Postgres, a newline between two string
-/// literals (which concatenates them), is kept as a newline.
-fn normalize(tokens: &[TokenWithSpan]) -> String {
+/// Each step keeps the meaning, so the key is itself a text equivalent to the statement, and two
+/// statements with the same key mean the same. Two exceptions keep the text as written: a run
+/// with a line break between a literal ending in `'` and one starting with `'` becomes a newline
+/// (the server concatenates such literals) and one holding a block comment is kept whole (which
+/// stops the concatenation); and a statement with a backslash in a plain string literal keeps all
+/// its whitespace and comments, because with `standard_conforming_strings` off the server would
+/// read that literal's end elsewhere.
+fn normalize(statement: &[Sourced<'_>]) -> String {
+    let keep_layout = statement.iter().any(|(token, source)| matches!(token.token, Token::SingleQuotedString(_)) && source.contains('\\'));
     let mut out = String::new();
-    let mut previous_was_string = false;
-    let mut newline_since = false;
-    for token in tokens {
+    let mut gap_start: Option<usize> = None;
+    let mut previous: Option<&str> = None;
+    for (index, (token, source)) in statement.iter().enumerate() {
         match &token.token {
-            Token::EOF => {}
-            Token::Whitespace(Whitespace::Newline | Whitespace::SingleLineComment { .. }) => newline_since = true,
-            Token::Whitespace(_) => {}
-            other => {
-                let is_string = is_string_token(other);
-                if !out.is_empty() {
-                    out.push(if previous_was_string && is_string && newline_since { '\n' } else { ' ' });
-                }
-                render_token(other, &mut out);
-                previous_was_string = is_string;
-                newline_since = false;
+            Token::EOF => continue,
+            Token::Whitespace(_) => {
+                gap_start.get_or_insert(index);
+                continue;
             }
+            _ => {}
         }
+        if let (Some(start), Some(before)) = (gap_start.take(), previous) {
+            let gap = &statement[start..index];
+            let layout: String = gap.iter().map(|(_, text)| *text).collect();
+            // Whitespace other than ASCII space, tab and line breaks (which the server may read as
+            // part of an identifier) is kept as written.
+            let unusual = gap.iter().any(|(token, text)| {
+                matches!(token.token, Token::Whitespace(Whitespace::Space | Whitespace::Tab | Whitespace::Newline))
+                    && !text.chars().all(|c| matches!(c, ' ' | '\t' | '\n' | '\r'))
+            });
+            let block_comment = gap.iter().any(|(token, _)| matches!(token.token, Token::Whitespace(Whitespace::MultiLineComment(_))));
+            let line_break = gap.iter().any(|(token, text)| {
+                matches!(token.token, Token::Whitespace(Whitespace::SingleLineComment { .. }))
+                    || (!matches!(token.token, Token::Whitespace(Whitespace::MultiLineComment(_))) && text.contains(['\n', '\r']))
+            });
+            let joins_literals = before.ends_with('\'') && source.starts_with('\'');
+            if keep_layout || unusual || (joins_literals && block_comment) {
+                out.push_str(&layout);
+            } else if joins_literals && line_break {
+                out.push('\n');
+            } else {
+                out.push(' ');
+            }
+        } else {
+            gap_start = None;
+        }
+        match &token.token {
+            Token::Word(word) if word.quote_style.is_none() => out.push_str(&source.to_ascii_lowercase()),
+            _ => out.push_str(source),
+        }
+        previous = Some(source);
     }
     out
-}
-
-fn render_token(token: &Token, out: &mut String) {
-    match token {
-        Token::Word(word) => match word.quote_style {
-            None => out.push_str(&word.value.to_ascii_lowercase()),
-            Some(open) => {
-                let close = match open {
-                    '[' => ']',
-                    other => other,
-                };
-                out.push(open);
-                push_escaped(out, &word.value, close);
-                out.push(close);
-            }
-        },
-        Token::SingleQuotedString(s) => push_quoted(out, "", s),
-        Token::DollarQuotedString(s) => push_quoted(out, "", &s.value),
-        Token::EscapedStringLiteral(s) => push_quoted(out, "E", s),
-        Token::NationalStringLiteral(s) => push_quoted(out, "N", s),
-        Token::UnicodeStringLiteral(s) => push_quoted(out, "U&", s),
-        Token::HexStringLiteral(s) => push_quoted(out, "X", s),
-        Token::SingleQuotedByteStringLiteral(s) => push_quoted(out, "B", s),
-        Token::DoubleQuotedString(s) => push_quoted(out, "D", s),
-        Token::TripleSingleQuotedString(s) => push_quoted(out, "T", s),
-        Token::TripleDoubleQuotedString(s) => push_quoted(out, "TD", s),
-        Token::DoubleQuotedByteStringLiteral(s) => push_quoted(out, "BD", s),
-        Token::TripleSingleQuotedByteStringLiteral(s) => push_quoted(out, "BT", s),
-        Token::TripleDoubleQuotedByteStringLiteral(s) => push_quoted(out, "BTD", s),
-        Token::SingleQuotedRawStringLiteral(s) => push_quoted(out, "R", s),
-        Token::DoubleQuotedRawStringLiteral(s) => push_quoted(out, "RD", s),
-        Token::TripleSingleQuotedRawStringLiteral(s) => push_quoted(out, "RT", s),
-        Token::TripleDoubleQuotedRawStringLiteral(s) => push_quoted(out, "RTD", s),
-        other => out.push_str(&other.to_string()),
-    }
-}
-
-fn push_quoted(out: &mut String, prefix: &str, text: &str) {
-    out.push_str(prefix);
-    out.push('\'');
-    push_escaped(out, text, '\'');
-    out.push('\'');
-}
-
-fn push_escaped(out: &mut String, text: &str, quote: char) {
-    for c in text.chars() {
-        out.push(c);
-        if c == quote {
-            out.push(c);
-        }
-    }
 }
 
 /// The effects of a statement, accumulated while analysing it.
@@ -911,6 +1237,8 @@ struct Effects {
     pins: Option<String>,
     tx: Option<TxControl>,
     role_change: Option<Option<String>>,
+    functions: Vec<String>,
+    types: Vec<String>,
 }
 
 impl Effects {
@@ -1441,14 +1769,9 @@ impl Analyzer {
                 self.fx.deny("DDL");
                 self.create_relation(name, *temporary);
             }
-            Statement::Drop { object_type, names, cascade, .. } => {
+            Statement::Drop { object_type, cascade, .. } => {
                 self.fx.deny("DDL");
                 match object_type {
-                    ObjectType::Table | ObjectType::View | ObjectType::MaterializedView | ObjectType::Sequence if !cascade => {
-                        for name in names {
-                            self.write_relation(name);
-                        }
-                    }
                     // Dropping an index changes no result.
                     ObjectType::Index if !cascade => {}
                     _ => self.fx.write_unknown("DDL that may affect any table"),
@@ -1774,6 +2097,9 @@ impl Analyzer {
                         Expr::CompoundIdentifier(idents) => Some(idents.iter().map(ident_name).collect()),
                         _ => None,
                     };
+                    if let Some(last) = type_name.as_ref().and_then(|parts| parts.last()) {
+                        push_unique(&mut self.fx.types, last.clone());
+                    }
                     if type_name.is_some_and(|parts| is_oid_alias_type(&parts)) {
                         self.fx.deny("casts to an object identifier type, which reads the catalog");
                     }
@@ -1930,9 +2256,10 @@ impl Analyzer {
         }
     }
 
-    /// A relation created by the statement: written, and pinning if it is temporary.
+    /// A relation created by the statement: it changes the catalog (a new table may be a partition,
+    /// a child or a view of others), so everything is invalidated; pinning if it is temporary.
     fn create_relation(&mut self, name: &ObjectName, temporary: bool) {
-        self.write_relation(name);
+        self.fx.write_unknown("DDL changes the catalog");
         let temp_schema = table_ref(name).is_some_and(|t| t.schema.as_deref().is_some_and(is_temp_schema));
         if temporary || temp_schema {
             self.fx.pin("creates a temporary object");
@@ -2000,6 +2327,24 @@ impl Analyzer {
     }
 
     fn expr_inner(&mut self, expr: &Expr) {
+        // Forms the grammar turns into calls of functions that a same-named function elsewhere
+        // on the search path could shadow when written with plain arguments.
+        let implied: &[&str] = match expr {
+            Expr::Substring { .. } => &["substring", "substr"],
+            Expr::Trim { .. } => &["trim", "btrim", "ltrim", "rtrim"],
+            Expr::Position { .. } => &["position", "strpos"],
+            Expr::Overlay { .. } => &["overlay"],
+            Expr::Ceil { .. } => &["ceil", "ceiling"],
+            Expr::Floor { .. } => &["floor"],
+            Expr::Extract { .. } => &["extract", "date_part"],
+            Expr::AtTimeZone { .. } => &["timezone"],
+            Expr::Convert { .. } => &["convert"],
+            Expr::IsNormalized { .. } => &["is_normalized"],
+            _ => &[],
+        };
+        for name in implied {
+            push_unique(&mut self.fx.functions, (*name).to_owned());
+        }
         match expr {
             Expr::Identifier(ident) => {
                 if ident.quote_style.is_none() {
@@ -2052,6 +2397,13 @@ impl Analyzer {
             }
             Expr::Cast { expr, data_type, .. } => {
                 self.oid_alias(data_type);
+                self.cast_to(data_type);
+                // Text computed at run time ('n' || 'ow', lower('NOW'), a subquery) may be a
+                // time-relative input once cast to a date/time type; only literals (checked
+                // themselves), parameters (checked by value) and columns are taken as they are.
+                if is_date_time_type(data_type) && !is_plain_operand(expr) {
+                    self.fx.deny("casts a computed value to a date/time type, which may read 'now'");
+                }
                 self.expr(expr);
             }
             Expr::InList { expr, list, .. } => {
@@ -2090,6 +2442,7 @@ impl Analyzer {
             Expr::Value(value) => self.literal(&value.value),
             Expr::TypedString(typed) => {
                 self.oid_alias(&typed.data_type);
+                self.cast_to(&typed.data_type);
                 self.literal(&typed.value.value);
             }
             Expr::Function(function) => self.function(function),
@@ -2136,6 +2489,11 @@ impl Analyzer {
         if is_oid_alias {
             self.fx.deny("casts to an object identifier type, which reads the catalog");
         }
+    }
+
+    /// Records the type a value is cast to, for the catalog to check (a domain runs its checks).
+    fn cast_to(&mut self, data_type: &DataType) {
+        push_unique(&mut self.fx.types, type_name(data_type));
     }
 
     fn literal(&mut self, value: &Value) {
@@ -2206,7 +2564,10 @@ impl Analyzer {
             })
             .collect();
         let function = match name_parts(name).as_deref() {
-            Some([function]) => function.clone(),
+            Some([function]) => {
+                push_unique(&mut self.fx.functions, function.clone());
+                function.clone()
+            }
             Some([schema, function]) if schema == "pg_catalog" => function.clone(),
             _ => {
                 self.fx.write_unknown(format!("calls {name}, which is not a known built-in and may write"));
@@ -2251,6 +2612,38 @@ impl Analyzer {
             _ if UNCACHEABLE_BUILTINS.contains(&f) => self.fx.deny(format!("calls {f}(), which is volatile or session dependent")),
             _ => self.fx.write_unknown(format!("calls {f}(), which is not known to be immutable and may write")),
         }
+    }
+}
+
+/// The name a cast's type is looked up by: the last part of a custom name (lowercased unless
+/// quoted), the element type of an array, the first word of a built-in (`timestamp` for `TIMESTAMP
+/// WITH TIME ZONE`), without modifiers.
+fn type_name(data_type: &DataType) -> String {
+    match data_type {
+        DataType::Custom(name, _) => name_parts(name).and_then(|mut parts| parts.pop()).unwrap_or_default(),
+        DataType::Array(
+            sqlparser::ast::ArrayElemTypeDef::AngleBracket(inner)
+            | sqlparser::ast::ArrayElemTypeDef::SquareBracket(inner, _)
+            | sqlparser::ast::ArrayElemTypeDef::Parenthesis(inner),
+        ) => type_name(inner),
+        other => {
+            let text = other.to_string().to_ascii_lowercase();
+            text.split(|c: char| c == '(' || c == '[' || c.is_whitespace()).next().unwrap_or_default().to_owned()
+        }
+    }
+}
+
+/// Whether a cast's target is a date/time type, which reads `now`, `today`, ... as the current time.
+fn is_date_time_type(data_type: &DataType) -> bool {
+    matches!(type_name(data_type).as_str(), "timestamp" | "timestamptz" | "date" | "time" | "timetz" | "datetime")
+}
+
+/// A literal, a parameter, a column, or a cast or parentheses around one of them.
+fn is_plain_operand(expr: &Expr) -> bool {
+    match expr {
+        Expr::Value(_) | Expr::TypedString(_) | Expr::Identifier(_) | Expr::CompoundIdentifier(_) => true,
+        Expr::Cast { expr, .. } | Expr::Nested(expr) => is_plain_operand(expr),
+        _ => false,
     }
 }
 
@@ -2370,7 +2763,11 @@ mod tests {
             ("SELECT to_tsvector('english', body) @@ to_tsquery('english', $1) FROM posts", &["posts"]),
             ("SELECT * FROM t WHERE (a, b) IN ((1, 2), (3, 4))", &["t"]),
             ("SELECT * FROM t WHERE a = $1 OFFSET 10 ROWS FETCH FIRST 5 ROWS ONLY", &["t"]),
+            ("SELECT * FROM ONLY t", &["t"]),
+            ("SELECT * FROM ONLY public.t AS x, ONLY u JOIN ONLY v ON true", &["public.t", "u", "v"]),
+            ("SELECT * FROM ONLY \"T\" WHERE id = $1", &["T"]),
             ("SELECT * FROM t WHERE created_at > '2024-01-01'::date", &["t"]),
+            ("SELECT created_at::date, $1::timestamptz, CAST(d AS timestamp) FROM t", &["t"]),
             ("SELECT * FROM t WHERE status = 'now_playing' AND r = $1::region", &["t"]),
             ("SELECT x.* FROM docs, XMLTABLE('/rows/row' PASSING docs.body COLUMNS id int PATH '@id') x", &["docs"]),
             ("SELECT 1;", &[]),
@@ -2401,6 +2798,11 @@ mod tests {
         let cases = [
             "SELECT now()",
             "SELECT NOW() FROM t",
+            "SELECT ('n' || 'ow')::timestamptz",
+            "SELECT CAST(lower('NOW') AS date)",
+            "SELECT (SELECT 'today')::date",
+            "SELECT 'now'::text::timestamp",
+            "SELECT $$tomorrow$$::date",
             "SELECT CURRENT_TIMESTAMP",
             "SELECT current_timestamp(3)",
             "SELECT * FROM t WHERE created_at > CURRENT_DATE - 1",
@@ -2573,7 +2975,16 @@ mod tests {
             ("WITH d AS (DELETE FROM t WHERE id = 1 RETURNING *) SELECT * FROM d", &["t"], &[]),
             ("WITH i AS (INSERT INTO log VALUES (1) RETURNING id) SELECT * FROM i JOIN users ON true", &["log"], &["users"]),
             ("WITH u AS (UPDATE t SET a = 1 RETURNING *) SELECT count(*) FROM u", &["t"], &[]),
-            ("SELECT * INTO newtable FROM t", &["newtable"], &["t"]),
+            // `ONLY t` names t (sqlparser alone reads a table called "only" with the alias t).
+            ("UPDATE ONLY t SET a = 1", &["t"], &[]),
+            ("UPDATE ONLY s.t AS x SET a = 1 WHERE x.id = 2", &["s.t"], &[]),
+            ("DELETE FROM ONLY t WHERE id = 1", &["t"], &[]),
+            ("DELETE FROM ONLY t USING ONLY u WHERE t.id = u.id", &["t"], &["u"]),
+            ("MERGE INTO ONLY t USING s ON t.id = s.id WHEN MATCHED THEN DELETE", &["t"], &["s"]),
+            ("MERGE INTO t USING ONLY s ON t.id = s.id WHEN MATCHED THEN DELETE", &["t"], &["s"]),
+            ("TRUNCATE ONLY t", &["t"], &[]),
+            ("TRUNCATE TABLE ONLY t, ONLY u", &["t", "u"], &[]),
+            ("INSERT INTO t SELECT * FROM ONLY u", &["t"], &["u"]),
             ("SELECT nextval('seq')", &["seq"], &[]),
             ("SELECT setval('s.seq', 10)", &["s.seq"], &[]),
             ("EXPLAIN ANALYZE DELETE FROM t", &["t"], &[]),
@@ -2626,17 +3037,21 @@ mod tests {
     #[test]
     fn ddl_writes_its_table_or_everything() {
         let cases: &[(&str, Writes)] = &[
-            ("CREATE TABLE t (a int)", written(&["t"])),
-            ("CREATE TABLE s.\"T\" (a int)", written(&["s.T"])),
-            ("CREATE TABLE s.t AS SELECT * FROM u", written(&["s.t"])),
+            // Creating or dropping a relation changes the catalog: partitions, children and views
+            // link relations, so everything is invalidated and the catalog reread.
+            ("CREATE TABLE t (a int)", Writes::Unknown),
+            ("CREATE TABLE s.\"T\" (a int)", Writes::Unknown),
+            ("CREATE TABLE s.t AS SELECT * FROM u", Writes::Unknown),
+            ("CREATE TABLE c PARTITION OF p FOR VALUES IN (1)", Writes::Unknown),
+            ("CREATE TABLE c () INHERITS (p)", Writes::Unknown),
             ("CREATE INDEX i ON t (a)", written(&["t"])),
             ("CREATE INDEX CONCURRENTLY i ON s.t (a)", written(&["s.t"])),
-            ("CREATE VIEW v AS SELECT * FROM t", written(&["v"])),
-            ("CREATE OR REPLACE VIEW v AS SELECT * FROM t", written(&["v"])),
-            ("CREATE MATERIALIZED VIEW mv AS SELECT * FROM t", written(&["mv"])),
-            ("CREATE SEQUENCE seq", written(&["seq"])),
-            ("DROP TABLE a, s.b", written(&["a", "s.b"])),
-            ("DROP VIEW IF EXISTS v", written(&["v"])),
+            ("CREATE VIEW v AS SELECT * FROM t", Writes::Unknown),
+            ("CREATE OR REPLACE VIEW v AS SELECT * FROM t", Writes::Unknown),
+            ("CREATE MATERIALIZED VIEW mv AS SELECT * FROM t", Writes::Unknown),
+            ("CREATE SEQUENCE seq", Writes::Unknown),
+            ("DROP TABLE a, s.b", Writes::Unknown),
+            ("DROP VIEW IF EXISTS v", Writes::Unknown),
             ("REFRESH MATERIALIZED VIEW mv", written(&["mv"])),
             ("REFRESH MATERIALIZED VIEW CONCURRENTLY s.mv WITH DATA", written(&["s.mv"])),
             ("DROP TABLE a CASCADE", Writes::Unknown),
@@ -2860,18 +3275,20 @@ mod tests {
     #[test]
     fn normalized_text_collapses_layout_but_not_meaning() {
         let same = [
-            ("select  *  from T where id=$1", "SELECT * FROM t WHERE id = $1"),
+            ("select  *  from T where id=$1", "SELECT * FROM t WHERE id=$1"),
             ("SELECT 1 -- trailing comment\n", "select /* leading */ 1"),
             ("SELECT a FROM t;", "SELECT a\n\tFROM t"),
-            ("SELECT A.B FROM A", "select a . b from a"),
+            ("SELECT A.B FROM A", "select a.b from a"),
             ("SELECT * FROM t FOR UPDATE", "select * from t for update"),
+            ("SELECT 'a' /* x */ , 'b'", "SELECT 'a'\n, 'b'"),
+            ("SELECT 'a'\n'b'", "SELECT 'a' -- c\n'b'"),
         ];
         for (a, b) in same {
             let (ka, kb) = (check(a, false).normalized, check(b, false).normalized);
             assert!(ka.is_some(), "{a:?}");
             assert_eq!(ka, kb, "{a:?} vs {b:?}");
         }
-        assert_eq!(check("select  *  from T where id=$1", false).normalized.as_deref(), Some("select * from t where id = $1"));
+        assert_eq!(check("select  *  from T where id = $1", false).normalized.as_deref(), Some("select * from t where id = $1"));
         let different = [
             ("SELECT * FROM t WHERE id = 1", "SELECT * FROM t WHERE id = 2"),
             ("SELECT * FROM t WHERE id = $1", "SELECT * FROM t WHERE id = $2"),
@@ -2880,13 +3297,28 @@ mod tests {
             ("SELECT 'a''b'", "SELECT 'a' 'b'"),
             ("SELECT \"a\"\" \"\"b\" FROM t", "SELECT \"a\" \"b\" FROM t"),
             ("SELECT 'a'\n'b'", "SELECT 'a' 'b'"),
+            ("SELECT 'a'\n'b'", "SELECT 'a' /* c */\n'b'"),
+            ("SELECT 'a'\r'b'", "SELECT 'a' 'b'"),
             ("SELECT E'x'", "SELECT 'x'"),
             ("SELECT 1.0", "SELECT 1"),
             ("SELECT * FROM t ORDER BY a", "SELECT * FROM t ORDER BY a DESC"),
+            // Postgres 16 reads 0x1F as the integer 31, X'1F' as a bit string.
+            ("SELECT 0x1F", "SELECT X'1F'"),
+            ("SELECT 0x1F", "SELECT x'1F'"),
+            ("SELECT 0b101", "SELECT B'101'"),
+            ("SELECT 1_000", "SELECT 1000"),
+            ("SELECT 1a", "SELECT 1 a"),
+            ("SELECT .5e3", "SELECT 500"),
+            ("SELECT $$a$$", "SELECT 'a'"),
+            ("SELECT $A$x$A$", "SELECT $a$x$a$"),
+            ("SELECT U&'\\0041'", "SELECT '\\0041'"),
+            ("SELECT N'a'", "SELECT 'a'"),
+            ("SELECT $1", "SELECT $01"),
+            ("SELECT 1\u{a0}a", "SELECT 1 a"),
+            ("SELECT '\\' -- ', 2\n", "SELECT '\\' , 2"),
         ];
         for (a, b) in different {
             let (ka, kb) = (check(a, false).normalized, check(b, false).normalized);
-            assert!(ka.is_some(), "{a:?}");
             assert_ne!(ka, kb, "{a:?} vs {b:?}");
         }
         assert_eq!(check("SELECT FROM WHERE (", false).normalized, None);
@@ -3039,6 +3471,107 @@ mod tests {
         assert!(measure(&format!("MERGE INT{}O t USING s ON true", "(SELECT ".repeat(31))).too_complex().is_some());
         assert!(measure(&format!("SELECT {}1{}", "(".repeat(40), ")".repeat(40))).too_complex().is_some());
         assert!(measure("SELECT lower(upper(trim(x))) FROM t").too_complex().is_none());
+    }
+
+    /// The text of the classifier bomb: `count` statements of function calls nested `depth` deep.
+    fn bomb(count: usize, depth: usize) -> String {
+        let one = format!("SELECT {}1{}", "f(".repeat(depth), ")".repeat(depth));
+        vec![one; count].join(";\n")
+    }
+
+    #[test]
+    fn a_text_has_one_budget_for_all_its_statements() {
+        // Each statement alone is just within the per-statement parse cost...
+        let depth = (1..64).rev().find(|&d| {
+            let tokens = Tokenizer::new(&PostgreSqlDialect {}, &bomb(1, d)).tokenize().expect("tokenizes");
+            let significant: Vec<&Token> = tokens.iter().filter(|t| is_significant(t)).collect();
+            Shape::measure(&significant).too_complex().is_none()
+        });
+        let depth = depth.expect("some depth parses");
+        let single = check(&bomb(1, depth), false);
+        assert_eq!(single.over_budget, None);
+        // ...but a few hundred of them are not parsed at all, and the text fails closed at once.
+        let started = Instant::now();
+        let c = check(&bomb(300, depth), false);
+        let took = started.elapsed();
+        assert!(c.over_budget.is_some(), "{c:?}");
+        assert!(!c.cacheable && c.writes == Writes::Unknown && c.pins_session.is_some());
+        assert!(took < Duration::from_millis(500), "fail closed without parsing, took {took:?}");
+        // A cap on statements, whatever their cost.
+        let many = vec!["SELECT 1"; MAX_STATEMENTS + 1].join(";");
+        assert!(check(&many, false).over_budget.is_some());
+        assert!(check(&vec!["SELECT 1"; MAX_STATEMENTS].join(";"), false).over_budget.is_none());
+        // The deadline and the caller's departure are checked between statements.
+        let past = Budget { deadline: Some(Instant::now()), stop: &|| false };
+        assert!(classify_bounded("SELECT 1; SELECT 2", false, &past).over_budget.is_some());
+        let gone = Budget { deadline: None, stop: &|| true };
+        assert!(classify_bounded("SELECT 1", false, &gone).over_budget.is_some());
+    }
+
+    #[test]
+    fn inline_classification_takes_only_cheap_texts() {
+        for sql in ["SELECT * FROM t WHERE id = $1", "UPDATE t SET a = $1 WHERE id = $2", "BEGIN; SELECT 1; COMMIT"] {
+            assert_eq!(classify_inline(sql, false), Some(classify(sql, false)), "{sql:?}");
+        }
+        let costly = [
+            bomb(2, 8),
+            format!("SELECT '{}'", "x".repeat(INLINE_MAX_TEXT_BYTES)),
+            vec!["SELECT 1"; INLINE_MAX_STATEMENTS + 1].join(";"),
+            format!("SELECT * FROM t WHERE a IN {}(1){}", "(SELECT b FROM u WHERE b IN ".repeat(6), ")".repeat(6)),
+        ];
+        for sql in costly {
+            assert_eq!(classify_inline(&sql, false), None, "{}...", &sql[..30]);
+        }
+        // The worst the inline path accepts stays cheap (measured in debug builds here; release is
+        // about ten times faster).
+        let worst = format!("SELECT {} FROM t", vec!["coalesce(a, b, c)"; 200].join(", "));
+        assert!(worst.len() <= INLINE_MAX_TEXT_BYTES);
+        let started = Instant::now();
+        let inline = classify_inline(&worst, false);
+        let took = started.elapsed();
+        assert!(inline.is_some_and(|c| c.cacheable));
+        eprintln!("the costliest inline text took {took:?}");
+        assert!(took < Duration::from_millis(250), "{took:?}");
+    }
+
+    #[test]
+    fn multiple_statements_are_found_without_parsing() {
+        let single = [
+            "SELECT 1",
+            "SELECT 1;",
+            "SELECT 1 ; -- done\n ;",
+            "SELECT ';'",
+            "SELECT 'it''s; fine'",
+            "SELECT E'\\'; still' ",
+            "SELECT \"a;b\" FROM t",
+            "SELECT $$;$$",
+            "SELECT $tag$ ; $notyet$ ; $tag$",
+            "SELECT 1 /* ; /* nested ; */ ; */",
+            "SELECT $1; /* trailing */",
+        ];
+        for sql in single {
+            assert!(!has_multiple_statements(sql), "{sql:?}");
+        }
+        let multiple =
+            ["SELECT 1; SELECT 2", "SELECT 1;;DELETE FROM t", "SELECT 'a'';'; DROP TABLE t", "SELECT $$a$$; SELECT 2", "SELECT e'\\''; x'"];
+        for sql in multiple {
+            assert!(has_multiple_statements(sql), "{sql:?}");
+        }
+    }
+
+    #[test]
+    fn functions_operators_and_types_are_reported_for_the_catalog() {
+        let c = check("SELECT lower(a), pg_catalog.upper(b), substring(c FROM 1) FROM t WHERE d @@ $1 AND e::mydomain = 'x'", false);
+        assert!(c.functions.contains(&"lower".to_owned()), "{:?}", c.functions);
+        assert!(!c.functions.contains(&"upper".to_owned()), "schema-qualified with pg_catalog: built in");
+        assert!(c.functions.contains(&"substring".to_owned()));
+        assert!(c.operators.contains(&"@@".to_owned()), "{:?}", c.operators);
+        assert!(c.types.contains(&"mydomain".to_owned()), "{:?}", c.types);
+        // Operators are read from the tokens, also where the parser gives up.
+        let c = check("SELECT a !== b, c+-d FROM t", false);
+        assert!(c.operators.contains(&"!==".to_owned()) && c.operators.contains(&"+-".to_owned()), "{:?}", c.operators);
+        let c = check("SELECT CAST(a AS s.\"Dom\"[]), 'x'::text, int4 '1' FROM t", false);
+        assert!(c.types.contains(&"Dom".to_owned()) && c.types.contains(&"text".to_owned()), "{:?}", c.types);
     }
 
     /// A small deterministic generator (xorshift64*), so failures reproduce.

@@ -12,7 +12,7 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use crate::accel::Database;
 use crate::cache::{CacheKey, CacheOutcome};
-use crate::classify::Writes;
+use crate::classify::{Classification, MAX_SQL_BYTES, has_multiple_statements};
 use crate::origin::OriginError;
 use crate::pool::{PooledConn, Release, describe_origin_error};
 use crate::protocol::{ErrorFields, Frame, FrontendMessage, TransactionStatus};
@@ -83,14 +83,18 @@ impl Database {
     /// Runs one parameterised statement outside any transaction.
     pub async fn query(self: &Arc<Self>, sql: &str, params: &[Value], limits: ExecLimits) -> Result<QueryResult, QueryError> {
         self.counters.queries.fetch_add(1, Ordering::Relaxed);
-        let request = Arc::new(request(sql, params)?);
-        let class = request.prepared.class.clone();
+        let class = self.analyse(sql).await?;
+        let request = Arc::new(request(sql, params, class)?);
+        let class = &request.prepared.class;
+        let cacheable = request.prepared.cacheable
+            && self.cache.is_some()
+            && self.cache_refusal(class, &request.params, &request.prepared.param_types).await.is_none();
         let max_bytes = match &self.cache {
-            Some(_) if request.prepared.cacheable => limits.max_result_bytes.min(self.cache_max_entry_bytes),
+            Some(_) if cacheable => limits.max_result_bytes.min(self.cache_max_entry_bytes),
             _ => limits.max_result_bytes,
         };
         let fetch = fetch_extended(self.pool.clone(), request.clone(), max_bytes);
-        let (bytes, cached) = match (&self.cache, request.prepared.cacheable, &class.normalized) {
+        let (bytes, cached) = match (&self.cache, cacheable, &class.normalized) {
             (Some(cache), true, Some(normalized)) => {
                 let key = CacheKey {
                     role: BINDING_ROLE.to_owned(),
@@ -120,12 +124,29 @@ impl Database {
             }
         };
         let result = decode_result(bytes, cached);
-        if class.writes != Writes::None
-            && let Some(cache) = &self.cache
-        {
-            cache.invalidate(&class.writes);
-        }
+        self.invalidate(&self.invalidation(class));
         result
+    }
+
+    /// Classifies a statement of the binding, refusing what the binding does not run: more than
+    /// one statement (found by a lexical scan, before any parsing) and text beyond the
+    /// classification budget.
+    async fn analyse(&self, sql: &str) -> Result<Classification, QueryError> {
+        if sql.len() > MAX_SQL_BYTES {
+            return Err(QueryError::Invalid(format!("the statement is longer than {MAX_SQL_BYTES} bytes")));
+        }
+        if has_multiple_statements(sql) {
+            // The code Postgres gives a prepared statement with several commands.
+            return Err(QueryError::Database {
+                code: "42601".into(),
+                message: "the text holds more than one statement; send one statement per call".into(),
+            });
+        }
+        let class = self.classifier.classify(sql, false).await;
+        if let Some(reason) = &class.over_budget {
+            return Err(QueryError::Invalid(format!("the statement is too large or too complex to analyse ({reason}); simplify it")));
+        }
+        Ok(class)
     }
 
     /// Runs statements in one transaction: all of them commit, or none does. Returns one result
@@ -135,11 +156,11 @@ impl Database {
         statements: &[(String, Vec<Value>)],
         limits: ExecLimits,
     ) -> Result<Vec<QueryResult>, (usize, QueryError)> {
-        let requests = statements
-            .iter()
-            .enumerate()
-            .map(|(i, (sql, params))| request(sql, params).map_err(|e| (i, e)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut requests = Vec::with_capacity(statements.len());
+        for (i, (sql, params)) in statements.iter().enumerate() {
+            let class = self.analyse(sql).await.map_err(|e| (i, e))?;
+            requests.push(request(sql, params, class).map_err(|e| (i, e))?);
+        }
         let mut conn = self.pool.acquire().await.map_err(|e| {
             let fields = e.to_error_fields();
             (0, QueryError::Unavailable { code: fields.code, message: fields.message })
@@ -162,7 +183,7 @@ impl Database {
                 run_on(&mut conn, request, limits.max_result_bytes.saturating_sub(used)).await.map_err(|e| (i, fetch_error(e, limits)))?;
             used += bytes.len();
             results.push(decode_result(bytes, false).map_err(|e| (i, e))?);
-            writes.push(request.prepared.class.writes.clone());
+            writes.push(&request.prepared.class);
         }
         match conn.conn.simple_query("COMMIT").await {
             Ok(TransactionStatus::Idle) => {}
@@ -170,10 +191,9 @@ impl Database {
             Err(OriginError::Server(fields)) => return Err((requests.len(), QueryError::from_fields(&fields))),
             Err(e) => return Err(lost(requests.len(), e)),
         }
-        if let Some(cache) = &self.cache {
-            for w in writes.iter().filter(|w| **w != Writes::None) {
-                cache.invalidate(w);
-            }
+        // Judged now, after the commit, against the catalog as it is now.
+        for class in writes {
+            self.invalidate(&self.invalidation(class));
         }
         // Committed and idle, and no statement may leave session state (checked up front): the
         // connection goes back as it came.
@@ -207,7 +227,7 @@ fn fetch_error(error: FetchError, limits: ExecLimits) -> QueryError {
 
 /// Builds the extended-protocol request: parameters in text format with types left to the origin
 /// to infer, except where the value's kind decides the type.
-fn request(sql: &str, params: &[Value]) -> Result<ExtendedRequest, QueryError> {
+fn request(sql: &str, params: &[Value], class: Classification) -> Result<ExtendedRequest, QueryError> {
     if params.len() > MAX_PARAMS {
         return Err(QueryError::Invalid(format!("{} parameters given; at most {MAX_PARAMS} are allowed", params.len())));
     }
@@ -235,7 +255,7 @@ fn request(sql: &str, params: &[Value]) -> Result<ExtendedRequest, QueryError> {
         param_types.push(oid);
         values.push(text.map(Bytes::from));
     }
-    let prepared = Prepared::new(sql.to_owned(), param_types);
+    let prepared = Prepared::new(sql.to_owned(), param_types, class);
     if let Some(reason) = &prepared.class.pins_session {
         return Err(QueryError::Invalid(format!(
             "statements that leave session state are not allowed through the binding ({reason}); use SET LOCAL inside a transaction"
@@ -377,9 +397,10 @@ mod tests {
 
     #[test]
     fn parameters_are_text_and_bytes_are_bytea() {
-        let built = request("SELECT $1, $2, $3", &[Value::Int(7), Value::Bytes(vec![1, 2]), Value::Null]).unwrap();
+        let class = crate::classify::classify("SELECT $1, $2, $3", false);
+        let built = request("SELECT $1, $2, $3", &[Value::Int(7), Value::Bytes(vec![1, 2]), Value::Null], class.clone()).unwrap();
         assert_eq!(built.prepared.param_types, vec![0, 17, 0]);
         assert_eq!(built.params, vec![Some(Bytes::from("7")), Some(Bytes::from("\\x0102")), None]);
-        assert!(matches!(request("SELECT $1", &[Value::Text("a\0b".into())]), Err(QueryError::Invalid(_))));
+        assert!(matches!(request("SELECT $1", &[Value::Text("a\0b".into())], class), Err(QueryError::Invalid(_))));
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! - [`protocol`]: the v3 wire protocol with bounded framing; [`scram`]: SCRAM-SHA-256 for clients;
 //!   [`tls`]: TLS for clients; [`origin`]: authenticated connections to the origin database.
-//! - [`classify`]: what a statement reads, writes and leaves behind, for pinning and caching.
+//! - [`classify`]: what a statement reads, writes and leaves behind, for pinning and caching;
+//!   [`classifier`]: where texts are classified (inline when cheap, else a bounded pool);
+//!   [`catalog`]: what the origin's catalog adds (views, triggers, keys, inheritance, user code).
 //! - [`pool`]: the bounded pool of origin connections; [`cache`]: the encrypted result cache;
 //!   [`cancel`]: routing of cancel requests to the right backend.
 //! - [`accel`]: every configured database, built from the configuration.
@@ -11,6 +13,8 @@
 pub mod accel;
 pub mod cache;
 pub mod cancel;
+pub mod catalog;
+pub mod classifier;
 pub mod classify;
 pub mod exec;
 pub mod origin;

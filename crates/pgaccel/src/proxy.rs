@@ -27,7 +27,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::accel::{Accelerator, Database};
 use crate::cache::{CacheKey, FetchFuture, Fetched, opted_out};
 use crate::cancel::{CancelHandle, CancelTarget};
-use crate::classify::{Classification, Writes, classify};
+use crate::catalog::Invalidation;
+use crate::classify::Classification;
 use crate::origin::OriginError;
 use crate::pool::{Pool, PoolError, PooledConn, Release, describe_origin_error};
 use crate::protocol::{
@@ -382,7 +383,7 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
-    pub(crate) fn new(query: String, param_types: Vec<u32>) -> Prepared {
+    pub(crate) fn new(query: String, param_types: Vec<u32>, class: Classification) -> Prepared {
         let mut hash = Sha256::new();
         hash.update(query.as_bytes());
         for oid in &param_types {
@@ -390,7 +391,6 @@ impl Prepared {
         }
         let digest = hash.finalize();
         let server_name = format!("cordon_{}", hex(&digest[..12]));
-        let class = classify(&query, false);
         let cacheable = class.cacheable && !opted_out(&query);
         Prepared { query, param_types, server_name, class, cacheable }
     }
@@ -471,8 +471,9 @@ struct Session {
     /// Extended-protocol messages went to the origin without a Sync yet: the origin holds an
     /// implicit transaction and portals for the client, so the connection stays with it.
     unsynced: bool,
-    /// Tables written in the open transaction, invalidated again when it ends.
-    txn_writes: Vec<Writes>,
+    /// What statements since the last idle ReadyForQuery invalidated, applied again when the
+    /// transaction (explicit, or the implicit one of an extended-protocol batch) ends.
+    txn_writes: Vec<Invalidation>,
     batch: Vec<FrontendMessage>,
     batch_bytes: usize,
 }
@@ -699,10 +700,11 @@ impl Session {
 
     async fn simple_query(&mut self, sql: String) -> Result<(), SessionError> {
         self.db.counters.queries.fetch_add(1, Ordering::Relaxed);
-        let class = classify(&sql, self.status != TransactionStatus::Idle);
+        let class = self.db.classifier.classify(&sql, self.status != TransactionStatus::Idle).await;
         // A simple Query replaces the unnamed statement.
         self.statements.remove("");
-        let cacheable = class.cacheable && !opted_out(&sql);
+        let cacheable =
+            class.cacheable && !opted_out(&sql) && (!self.cache_usable() || self.db.cache_refusal(&class, &[], &[]).await.is_none());
         if self.cache_usable() && cacheable {
             if let Some(normalized) = class.normalized.clone() {
                 let key = CacheKey { role: self.role_key(), query: normalized, params: Vec::new(), formats: Vec::new(), protocol: b'Q' };
@@ -756,7 +758,14 @@ impl Session {
     async fn run_batch(&mut self) -> Result<(), SessionError> {
         let batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
-        if self.try_cached_batch(&batch).await? {
+        // Every Parse is classified before anything is sent, off this thread when it is costly.
+        let mut classes = VecDeque::new();
+        for message in &batch {
+            if let FrontendMessage::Parse { query, .. } = message {
+                classes.push_back(self.db.classifier.classify(query, false).await);
+            }
+        }
+        if self.try_cached_batch(&batch, classes.front()).await? {
             return Ok(());
         }
         let needs_origin = batch
@@ -795,7 +804,11 @@ impl Session {
             if cut && !matches!(message, FrontendMessage::Sync) {
                 continue;
             }
-            if let Some(error) = self.queue_message(message, &mut slots)? {
+            let class = match &message {
+                FrontendMessage::Parse { .. } => classes.pop_front(),
+                _ => None,
+            };
+            if let Some(error) = self.queue_message(message, class, &mut slots)? {
                 slots.push_back(Slot::Error(error));
                 cut = true;
             }
@@ -808,7 +821,12 @@ impl Session {
 
     /// Encodes one client message for the origin (or answers it here) and queues its slot.
     /// Returns an error the client must see, after which the batch is cut until the next Sync.
-    fn queue_message(&mut self, message: FrontendMessage, slots: &mut VecDeque<Slot>) -> Result<Option<ErrorFields>, SessionError> {
+    fn queue_message(
+        &mut self,
+        message: FrontendMessage,
+        class: Option<Classification>,
+        slots: &mut VecDeque<Slot>,
+    ) -> Result<Option<ErrorFields>, SessionError> {
         match message {
             FrontendMessage::Parse { name, query, param_types } => {
                 if !name.is_empty() && self.statements.contains_key(&name) {
@@ -818,7 +836,8 @@ impl Session {
                         format!("prepared statement \"{}\" already exists", truncate(&name, 64)),
                     )));
                 }
-                let prepared = Arc::new(Prepared::new(query, param_types));
+                let class = class.unwrap_or_else(|| Classification::over_budget("statement not classified".to_owned()));
+                let prepared = Arc::new(Prepared::new(query, param_types, class));
                 self.statements.insert(name.clone(), prepared.clone());
                 let server = self.server.as_mut().expect("ensured");
                 if server.prepared.contains(&prepared.server_name) {
@@ -928,7 +947,7 @@ impl Session {
 
     /// Serves `[Parse] Bind [Describe portal] Execute Sync` from the cache when the statement is
     /// cacheable: the shape ORMs and drivers send for one parameterised query.
-    async fn try_cached_batch(&mut self, batch: &[FrontendMessage]) -> Result<bool, SessionError> {
+    async fn try_cached_batch(&mut self, batch: &[FrontendMessage], parsed: Option<&Classification>) -> Result<bool, SessionError> {
         if !self.cache_usable() || self.skipping {
             return Ok(false);
         }
@@ -959,7 +978,8 @@ impl Session {
                 if name != statement || (!name.is_empty() && self.statements.contains_key(name)) {
                     return Ok(false);
                 }
-                Arc::new(Prepared::new(query.clone(), param_types.clone()))
+                let Some(class) = parsed else { return Ok(false) };
+                Arc::new(Prepared::new(query.clone(), param_types.clone(), class.clone()))
             }
             None => match self.statements.get(statement) {
                 Some(prepared) => prepared.clone(),
@@ -967,6 +987,9 @@ impl Session {
             },
         };
         let (true, Some(normalized)) = (prepared.cacheable, prepared.class.normalized.clone()) else { return Ok(false) };
+        if self.db.cache_refusal(&prepared.class, params, &prepared.param_types).await.is_some() {
+            return Ok(false);
+        }
         self.db.counters.queries.fetch_add(1, Ordering::Relaxed);
         let mut formats: Vec<i16> = param_formats.clone();
         formats.push(i16::MIN);
@@ -1269,13 +1292,11 @@ impl Session {
 
     /// Applies what a statement that completed did: pins, role changes and cache invalidation.
     fn after_statement(&mut self, class: &Classification, completed: bool, failed: bool) {
-        if class.writes != Writes::None {
-            if let Some(cache) = &self.db.cache {
-                cache.invalidate(&class.writes);
-            }
-            if self.status != TransactionStatus::Idle || class.transaction_control.is_some() {
-                self.txn_writes.push(class.writes.clone());
-            }
+        let invalidation = self.db.invalidation(class);
+        if !invalidation.is_none() {
+            self.db.invalidate(&invalidation);
+            // Again when the transaction ends: its writes (and DDL) become visible only then.
+            self.txn_writes.push(invalidation);
         }
         // A statement that failed outright changed nothing; one that completed (even if a later
         // statement of the same text failed) may have left session state.
@@ -1304,14 +1325,10 @@ impl Session {
         self.status = status;
         if status == TransactionStatus::Idle {
             self.portals.clear();
-            if let Some(cache) = &self.db.cache {
-                // Writes become visible at commit; invalidate again so that nothing read between
-                // the statement and the commit stays cached.
-                for writes in self.txn_writes.drain(..) {
-                    cache.invalidate(&writes);
-                }
-            } else {
-                self.txn_writes.clear();
+            // Writes become visible at commit; invalidate again so that nothing read between the
+            // statement and the commit stays cached, and no catalog read in between is trusted.
+            for invalidation in std::mem::take(&mut self.txn_writes) {
+                self.db.invalidate(&invalidation);
             }
         }
     }

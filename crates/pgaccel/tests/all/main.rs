@@ -8,5 +8,8 @@ mod smoke;
 
 mod harness;
 
+mod bomb;
 mod caching;
+mod keys;
 mod proxy;
+mod stale;
