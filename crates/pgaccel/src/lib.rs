@@ -6,6 +6,8 @@
 //! - [`classify`]: what a statement reads, writes and leaves behind, for pinning and caching.
 //! - [`pool`]: the bounded pool of origin connections; [`cache`]: the encrypted result cache;
 //!   [`cancel`]: routing of cancel requests to the right backend.
+//! - [`session_limits`]: the timeouts clients may not raise; [`session_state`]: the probe that
+//!   proves a connection is back in the state it was opened in.
 //! - [`accel`]: every configured database, built from the configuration.
 
 pub mod accel;
@@ -18,4 +20,6 @@ pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod scram;
+pub mod session_limits;
+pub mod session_state;
 pub mod tls;
