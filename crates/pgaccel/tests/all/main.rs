@@ -10,3 +10,8 @@ mod harness;
 
 mod caching;
 mod proxy;
+
+mod attack;
+mod handshake_flood;
+mod pool_bounds;
+mod session_state;

@@ -387,7 +387,7 @@ async fn tls_is_negotiated_and_plaintext_is_refused_when_tls_is_required() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (_dir, ca, (chain, key)) = crate::origin::write_pki(&["localhost"]);
     let acceptor = cordon_pgaccel::tls::acceptor(&chain, &key).unwrap();
-    let settings = cordon_pgaccel::proxy::ProxySettings { tls: Some(acceptor), require_tls: true };
+    let settings = cordon_pgaccel::proxy::ProxySettings::new(Some(acceptor), true);
     let proxy = Proxy::start_with("", "enabled = false", settings).await;
 
     // Plaintext: refused before authentication, with the reason.
