@@ -189,9 +189,7 @@ fn is_clause_end(token: &Token) -> bool {
 fn check_literal(name: &str, max: Option<u64>, value: &str) -> Option<String> {
     let max_ms = max?;
     match parse_duration_ms(value) {
-        Some(0.0) => {
-            Some(format!("setting {name} to 0 (no limit) is not allowed; the most this database allows is {max_ms} ms"))
-        }
+        Some(0.0) => Some(format!("setting {name} to 0 (no limit) is not allowed; the most this database allows is {max_ms} ms")),
         Some(ms) if ms > max_ms as f64 => {
             Some(format!("setting {name} to {value} is not allowed; the most this database allows is {max_ms} ms"))
         }

@@ -8,7 +8,13 @@ use std::time::{Duration, Instant};
 use cordon_pgaccel::exec::{ExecLimits, Value};
 use tokio_postgres::SimpleQueryMessage;
 
+use crate::attack::{p99, rss_mib};
 use crate::harness::{ACME_RO_PASSWORD, Proxy};
+
+/// The victim's p99 for one read (through the cache, past it, or through the binding) while the
+/// attacks run, and the growth of resident memory.
+const VICTIM_P99: Duration = Duration::from_millis(250);
+const RSS_GROWTH_MIB: u64 = 64;
 
 const LIMITS: ExecLimits = ExecLimits { max_result_bytes: 1 << 20 };
 
@@ -64,6 +70,8 @@ async fn changed_session_state_never_reaches_another_client_or_the_cache() {
     let proxy = Proxy::start("pool_size = 1\nstatement_timeout_ms = 0\nidle_in_transaction_timeout_ms = 0", "max_age_s = 600").await;
     create_schema(&proxy).await;
     let db = proxy.accel.database("acme", "main").unwrap().clone();
+    let rss_before = rss_mib();
+    let mut samples = Vec::new();
 
     for (i, attack) in ATTACKS.iter().enumerate() {
         // A proxy user changes its session's state by a statement the classifier passes. Inside
@@ -84,14 +92,18 @@ async fn changed_session_state_never_reaches_another_client_or_the_cache() {
         // the cache; and a worker through the binding.
         let victim = proxy.client_as("acme_ro", ACME_RO_PASSWORD, "acme.main").await;
         for _ in 0..2 {
+            let started = Instant::now();
             assert_eq!(first_value(&victim.simple_query(&reads).await.unwrap()), "public", "{attack}: cached read");
+            samples.push(started.elapsed());
             let row = victim.query_one(&format!("SELECT v FROM t WHERE {i} = $1"), &[&(i as i32)]).await.unwrap();
             assert_eq!(row.get::<_, String>(0), "public", "{attack}: extended read");
             let uncached = format!("/* cordon:no-cache */ SELECT v, current_setting('app.tenant_id', true) FROM t WHERE {i} >= 0");
             let row = victim.simple_query(&uncached).await.unwrap();
             assert_eq!(first_value(&row), "public", "{attack}: read past the cache");
+            let started = Instant::now();
             let result = db.query(&reads, &[], LIMITS).await.unwrap();
             assert_eq!(result.rows[0][0], Value::Text("public".into()), "{attack}: binding read");
+            samples.push(started.elapsed());
         }
         let setting = victim
             .simple_query("SELECT coalesce(current_setting('app.tenant_id', true), '') FROM (SELECT 1) s WHERE random() >= 0")
@@ -106,6 +118,11 @@ async fn changed_session_state_never_reaches_another_client_or_the_cache() {
     }
     let stats = db.stats().pool;
     assert!(stats.state_resets >= ATTACKS.len() as u64, "every changed connection was reset: {stats:?}");
+    let p99 = p99(&mut samples);
+    assert!(p99 < VICTIM_P99, "the victim's read p99 was {p99:?}");
+    let growth = rss_mib().saturating_sub(rss_before);
+    assert!(growth < RSS_GROWTH_MIB, "resident memory grew by {growth} MiB");
+    eprintln!("session state attacks: victim read p99 {p99:?}, RSS +{growth} MiB");
 }
 
 #[tokio::test]
