@@ -437,6 +437,7 @@ impl Pool {
             probe_resets: false,
             statement_started: Instant::now(),
             deadline_cancelled: false,
+            cancel_pending: false,
         })
     }
 
@@ -673,8 +674,11 @@ pub struct PooledConn {
     /// When the statement now running on the origin started, as far as the pool can tell: the
     /// start of the exchange or the end of the previous statement.
     statement_started: Instant,
-    /// The pool's deadline passed and the statement was cancelled.
+    /// The pool's deadline passed and the statement was cancelled: the connection is discarded
+    /// on release.
     deadline_cancelled: bool,
+    /// A cancel sent for the deadline has not yet ended the statement.
+    cancel_pending: bool,
 }
 
 impl fmt::Debug for PooledConn {
@@ -732,18 +736,23 @@ impl PooledConn {
             return self.backend_mut().conn.read_frame().await;
         };
         loop {
-            let deadline = self.statement_started + limit + if self.deadline_cancelled { CANCEL_GRACE } else { Duration::ZERO };
+            let deadline = self.statement_started + limit + if self.cancel_pending { CANCEL_GRACE } else { Duration::ZERO };
             let read = tokio::time::timeout_at(deadline.into(), self.backend_mut().conn.read_frame()).await;
             match read {
                 Ok(Ok(frame)) => {
-                    // The end of one statement is the start of the next.
-                    if matches!(frame.tag, b'C' | b'E' | b'I' | b'Z' | b's') && !self.deadline_cancelled {
+                    // The end of one statement is the start of the next; a cancelled one has
+                    // ended once the origin is ready again.
+                    if frame.tag == b'Z' {
+                        self.cancel_pending = false;
+                    }
+                    if matches!(frame.tag, b'C' | b'E' | b'I' | b'Z' | b's') && !self.cancel_pending {
                         self.statement_started = Instant::now();
                     }
                     return Ok(frame);
                 }
                 Ok(Err(error)) => return Err(error),
-                Err(_) if !self.deadline_cancelled => {
+                Err(_) if !self.cancel_pending => {
+                    self.cancel_pending = true;
                     self.deadline_cancelled = true;
                     self.mark(Release::Discard);
                     self.pool.counters.deadline_cancels.fetch_add(1, Ordering::Relaxed);

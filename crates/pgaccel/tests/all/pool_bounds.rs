@@ -207,6 +207,11 @@ async fn the_pool_cancels_a_statement_past_its_deadline_whatever_the_session_set
     let error = client.batch_execute("BEGIN; SELECT no_timeout(); SELECT pg_sleep(30)").await.expect_err("cut short");
     assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED), "{error:?}");
     assert!(started.elapsed() < Duration::from_secs(5), "stopped after {:?}", started.elapsed());
+    // The client's session goes on: later statements on that connection are not held to the
+    // cancelled statement's deadline.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    client.batch_execute("ROLLBACK").await.expect("the client rolls back after the cancel");
+    assert_eq!(client.query_one("SELECT 2 + 2", &[]).await.unwrap().get::<_, i32>(0), 4);
     drop(client);
 
     // Even a statement that swallows its cancel ends, and its connection with it.
