@@ -710,9 +710,18 @@ impl Session {
         }
     }
 
+    /// Writes the buffered responses to the client. A client that does not read them within the
+    /// pool's statement deadline is treated as gone: while it stalls, the origin backend behind it
+    /// stalls too, and a cancel cannot reach a backend blocked on sending.
     async fn flush_client(&mut self) -> std::io::Result<()> {
         if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
+            let write = self.stream.write_all(&self.wbuf);
+            match self.db.pool.settings().statement_deadline {
+                Some(limit) => tokio::time::timeout(limit, write)
+                    .await
+                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the client stopped reading its results"))??,
+                None => write.await?,
+            }
             self.wbuf.clear();
         }
         Ok(())

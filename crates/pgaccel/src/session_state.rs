@@ -42,9 +42,10 @@ EXISTS (SELECT FROM pg_catalog.pg_prepared_statements p WHERE p.from_sql)";
 
 /// Sent after the probe on a connection going back to the pool: every setting, custom ones
 /// included (Postgres keeps undeclared custom settings such as `app.user_id` out of
-/// `pg_settings`, so no query can list them), back to the value the connection was opened with,
-/// and no session advisory lock left held.
-pub const RESET_SQL: &str = "RESET ALL; SELECT pg_catalog.pg_advisory_unlock_all()";
+/// `pg_settings`, so no query can list them), back to the value the connection was opened with;
+/// no sequence state (`lastval()` would tell the next client another's last id), and no session
+/// advisory lock left held.
+pub const RESET_SQL: &str = "RESET ALL; DISCARD SEQUENCES; SELECT pg_catalog.pg_advisory_unlock_all()";
 
 /// The state as the probe printed it: the DataRow's body, compared byte for byte.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -118,6 +118,17 @@ async fn changed_session_state_never_reaches_another_client_or_the_cache() {
     }
     let stats = db.stats().pool;
     assert!(stats.state_resets >= ATTACKS.len() as u64, "every changed connection was reset: {stats:?}");
+
+    // Sequence state is session state too: lastval() must not tell one client another's id.
+    let owner = proxy.origin().await;
+    owner.batch_execute("CREATE SEQUENCE ids").await.unwrap();
+    let writer = proxy.client().await;
+    writer.simple_query("SELECT nextval('ids')").await.unwrap();
+    drop(writer);
+    let reader = proxy.client_as("acme_ro", ACME_RO_PASSWORD, "acme.main").await;
+    let error = reader.simple_query("SELECT lastval()").await.expect_err("no sequence was used in this session");
+    assert_eq!(error.code(), Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE), "{error:?}");
+
     let p99 = p99(&mut samples);
     assert!(p99 < VICTIM_P99, "the victim's read p99 was {p99:?}");
     let growth = rss_mib().saturating_sub(rss_before);
