@@ -505,7 +505,7 @@ impl Pool {
         self.counters.connects.fetch_add(1, Ordering::Relaxed);
         let opened = async {
             let mut conn = ServerConn::connect(&self.origin).await?;
-            let probed = tokio::time::timeout(self.origin.connect_timeout, session_state::probe(&mut conn, false)).await;
+            let probed = tokio::time::timeout(self.origin.connect_timeout, session_state::probe(&mut conn, true, false)).await;
             let (state, _) = probed.map_err(|_| OriginError::Timeout("reading the session state of a new connection"))??;
             Ok::<_, OriginError>((conn, state))
         };
@@ -775,7 +775,7 @@ impl PooledConn {
     /// buffer, to be sent with it; [`PooledConn::finish_probe`] reads its answer after the
     /// request's. A clean answer then proves the connection is as it was opened.
     pub fn queue_probe(&mut self) -> Result<(), OriginError> {
-        session_state::queue(&mut self.backend_mut().conn, true)?;
+        session_state::queue(&mut self.backend_mut().conn, false, true)?;
         self.probe_pending = true;
         self.probe_resets = true;
         Ok(())
@@ -784,7 +784,8 @@ impl PooledConn {
     /// Reads the answer of the queued probe. Returns whether the connection is idle and exactly
     /// as it was opened; if not, it is marked for reset.
     pub async fn finish_probe(&mut self) -> Result<bool, OriginError> {
-        let outcome = tokio::time::timeout(RELEASE_QUERY_TIMEOUT, session_state::read(&mut self.backend_mut().conn)).await;
+        let resets = self.probe_resets;
+        let outcome = tokio::time::timeout(RELEASE_QUERY_TIMEOUT, session_state::read(&mut self.backend_mut().conn, resets)).await;
         let (state, status) = match outcome {
             Ok(Ok(read)) => read,
             Ok(Err(error)) => {
@@ -917,7 +918,7 @@ async fn release(pool: Arc<Pool>, mut backend: Backend, permit: Option<OwnedSema
         Err(_) => Err("timed out".to_owned()),
     };
     if !reset_first {
-        let outcome = tokio::time::timeout(RELEASE_QUERY_TIMEOUT, session_state::probe(&mut backend.conn, true)).await;
+        let outcome = tokio::time::timeout(RELEASE_QUERY_TIMEOUT, session_state::probe(&mut backend.conn, false, true)).await;
         match state_matches(&mut backend, outcome) {
             Ok(true) => {
                 pool.put_back(backend);
@@ -940,7 +941,8 @@ async fn release(pool: Arc<Pool>, mut backend: Backend, permit: Option<OwnedSema
         // ROLLBACK outside a transaction only warns, so it is safe whatever the state was.
         backend.conn.simple_query("ROLLBACK").await?;
         backend.conn.simple_query("DISCARD ALL").await?;
-        session_state::probe(&mut backend.conn, false).await
+        // DISCARD ALL dropped the prepared probe.
+        session_state::probe(&mut backend.conn, true, false).await
     })
     .await;
     match state_matches(&mut backend, outcome) {

@@ -44,8 +44,10 @@ const MAX_BATCH_BYTES: usize = 64 << 20;
 /// Responses are written to the client once this much is buffered, or when the origin has
 /// nothing more buffered.
 const CLIENT_FLUSH_BYTES: usize = 64 << 10;
-/// Bytes of a client's next messages read ahead while its statement runs, to notice a hang-up.
+/// Bytes of a client's next messages read ahead while its statement runs, to notice a hang-up,
+/// and how long the origin must have been quiet before the client is watched.
 const CLIENT_WATCH_BYTES: usize = 64 << 10;
+const CLIENT_WATCH_AFTER: Duration = Duration::from_millis(100);
 /// Startup parameters a client may send. Others would be session state that transaction pooling
 /// cannot carry from one origin connection to the next, so they are refused with a clear error.
 const ACCEPTED_STARTUP_PARAMS: &[&str] = &["user", "database", "application_name", "fallback_application_name", "client_encoding"];
@@ -1208,14 +1210,24 @@ impl Session {
             if slots.is_empty() {
                 break;
             }
-            // While the origin works, a client that hangs up is noticed at once: its statement
-            // is then cancelled rather than left running with nobody to answer.
+            // While the origin works on a statement, a client that hangs up is noticed: its
+            // statement is then cancelled rather than left running with nobody to answer. The
+            // client is watched only once the origin has been quiet for a moment, so a client's
+            // next request, sent as soon as it saw an error, is not read early and mistaken for
+            // pipelining.
+            let watch_from = tokio::time::Instant::now() + CLIENT_WATCH_AFTER;
             let frame = loop {
                 let server = self.server.as_mut().expect("ensured");
+                let watching = self.rbuf.len() < CLIENT_WATCH_BYTES;
+                let (stream, rbuf) = (&mut self.stream, &mut self.rbuf);
+                let watch = async move {
+                    tokio::time::sleep_until(watch_from).await;
+                    stream.read_buf(rbuf).await
+                };
                 tokio::select! {
                     biased;
                     frame = server.read_frame() => break frame?,
-                    read = self.stream.read_buf(&mut self.rbuf), if self.rbuf.len() < CLIENT_WATCH_BYTES => {
+                    read = watch, if watching => {
                         if read? == 0 {
                             return Err(SessionError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
                         }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::origin::{OriginError, ServerConn};
-use crate::protocol::{ErrorFields, FrontendMessage, TransactionStatus};
+use crate::protocol::{ErrorFields, FrontendMessage, Severity, TransactionStatus};
 
 /// One row, one round trip, a fraction of a millisecond: the roles, the settings that change
 /// what a statement means or how its result is printed, temporary relations (they shadow the
@@ -64,29 +64,60 @@ impl SessionState {
     }
 }
 
+/// The probe's name as a prepared statement on each connection: parsed and planned once per
+/// connection, it costs a fraction of the same text sent as a simple query.
+const PROBE_STATEMENT: &str = "cordon_state_probe";
+
 /// Queues the probe on `conn`; [`read`] reads its answer after whatever was queued before it.
+/// `prepare` parses the probe first (on a new connection, and after `DISCARD ALL` dropped it).
 ///
 /// With `reset_after`, the probe is followed by [`RESET_SQL`]: the connection is then clean if
 /// the probe found it so.
-pub fn queue(conn: &mut ServerConn, reset_after: bool) -> Result<(), OriginError> {
-    let sql = if reset_after { format!("{PROBE_SQL}; {RESET_SQL}") } else { PROBE_SQL.to_owned() };
-    FrontendMessage::Query(sql).encode(conn.write_buf())?;
+pub fn queue(conn: &mut ServerConn, prepare: bool, reset_after: bool) -> Result<(), OriginError> {
+    let buf = conn.write_buf();
+    if prepare {
+        FrontendMessage::Parse { name: PROBE_STATEMENT.to_owned(), query: PROBE_SQL.to_owned(), param_types: Vec::new() }.encode(buf)?;
+    }
+    FrontendMessage::Bind {
+        portal: String::new(),
+        statement: PROBE_STATEMENT.to_owned(),
+        param_formats: Vec::new(),
+        params: Vec::new(),
+        result_formats: Vec::new(),
+    }
+    .encode(buf)?;
+    FrontendMessage::Execute { portal: String::new(), max_rows: 0 }.encode(buf)?;
+    FrontendMessage::Sync.encode(buf)?;
+    if reset_after {
+        FrontendMessage::Query(RESET_SQL.to_owned()).encode(buf)?;
+    }
     Ok(())
 }
 
-/// Reads the probe's answer up to its ReadyForQuery: the state, and whether the connection is
-/// idle.
-pub async fn read(conn: &mut ServerConn) -> Result<(SessionState, TransactionStatus), OriginError> {
+/// Reads the probe's answer (and the reset's, with `reset_after`) up to the last
+/// ReadyForQuery: the state, and whether the connection is idle.
+pub async fn read(conn: &mut ServerConn, reset_after: bool) -> Result<(SessionState, TransactionStatus), OriginError> {
     let mut state = None;
     let mut error = None;
+    let mut ready_left = if reset_after { 2 } else { 1 };
     loop {
         let frame = conn.read_frame().await?;
         match frame.tag {
             // The first row is the probe's; the reset's own row follows it.
             b'D' if state.is_none() => state = Some(SessionState::from_data_row(frame.body)),
-            b'E' => error = Some(ErrorFields::parse(&frame.body)?),
+            b'E' => {
+                let fields = ErrorFields::parse(&frame.body)?;
+                if matches!(fields.severity, Severity::Fatal | Severity::Panic) {
+                    return Err(OriginError::Server(fields));
+                }
+                error.get_or_insert(fields);
+            }
             b'Z' => {
                 let status = TransactionStatus::from_ready_for_query(&frame)?;
+                ready_left -= 1;
+                if ready_left > 0 {
+                    continue;
+                }
                 return match (error, state) {
                     (Some(fields), _) => Err(OriginError::Server(fields)),
                     (None, Some(state)) => Ok((state, status)),
@@ -99,8 +130,8 @@ pub async fn read(conn: &mut ServerConn) -> Result<(SessionState, TransactionSta
 }
 
 /// Runs the probe on an otherwise idle connection.
-pub async fn probe(conn: &mut ServerConn, reset_after: bool) -> Result<(SessionState, TransactionStatus), OriginError> {
-    queue(conn, reset_after)?;
+pub async fn probe(conn: &mut ServerConn, prepare: bool, reset_after: bool) -> Result<(SessionState, TransactionStatus), OriginError> {
+    queue(conn, prepare, reset_after)?;
     conn.flush().await?;
-    read(conn).await
+    read(conn, reset_after).await
 }

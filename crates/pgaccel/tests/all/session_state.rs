@@ -177,6 +177,8 @@ async fn the_state_check_costs_little() {
     let direct_mean = mean!("direct", direct.simple_query("SELECT 1").await.unwrap());
     mean!("probe alone", direct.simple_query(cordon_pgaccel::session_state::PROBE_SQL).await.unwrap());
     mean!("reset", direct.simple_query(cordon_pgaccel::session_state::RESET_SQL).await.unwrap());
+    let prepared = direct.prepare(cordon_pgaccel::session_state::PROBE_SQL).await.unwrap();
+    mean!("probe prepared", direct.query(&prepared, &[]).await.unwrap());
     let binding_mean = mean!("binding", db.query("SELECT 1", &[], LIMITS).await.unwrap());
     let proxy_mean = mean!("proxy", client.simple_query("SELECT 1").await.unwrap());
     // Generous: the point is that the check is one pipelined query, not a multiple of the work.
