@@ -210,6 +210,8 @@ tenant = "bench"
 origin = "postgres://postgres@127.0.0.1:$PG_PORT/postgres"
 origin_password_env = "ORIGIN_PASSWORD"
 pool_size = $POOL_SIZE
+# Both databases are one tenant's on one origin: let each fill its pool.
+tenant_origin_connections = $((POOL_SIZE * 2))
 max_client_connections = $((MANY_CLIENTS + 100))
 max_waiting_clients = $((MANY_CLIENTS + 100))
 acquire_timeout_ms = 30000

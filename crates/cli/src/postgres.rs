@@ -34,7 +34,13 @@ pub fn start(
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the Postgres proxy's runtime")?;
     tracing::info!(listen = %addr, databases = accel.databases().len(), tls = tls.is_some(), require_tls = proxy.require_tls, "postgres proxy is serving");
-    let settings = ProxySettings { tls, require_tls: proxy.require_tls };
+    let settings = ProxySettings {
+        tls,
+        require_tls: proxy.require_tls,
+        handshake_timeout: std::time::Duration::from_millis(proxy.handshake_timeout_ms),
+        max_handshakes: proxy.max_handshakes as usize,
+        max_handshakes_per_address: proxy.max_handshakes_per_address as usize,
+    };
     let thread = std::thread::Builder::new().name("cordon-pg-proxy".into()).spawn(move || {
         runtime.block_on(async move {
             match tokio::net::TcpListener::from_std(listener) {

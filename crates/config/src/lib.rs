@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 pub use grants::{BINDING_MAX_LEN, Grants, KvGrant, PostgresGrant, SqlGrant, is_valid_binding};
 pub use postgres::{
+    DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_ADDRESS, DEFAULT_TENANT_ORIGIN_CONNECTIONS,
     DatabaseCache, DatabaseConfig, DatabaseUser, ENV_NAME_MAX_LEN, OriginTlsMode, OriginUrl, PostgresProxyConfig, ProxyTls,
     is_valid_env_name,
 };

@@ -42,7 +42,24 @@ pub struct PostgresProxyConfig {
     /// Refuse clients that do not switch to TLS before authenticating.
     /// Always `false` when `tls` is `None`.
     pub require_tls: bool,
+    /// Time a new connection has to finish TLS, startup and authentication.
+    pub handshake_timeout_ms: u64,
+    /// Connections still in their handshake, from all addresses together.
+    pub max_handshakes: u32,
+    /// Connections still in their handshake from one source address (an
+    /// IPv6 client by its /64), so that one address cannot take them all.
+    pub max_handshakes_per_address: u32,
 }
+
+/// Default of `[postgres_proxy] handshake_timeout_ms`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5000;
+/// Default of `[postgres_proxy] max_handshakes`.
+pub const DEFAULT_MAX_HANDSHAKES: u32 = 1024;
+/// Default of `[postgres_proxy] max_handshakes_per_address`.
+pub const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: u32 = 64;
+/// Default of `[[database]] tenant_origin_connections`, raised to the largest
+/// `pool_size` among the tenant's databases on that origin.
+pub const DEFAULT_TENANT_ORIGIN_CONNECTIONS: u32 = 20;
 
 /// The proxy's TLS certificate chain and private key, both PEM files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +83,10 @@ pub struct DatabaseConfig {
     pub origin_password_env: Option<String>,
     /// Origin connections kept open and shared between clients.
     pub pool_size: u32,
+    /// Origin connections of this database's tenant on this origin server
+    /// (host and port), across all of the tenant's databases there. Resolved:
+    /// the same in every database of the group.
+    pub tenant_origin_connections: u32,
     /// Clients connected through the proxy at once.
     pub max_client_connections: u32,
     /// Clients waiting for a pooled connection at once; past it a client's
@@ -188,6 +209,9 @@ pub(crate) struct RawPostgresProxy {
     pub tls_cert: Option<Spanned<String>>,
     pub tls_key: Option<Spanned<String>>,
     pub require_tls: Option<Spanned<bool>>,
+    pub handshake_timeout_ms: Option<Spanned<i64>>,
+    pub max_handshakes: Option<Spanned<i64>>,
+    pub max_handshakes_per_address: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -198,6 +222,7 @@ pub(crate) struct RawDatabase {
     pub origin: Spanned<String>,
     pub origin_password_env: Option<Spanned<String>>,
     pub pool_size: Option<Spanned<i64>>,
+    pub tenant_origin_connections: Option<Spanned<i64>>,
     pub max_client_connections: Option<Spanned<i64>>,
     pub max_waiting_clients: Option<Spanned<i64>>,
     pub acquire_timeout_ms: Option<Spanned<i64>>,
@@ -274,7 +299,46 @@ impl Validator<'_> {
                 "set tls_cert and tls_key, or set require_tls = false",
             );
         }
-        PostgresProxyConfig { listen, require_tls: require_tls && tls.is_some(), tls }
+        let handshake_timeout_ms = self.int(
+            &raw.handshake_timeout_ms,
+            "postgres_proxy.handshake_timeout_ms",
+            DEFAULT_HANDSHAKE_TIMEOUT_MS,
+            100,
+            60_000,
+            "the time a new connection has to authenticate, in ms",
+        );
+        let max_handshakes = self.int(
+            &raw.max_handshakes,
+            "postgres_proxy.max_handshakes",
+            DEFAULT_MAX_HANDSHAKES as u64,
+            1,
+            100_000,
+            "the number of connections authenticating at once",
+        ) as u32;
+        let max_handshakes_per_address = self.int(
+            &raw.max_handshakes_per_address,
+            "postgres_proxy.max_handshakes_per_address",
+            (DEFAULT_MAX_HANDSHAKES_PER_ADDRESS).min(max_handshakes) as u64,
+            1,
+            100_000,
+            "the number of connections authenticating at once from one address",
+        ) as u32;
+        if max_handshakes_per_address > max_handshakes {
+            self.error(
+                raw.max_handshakes_per_address.as_ref().map(|v| v.span()),
+                "postgres_proxy.max_handshakes_per_address",
+                format!("is {max_handshakes_per_address}, more than max_handshakes ({max_handshakes})"),
+                "one address cannot have more handshakes than all of them: lower max_handshakes_per_address or raise max_handshakes",
+            );
+        }
+        PostgresProxyConfig {
+            listen,
+            require_tls: require_tls && tls.is_some(),
+            tls,
+            handshake_timeout_ms,
+            max_handshakes,
+            max_handshakes_per_address,
+        }
     }
 
     /// A path relative to the config file's directory, made absolute.
@@ -318,6 +382,15 @@ impl Validator<'_> {
             origin,
             origin_password_env,
             pool_size: self.int(&raw.pool_size, &key("pool_size"), 10, 1, 1000, "the number of origin connections kept open") as u32,
+            // Resolved across the tenant's databases on the same origin in `cross_database_checks`.
+            tenant_origin_connections: self.int(
+                &raw.tenant_origin_connections,
+                &key("tenant_origin_connections"),
+                0,
+                1,
+                10_000,
+                "the number of origin connections of the tenant's databases on this origin together",
+            ) as u32,
             max_client_connections: max_client_connections as u32,
             max_waiting_clients: self.int(
                 &raw.max_waiting_clients,
@@ -458,7 +531,8 @@ impl Validator<'_> {
         }
     }
 
-    pub(crate) fn cross_database_checks(&mut self, raw: &[RawDatabase], databases: &[DatabaseConfig]) {
+    pub(crate) fn cross_database_checks(&mut self, raw: &[RawDatabase], databases: &mut [DatabaseConfig]) {
+        self.tenant_origin_connections(raw, databases);
         for (i, d) in databases.iter().enumerate() {
             if let Some(first) = databases[..i].iter().position(|o| o.tenant == d.tenant && o.name == d.name) {
                 self.error(
@@ -468,6 +542,49 @@ impl Validator<'_> {
                     "give every database of a tenant its own name",
                 );
             }
+        }
+    }
+
+    /// Resolves `tenant_origin_connections` for each group of a tenant's databases on one origin
+    /// server: the value they set (they must agree), or the default raised to the group's largest
+    /// `pool_size`. A pool larger than its group's limit could never fill, so that is an error.
+    fn tenant_origin_connections(&mut self, raw: &[RawDatabase], databases: &mut [DatabaseConfig]) {
+        let same_group = |a: &DatabaseConfig, b: &DatabaseConfig| {
+            a.tenant == b.tenant && a.origin.host == b.origin.host && a.origin.port == b.origin.port
+        };
+        for i in 0..databases.len() {
+            let members: Vec<usize> = (0..databases.len()).filter(|&j| same_group(&databases[i], &databases[j])).collect();
+            let explicit: Vec<(usize, u32)> = members
+                .iter()
+                .filter(|&&j| raw[j].tenant_origin_connections.is_some())
+                .map(|&j| (j, databases[j].tenant_origin_connections))
+                .collect();
+            let largest_pool = members.iter().map(|&j| databases[j].pool_size).max().unwrap_or(1);
+            let limit = match explicit.first() {
+                Some(&(first, value)) => {
+                    if let Some(own) = &raw[i].tenant_origin_connections
+                        && databases[i].tenant_origin_connections != value
+                    {
+                        self.error(
+                            Some(own.span()),
+                            format!("database[{i}].tenant_origin_connections"),
+                            format!("is {}, but database[{first}] of the same tenant on the same origin sets {value}", own.get_ref()),
+                            "the limit is shared by the tenant's databases on one origin server: set the same value in each, or in one of them only",
+                        );
+                    }
+                    value
+                }
+                None => DEFAULT_TENANT_ORIGIN_CONNECTIONS.max(largest_pool),
+            };
+            if databases[i].pool_size > limit {
+                self.error(
+                    raw[i].pool_size.as_ref().map(|v| v.span()),
+                    format!("database[{i}].pool_size"),
+                    format!("is {}, more than the tenant_origin_connections ({limit}) of its tenant on this origin", databases[i].pool_size),
+                    "a pool cannot have more connections than its tenant may open on the origin: lower pool_size or raise tenant_origin_connections",
+                );
+            }
+            databases[i].tenant_origin_connections = limit;
         }
     }
 
@@ -788,6 +905,7 @@ origin = "postgres://u@[::1]/d"
                 },
                 origin_password_env: Some("APP_DB_PASSWORD".into()),
                 pool_size: 20,
+                tenant_origin_connections: 20,
                 max_client_connections: 5000,
                 max_waiting_clients: 100,
                 acquire_timeout_ms: 2000,
@@ -824,6 +942,7 @@ origin = "postgres://u@[::1]/d"
         assert_eq!((d.pool_size, d.max_client_connections, d.max_waiting_clients), (10, 1000, 1000));
         assert_eq!((d.acquire_timeout_ms, d.statement_timeout_ms, d.connect_timeout_ms), (5000, 30_000, 5000));
         assert_eq!((d.idle_client_timeout_ms, d.idle_in_transaction_timeout_ms), (600_000, 60_000));
+        assert_eq!(d.tenant_origin_connections, DEFAULT_TENANT_ORIGIN_CONNECTIONS);
         assert!(d.users.is_empty());
         assert_eq!(d.cache, DatabaseCache::default());
         assert_eq!(
@@ -840,9 +959,70 @@ origin = "postgres://u@[::1]/d"
     fn the_proxy_section_alone_is_valid() {
         let c = Config::parse(Path::new(FILE), "[postgres_proxy]\nlisten = \"[::1]:6432\"\n").unwrap();
         let proxy = c.postgres_proxy.clone().unwrap();
-        assert_eq!(proxy, PostgresProxyConfig { listen: "[::1]:6432".parse().unwrap(), tls: None, require_tls: false });
+        assert_eq!(
+            proxy,
+            PostgresProxyConfig {
+                listen: "[::1]:6432".parse().unwrap(),
+                tls: None,
+                require_tls: false,
+                handshake_timeout_ms: 5000,
+                max_handshakes: 1024,
+                max_handshakes_per_address: 64,
+            }
+        );
         assert!(c.databases.is_empty());
         assert!(c.warnings().is_empty());
+    }
+
+    #[test]
+    fn handshake_limits_are_validated() {
+        let base = "[postgres_proxy]\nlisten = \"127.0.0.1:6432\"\n";
+        let c = Config::parse(
+            Path::new(FILE),
+            &format!("{base}handshake_timeout_ms = 1500\nmax_handshakes = 100\nmax_handshakes_per_address = 4\n"),
+        )
+        .unwrap();
+        let proxy = c.postgres_proxy.unwrap();
+        assert_eq!((proxy.handshake_timeout_ms, proxy.max_handshakes, proxy.max_handshakes_per_address), (1500, 100, 4));
+        // A small global limit lowers the per-address default with it.
+        let c = Config::parse(Path::new(FILE), &format!("{base}max_handshakes = 10\n")).unwrap();
+        assert_eq!(c.postgres_proxy.unwrap().max_handshakes_per_address, 10);
+        for (key, value) in
+            [("handshake_timeout_ms", "0"), ("handshake_timeout_ms", "60001"), ("max_handshakes", "0"), ("max_handshakes_per_address", "0")]
+        {
+            error_at(&format!("{base}{key} = {value}\n"), &format!("postgres_proxy.{key}"));
+        }
+        let e =
+            error_at(&format!("{base}max_handshakes = 8\nmax_handshakes_per_address = 9\n"), "postgres_proxy.max_handshakes_per_address");
+        assert!(e.message.contains("more than max_handshakes"), "{e:?}");
+    }
+
+    #[test]
+    fn tenant_origin_connections_is_shared_by_a_tenants_databases_on_one_origin() {
+        let two = |a: &str, b: &str, origin_b: &str| {
+            format!(
+                "[[database]]\nname = \"a\"\ntenant = \"acme\"\norigin = \"postgres://u@db:5432/a\"\n{a}\n\
+                 [[database]]\nname = \"b\"\ntenant = \"acme\"\norigin = \"postgres://u@{origin_b}/b\"\n{b}\n"
+            )
+        };
+        // The default is raised to the group's largest pool.
+        let c = Config::parse(Path::new(FILE), &two("pool_size = 30", "pool_size = 5", "db:5432")).unwrap();
+        assert_eq!((c.databases[0].tenant_origin_connections, c.databases[1].tenant_origin_connections), (30, 30));
+        // Set in one database, it applies to the group.
+        let c = Config::parse(Path::new(FILE), &two("tenant_origin_connections = 12", "", "db:5432")).unwrap();
+        assert_eq!((c.databases[0].tenant_origin_connections, c.databases[1].tenant_origin_connections), (12, 12));
+        // Another origin server is another group.
+        let c = Config::parse(Path::new(FILE), &two("tenant_origin_connections = 12", "", "db:5433")).unwrap();
+        assert_eq!(c.databases[1].tenant_origin_connections, DEFAULT_TENANT_ORIGIN_CONNECTIONS);
+        // Disagreeing values, and a pool larger than its group's limit, are errors.
+        let e = error_at(
+            &two("tenant_origin_connections = 12", "tenant_origin_connections = 13", "db:5432"),
+            "database[1].tenant_origin_connections",
+        );
+        assert!(e.message.contains("database[0]"), "{e:?}");
+        let e = error_at(&two("tenant_origin_connections = 12", "pool_size = 13", "db:5432"), "database[1].pool_size");
+        assert!(e.help.contains("raise tenant_origin_connections"), "{e:?}");
+        error_at(&two("tenant_origin_connections = 0", "", "db:5432"), "database[0].tenant_origin_connections");
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     for (i, d) in raw.databases.iter().enumerate() {
         databases.push(v.database(i, d, &base));
     }
-    v.cross_database_checks(&raw.databases, &databases);
+    v.cross_database_checks(&raw.databases, &mut databases);
 
     let mut workers = Vec::with_capacity(raw.workers.len());
     for (i, w) in raw.workers.iter().enumerate() {

@@ -13,8 +13,9 @@ use crate::cancel::CancelRegistry;
 use crate::catalog::Catalog;
 use crate::classifier::Classifier;
 use crate::origin::{OriginConfig, OriginError, OriginPassword, OriginTls};
-use crate::pool::{Pool, PoolSettings, PoolStats};
+use crate::pool::{OriginGroup, Pool, PoolSettings, PoolStats, STATEMENT_DEADLINE_SLACK};
 use crate::scram::{DEFAULT_ITERATIONS, MockAuth, ScramVerifier};
+use crate::session_limits::SessionLimits;
 
 /// What can stop the accelerator from starting. Each names the database and what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,8 @@ pub struct DatabaseCounters {
     pub uncacheable: AtomicU64,
     pub idle_timeouts: AtomicU64,
     pub cancels: AtomicU64,
+    /// Statements refused because they would raise a timeout past the database's maximum.
+    pub timeout_changes_refused: AtomicU64,
 }
 
 impl DatabaseCounters {
@@ -86,6 +89,8 @@ pub struct Database {
     pub catalog: Arc<Catalog>,
     /// The tenant's share of SQL classification.
     pub classifier: Classifier,
+    /// The timeouts clients may not raise.
+    pub session_limits: SessionLimits,
     /// Proxy clients connected now.
     pub clients: AtomicUsize,
     pub counters: DatabaseCounters,
@@ -108,13 +113,26 @@ pub struct DatabaseStats {
     pub uncacheable: u64,
     pub idle_timeouts: u64,
     pub cancels: u64,
+    pub timeout_changes_refused: u64,
     pub pool: PoolStats,
     pub cache: Option<CacheStats>,
 }
 
 impl Database {
-    /// Builds a database from its configuration, reading passwords from `env`.
+    /// Builds a database from its configuration, reading passwords from `env`, in a connection
+    /// group of its own.
     pub fn from_config(config: &DatabaseConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Database, AccelError> {
+        let group = OriginGroup::new(group_label(config), config.tenant_origin_connections as usize);
+        Database::in_group(config, env, group)
+    }
+
+    /// Like [`Database::from_config`], with the connection group it shares with the tenant's
+    /// other databases on the same origin server.
+    pub fn in_group(
+        config: &DatabaseConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+        group: Arc<OriginGroup>,
+    ) -> Result<Database, AccelError> {
         let missing = |variable: &str, what: &'static str| AccelError::MissingEnv {
             tenant: config.tenant.clone(),
             database: config.name.clone(),
@@ -150,14 +168,17 @@ impl Database {
             application_name: format!("cordon/{}/{}", config.tenant, config.name),
             options,
         };
-        let pool = Pool::new(
+        let pool = Pool::in_group(
             &config.name,
             origin,
             PoolSettings {
                 size: config.pool_size as usize,
                 max_waiting: config.max_waiting_clients as usize,
                 acquire_timeout: Duration::from_millis(config.acquire_timeout_ms),
+                statement_deadline: (config.statement_timeout_ms > 0)
+                    .then(|| Duration::from_millis(config.statement_timeout_ms) + STATEMENT_DEADLINE_SLACK),
             },
+            group,
         );
         let mut users = HashMap::new();
         for user in &config.users {
@@ -192,6 +213,7 @@ impl Database {
             },
             catalog,
             classifier: Classifier::for_tenant(&config.tenant),
+            session_limits: SessionLimits::new(config.statement_timeout_ms, config.idle_in_transaction_timeout_ms),
             clients: AtomicUsize::new(0),
             counters: DatabaseCounters::default(),
         })
@@ -215,10 +237,15 @@ impl Database {
             uncacheable: load(&c.uncacheable),
             idle_timeouts: load(&c.idle_timeouts),
             cancels: load(&c.cancels),
+            timeout_changes_refused: load(&c.timeout_changes_refused),
             pool: self.pool.stats(),
             cache: self.cache.as_ref().map(|cache| cache.stats()),
         }
     }
+}
+
+fn group_label(config: &DatabaseConfig) -> String {
+    format!("tenant \"{}\" on {}:{}", config.tenant, config.origin.host, config.origin.port)
 }
 
 /// Every database of the configuration, and what the proxy shares across them.
@@ -234,7 +261,15 @@ impl Accelerator {
     /// Builds the accelerator from the configuration; passwords are read with `env` (the process
     /// environment in production).
     pub fn from_config(config: &Config, env: &dyn Fn(&str) -> Option<String>) -> Result<Accelerator, AccelError> {
-        let databases = config.databases.iter().map(|db| Database::from_config(db, env).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
+        // One connection group per tenant and origin server.
+        let mut groups: HashMap<(String, String, u16), Arc<OriginGroup>> = HashMap::new();
+        let mut databases = Vec::with_capacity(config.databases.len());
+        for db in &config.databases {
+            let key = (db.tenant.clone(), db.origin.host.clone(), db.origin.port);
+            let group =
+                groups.entry(key).or_insert_with(|| OriginGroup::new(group_label(db), db.tenant_origin_connections as usize)).clone();
+            databases.push(Arc::new(Database::in_group(db, env, group)?));
+        }
         Ok(Accelerator::new(databases))
     }
 

@@ -99,6 +99,11 @@ impl Default for CacheSettings {
 pub struct CacheKey {
     /// The session's effective role (after confirmed SET ROLE), plus the proxy user; caller decides the string.
     pub role: String,
+    /// The session state the result depends on: the digest of the origin connection's roles,
+    /// `search_path`, time zone, date and interval styles, float digits, bytea output, timeouts
+    /// and every session-set setting (see [`crate::session_state`]). A result is stored only when
+    /// it was computed on a connection in exactly that state.
+    pub session: String,
     /// The normalized query text.
     pub query: String,
     /// Parameter values as sent (None = NULL).
@@ -568,6 +573,7 @@ impl Inner {
         hasher.update(*self.index_key);
         hasher.update([key.protocol]);
         update_len_prefixed(&mut hasher, key.role.as_bytes());
+        update_len_prefixed(&mut hasher, key.session.as_bytes());
         update_len_prefixed(&mut hasher, key.query.as_bytes());
         hasher.update((key.params.len() as u64).to_be_bytes());
         for param in &key.params {
@@ -736,7 +742,14 @@ mod tests {
     }
 
     fn key(query: &str) -> CacheKey {
-        CacheKey { role: "app".into(), query: query.into(), params: Vec::new(), formats: Vec::new(), protocol: b'Q' }
+        CacheKey {
+            role: "app".into(),
+            session: String::new(),
+            query: query.into(),
+            params: Vec::new(),
+            formats: Vec::new(),
+            protocol: b'Q',
+        }
     }
 
     fn table(schema: Option<&str>, name: &str) -> TableRef {
@@ -1006,12 +1019,13 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn role_params_formats_and_protocol_are_all_part_of_the_key() {
+    async fn role_session_params_formats_and_protocol_are_all_part_of_the_key() {
         let cache = cache();
         let calls = Arc::new(AtomicUsize::new(0));
         let fetch = counting(&calls);
         let base = CacheKey {
             role: "app".into(),
+            session: "s1".into(),
             query: "select * from t where a = $1 and b = $2".into(),
             params: vec![Some(Bytes::from_static(b"ab")), Some(Bytes::from_static(b"c"))],
             formats: vec![0, 0, 1],
@@ -1019,6 +1033,7 @@ mod tests {
         };
         let variants = [
             CacheKey { role: "admin".into(), ..base.clone() },
+            CacheKey { session: "s2".into(), ..base.clone() },
             CacheKey { params: vec![Some(Bytes::from_static(b"a")), Some(Bytes::from_static(b"bc"))], ..base.clone() },
             CacheKey { params: vec![Some(Bytes::from_static(b"ab")), None], ..base.clone() },
             CacheKey { params: vec![Some(Bytes::from_static(b"ab")), Some(Bytes::new())], ..base.clone() },

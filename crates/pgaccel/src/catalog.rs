@@ -730,8 +730,9 @@ mod tests {
             application_name: "test".into(),
             options: Vec::new(),
         };
-        let pool =
-            Pool::new("none", origin, crate::pool::PoolSettings { size: 1, max_waiting: 1, acquire_timeout: Duration::from_millis(100) });
+        let settings =
+            crate::pool::PoolSettings { size: 1, max_waiting: 1, acquire_timeout: Duration::from_millis(100), statement_deadline: None };
+        let pool = Pool::new("none", origin, settings);
         let catalog = Catalog::new(pool, None);
         let class = classify("UPDATE plain SET v = 1", false);
         assert_eq!(catalog.invalidation(&class), Invalidation { writes: Writes::Unknown, catalog: false });

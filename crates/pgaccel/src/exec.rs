@@ -84,6 +84,7 @@ impl Database {
     pub async fn query(self: &Arc<Self>, sql: &str, params: &[Value], limits: ExecLimits) -> Result<QueryResult, QueryError> {
         self.counters.queries.fetch_add(1, Ordering::Relaxed);
         let class = self.analyse(sql).await?;
+        self.check_session_limits(sql)?;
         let request = Arc::new(request(sql, params, class)?);
         let class = &request.prepared.class;
         let cacheable = request.prepared.cacheable
@@ -93,11 +94,13 @@ impl Database {
             Some(_) if cacheable => limits.max_result_bytes.min(self.cache_max_entry_bytes),
             _ => limits.max_result_bytes,
         };
-        let fetch = fetch_extended(self.pool.clone(), request.clone(), max_bytes);
+        let state = self.pool.state_key();
+        let fetch = fetch_extended(self.pool.clone(), request.clone(), max_bytes, state.clone());
         let (bytes, cached) = match (&self.cache, cacheable, &class.normalized) {
             (Some(cache), true, Some(normalized)) => {
                 let key = CacheKey {
                     role: BINDING_ROLE.to_owned(),
+                    session: state,
                     query: format!("{normalized}\u{0}{:?}", request.prepared.param_types),
                     params: request.params.clone(),
                     formats: vec![i16::MIN, 1],
@@ -110,7 +113,7 @@ impl Database {
                     }
                     // Too large for a cache entry, but maybe within the caller's own limit.
                     Err(FetchError::TooLarge) if max_bytes < limits.max_result_bytes => {
-                        let fetch = fetch_extended(self.pool.clone(), request.clone(), limits.max_result_bytes);
+                        let fetch = fetch_extended(self.pool.clone(), request.clone(), limits.max_result_bytes, String::new());
                         (fetch().await.map_err(|e| fetch_error(e, limits))?.bytes, false)
                     }
                     Err(error) => return Err(fetch_error(error, limits)),
@@ -159,6 +162,7 @@ impl Database {
         let mut requests = Vec::with_capacity(statements.len());
         for (i, (sql, params)) in statements.iter().enumerate() {
             let class = self.analyse(sql).await.map_err(|e| (i, e))?;
+            self.check_session_limits(sql).map_err(|e| (i, e))?;
             requests.push(request(sql, params, class).map_err(|e| (i, e))?);
         }
         let mut conn = self.pool.acquire().await.map_err(|e| {
@@ -169,7 +173,7 @@ impl Database {
         conn.mark(Release::Reset);
         let lost =
             |i: usize, e: OriginError| (i, QueryError::Unavailable { code: e.sqlstate().to_owned(), message: describe_origin_error(&e) });
-        match conn.conn.simple_query("BEGIN").await {
+        match conn.simple_query("BEGIN").await {
             Ok(TransactionStatus::InTransaction) => {}
             Ok(_) => return Err((0, QueryError::Invalid("the origin did not open a transaction".into()))),
             Err(e) => return Err(lost(0, e)),
@@ -185,7 +189,7 @@ impl Database {
             results.push(decode_result(bytes, false).map_err(|e| (i, e))?);
             writes.push(&request.prepared.class);
         }
-        match conn.conn.simple_query("COMMIT").await {
+        match conn.simple_query("COMMIT").await {
             Ok(TransactionStatus::Idle) => {}
             Ok(_) => return Err((requests.len(), QueryError::Invalid("the transaction did not commit".into()))),
             Err(OriginError::Server(fields)) => return Err((requests.len(), QueryError::from_fields(&fields))),
@@ -195,10 +199,22 @@ impl Database {
         for class in writes {
             self.invalidate(&self.invalidation(class));
         }
-        // Committed and idle, and no statement may leave session state (checked up front): the
-        // connection goes back as it came.
+        // Committed and idle. Statements that leave session state were refused up front, but one
+        // may still have changed it unseen (a function calling set_config): the pool probes the
+        // connection before anyone else gets it, and resets it if it changed.
         conn.set_release(Release::Clean);
         Ok(results)
+    }
+
+    /// Refuses a statement that would raise a timeout past the database's maximum.
+    fn check_session_limits(&self, sql: &str) -> Result<(), QueryError> {
+        match self.session_limits.check(sql) {
+            None => Ok(()),
+            Some(reason) => {
+                self.counters.timeout_changes_refused.fetch_add(1, Ordering::Relaxed);
+                Err(QueryError::Database { code: "42501".into(), message: format!("refused by Cordon: {reason}") })
+            }
+        }
     }
 }
 

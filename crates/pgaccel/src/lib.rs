@@ -8,6 +8,8 @@
 //!   [`catalog`]: what the origin's catalog adds (views, triggers, keys, inheritance, user code).
 //! - [`pool`]: the bounded pool of origin connections; [`cache`]: the encrypted result cache;
 //!   [`cancel`]: routing of cancel requests to the right backend.
+//! - [`session_limits`]: the timeouts clients may not raise; [`session_state`]: the probe that
+//!   proves a connection is back in the state it was opened in.
 //! - [`accel`]: every configured database, built from the configuration.
 
 pub mod accel;
@@ -22,4 +24,6 @@ pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod scram;
+pub mod session_limits;
+pub mod session_state;
 pub mod tls;

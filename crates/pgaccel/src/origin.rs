@@ -403,6 +403,30 @@ impl ServerConn {
         }
     }
 
+    /// Sends Terminate and reads (discarding whatever is still in flight) until the origin closes
+    /// the connection, which a backend does only as it exits. Returns whether that was seen before
+    /// `wait` ran out: a backend busy with a statement that ignores cancels is still alive then.
+    pub async fn terminate_and_confirm(&mut self, wait: Duration) -> bool {
+        self.read_buf.clear();
+        self.write_buf.clear();
+        let _ = FrontendMessage::Terminate.encode(&mut self.write_buf);
+        let confirmed = tokio::time::timeout(wait, async {
+            if self.flush().await.is_err() {
+                // The origin already reset the connection.
+                return true;
+            }
+            let mut sink = vec![0u8; READ_CHUNK];
+            loop {
+                match self.stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => return true,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        confirmed.unwrap_or(false)
+    }
+
     fn record_parameter(&mut self, frame: &Frame) -> Result<(), OriginError> {
         let (name, value) = parse_parameter_status(&frame.body)?;
         match self.parameters.iter_mut().find(|(n, _)| *n == name) {

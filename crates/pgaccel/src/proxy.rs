@@ -14,8 +14,9 @@
 //! skip to the next `Sync` after an error exactly as Postgres does.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -38,17 +39,16 @@ use crate::protocol::{
 use crate::scram::{MECHANISM, ScramServer};
 use crate::tls::ClientStream;
 
-/// Time a new connection has to finish TLS, startup and authentication.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections still in their handshake, across all databases: they are not yet counted against
-/// any database's client limit, so they get a limit of their own.
-const MAX_HANDSHAKES: usize = 1024;
 /// Messages and bytes a client may queue before a Sync or Flush.
 const MAX_BATCH_MESSAGES: usize = 4096;
 const MAX_BATCH_BYTES: usize = 64 << 20;
 /// Responses are written to the client once this much is buffered, or when the origin has
 /// nothing more buffered.
 const CLIENT_FLUSH_BYTES: usize = 64 << 10;
+/// Bytes of a client's next messages read ahead while its statement runs, to notice a hang-up,
+/// and how long the origin must have been quiet before the client is watched.
+const CLIENT_WATCH_BYTES: usize = 64 << 10;
+const CLIENT_WATCH_AFTER: Duration = Duration::from_millis(100);
 /// Startup parameters a client may send. Others would be session state that transaction pooling
 /// cannot carry from one origin connection to the next, so they are refused with a clear error.
 const ACCEPTED_STARTUP_PARAMS: &[&str] = &["user", "database", "application_name", "fallback_application_name", "client_encoding"];
@@ -58,17 +58,101 @@ const ACCEPTED_STARTUP_PARAMS: &[&str] = &["user", "database", "application_name
 pub struct ProxySettings {
     pub tls: Option<TlsAcceptor>,
     pub require_tls: bool,
+    /// Time a new connection has to finish TLS, startup and authentication.
+    pub handshake_timeout: Duration,
+    /// Connections still in their handshake, across all databases: they are not yet counted
+    /// against any database's client limit, so they get a limit of their own.
+    pub max_handshakes: usize,
+    /// Connections still in their handshake from one source address (IPv6 by its /64), so that
+    /// one address cannot hold every handshake slot.
+    pub max_handshakes_per_address: usize,
+}
+
+impl ProxySettings {
+    /// The defaults of `[postgres_proxy]`, with the given TLS settings.
+    pub fn new(tls: Option<TlsAcceptor>, require_tls: bool) -> ProxySettings {
+        ProxySettings {
+            tls,
+            require_tls,
+            handshake_timeout: Duration::from_millis(cordon_config::DEFAULT_HANDSHAKE_TIMEOUT_MS),
+            max_handshakes: cordon_config::DEFAULT_MAX_HANDSHAKES as usize,
+            max_handshakes_per_address: cordon_config::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS as usize,
+        }
+    }
 }
 
 impl std::fmt::Debug for ProxySettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProxySettings").field("tls", &self.tls.is_some()).field("require_tls", &self.require_tls).finish()
+        f.debug_struct("ProxySettings")
+            .field("tls", &self.tls.is_some())
+            .field("require_tls", &self.require_tls)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_handshakes", &self.max_handshakes)
+            .field("max_handshakes_per_address", &self.max_handshakes_per_address)
+            .finish()
     }
+}
+
+/// Handshakes in progress by source address.
+#[derive(Debug, Default)]
+struct HandshakesByAddress(Mutex<HashMap<IpAddr, usize>>);
+
+/// One handshake's place in its address's count, given back when dropped.
+struct AddressSlot {
+    table: Arc<HandshakesByAddress>,
+    address: IpAddr,
+}
+
+impl HandshakesByAddress {
+    /// The address a client is counted under: IPv4 as is (also when mapped into IPv6), IPv6 by
+    /// its /64, the smallest block one subscriber is usually given.
+    fn key(address: IpAddr) -> IpAddr {
+        match address {
+            IpAddr::V4(v4) => IpAddr::V4(v4),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+            },
+        }
+    }
+
+    fn take(self: &Arc<Self>, address: IpAddr, limit: usize) -> Option<AddressSlot> {
+        let address = HandshakesByAddress::key(address);
+        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = table.entry(address).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot { table: self.clone(), address })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut table = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = table.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                table.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// Refuses a connection before its handshake with a FATAL 53300, on a task of its own.
+fn refuse_connection(socket: tokio::net::TcpStream, message: &'static str) {
+    tokio::spawn(async move {
+        let mut socket = socket;
+        let fields = ErrorFields::new(Severity::Fatal, "53300", message);
+        let _ = tokio::time::timeout(Duration::from_secs(1), write_message(&mut socket, &BackendMessage::ErrorResponse(fields))).await;
+    });
 }
 
 /// Accepts proxy clients until `shutdown` resolves.
 pub async fn serve(accel: Arc<Accelerator>, listener: TcpListener, settings: ProxySettings, shutdown: impl Future<Output = ()>) {
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(settings.max_handshakes));
+    let by_address = Arc::new(HandshakesByAddress::default());
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -85,19 +169,23 @@ pub async fn serve(accel: Arc<Accelerator>, listener: TcpListener, settings: Pro
             }
         };
         let _ = socket.set_nodelay(true);
+        // The address's own limit first, so that one address's flood takes none of the slots
+        // that the global limit keeps for everyone else.
+        let Some(address_slot) = by_address.take(peer.ip(), settings.max_handshakes_per_address) else {
+            refuse_connection(socket, "too many connections from this address are being opened at once; retry");
+            continue;
+        };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            tokio::spawn(async move {
-                let mut socket = socket;
-                let fields = ErrorFields::new(Severity::Fatal, "53300", "too many connections are being opened at once; retry");
-                let _ = write_message(&mut socket, &BackendMessage::ErrorResponse(fields)).await;
-            });
+            refuse_connection(socket, "too many connections are being opened at once; retry");
             continue;
         };
         let accel = accel.clone();
         let settings = settings.clone();
         tokio::spawn(async move {
-            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&accel, ClientStream::Plain(socket), &settings)).await;
+            let handshake =
+                tokio::time::timeout(settings.handshake_timeout, handshake(&accel, ClientStream::Plain(socket), &settings)).await;
             drop(permit);
+            drop(address_slot);
             let session = match handshake {
                 Ok(Ok(Some(session))) => session,
                 Ok(Ok(None)) => return,
@@ -567,6 +655,7 @@ impl Session {
                 && self.batch.is_empty()
                 && !self.client_has_frame()
             {
+                self.check_session_state().await;
                 self.release_server(false).await;
             }
         }
@@ -624,9 +713,18 @@ impl Session {
         }
     }
 
+    /// Writes the buffered responses to the client. A client that does not read them within the
+    /// pool's statement deadline is treated as gone: while it stalls, the origin backend behind it
+    /// stalls too, and a cancel cannot reach a backend blocked on sending.
     async fn flush_client(&mut self) -> std::io::Result<()> {
         if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
+            let write = self.stream.write_all(&self.wbuf);
+            match self.db.pool.settings().statement_deadline {
+                Some(limit) => tokio::time::timeout(limit, write)
+                    .await
+                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the client stopped reading its results"))??,
+                None => write.await?,
+            }
             self.wbuf.clear();
         }
         Ok(())
@@ -659,6 +757,48 @@ impl Session {
                 self.send_error(error.to_error_fields())?;
                 Ok(false)
             }
+        }
+    }
+
+    /// Checks, before the origin connection goes back to the pool, that it is in the state it was
+    /// opened in, in one round trip that also resets what cannot be read (see
+    /// [`crate::session_state`]). The classifier does not see every change (`UPDATE
+    /// pg_settings`, `set_config(..., false)` in a function, a view, a trigger or a default): a
+    /// connection whose state changed that way is reset before anyone else gets it, and the
+    /// client, which did not ask to keep that state in a way Cordon can see, goes on without it.
+    async fn check_session_state(&mut self) {
+        let Some(server) = self.server.as_mut() else { return };
+        match server.probe().await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(target: "cordon::pgaccel", tenant = %self.db.tenant, database = %self.db.name, "a proxy client changed its session state unseen; its connection is reset");
+            }
+            // The connection is marked for discard; the client carries on with another one.
+            Err(error) => {
+                tracing::debug!(target: "cordon::pgaccel", tenant = %self.db.tenant, database = %self.db.name, error = %describe_origin_error(&error), "checking a proxy client's session state failed");
+            }
+        }
+    }
+
+    /// Why the database refuses `sql` (it would raise a timeout past the maximum), counted.
+    fn refused_by_limits(&self, sql: &str) -> Option<String> {
+        let reason = self.db.session_limits.check(sql)?;
+        self.db.counters.timeout_changes_refused.fetch_add(1, Ordering::Relaxed);
+        Some(reason)
+    }
+
+    /// A prepared statement for `query`; when the database refuses it, either one that fails with
+    /// the refusal when executed (so that the refusal aborts the transaction, as an error from
+    /// the origin would), or, for a statement with parameters, which that replacement could not
+    /// take, the refusal itself, answered here.
+    fn prepare(&self, query: String, param_types: Vec<u32>, class: Classification) -> Result<Prepared, ErrorFields> {
+        match self.refused_by_limits(&query) {
+            None => Ok(Prepared::new(query, param_types, class)),
+            Some(reason) if param_types.is_empty() && !crate::session_limits::has_parameters(&query) => {
+                let refused = Classification::over_budget(format!("refused by Cordon: {reason}"));
+                Ok(Prepared::new(refusal_sql(&reason), Vec::new(), refused))
+            }
+            Some(reason) => Err(ErrorFields::new(Severity::Error, "42501", format!("refused by Cordon: {reason}"))),
         }
     }
 
@@ -700,6 +840,18 @@ impl Session {
 
     async fn simple_query(&mut self, sql: String) -> Result<(), SessionError> {
         self.db.counters.queries.fetch_add(1, Ordering::Relaxed);
+        let sql = match self.refused_by_limits(&sql) {
+            None => sql,
+            // Outside a transaction the refusal is answered here; inside one it goes to the origin
+            // as a statement that fails with it, so that the transaction is aborted as it would be.
+            Some(reason) if self.server.is_none() || self.status == TransactionStatus::Idle => {
+                self.statements.remove("");
+                self.send_error(ErrorFields::new(Severity::Error, "42501", format!("refused by Cordon: {reason}")))?;
+                self.send_ready()?;
+                return Ok(self.flush_client().await?);
+            }
+            Some(reason) => refusal_sql(&reason),
+        };
         let class = self.db.classifier.classify(&sql, self.status != TransactionStatus::Idle).await;
         // A simple Query replaces the unnamed statement.
         self.statements.remove("");
@@ -707,8 +859,16 @@ impl Session {
             class.cacheable && !opted_out(&sql) && (!self.cache_usable() || self.db.cache_refusal(&class, &[], &[]).await.is_none());
         if self.cache_usable() && cacheable {
             if let Some(normalized) = class.normalized.clone() {
-                let key = CacheKey { role: self.role_key(), query: normalized, params: Vec::new(), formats: Vec::new(), protocol: b'Q' };
-                let fetch = fetch_simple(self.db.pool.clone(), sql.clone(), self.db.cache_max_entry_bytes);
+                let session = self.db.pool.state_key();
+                let key = CacheKey {
+                    role: self.role_key(),
+                    session: session.clone(),
+                    query: normalized,
+                    params: Vec::new(),
+                    formats: Vec::new(),
+                    protocol: b'Q',
+                };
+                let fetch = fetch_simple(self.db.pool.clone(), sql.clone(), self.db.cache_max_entry_bytes, session);
                 if self.serve_cached(key, &class, fetch).await? {
                     return Ok(());
                 }
@@ -837,7 +997,10 @@ impl Session {
                     )));
                 }
                 let class = class.unwrap_or_else(|| Classification::over_budget("statement not classified".to_owned()));
-                let prepared = Arc::new(Prepared::new(query, param_types, class));
+                let prepared = match self.prepare(query, param_types, class) {
+                    Ok(prepared) => Arc::new(prepared),
+                    Err(refusal) => return Ok(Some(refusal)),
+                };
                 self.statements.insert(name.clone(), prepared.clone());
                 let server = self.server.as_mut().expect("ensured");
                 if server.prepared.contains(&prepared.server_name) {
@@ -975,7 +1138,10 @@ impl Session {
         }
         let prepared = match parse {
             Some((name, query, param_types)) => {
-                if name != statement || (!name.is_empty() && self.statements.contains_key(name)) {
+                if name != statement
+                    || (!name.is_empty() && self.statements.contains_key(name))
+                    || self.db.session_limits.check(query).is_some()
+                {
                     return Ok(false);
                 }
                 let Some(class) = parsed else { return Ok(false) };
@@ -997,7 +1163,8 @@ impl Session {
         formats.push(if describe { 1 } else { 0 });
         // Parameter types change how values are read; they are part of the statement.
         let query = format!("{normalized}\u{0}{:?}", prepared.param_types);
-        let key = CacheKey { role: self.role_key(), query, params: params.clone(), formats, protocol: b'E' };
+        let session = self.db.pool.state_key();
+        let key = CacheKey { role: self.role_key(), session: session.clone(), query, params: params.clone(), formats, protocol: b'E' };
         let request = ExtendedRequest {
             prepared: prepared.clone(),
             param_formats: param_formats.clone(),
@@ -1005,7 +1172,7 @@ impl Session {
             result_formats: result_formats.clone(),
             describe,
         };
-        let fetch = fetch_extended(self.db.pool.clone(), Arc::new(request), self.db.cache_max_entry_bytes);
+        let fetch = fetch_extended(self.db.pool.clone(), Arc::new(request), self.db.cache_max_entry_bytes, session);
         if let Some((name, _, _)) = parse {
             self.statements.insert(name.clone(), prepared.clone());
             Frame::new(b'1', Bytes::new()).encode(&mut self.wbuf)?;
@@ -1067,9 +1234,29 @@ impl Session {
             if slots.is_empty() {
                 break;
             }
-            let frame = {
+            // While the origin works on a statement, a client that hangs up is noticed: its
+            // statement is then cancelled rather than left running with nobody to answer. The
+            // client is watched only once the origin has been quiet for a moment, so a client's
+            // next request, sent as soon as it saw an error, is not read early and mistaken for
+            // pipelining.
+            let watch_from = tokio::time::Instant::now() + CLIENT_WATCH_AFTER;
+            let frame = loop {
                 let server = self.server.as_mut().expect("ensured");
-                server.conn.read_frame().await?
+                let watching = self.rbuf.len() < CLIENT_WATCH_BYTES;
+                let (stream, rbuf) = (&mut self.stream, &mut self.rbuf);
+                let watch = async move {
+                    tokio::time::sleep_until(watch_from).await;
+                    stream.read_buf(rbuf).await
+                };
+                tokio::select! {
+                    biased;
+                    frame = server.read_frame() => break frame?,
+                    read = watch, if watching => {
+                        if read? == 0 {
+                            return Err(SessionError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
+                        }
+                    }
+                }
             };
             self.handle_response(frame, slots).await?;
             let buffered = self.server.as_ref().is_some_and(|s| s.conn.has_buffered_frame());
@@ -1334,6 +1521,14 @@ impl Session {
     }
 }
 
+/// A statement that fails with `reason` when it runs: a refusal that the origin reports, so that
+/// it aborts the client's transaction there. The reason is reduced to characters that cannot end
+/// the quoting.
+fn refusal_sql(reason: &str) -> String {
+    let safe: String = reason.chars().filter(|c| c.is_ascii_alphanumeric() || " _.,()=-".contains(*c)).take(200).collect();
+    format!("DO $cordon_refusal$BEGIN RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = 'refused by Cordon: {safe}'; END$cordon_refusal$")
+}
+
 fn unknown_statement(name: &str) -> ErrorFields {
     ErrorFields::new(Severity::Error, "26000", format!("prepared statement \"{}\" does not exist", truncate(name, 64)))
 }
@@ -1376,7 +1571,7 @@ pub(crate) async fn collect_response(conn: &mut PooledConn, max_bytes: usize, mu
     let mut store = true;
     let mut too_large = false;
     loop {
-        let frame = match conn.conn.read_frame().await {
+        let frame = match conn.read_frame().await {
             Ok(frame) => frame,
             Err(error) => {
                 conn.mark(Release::Discard);
@@ -1414,15 +1609,52 @@ pub(crate) async fn collect_response(conn: &mut PooledConn, max_bytes: usize, mu
     Ok(Fetched { bytes: bytes.freeze(), store })
 }
 
-fn fetch_simple(pool: Arc<Pool>, sql: String, max_bytes: usize) -> Arc<dyn Fn() -> FetchFuture<FetchError> + Send + Sync> {
+/// Reads the answer of the session state probe queued behind a fetch: a result is stored only
+/// when the connection was in the state the key names (`expected_state`) and the statement left
+/// it so. A statement that changed it (a view or function calling `set_config`) is served to its
+/// caller but not stored, and the connection is reset before anyone else gets it.
+async fn finish_fetch(conn: &mut PooledConn, fetched: Result<Fetched, FetchError>, expected_state: &str) -> Result<Fetched, FetchError> {
+    // A result too large to store was still read to its end; the probe's answer follows it.
+    let mut fetched = match fetched {
+        Ok(fetched) => fetched,
+        Err(FetchError::TooLarge) => {
+            let _ = conn.finish_probe().await;
+            return Err(FetchError::TooLarge);
+        }
+        Err(error) => return Err(error),
+    };
+    let clean = conn.finish_probe().await.map_err(|error| {
+        FetchError::Pool(ErrorFields::new(
+            Severity::Error,
+            error.sqlstate(),
+            format!("lost the connection to the origin: {}", describe_origin_error(&error)),
+        ))
+    })?;
+    if !clean || conn.state_key() != expected_state {
+        fetched.store = false;
+    }
+    Ok(fetched)
+}
+
+fn fetch_simple(
+    pool: Arc<Pool>,
+    sql: String,
+    max_bytes: usize,
+    expected_state: String,
+) -> Arc<dyn Fn() -> FetchFuture<FetchError> + Send + Sync> {
     let sql = Arc::new(sql);
+    let expected_state = Arc::new(expected_state);
     Arc::new(move || {
         let pool = pool.clone();
         let sql = sql.clone();
+        let expected_state = expected_state.clone();
         Box::pin(async move {
             let mut conn = pool.acquire().await.map_err(|e| FetchError::from(&e))?;
-            FrontendMessage::Query(sql.to_string()).encode(conn.conn.write_buf()).map_err(|e| FetchError::Pool(e.to_error_fields()))?;
-            collect_response(&mut conn, max_bytes, 0).await
+            let encode_error = |e: ProtocolError| FetchError::Pool(e.to_error_fields());
+            FrontendMessage::Query(sql.to_string()).encode(conn.conn.write_buf()).map_err(encode_error)?;
+            conn.queue_probe().map_err(|e| FetchError::Pool(ErrorFields::new(Severity::Error, e.sqlstate(), e.to_string())))?;
+            let fetched = collect_response(&mut conn, max_bytes, 0).await;
+            finish_fetch(&mut conn, fetched, &expected_state).await
         })
     })
 }
@@ -1455,14 +1687,19 @@ impl ExtendedRequest {
     }
 }
 
+/// Runs a request on a pooled connection, with the session state probe queued behind it (see
+/// [`finish_fetch`]); `expected_state` is the state the caller's cache key names.
 pub(crate) fn fetch_extended(
     pool: Arc<Pool>,
     request: Arc<ExtendedRequest>,
     max_bytes: usize,
+    expected_state: String,
 ) -> Arc<dyn Fn() -> FetchFuture<FetchError> + Send + Sync> {
+    let expected_state = Arc::new(expected_state);
     Arc::new(move || {
         let pool = pool.clone();
         let request = request.clone();
+        let expected_state = expected_state.clone();
         Box::pin(async move {
             let mut conn = pool.acquire().await.map_err(|e| FetchError::from(&e))?;
             let encode_error = |e: ProtocolError| FetchError::Pool(e.to_error_fields());
@@ -1485,7 +1722,9 @@ pub(crate) fn fetch_extended(
                 .map_err(encode_error)?;
             }
             request.encode_execution(conn.conn.write_buf(), &prepared.server_name).map_err(encode_error)?;
-            let fetched = collect_response(&mut conn, max_bytes, housekeeping).await?;
+            conn.queue_probe().map_err(|e| FetchError::Pool(ErrorFields::new(Severity::Error, e.sqlstate(), e.to_string())))?;
+            let fetched = collect_response(&mut conn, max_bytes, housekeeping).await;
+            let fetched = finish_fetch(&mut conn, fetched, &expected_state).await?;
             if injected {
                 if fetched.bytes.first() == Some(&b'E') {
                     conn.prepared.remove(&prepared.server_name);

@@ -314,3 +314,96 @@ async fn postgres_binding_needs_its_grant_and_names_only_granted_bindings() {
     let read = ok(&s, "app", "SELECT 1 AS one", json!([])).await;
     assert_eq!(read["rows"], json!([[1]]), "the granted binding works");
 }
+
+/// The resident memory of this process (the server runs in it), in MiB.
+fn rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok()).unwrap();
+    kib / 1024
+}
+
+/// Workers whose requests run out of `wall_ms` in the middle of a long statement, two at a
+/// time, over and over: the abandoned statements are cancelled and keep their pool slots until
+/// their backends are gone, so the origin never sees more than `pool_size` + 1 (the cancel
+/// headroom) backends of the tenant, `/health` counts what is really open, and the other
+/// tenant's latency holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_requests_that_time_out_mid_statement_leave_no_backends_behind() {
+    const POOL_SIZE: u64 = 2;
+    let cluster = tokio::task::spawn_blocking(TestPostgres::start).await.unwrap();
+    cluster.create_role_and_database("acme", ACME_PASSWORD, "acme").await;
+    cluster.create_role_and_database("globex", GLOBEX_PASSWORD, "globex").await;
+    let admin = cluster.connect("acme").await;
+    admin
+        .batch_execute(
+            "CREATE FUNCTION public.no_timeout() RETURNS text LANGUAGE sql AS $$ SELECT set_config('statement_timeout', '0', true) $$",
+        )
+        .await
+        .unwrap();
+    let port = cluster.port;
+    let config = format!(
+        "\n[[database]]\nname = \"main\"\ntenant = \"acme\"\norigin = \"postgres://acme@127.0.0.1:{port}/acme\"\norigin_password_env = \"ACME_DB_PASSWORD\"\npool_size = {POOL_SIZE}\n\
+         \n[[database]]\nname = \"main\"\ntenant = \"globex\"\norigin = \"postgres://globex@127.0.0.1:{port}/globex\"\norigin_password_env = \"GLOBEX_DB_PASSWORD\"\n{}{}",
+        worker("attacker", "acme", &format!("{OTHERS}{PG}"), "wall_ms = 1000"),
+        worker("victim", "globex", &format!("{OTHERS}{PG}"), ""),
+    );
+    let s = start_with(&config, Options { env: ENV, ..Default::default() }).await;
+    ok(&s, "victim", "SELECT 1", json!([])).await;
+    let rss_before = rss_mib();
+    let backends = async || -> u64 {
+        let row = admin
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE usename = 'acme' AND backend_type = 'client backend'", &[])
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) as u64
+    };
+
+    let attacks = [
+        json!({"transaction": [{"sql": "SET LOCAL statement_timeout = 0"}, {"sql": "SELECT pg_sleep(120)"}]}),
+        json!({"transaction": [{"sql": "SELECT no_timeout()"}, {"sql": "SELECT pg_sleep(120)"}]}),
+        json!({"sql": "SELECT pg_sleep(120)"}),
+    ];
+    let mut most = 0;
+    let mut victim = Vec::new();
+    let started = std::time::Instant::now();
+    let mut round = 0;
+    while started.elapsed() < std::time::Duration::from_secs(8) {
+        let (a, b, v) = tokio::join!(
+            pg(&s, "attacker", "PG", attacks[round % attacks.len()].clone()),
+            pg(&s, "attacker", "PG", attacks[(round + 1) % attacks.len()].clone()),
+            async {
+                let t = std::time::Instant::now();
+                ok(&s, "victim", "SELECT 1", json!([])).await;
+                t.elapsed()
+            }
+        );
+        assert!(a.0 != 200 || !a.1.contains("\"rows\""), "an attack ran to the end: {a:?}");
+        assert!(b.0 != 200 || !b.1.contains("\"rows\""), "an attack ran to the end: {b:?}");
+        victim.push(v);
+        most = most.max(backends().await);
+        let health = s.health().await;
+        let open = health["postgres"].as_array().unwrap().iter().find(|d| d["tenant"] == "acme").unwrap()["pool"]["open"].as_u64().unwrap();
+        assert!(open <= POOL_SIZE, "/health says {open} open");
+        round += 2;
+    }
+    assert!(most <= POOL_SIZE + 1, "{most} backends of the origin role for a pool of {POOL_SIZE}");
+    // Once the abandoned statements are gone, /health and the origin agree.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let health = s.health().await;
+        let pool = &health["postgres"].as_array().unwrap().iter().find(|d| d["tenant"] == "acme").unwrap()["pool"];
+        if pool["closing"] == 0 && backends().await == pool["open"].as_u64().unwrap() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "abandoned backends are still there: {pool}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    ok(&s, "attacker", "SELECT 1", json!([])).await;
+    victim.sort();
+    let p99 = victim[(victim.len() * 99).div_ceil(100) - 1];
+    assert!(p99 < std::time::Duration::from_millis(250), "the victim's p99 was {p99:?}");
+    let growth = rss_mib().saturating_sub(rss_before);
+    assert!(growth < 128, "resident memory grew by {growth} MiB");
+    eprintln!("requests timing out mid-statement: {round} requests, at most {most} backends, victim p99 {p99:?}, RSS +{growth} MiB");
+}

@@ -31,7 +31,7 @@ impl Proxy {
     /// Starts Postgres and the proxy. `database_extra` is appended to the `[[database]] main`
     /// table (e.g. `pool_size = 2`); `cache` is the body of its `[database.cache]` table.
     pub async fn start(database_extra: &str, cache: &str) -> Proxy {
-        Proxy::start_with(database_extra, cache, ProxySettings { tls: None, require_tls: false }).await
+        Proxy::start_with(database_extra, cache, ProxySettings::new(None, false)).await
     }
 
     /// Like [`Proxy::start`], with the listener's TLS settings.

@@ -13,3 +13,8 @@ mod caching;
 mod keys;
 mod proxy;
 mod stale;
+
+mod attack;
+mod handshake_flood;
+mod pool_bounds;
+mod session_state;

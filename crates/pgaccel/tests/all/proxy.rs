@@ -50,6 +50,8 @@ async fn simple_extended_prepared_copy_notices_errors_and_large_results() {
         assert_eq!(row.get::<_, String>(0), "one");
         backends.insert(row.get::<_, i32>(1));
         drop(blocker);
+        // The blocker's connection is reset on its own task; wait until it is back.
+        eventually(5, "the blocker's connection is back", async || proxy.stats().pool.in_use == 0).await;
     }
     assert!(backends.len() >= 2, "the statement ran on several origin connections: {backends:?}");
     // Two clients preparing the same text under the same name never see "already exists".
@@ -387,7 +389,7 @@ async fn tls_is_negotiated_and_plaintext_is_refused_when_tls_is_required() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (_dir, ca, (chain, key)) = crate::origin::write_pki(&["localhost"]);
     let acceptor = cordon_pgaccel::tls::acceptor(&chain, &key).unwrap();
-    let settings = cordon_pgaccel::proxy::ProxySettings { tls: Some(acceptor), require_tls: true };
+    let settings = cordon_pgaccel::proxy::ProxySettings::new(Some(acceptor), true);
     let proxy = Proxy::start_with("", "enabled = false", settings).await;
 
     // Plaintext: refused before authentication, with the reason.
