@@ -11,7 +11,7 @@ use toml::Spanned;
 use crate::raw::{RawConfig, RawLimits, RawWorker};
 use crate::{
     Config, ConfigError, ConfigErrors, Limits, Location, MemoryProtectionKeys, Route, SandboxConfig, SecurityConfig, ServerConfig,
-    WorkerConfig,
+    StorageConfig, WorkerConfig,
 };
 
 /// Longest worker or tenant name.
@@ -54,6 +54,7 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         ) as u32,
     };
 
+    let storage = v.storage(&raw);
     let postgres_proxy = raw.postgres_proxy.as_ref().map(|p| v.postgres_proxy(p, &server, &base));
     let mut databases = Vec::with_capacity(raw.databases.len());
     for (i, d) in raw.databases.iter().enumerate() {
@@ -69,7 +70,7 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     v.postgres_grant_checks(&raw.workers, &workers, &databases);
 
     if v.errors.is_empty() {
-        Ok(Config { source: file.to_path_buf(), server, security, sandbox, postgres_proxy, databases, workers })
+        Ok(Config { source: file.to_path_buf(), server, security, sandbox, storage, postgres_proxy, databases, workers })
     } else {
         Err(ConfigErrors(v.errors))
     }
@@ -194,6 +195,88 @@ impl Validator<'_> {
                 "the number of connections served at once",
             ) as usize,
         }
+    }
+
+    fn storage(&mut self, raw: &RawConfig) -> StorageConfig {
+        let s = &raw.storage;
+        let d = StorageConfig::default();
+        let storage = StorageConfig {
+            sqlite_heap_limit_mb: self.int(
+                &s.sqlite_heap_limit_mb,
+                "storage.sqlite_heap_limit_mb",
+                d.sqlite_heap_limit_mb,
+                64,
+                1 << 20,
+                "the memory SQLite may use in the whole process, in MiB",
+            ),
+            sql_statement_memory_mb: self.int(
+                &s.sql_statement_memory_mb,
+                "storage.sql_statement_memory_mb",
+                d.sql_statement_memory_mb,
+                1,
+                4096,
+                "the memory one SQL call may make SQLite allocate, in MiB",
+            ),
+            kv_threads: self.int(&s.kv_threads, "storage.kv_threads", d.kv_threads as u64, 1, 256, "the threads that run key-value calls")
+                as usize,
+            sql_threads: self.int(
+                &s.sql_threads,
+                "storage.sql_threads",
+                d.sql_threads as u64,
+                1,
+                256,
+                "the threads that run SQL statements",
+            ) as usize,
+            tenant_threads: self.int(
+                &s.tenant_threads,
+                "storage.tenant_threads",
+                d.tenant_threads as u64,
+                1,
+                256,
+                "the threads of each pool one tenant may use at once",
+            ) as usize,
+            queue: self.int(&s.queue, "storage.queue", d.queue as u64, 1, 1_000_000, "the calls that may wait for a thread, per pool")
+                as usize,
+            tenant_queue: self.int(
+                &s.tenant_queue,
+                "storage.tenant_queue",
+                d.tenant_queue as u64,
+                1,
+                1_000_000,
+                "the calls of one tenant that may wait for a thread, per pool",
+            ) as usize,
+        };
+        if storage.tenant_threads > storage.kv_threads.min(storage.sql_threads) {
+            self.error(
+                s.tenant_threads.as_ref().map(Spanned::span),
+                "storage.tenant_threads",
+                format!(
+                    "{} is more than a pool has ({} key-value, {} SQL threads)",
+                    storage.tenant_threads, storage.kv_threads, storage.sql_threads
+                ),
+                "keep it below the pool sizes, so that one tenant cannot take every thread",
+            );
+        }
+        if storage.sql_statement_memory_mb > storage.sqlite_heap_limit_mb / 2 {
+            self.error(
+                s.sql_statement_memory_mb.as_ref().map(Spanned::span),
+                "storage.sql_statement_memory_mb",
+                format!(
+                    "{} MiB is more than half of storage.sqlite_heap_limit_mb ({} MiB)",
+                    storage.sql_statement_memory_mb, storage.sqlite_heap_limit_mb
+                ),
+                "lower it, or raise storage.sqlite_heap_limit_mb, so that one statement cannot take the memory every tenant shares",
+            );
+        }
+        if storage.tenant_queue > storage.queue {
+            self.error(
+                s.tenant_queue.as_ref().map(Spanned::span),
+                "storage.tenant_queue",
+                format!("{} is more than the whole queue ({})", storage.tenant_queue, storage.queue),
+                "set it to at most storage.queue",
+            );
+        }
+        storage
     }
 
     fn security(&mut self, raw: &RawConfig) -> SecurityConfig {

@@ -7,6 +7,7 @@ mod admin;
 mod bindings;
 mod cache;
 mod egress;
+mod host_work_sql;
 mod hostile_requests;
 mod hostile_workers;
 mod isolation;
