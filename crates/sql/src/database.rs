@@ -1641,8 +1641,12 @@ mod tests {
             let t = Instant::now();
             let runner = Arc::clone(&db);
             let batch_limits = limits.clone();
-            let result =
-                pool.spawn("acme", move |job| runner.batch_job(Some(job), &view_bomb(whens, levels), false, &batch_limits)).unwrap().await.unwrap().value;
+            let result = pool
+                .spawn("acme", move |job| runner.batch_job(Some(job), &view_bomb(whens, levels), false, &batch_limits))
+                .unwrap()
+                .await
+                .unwrap()
+                .value;
             let took = t.elapsed();
             // SAFETY: reads one counter under SQLite's mutex.
             let highwater = unsafe { ffi::sqlite3_memory_highwater(0) };
