@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::harness::{Options, TestServer, guest, request, start_with};
+use crate::harness::{Options, TestServer, guest, request, start_with, wait_for_log};
 
 /// How long after its statement timeout (1 s) a bomb may take to answer.
 const STOPPED_WITHIN: Duration = Duration::from_millis(1500);
@@ -296,4 +296,21 @@ async fn a_flood_of_slow_statements_neither_delays_other_tenants_nor_outlives_it
     assert!(settled < 60, "{settled} of 600 statements ran");
     let peak = rss.finish().await;
     assert!(peak < baseline + RSS_GROWTH, "resident memory went from {} MiB to {} MiB", baseline >> 20, peak >> 20);
+}
+
+/// The CPU time a statement takes on a pool thread is charged to the
+/// request that asked for it: it shows in the request's `cpu_us`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cpu_time_of_a_statement_is_charged_to_its_request() {
+    let s = start_with(&worker("charged", "evil", "cpu", "cpu_ms = 5000\nwall_ms = 10000"), Options::default()).await;
+    let query = "SELECT count(*) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1500000) SELECT x FROM c)";
+    let t = Instant::now();
+    let (status, text) = sql(&s, "charged", json!({"sql": query, "params": []})).await;
+    let took = t.elapsed();
+    assert_eq!(status, 200, "{text}");
+    let logged = wait_for_log("cpu_us", |e| e["worker"] == "charged" && e["path"].as_str().is_some_and(|p| p.starts_with("/sql"))).await;
+    let cpu = Duration::from_micros(logged["cpu_us"].as_u64().unwrap());
+    eprintln!("the statement took {took:?}; the request was charged {cpu:?}");
+    // Nearly all of the request's time was the statement's CPU time.
+    assert!(cpu >= took / 2, "charged {cpu:?} for a request of {took:?}");
 }
