@@ -129,8 +129,8 @@ impl Default for StorageConfig {
             kv_threads: 8,
             sql_threads: 8,
             tenant_threads: 2,
-            queue: 1024,
-            tenant_queue: 64,
+            queue: 4096,
+            tenant_queue: 256,
         }
     }
 }

@@ -676,6 +676,28 @@ mod tests {
     }
 
     #[test]
+    fn storage_has_defaults_and_refuses_a_tenant_share_over_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cordon.toml");
+        let config = parse(&file, "").unwrap();
+        assert_eq!(config.storage, StorageConfig::default());
+        let config =
+            parse(&file, "[storage]\nsqlite_heap_limit_mb = 256\nsql_statement_memory_mb = 16\nsql_threads = 4\ntenant_threads = 1\n")
+                .unwrap();
+        assert_eq!((config.storage.sqlite_heap_limit_mb, config.storage.sql_statement_memory_mb), (256, 16));
+        assert_eq!((config.storage.sql_threads, config.storage.tenant_threads, config.storage.kv_threads), (4, 1, 8));
+        let e = errors("[storage]\nsql_threads = 2\ntenant_threads = 3\n");
+        assert_eq!(e[0].key.as_deref(), Some("storage.tenant_threads"));
+        assert!(e[0].help.contains("one tenant cannot take every thread"), "{}", e[0].help);
+        let e = errors("[storage]\nsqlite_heap_limit_mb = 64\nsql_statement_memory_mb = 64\n");
+        assert_eq!(e[0].key.as_deref(), Some("storage.sql_statement_memory_mb"));
+        let e = errors("[storage]\nqueue = 10\ntenant_queue = 11\n");
+        assert_eq!(e[0].key.as_deref(), Some("storage.tenant_queue"));
+        let e = errors("[storage]\nkv_threads = 0\n");
+        assert!(e[0].message.contains("between 1 and 256"), "{}", e[0].message);
+    }
+
+    #[test]
     fn unknown_key_points_at_line_and_key() {
         let e = errors("[server]\nlisten = \"127.0.0.1:1\"\nlisen = \"x\"\n");
         assert_eq!(e.len(), 1);

@@ -101,7 +101,7 @@ pub const CONNECTION_LIMITS: &[(Limit, i32)] = &[
 
 /// The key-value pool's default size. One namespace serves one call at a
 /// time, so a tenant gains little from more than two threads.
-pub const DEFAULT_POOL: PoolConfig = PoolConfig { name: "kv", threads: 8, tenant_threads: 2, queue: 1024, tenant_queue: 64 };
+pub const DEFAULT_POOL: PoolConfig = PoolConfig { name: "kv", threads: 8, tenant_threads: 2, queue: 4096, tenant_queue: 256 };
 
 /// The schema this code writes, in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 1;

@@ -267,7 +267,7 @@ pub struct Databases {
 /// The SQL pool's default size: statements of one database run one at a
 /// time (one connection), so a tenant gains little from more than two
 /// threads, and eight threads keep four tenants busy at once.
-pub const DEFAULT_POOL: PoolConfig = PoolConfig { name: "sql", threads: 8, tenant_threads: 2, queue: 1024, tenant_queue: 64 };
+pub const DEFAULT_POOL: PoolConfig = PoolConfig { name: "sql", threads: 8, tenant_threads: 2, queue: 4096, tenant_queue: 256 };
 
 impl fmt::Debug for Databases {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
