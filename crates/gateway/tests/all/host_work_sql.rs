@@ -213,6 +213,7 @@ async fn sqlite_bombs_stop_near_their_timeout_with_bounded_memory_and_spare_othe
         ("SELECT printf('%.*c', 4000000, 'a') LIKE ('%' || printf('%.*c', 400, '_') || 'b')", "longer than 1000 ms"),
         ("SELECT instr(printf('%.*c', 4000000, 'a'), printf('%.*c', 1000000, 'a') || 'b')", "[[0]]"),
         ("SELECT length(replace(printf('%.*c', 4000000, 'a'), printf('%.*c', 1000000, 'a') || 'b', 'x'))", "[[4000000]]"),
+        ("SELECT length(trim(printf('%.*c', 4000000, 'a'), printf('%.*c', 1000000, 'b') || 'a'))", "[[0]]"),
         // printf gives NULL past SQLITE_LIMIT_LENGTH, zeroblob an error.
         ("SELECT length(printf('%.*c', 500000000, 'a'))", "[[null]]"),
         ("SELECT length(zeroblob(1000000000))", "too big"),
