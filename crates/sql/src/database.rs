@@ -377,13 +377,15 @@ impl Database {
     ) -> Result<RowSet, SqlError> {
         precheck(sql, params, limits)?;
         let conn = self.lock();
-        let _budget = Budget::start(limits.max_memory_bytes);
+        let budget = Budget::start(limits.max_memory_bytes);
         conn.apply_limits(limits)?;
         conn.begin(read_only)?;
         let armed = conn.arm(job);
         let result = conn.run(sql, params, read_only, limits, job);
-        // Before COMMIT: the host's own statements are never interrupted.
+        // Before COMMIT: the host's own statements are never interrupted,
+        // and do not count against the tenant's memory budget.
         drop(armed);
+        drop(budget);
         match result {
             Ok(rows) => {
                 conn.finish(read_only)?;
@@ -424,7 +426,7 @@ impl Database {
             return Ok(Vec::new());
         }
         let conn = self.lock();
-        let _budget = Budget::start(limits.max_memory_bytes);
+        let budget = Budget::start(limits.max_memory_bytes);
         conn.apply_limits(limits).map_err(|e| (0, e))?;
         conn.begin(read_only).map_err(|e| (0, e))?;
         let armed = conn.arm(job);
@@ -434,12 +436,14 @@ impl Database {
                 Ok(rows) => results.push(rows),
                 Err(e) => {
                     drop(armed);
+                    drop(budget);
                     conn.rollback();
                     return Err((i, e));
                 }
             }
         }
         drop(armed);
+        drop(budget);
         conn.finish(read_only).map_err(|e| (statements.len() - 1, e))?;
         Ok(results)
     }

@@ -346,19 +346,40 @@ fn trim(ctx: &Context<'_>, ends: Ends) -> rusqlite::Result<Option<Value>> {
         let Some(chars) = text_of(ctx.get_raw(1)) else { return Ok(None) };
         chars
     };
-    let set: std::collections::HashSet<&[u8]> = utf8_chars(&chars).collect();
-    // By length, so that each end costs one lookup per length per character.
-    let mut lengths: Vec<usize> = set.iter().map(|c| c.len()).collect();
+    // Single bytes in a table, longer characters in a set.
+    let mut bytes = [false; 256];
+    let mut longer: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+    for c in utf8_chars(&chars) {
+        match c {
+            [b] => bytes[usize::from(*b)] = true,
+            _ => {
+                longer.insert(c);
+            }
+        }
+    }
+    let mut lengths: Vec<usize> = longer.iter().map(|c| c.len()).collect();
     lengths.sort_unstable();
     lengths.dedup();
+    // The length of the member of the set that `text[from..to]` starts
+    // (`left`) or ends (`!left`) with.
+    let member = |from: usize, to: usize, left: bool| -> Option<usize> {
+        let edge = if left { text.get(from) } else { to.checked_sub(1).and_then(|i| text.get(i)) };
+        if from < to && edge.is_some_and(|b| bytes[usize::from(*b)]) {
+            return Some(1);
+        }
+        lengths
+            .iter()
+            .copied()
+            .find(|&len| from + len <= to && longer.contains(if left { &text[from..from + len] } else { &text[to - len..to] }))
+    };
     let (mut start, mut end) = (0, text.len());
     if matches!(ends, Ends::Left | Ends::Both) {
-        while let Some(len) = lengths.iter().find(|&&len| start + len <= end && set.contains(&text[start..start + len])) {
+        while let Some(len) = member(start, end, true) {
             start += len;
         }
     }
     if matches!(ends, Ends::Right | Ends::Both) {
-        while let Some(len) = lengths.iter().find(|&&len| start + len <= end && set.contains(&text[end - len..end])) {
+        while let Some(len) = member(start, end, false) {
             end -= len;
         }
     }
