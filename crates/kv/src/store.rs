@@ -785,6 +785,58 @@ mod tests {
     }
 
     #[test]
+    fn connections_carry_the_size_limits() {
+        let (_dir, namespaces) = setup();
+        let ns = namespaces.open("acme", "app").unwrap();
+        let conn = ns.lock_conn();
+        for &(limit, value) in CONNECTION_LIMITS {
+            assert_eq!(conn.limit(limit).unwrap(), value, "{limit:?}");
+        }
+    }
+
+    /// A call whose request ended before it got its namespace writes
+    /// nothing, and a queued call whose request ended never runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_of_ended_requests_do_not_run() {
+        let (_dir, namespaces) = setup();
+        let ns = namespaces.open("acme", "app").unwrap();
+        let pool = namespaces.pool();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let runner = Arc::clone(&ns);
+        let running = pool
+            .spawn("acme", move |_| {
+                started_tx.send(()).unwrap();
+                let _ = go_rx.recv_timeout(Duration::from_secs(5));
+                runner.set("late", b"x", None, &KvLimits::default())
+            })
+            .unwrap();
+        started_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        // The tenant's other thread, then its queue.
+        let (block_tx, block_rx) = std::sync::mpsc::channel::<()>();
+        let blocker = pool
+            .spawn("acme", move |_| {
+                let _ = block_rx.recv_timeout(Duration::from_secs(5));
+            })
+            .unwrap();
+        let runner = Arc::clone(&ns);
+        let queued = pool.spawn("acme", move |_| runner.set("queued", b"x", None, &KvLimits::default())).unwrap();
+        assert_eq!(pool.stats().queued, 1);
+        drop(queued);
+        drop(running);
+        go_tx.send(()).unwrap();
+        block_tx.send(()).unwrap();
+        drop(blocker);
+        let give_up = std::time::Instant::now() + Duration::from_secs(5);
+        while pool.stats().running > 0 && std::time::Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(ns.get("late").unwrap(), None);
+        assert_eq!(ns.get("queued").unwrap(), None);
+        assert_eq!(pool.stats().dropped_total, 1);
+    }
+
+    #[test]
     fn namespaces_are_send_and_sync() {
         fn check<T: Send + Sync>() {}
         check::<Namespace>();
