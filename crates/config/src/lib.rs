@@ -32,6 +32,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub security: SecurityConfig,
     pub sandbox: SandboxConfig,
+    pub storage: StorageConfig,
     /// `[postgres_proxy]`; `None` when the section is absent.
     pub postgres_proxy: Option<PostgresProxyConfig>,
     /// `[[database]]`, in file order; `(tenant, name)` is unique.
@@ -101,6 +102,44 @@ pub struct SandboxConfig {
     /// Maximum native stack that wasm code may use, in KiB. Deeper recursion
     /// traps with a stack overflow.
     pub max_wasm_stack_kb: u32,
+}
+
+/// `[storage]`: the threads and memory the host spends on the tenants'
+/// key-value and SQL calls. Key-value and SQL calls each run on a pool of
+/// their own threads; a call waits in the pool's queue for a thread, and a
+/// call that finds the queue full fails at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageConfig {
+    /// Memory SQLite may allocate in the whole process, in MiB; an
+    /// allocation past it fails the statement that asked for it.
+    pub sqlite_heap_limit_mb: u64,
+    /// Memory SQLite may allocate for one SQL call of a worker (a statement,
+    /// or a whole batch), in MiB; past it the call fails.
+    pub sql_statement_memory_mb: u64,
+    /// Threads of the key-value pool.
+    pub kv_threads: usize,
+    /// Threads of the SQL pool.
+    pub sql_threads: usize,
+    /// Threads of each pool that one tenant's calls may use at once.
+    pub tenant_threads: usize,
+    /// Calls that may wait for a thread, per pool.
+    pub queue: usize,
+    /// Calls of one tenant that may wait for a thread, per pool.
+    pub tenant_queue: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            sqlite_heap_limit_mb: 1024,
+            sql_statement_memory_mb: 64,
+            kv_threads: 8,
+            sql_threads: 8,
+            tenant_threads: 2,
+            queue: 4096,
+            tenant_queue: 256,
+        }
+    }
 }
 
 /// One `[[worker]]`: a tenant's component, where it is routed, and its limits.

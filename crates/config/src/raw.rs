@@ -19,6 +19,8 @@ pub(crate) struct RawConfig {
     pub security: RawSecurity,
     #[serde(default)]
     pub sandbox: RawSandbox,
+    #[serde(default)]
+    pub storage: RawStorage,
     pub postgres_proxy: Option<RawPostgresProxy>,
     #[serde(default, rename = "database")]
     pub databases: Vec<RawDatabase>,
@@ -52,6 +54,18 @@ pub(crate) struct RawSecurity {
 pub(crate) struct RawSandbox {
     pub max_instances: Option<Spanned<i64>>,
     pub max_wasm_stack_kb: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStorage {
+    pub sqlite_heap_limit_mb: Option<Spanned<i64>>,
+    pub sql_statement_memory_mb: Option<Spanned<i64>>,
+    pub kv_threads: Option<Spanned<i64>>,
+    pub sql_threads: Option<Spanned<i64>>,
+    pub tenant_threads: Option<Spanned<i64>>,
+    pub queue: Option<Spanned<i64>>,
+    pub tenant_queue: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,7 +11,7 @@ use toml::Spanned;
 use crate::raw::{RawConfig, RawLimits, RawWorker};
 use crate::{
     Config, ConfigError, ConfigErrors, Limits, Location, MemoryProtectionKeys, Route, SandboxConfig, SecurityConfig, ServerConfig,
-    WorkerConfig,
+    StorageConfig, WorkerConfig,
 };
 
 /// Longest worker or tenant name.
@@ -54,6 +54,7 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         ) as u32,
     };
 
+    let storage = v.storage(&raw);
     let postgres_proxy = raw.postgres_proxy.as_ref().map(|p| v.postgres_proxy(p, &server, &base));
     let mut databases = Vec::with_capacity(raw.databases.len());
     for (i, d) in raw.databases.iter().enumerate() {
@@ -69,7 +70,7 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     v.postgres_grant_checks(&raw.workers, &workers, &databases);
 
     if v.errors.is_empty() {
-        Ok(Config { source: file.to_path_buf(), server, security, sandbox, postgres_proxy, databases, workers })
+        Ok(Config { source: file.to_path_buf(), server, security, sandbox, storage, postgres_proxy, databases, workers })
     } else {
         Err(ConfigErrors(v.errors))
     }
@@ -210,6 +211,88 @@ impl Validator<'_> {
                 "the number of name lookups one tenant may have in flight at once",
             ) as u32,
         }
+    }
+
+    fn storage(&mut self, raw: &RawConfig) -> StorageConfig {
+        let s = &raw.storage;
+        let d = StorageConfig::default();
+        let storage = StorageConfig {
+            sqlite_heap_limit_mb: self.int(
+                &s.sqlite_heap_limit_mb,
+                "storage.sqlite_heap_limit_mb",
+                d.sqlite_heap_limit_mb,
+                64,
+                1 << 20,
+                "the memory SQLite may use in the whole process, in MiB",
+            ),
+            sql_statement_memory_mb: self.int(
+                &s.sql_statement_memory_mb,
+                "storage.sql_statement_memory_mb",
+                d.sql_statement_memory_mb,
+                1,
+                4096,
+                "the memory one SQL call may make SQLite allocate, in MiB",
+            ),
+            kv_threads: self.int(&s.kv_threads, "storage.kv_threads", d.kv_threads as u64, 1, 256, "the threads that run key-value calls")
+                as usize,
+            sql_threads: self.int(
+                &s.sql_threads,
+                "storage.sql_threads",
+                d.sql_threads as u64,
+                1,
+                256,
+                "the threads that run SQL statements",
+            ) as usize,
+            tenant_threads: self.int(
+                &s.tenant_threads,
+                "storage.tenant_threads",
+                d.tenant_threads as u64,
+                1,
+                256,
+                "the threads of each pool one tenant may use at once",
+            ) as usize,
+            queue: self.int(&s.queue, "storage.queue", d.queue as u64, 1, 1_000_000, "the calls that may wait for a thread, per pool")
+                as usize,
+            tenant_queue: self.int(
+                &s.tenant_queue,
+                "storage.tenant_queue",
+                d.tenant_queue as u64,
+                1,
+                1_000_000,
+                "the calls of one tenant that may wait for a thread, per pool",
+            ) as usize,
+        };
+        if storage.tenant_threads > storage.kv_threads.min(storage.sql_threads) {
+            self.error(
+                s.tenant_threads.as_ref().map(Spanned::span),
+                "storage.tenant_threads",
+                format!(
+                    "{} is more than a pool has ({} key-value, {} SQL threads)",
+                    storage.tenant_threads, storage.kv_threads, storage.sql_threads
+                ),
+                "keep it below the pool sizes, so that one tenant cannot take every thread",
+            );
+        }
+        if storage.sql_statement_memory_mb > storage.sqlite_heap_limit_mb / 2 {
+            self.error(
+                s.sql_statement_memory_mb.as_ref().map(Spanned::span),
+                "storage.sql_statement_memory_mb",
+                format!(
+                    "{} MiB is more than half of storage.sqlite_heap_limit_mb ({} MiB)",
+                    storage.sql_statement_memory_mb, storage.sqlite_heap_limit_mb
+                ),
+                "lower it, or raise storage.sqlite_heap_limit_mb, so that one statement cannot take the memory every tenant shares",
+            );
+        }
+        if storage.tenant_queue > storage.queue {
+            self.error(
+                s.tenant_queue.as_ref().map(Spanned::span),
+                "storage.tenant_queue",
+                format!("{} is more than the whole queue ({})", storage.tenant_queue, storage.queue),
+                "set it to at most storage.queue",
+            );
+        }
+        storage
     }
 
     fn security(&mut self, raw: &RawConfig) -> SecurityConfig {
@@ -606,6 +689,28 @@ mod tests {
         assert!(parse_route("/x").is_err());
         assert!(parse_route("a/../b").is_err());
         assert!(parse_route("a b/").is_err());
+    }
+
+    #[test]
+    fn storage_has_defaults_and_refuses_a_tenant_share_over_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cordon.toml");
+        let config = parse(&file, "").unwrap();
+        assert_eq!(config.storage, StorageConfig::default());
+        let config =
+            parse(&file, "[storage]\nsqlite_heap_limit_mb = 256\nsql_statement_memory_mb = 16\nsql_threads = 4\ntenant_threads = 1\n")
+                .unwrap();
+        assert_eq!((config.storage.sqlite_heap_limit_mb, config.storage.sql_statement_memory_mb), (256, 16));
+        assert_eq!((config.storage.sql_threads, config.storage.tenant_threads, config.storage.kv_threads), (4, 1, 8));
+        let e = errors("[storage]\nsql_threads = 2\ntenant_threads = 3\n");
+        assert_eq!(e[0].key.as_deref(), Some("storage.tenant_threads"));
+        assert!(e[0].help.contains("one tenant cannot take every thread"), "{}", e[0].help);
+        let e = errors("[storage]\nsqlite_heap_limit_mb = 64\nsql_statement_memory_mb = 64\n");
+        assert_eq!(e[0].key.as_deref(), Some("storage.sql_statement_memory_mb"));
+        let e = errors("[storage]\nqueue = 10\ntenant_queue = 11\n");
+        assert_eq!(e[0].key.as_deref(), Some("storage.tenant_queue"));
+        let e = errors("[storage]\nkv_threads = 0\n");
+        assert!(e[0].message.contains("between 1 and 256"), "{}", e[0].message);
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! `wasi:keyvalue` (store, atomics, batch) and `cordon:kv/ext` for guests.
 //! A guest opens a bucket by its binding name; only the worker's
 //! `[[worker.kv]]` grants resolve, each to its tenant's namespace. Storage
-//! calls block, so they run on tokio's blocking pool, off the threads that
-//! run guests.
+//! calls block, so they run on the key-value pool ([`Namespaces::pool`]),
+//! off the threads that run guests, under the tenant's share of it; a call
+//! whose request ends is dropped from the queue or interrupted, and the CPU
+//! time a call takes on its thread is charged to the request.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use cordon_blocking::{BlockingPool, CpuCharge, JobContext, PoolError};
 use cordon_config::WorkerConfig;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
@@ -33,6 +36,8 @@ pub const INTERFACES: &[&str] =
 
 /// A worker's key-value grants, opened once at startup.
 pub struct WorkerKv {
+    tenant: String,
+    pool: Option<Arc<BlockingPool>>,
     buckets: Vec<(String, Arc<Namespace>)>,
     limits: KvLimits,
     max_operations: u64,
@@ -48,12 +53,18 @@ impl WorkerKv {
             .map(|g| Ok((g.binding.clone(), namespaces.open(&worker.tenant, &g.namespace)?)))
             .collect::<Result<Vec<_>, KvError>>()?;
         let limits = KvLimits { max_value_bytes: worker.limits.max_kv_value_bytes as usize, ..KvLimits::default() };
-        Ok(WorkerKv { buckets, limits, max_operations: worker.limits.max_kv_operations })
+        Ok(WorkerKv {
+            tenant: worker.tenant.clone(),
+            pool: Some(Arc::clone(namespaces.pool())),
+            buckets,
+            limits,
+            max_operations: worker.limits.max_kv_operations,
+        })
     }
 
     /// No grants: every `open` fails.
     pub fn none() -> WorkerKv {
-        WorkerKv { buckets: Vec::new(), limits: KvLimits::default(), max_operations: 0 }
+        WorkerKv { tenant: String::new(), pool: None, buckets: Vec::new(), limits: KvLimits::default(), max_operations: 0 }
     }
 }
 
@@ -61,11 +72,13 @@ impl WorkerKv {
 pub struct RequestKv {
     worker: Arc<WorkerKv>,
     operations: u64,
+    cpu: CpuCharge,
 }
 
 impl RequestKv {
-    pub fn new(worker: Arc<WorkerKv>) -> RequestKv {
-        RequestKv { worker, operations: 0 }
+    /// `cpu` collects the CPU time calls take on the pool's threads.
+    pub fn new(worker: Arc<WorkerKv>, cpu: CpuCharge) -> RequestKv {
+        RequestKv { worker, operations: 0, cpu }
     }
 
     /// Operations made so far.
@@ -118,11 +131,18 @@ fn guest_error(e: KvError) -> store::Error {
     }
 }
 
-/// Runs a blocking storage call off the async threads.
-async fn blocking<R: Send + 'static>(f: impl FnOnce() -> Result<R, KvError> + Send + 'static) -> Result<R, store::Error> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(guest_error),
-        Err(e) => Err(store::Error::Other(format!("key-value call did not complete: {e}"))),
+impl RequestKv {
+    /// Runs a blocking storage call on the key-value pool as the worker's
+    /// tenant, and charges its CPU time to the request. Dropping the future
+    /// cancels the call.
+    async fn blocking<R: Send + 'static>(&self, f: impl FnOnce() -> Result<R, KvError> + Send + 'static) -> Result<R, store::Error> {
+        let Some(pool) = &self.worker.pool else {
+            return Err(store::Error::Other("key-value storage is not available to this worker".to_string()));
+        };
+        let pool_error = |e: PoolError| store::Error::Other(format!("key-value call refused: {e}"));
+        let done = pool.spawn(&self.worker.tenant, move |_: &JobContext| f()).map_err(pool_error)?.await.map_err(pool_error)?;
+        self.cpu.add(done.cpu_time);
+        done.value.map_err(guest_error)
     }
 }
 
@@ -150,7 +170,7 @@ impl store::HostBucket for KvView<'_> {
         if let Err(e) = self.state.charge(1) {
             return Ok(Err(e));
         }
-        Ok(blocking(move || ns.get(&key)).await)
+        Ok(self.state.blocking(move || ns.get(&key)).await)
     }
 
     async fn set(&mut self, bucket: Resource<Bucket>, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), store::Error>> {
@@ -159,7 +179,7 @@ impl store::HostBucket for KvView<'_> {
             return Ok(Err(e));
         }
         let limits = self.state.worker.limits.clone();
-        Ok(blocking(move || ns.set(&key, &value, None, &limits)).await)
+        Ok(self.state.blocking(move || ns.set(&key, &value, None, &limits)).await)
     }
 
     async fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> wasmtime::Result<Result<(), store::Error>> {
@@ -167,7 +187,7 @@ impl store::HostBucket for KvView<'_> {
         if let Err(e) = self.state.charge(1) {
             return Ok(Err(e));
         }
-        Ok(blocking(move || ns.delete(&key)).await)
+        Ok(self.state.blocking(move || ns.delete(&key)).await)
     }
 
     async fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> wasmtime::Result<Result<bool, store::Error>> {
@@ -175,7 +195,7 @@ impl store::HostBucket for KvView<'_> {
         if let Err(e) = self.state.charge(1) {
             return Ok(Err(e));
         }
-        Ok(blocking(move || ns.exists(&key)).await)
+        Ok(self.state.blocking(move || ns.exists(&key)).await)
     }
 
     async fn list_keys(
@@ -204,7 +224,7 @@ impl KvView<'_> {
             return Ok(Err(e));
         }
         let limits = self.state.worker.limits.clone();
-        Ok(blocking(move || ns.list(&prefix, cursor, &limits)).await.map(|(keys, cursor)| store::KeyResponse { keys, cursor }))
+        Ok(self.state.blocking(move || ns.list(&prefix, cursor, &limits)).await.map(|(keys, cursor)| store::KeyResponse { keys, cursor }))
     }
 }
 
@@ -214,7 +234,7 @@ impl atomics::Host for KvView<'_> {
         if let Err(e) = self.state.charge(1) {
             return Ok(Err(e));
         }
-        Ok(blocking(move || ns.increment(&key, delta)).await)
+        Ok(self.state.blocking(move || ns.increment(&key, delta)).await)
     }
 }
 
@@ -228,7 +248,7 @@ impl batch::Host for KvView<'_> {
         if let Err(e) = self.state.charge(keys.len().max(1)) {
             return Ok(Err(e));
         }
-        Ok(blocking(move || ns.get_many(&keys)).await)
+        Ok(self.state.blocking(move || ns.get_many(&keys)).await)
     }
 
     async fn set_many(&mut self, bucket: Resource<Bucket>, entries: Vec<(String, Vec<u8>)>) -> wasmtime::Result<Result<(), store::Error>> {
@@ -237,7 +257,7 @@ impl batch::Host for KvView<'_> {
             return Ok(Err(e));
         }
         let limits = self.state.worker.limits.clone();
-        Ok(blocking(move || ns.set_many(&entries, &limits)).await)
+        Ok(self.state.blocking(move || ns.set_many(&entries, &limits)).await)
     }
 
     async fn delete_many(&mut self, bucket: Resource<Bucket>, keys: Vec<String>) -> wasmtime::Result<Result<(), store::Error>> {
@@ -245,7 +265,7 @@ impl batch::Host for KvView<'_> {
         if let Err(e) = self.state.charge(keys.len().max(1)) {
             return Ok(Err(e));
         }
-        Ok(blocking(move || ns.delete_many(&keys)).await)
+        Ok(self.state.blocking(move || ns.delete_many(&keys)).await)
     }
 }
 
@@ -272,6 +292,6 @@ impl ext::Host for KvView<'_> {
         }
         let limits = self.state.worker.limits.clone();
         let ttl = Duration::from_secs(ttl_seconds.max(1));
-        Ok(blocking(move || ns.set(&key, &value, Some(ttl), &limits)).await)
+        Ok(self.state.blocking(move || ns.set(&key, &value, Some(ttl), &limits)).await)
     }
 }

@@ -23,6 +23,17 @@
 //! new ones, so expired entries cannot pile up while a namespace is in use,
 //! and no single write stalls on a large purge.
 //!
+//! # Blocking work
+//!
+//! Every method blocks; the host runs them on the key-value pool
+//! ([`Namespaces::pool`]). Run as a job of that pool, a method arms the
+//! job's interrupt on its connection once it holds the connection's lock,
+//! so a call whose request ended stops at SQLite's next check instead of
+//! finishing for nobody, and removes it before it lets go of the lock, so
+//! the interrupt never reaches another call. The connections carry the
+//! same size bounds as SQL databases ([`CONNECTION_LIMITS`]), although
+//! every statement here is the host's own.
+//!
 //! # List cursors
 //!
 //! A cursor is the id of a row in the namespace's `list_cursors` table that
@@ -45,7 +56,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use cordon_blocking::{BlockingPool, JobContext, PoolConfig, StopReason};
 use rusqlite::config::DbConfig;
+use rusqlite::limits::Limit;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params, params_from_iter};
 
@@ -67,6 +80,28 @@ pub const PURGE_PER_WRITE: i64 = 16;
 /// How long a write waits for another connection to the same file (another
 /// Cordon process, or a backup tool) before it fails with "database is locked".
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bounds on what one statement may make SQLite build or hold. The
+/// statements are the host's own and small; the value length allows the
+/// largest `max_kv_value_bytes` the config accepts.
+pub const CONNECTION_LIMITS: &[(Limit, i32)] = &[
+    (Limit::SQLITE_LIMIT_LENGTH, (64 << 20) + (1 << 20)),
+    (Limit::SQLITE_LIMIT_SQL_LENGTH, 10_000),
+    (Limit::SQLITE_LIMIT_EXPR_DEPTH, 100),
+    (Limit::SQLITE_LIMIT_COMPOUND_SELECT, 50),
+    (Limit::SQLITE_LIMIT_COLUMN, 100),
+    (Limit::SQLITE_LIMIT_VARIABLE_NUMBER, 100),
+    (Limit::SQLITE_LIMIT_FUNCTION_ARG, 100),
+    (Limit::SQLITE_LIMIT_ATTACHED, 0),
+    (Limit::SQLITE_LIMIT_TRIGGER_DEPTH, 10),
+    (Limit::SQLITE_LIMIT_LIKE_PATTERN_LENGTH, 1000),
+    (Limit::SQLITE_LIMIT_VDBE_OP, 250_000),
+    (Limit::SQLITE_LIMIT_WORKER_THREADS, 0),
+];
+
+/// The key-value pool's default size. One namespace serves one call at a
+/// time, so a tenant gains little from more than two threads.
+pub const DEFAULT_POOL: PoolConfig = PoolConfig { name: "kv", threads: 8, tenant_threads: 2, queue: 4096, tenant_queue: 256 };
 
 /// The schema this code writes, in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 1;
@@ -127,6 +162,10 @@ pub enum KvError {
     /// listing again), not a storage failure for the operator to look at.
     #[error("list cursor {cursor} is unknown or has expired (cursors last {} minutes); start the listing again without a cursor", CURSOR_TTL.as_secs() / 60)]
     InvalidCursor { cursor: u64 },
+    #[error("the call was stopped because its request ended")]
+    Cancelled,
+    #[error("the call was stopped because the server is shutting down")]
+    ShuttingDown,
     #[error("key-value storage failed: {0}")]
     Storage(String),
 }
@@ -151,6 +190,7 @@ pub struct Namespaces {
     root: PathBuf,
     clock: Clock,
     open: Mutex<HashMap<(String, String), Arc<Namespace>>>,
+    pool: Arc<BlockingPool>,
 }
 
 impl fmt::Debug for Namespaces {
@@ -163,11 +203,28 @@ impl Namespaces {
     /// Does no I/O, so building the runtime never fails on the KV directory;
     /// problems show up on the first `open`, with the path in the error.
     pub fn new(root: impl Into<PathBuf>) -> Namespaces {
-        Self::with_clock(root, Arc::new(system_clock))
+        Self::with_pool(root, DEFAULT_POOL)
     }
 
+    /// [`Namespaces::new`], with the calls of all namespaces running on a
+    /// pool of this size.
+    pub fn with_pool(root: impl Into<PathBuf>, pool: PoolConfig) -> Namespaces {
+        Namespaces {
+            root: root.into(),
+            clock: Arc::new(system_clock),
+            open: Mutex::new(HashMap::new()),
+            pool: Arc::new(BlockingPool::new(pool)),
+        }
+    }
+
+    #[cfg(test)]
     fn with_clock(root: impl Into<PathBuf>, clock: Clock) -> Namespaces {
-        Namespaces { root: root.into(), clock, open: Mutex::new(HashMap::new()) }
+        Namespaces { clock, ..Self::new(root) }
+    }
+
+    /// The pool the host runs key-value calls on.
+    pub fn pool(&self) -> &Arc<BlockingPool> {
+        &self.pool
     }
 
     /// Opens (creating on first use) `<root>/<tenant>/<namespace>.sqlite3`;
@@ -467,12 +524,36 @@ impl Namespace {
     }
 
     /// Locks the connection and names the namespace in storage errors.
+    /// Inside a pool job, the job's interrupt stops `f` while the lock is
+    /// held (see the module docs).
     fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, KvError>) -> Result<T, KvError> {
         let mut conn = self.lock_conn();
-        f(&mut conn).map_err(|e| match e {
-            KvError::Storage(message) => KvError::Storage(format!("{}: {message}", self.label)),
-            other => other,
-        })
+        let job = JobContext::current();
+        if let Some(job) = &job {
+            if let Some(reason) = job.stop_reason() {
+                return Err(stopped(reason));
+            }
+            let handle = conn.get_interrupt_handle();
+            job.set_interrupt(move || handle.interrupt());
+        }
+        let result = f(&mut conn);
+        if let Some(job) = &job {
+            job.clear_interrupt();
+        }
+        // An interrupt can also stop the rollback of a failed transaction;
+        // none may stay open for the next call.
+        if !conn.is_autocommit()
+            && let Err(e) = conn.execute_batch("ROLLBACK")
+        {
+            tracing::warn!(namespace = %self.label, error = %e, "rollback of an unfinished transaction failed");
+        }
+        match (result, job.and_then(|j| j.stop_reason())) {
+            (Err(_), Some(reason)) => Err(stopped(reason)),
+            (result, _) => result.map_err(|e| match e {
+                KvError::Storage(message) => KvError::Storage(format!("{}: {message}", self.label)),
+                other => other,
+            }),
+        }
     }
 
     /// A panic while the lock was held (a bug) must not take the namespace
@@ -502,6 +583,13 @@ impl Namespace {
 impl From<rusqlite::Error> for KvError {
     fn from(e: rusqlite::Error) -> Self {
         KvError::Storage(e.to_string())
+    }
+}
+
+fn stopped(reason: StopReason) -> KvError {
+    match reason {
+        StopReason::Shutdown => KvError::ShuttingDown,
+        StopReason::Cancelled | StopReason::DeadlinePassed => KvError::Cancelled,
     }
 }
 
@@ -566,6 +654,9 @@ fn cursor_ttl_ms() -> i64 {
 
 fn configure(conn: &Connection, path: &Path) -> rusqlite::Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    for &(limit, value) in CONNECTION_LIMITS {
+        conn.set_limit(limit, value)?;
+    }
     // Nothing in these files is trusted: a schema that was tampered with
     // must not run functions with side effects, or write to shadow tables.
     conn.pragma_update(None, "trusted_schema", false)?;
@@ -691,6 +782,58 @@ mod tests {
 
     fn rows_on_disk(ns: &Namespace) -> i64 {
         ns.lock_conn().query_row("SELECT count(*) FROM kv", [], |r| r.get(0)).expect("count")
+    }
+
+    #[test]
+    fn connections_carry_the_size_limits() {
+        let (_dir, namespaces) = setup();
+        let ns = namespaces.open("acme", "app").unwrap();
+        let conn = ns.lock_conn();
+        for &(limit, value) in CONNECTION_LIMITS {
+            assert_eq!(conn.limit(limit).unwrap(), value, "{limit:?}");
+        }
+    }
+
+    /// A call whose request ended before it got its namespace writes
+    /// nothing, and a queued call whose request ended never runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_of_ended_requests_do_not_run() {
+        let (_dir, namespaces) = setup();
+        let ns = namespaces.open("acme", "app").unwrap();
+        let pool = namespaces.pool();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let runner = Arc::clone(&ns);
+        let running = pool
+            .spawn("acme", move |_| {
+                started_tx.send(()).unwrap();
+                let _ = go_rx.recv_timeout(Duration::from_secs(5));
+                runner.set("late", b"x", None, &KvLimits::default())
+            })
+            .unwrap();
+        started_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        // The tenant's other thread, then its queue.
+        let (block_tx, block_rx) = std::sync::mpsc::channel::<()>();
+        let blocker = pool
+            .spawn("acme", move |_| {
+                let _ = block_rx.recv_timeout(Duration::from_secs(5));
+            })
+            .unwrap();
+        let runner = Arc::clone(&ns);
+        let queued = pool.spawn("acme", move |_| runner.set("queued", b"x", None, &KvLimits::default())).unwrap();
+        assert_eq!(pool.stats().queued, 1);
+        drop(queued);
+        drop(running);
+        go_tx.send(()).unwrap();
+        block_tx.send(()).unwrap();
+        drop(blocker);
+        let give_up = std::time::Instant::now() + Duration::from_secs(5);
+        while pool.stats().running > 0 && std::time::Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(ns.get("late").unwrap(), None);
+        assert_eq!(ns.get("queued").unwrap(), None);
+        assert_eq!(pool.stats().dropped_total, 1);
     }
 
     #[test]

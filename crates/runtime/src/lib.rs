@@ -50,6 +50,9 @@ struct Stores {
 impl Stores {
     fn open(config: &Config, env: &dyn Fn(&str) -> Option<String>) -> Result<Stores, StartError> {
         let data = &config.server.data_dir;
+        // Process-wide, and first: the per-call budgets need SQLite unused.
+        let memory = cordon_sql::memory::limit_memory(config.storage.sqlite_heap_limit_mb << 20);
+        tracing::info!(heap_limit_bytes = memory.heap_limit, statement_budgets = memory.budgets, "SQLite memory limits set");
         // The vault (and the master key it needs) only when a worker is
         // granted a secret; otherwise no key is read or created.
         let vault = if config.workers.iter().any(|w| !w.grants.secrets.is_empty()) {
@@ -65,9 +68,18 @@ impl Stores {
         } else {
             Some(Arc::new(Accelerator::from_config(config, env).map_err(|e| StartError::Postgres(e.to_string()))?))
         };
+        let storage = &config.storage;
+        let pool = |name, threads| cordon_blocking::PoolConfig {
+            name,
+            threads,
+            tenant_threads: storage.tenant_threads,
+            queue: storage.queue,
+            tenant_queue: storage.tenant_queue,
+        };
         Ok(Stores {
-            kv: cordon_kv::store::Namespaces::new(data.join("kv")),
-            sql: cordon_sql::database::Databases::new(data.join("sql")),
+            kv: cordon_kv::store::Namespaces::with_pool(data.join("kv"), pool("kv", storage.kv_threads)),
+            sql: cordon_sql::database::Databases::with_pool(data.join("sql"), pool("sql", storage.sql_threads))
+                .with_statement_memory(usize::try_from(storage.sql_statement_memory_mb << 20).unwrap_or(usize::MAX)),
             vault,
             accel,
         })

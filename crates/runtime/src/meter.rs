@@ -5,6 +5,10 @@
 //! thread CPU time spent inside those polls. Time spent waiting for I/O is
 //! outside any poll and is not counted. The epoch callback reads the meter
 //! while the guest runs and stops it once the limit is passed.
+//!
+//! Host work done for the request on a blocking pool's thread (key-value and
+//! SQL calls) is measured there and added through [`CpuMeter::host`], so it
+//! counts against the same limit.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,6 +33,8 @@ fn thread_cpu_time() -> Duration {
 pub(crate) struct CpuMeter {
     /// CPU nanoseconds of the polls that have finished.
     finished_ns: AtomicU64,
+    /// CPU time of host work on other threads.
+    host: cordon_blocking::CpuCharge,
     /// Thread CPU time (ns) when the poll in progress started; 0 when idle.
     poll_started_ns: AtomicU64,
 }
@@ -37,12 +43,21 @@ impl CpuMeter {
     /// CPU time used so far, including the poll in progress. Must be called
     /// on the thread running that poll (the epoch callback is).
     pub(crate) fn used(&self) -> Duration {
-        let mut ns = self.finished_ns.load(Ordering::Relaxed);
+        let mut ns = self.finished_ns.load(Ordering::Relaxed) + self.host_ns();
         let started = self.poll_started_ns.load(Ordering::Relaxed);
         if started != 0 {
             ns += (thread_cpu_time().as_nanos() as u64).saturating_sub(started);
         }
         Duration::from_nanos(ns)
+    }
+
+    /// Where host work on other threads charges its CPU time.
+    pub(crate) fn host(&self) -> cordon_blocking::CpuCharge {
+        self.host.clone()
+    }
+
+    fn host_ns(&self) -> u64 {
+        u64::try_from(self.host.total().as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn enter(&self) {
@@ -84,6 +99,6 @@ impl CpuMeter {
     /// CPU time of the finished polls; for use once the future is done, from
     /// any thread.
     pub(crate) fn used_after_finish(&self) -> Duration {
-        Duration::from_nanos(self.finished_ns.load(Ordering::Relaxed))
+        Duration::from_nanos(self.finished_ns.load(Ordering::Relaxed).saturating_add(self.host_ns()))
     }
 }

@@ -28,9 +28,23 @@
 //!    statement never leaves partial writes (`INSERT OR FAIL`, or a
 //!    `RETURNING` statement stopped by a limit after it already wrote).
 //!    Read-only calls always roll back.
-//! 6. **Per-statement limits**: a progress handler interrupts a statement
-//!    after its time budget; rows and result bytes are counted as they are
+//! 6. **Per-statement limits**: a statement stops at its time budget,
+//!    whether SQLite is preparing or running it: a progress handler checks
+//!    the deadline between instructions, and the pool's watchdog calls
+//!    `sqlite3_interrupt` at the deadline, which also reaches the checks
+//!    SQLite makes while it prepares (see [`Database::execute_job`]). The
+//!    functions whose one call can take long (`LIKE`, `GLOB`, `instr`,
+//!    `replace`) are replaced by versions that stop too
+//!    ([`crate::functions`]). Rows and result bytes are counted as they are
 //!    read and reading stops at the limit.
+//! 7. **Size limits** ([`TENANT_LIMITS`], and `SQLITE_LIMIT_LENGTH` from
+//!    [`SqlLimits`]) bound what one statement can make SQLite build: the
+//!    depth of expressions (which nested views and subqueries add up to),
+//!    compound selects, columns, function arguments, trigger recursion,
+//!    `LIKE` patterns, and the size of the compiled program. A statement
+//!    over them fails with a clear error before it runs. Memory is bounded
+//!    per call ([`SqlLimits::max_memory_bytes`]) and for the whole process
+//!    ([`crate::memory`]).
 //!
 //! Direct writes to `sqlite_schema` are refused by SQLite itself unless
 //! `writable_schema` is on, which the authorizer and `DEFENSIVE` both
@@ -46,12 +60,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use cordon_blocking::{BlockingPool, JobContext, PoolConfig, StopReason};
+
 use rusqlite::config::DbConfig;
 use rusqlite::fallible_iterator::FallibleIterator;
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::limits::Limit;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Batch, Connection, ErrorCode, OpenFlags, ffi};
+
+use crate::functions::{self, StopSignal};
+use crate::memory::{Budget, Stoppable};
 
 /// How long a statement waits for a lock held by another process before it
 /// fails with a storage error. Inside the process one mutex serialises all
@@ -70,6 +89,29 @@ const VALUE_OVERHEAD: usize = 8;
 /// Lower bound for `SQLITE_LIMIT_LENGTH`, so that tiny configured limits do
 /// not break SQLite's own bookkeeping (schema text, error messages).
 const MIN_VALUE_LIMIT: usize = 64 * 1024;
+
+/// Per-connection bounds on what one statement may make SQLite build, far
+/// below SQLite's defaults (which allow, for example, expressions 1,000
+/// deep and programs of 250 million instructions). Each is well above
+/// what ordinary statements need.
+pub const TENANT_LIMITS: &[(Limit, i32)] = &[
+    // Expression trees, including the subqueries that nested views add up to.
+    (Limit::SQLITE_LIMIT_EXPR_DEPTH, 100),
+    (Limit::SQLITE_LIMIT_COMPOUND_SELECT, 50),
+    (Limit::SQLITE_LIMIT_COLUMN, 1000),
+    (Limit::SQLITE_LIMIT_FUNCTION_ARG, 100),
+    (Limit::SQLITE_LIMIT_ATTACHED, 0),
+    (Limit::SQLITE_LIMIT_TRIGGER_DEPTH, 10),
+    (Limit::SQLITE_LIMIT_LIKE_PATTERN_LENGTH, MAX_PATTERN_BYTES as i32),
+    // Instructions of one compiled statement: a view or CASE that expands
+    // to a huge program fails while it is being built.
+    (Limit::SQLITE_LIMIT_VDBE_OP, 250_000),
+    // No helper threads for sorting: the pool's threads are the budget.
+    (Limit::SQLITE_LIMIT_WORKER_THREADS, 0),
+];
+
+/// Longest `LIKE` or `GLOB` pattern, in bytes.
+pub const MAX_PATTERN_BYTES: usize = 1000;
 
 /// `PRAGMA`s a worker may run: they only describe the schema, plus
 /// `data_version`, a read-only counter that `fts5` queries internally.
@@ -127,6 +169,9 @@ pub struct RowSet {
     pub last_insert_rowid: Option<i64>,
 }
 
+/// The default of [`SqlLimits::max_memory_bytes`].
+pub const DEFAULT_STATEMENT_MEMORY: usize = 64 << 20;
+
 /// Limits of one statement. The host builds them from `[limits]`.
 #[derive(Debug, Clone)]
 pub struct SqlLimits {
@@ -142,6 +187,11 @@ pub struct SqlLimits {
     pub max_statement_bytes: usize,
     /// Most parameters one statement may have.
     pub max_params: usize,
+    /// Bytes SQLite may allocate for one call, net of what it frees: an
+    /// `execute`, or a whole `batch` (`storage.sql_statement_memory_mb`).
+    /// Only in force where [`crate::memory::limit_memory`] could wrap
+    /// SQLite's allocator.
+    pub max_memory_bytes: usize,
 }
 
 impl Default for SqlLimits {
@@ -152,6 +202,7 @@ impl Default for SqlLimits {
             max_result_bytes: 4 * 1024 * 1024,
             max_statement_bytes: 100 * 1024,
             max_params: 999,
+            max_memory_bytes: DEFAULT_STATEMENT_MEMORY,
         }
     }
 }
@@ -177,6 +228,14 @@ pub enum SqlError {
     ReadOnly,
     #[error("the statement ran longer than {ms} ms (limits.sql_statement_timeout_ms)")]
     Timeout { ms: u64 },
+    #[error(
+        "the statement needs more memory or a larger compiled program than one statement may have; split it, or use fewer nested views, subqueries or CASE branches"
+    )]
+    TooComplex,
+    #[error("the statement was stopped because its request ended")]
+    Cancelled,
+    #[error("the statement was stopped because the server is shutting down")]
+    ShuttingDown,
     #[error("the statement returned more than {max} rows (limits.max_sql_rows)")]
     TooManyRows { max: usize },
     #[error("the statement returned more than {max} bytes (limits.max_sql_result_bytes)")]
@@ -201,7 +260,14 @@ impl SqlError {
 pub struct Databases {
     root: PathBuf,
     open: Mutex<HashMap<(String, String), Arc<Database>>>,
+    pool: Arc<BlockingPool>,
+    statement_memory: usize,
 }
+
+/// The SQL pool's default size: statements of one database run one at a
+/// time (one connection), so a tenant gains little from more than two
+/// threads, and eight threads keep four tenants busy at once.
+pub const DEFAULT_POOL: PoolConfig = PoolConfig { name: "sql", threads: 8, tenant_threads: 2, queue: 4096, tenant_queue: 256 };
 
 impl fmt::Debug for Databases {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -213,7 +279,34 @@ impl Databases {
     /// Databases stored under `root` (the runtime passes `<data_dir>/sql`).
     /// Nothing is touched on disk until a database is opened.
     pub fn new(root: impl Into<PathBuf>) -> Databases {
-        Databases { root: root.into(), open: Mutex::new(HashMap::new()) }
+        Self::with_pool(root, DEFAULT_POOL)
+    }
+
+    /// [`Databases::new`] with the statements of all databases running on
+    /// a pool of this size.
+    pub fn with_pool(root: impl Into<PathBuf>, pool: PoolConfig) -> Databases {
+        Databases {
+            root: root.into(),
+            open: Mutex::new(HashMap::new()),
+            pool: Arc::new(BlockingPool::new(pool)),
+            statement_memory: DEFAULT_STATEMENT_MEMORY,
+        }
+    }
+
+    /// Sets [`SqlLimits::max_memory_bytes`] for the workers that open
+    /// databases here.
+    pub fn with_statement_memory(mut self, bytes: usize) -> Databases {
+        self.statement_memory = bytes;
+        self
+    }
+
+    pub fn statement_memory(&self) -> usize {
+        self.statement_memory
+    }
+
+    /// The pool the host runs statements on.
+    pub fn pool(&self) -> &Arc<BlockingPool> {
+        &self.pool
     }
 
     /// The database `<root>/<tenant>/<database>.sqlite3`, created on first
@@ -267,11 +360,33 @@ impl Database {
     /// parameters (`?`, `?N`), in a transaction of its own: if the statement
     /// fails or hits a limit, nothing it wrote is kept.
     pub fn execute(&self, sql: &str, params: &[Value], read_only: bool, limits: &SqlLimits) -> Result<RowSet, SqlError> {
+        self.execute_job(None, sql, params, read_only, limits)
+    }
+
+    /// [`Database::execute`] as a job of a blocking pool: the pool's
+    /// watchdog interrupts the statement at its timeout, even while SQLite
+    /// is still preparing it, and when the job is cancelled (its request
+    /// ended) or the pool shuts down.
+    pub fn execute_job(
+        &self,
+        job: Option<&JobContext>,
+        sql: &str,
+        params: &[Value],
+        read_only: bool,
+        limits: &SqlLimits,
+    ) -> Result<RowSet, SqlError> {
         precheck(sql, params, limits)?;
         let conn = self.lock();
+        let budget = Budget::start(limits.max_memory_bytes);
         conn.apply_limits(limits)?;
         conn.begin(read_only)?;
-        match conn.run(sql, params, read_only, limits) {
+        let armed = conn.arm(job);
+        let result = conn.run(sql, params, read_only, limits, job);
+        // Before COMMIT: the host's own statements are never interrupted,
+        // and do not count against the tenant's memory budget.
+        drop(armed);
+        drop(budget);
+        match result {
             Ok(rows) => {
                 conn.finish(read_only)?;
                 Ok(rows)
@@ -295,22 +410,40 @@ impl Database {
         read_only: bool,
         limits: &SqlLimits,
     ) -> Result<Vec<RowSet>, (usize, SqlError)> {
+        self.batch_job(None, statements, read_only, limits)
+    }
+
+    /// [`Database::batch`] as a job of a blocking pool, see
+    /// [`Database::execute_job`]; each statement has its own timeout.
+    pub fn batch_job(
+        &self,
+        job: Option<&JobContext>,
+        statements: &[(String, Vec<Value>)],
+        read_only: bool,
+        limits: &SqlLimits,
+    ) -> Result<Vec<RowSet>, (usize, SqlError)> {
         if statements.is_empty() {
             return Ok(Vec::new());
         }
         let conn = self.lock();
+        let budget = Budget::start(limits.max_memory_bytes);
         conn.apply_limits(limits).map_err(|e| (0, e))?;
         conn.begin(read_only).map_err(|e| (0, e))?;
+        let armed = conn.arm(job);
         let mut results = Vec::with_capacity(statements.len());
         for (i, (sql, params)) in statements.iter().enumerate() {
-            match precheck(sql, params, limits).and_then(|()| conn.run(sql, params, read_only, limits)) {
+            match precheck(sql, params, limits).and_then(|()| conn.run(sql, params, read_only, limits, job)) {
                 Ok(rows) => results.push(rows),
                 Err(e) => {
+                    drop(armed);
+                    drop(budget);
                     conn.rollback();
                     return Err((i, e));
                 }
             }
         }
+        drop(armed);
+        drop(budget);
         conn.finish(read_only).map_err(|e| (statements.len() - 1, e))?;
         Ok(results)
     }
@@ -469,6 +602,25 @@ fn is_schema_table(name: &str) -> bool {
 struct Conn {
     conn: Connection,
     auth: Arc<Mutex<AuthState>>,
+    /// Tells the replaced functions that the statement must stop.
+    stop: Arc<StopSignal>,
+}
+
+/// While it lives, the job's interrupt stops this connection's statement;
+/// dropping it removes the interrupt (waiting for a call under way), so
+/// that nothing interrupts whoever uses the connection next.
+struct Armed<'a> {
+    job: Option<&'a JobContext>,
+    _stoppable: Option<Stoppable>,
+}
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        if let Some(job) = self.job {
+            job.clear_interrupt();
+            job.set_deadline(None);
+        }
+    }
 }
 
 impl Conn {
@@ -504,7 +656,11 @@ impl Conn {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
             | OpenFlags::SQLITE_OPEN_NOFOLLOW;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| map_error(e, None))?;
-        let conn = Conn { conn, auth: Arc::new(Mutex::new(AuthState { mode: Mode::DenyAll, denial: None, inserts: false })) };
+        let conn = Conn {
+            conn,
+            auth: Arc::new(Mutex::new(AuthState { mode: Mode::DenyAll, denial: None, inserts: false })),
+            stop: StopSignal::new(),
+        };
         conn.configure().map_err(|e| match e {
             SqlError::Storage(_) => e,
             other => SqlError::Storage(other.to_string()),
@@ -527,7 +683,13 @@ impl Conn {
                 return Err(SqlError::Storage(format!("SQLite refused to set {config:?}")));
             }
         }
-        conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0).map_err(sqlite)?;
+        for &(limit, value) in TENANT_LIMITS {
+            conn.set_limit(limit, value).map_err(sqlite)?;
+            if conn.limit(limit).map_err(sqlite)? != value {
+                return Err(SqlError::Storage(format!("SQLite refused to set {limit:?} to {value}")));
+            }
+        }
+        functions::register(conn, &self.stop, MAX_PATTERN_BYTES).map_err(sqlite)?;
         self.disable_extension_loading()?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite)?;
         let journal: String = conn.query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0)).map_err(sqlite)?;
@@ -621,13 +783,39 @@ impl Conn {
         Ok(())
     }
 
+    /// Installs the job's interrupt for the statements that follow, until
+    /// the returned guard is dropped.
+    fn arm<'a>(&self, job: Option<&'a JobContext>) -> Armed<'a> {
+        let Some(job) = job else { return Armed { job, _stoppable: None } };
+        self.stop.arm(None);
+        let handle = self.conn.get_interrupt_handle();
+        let stop = Arc::clone(&self.stop);
+        job.set_interrupt(move || {
+            stop.stop();
+            handle.interrupt();
+        });
+        // SQLite does not look for interrupts while it expands views, but
+        // it allocates: once stopped, its allocations on this thread fail.
+        Armed { job: Some(job), _stoppable: Some(Stoppable::start(&self.stop)) }
+    }
+
     /// Runs one worker statement inside the transaction the caller opened.
-    fn run(&self, sql: &str, params: &[Value], read_only: bool, limits: &SqlLimits) -> Result<RowSet, SqlError> {
-        // The deadline covers preparing too, although only running the
-        // statement is interruptible.
+    fn run(&self, sql: &str, params: &[Value], read_only: bool, limits: &SqlLimits, job: Option<&JobContext>) -> Result<RowSet, SqlError> {
+        if let Some(reason) = job.and_then(JobContext::stop_reason) {
+            return Err(stopped(reason, limits));
+        }
         // A timeout too large to add to now means no deadline, not a panic.
-        if let Some(deadline) = Instant::now().checked_add(limits.statement_timeout) {
-            self.conn.progress_handler(PROGRESS_OPS, Some(move || Instant::now() >= deadline));
+        let deadline = Instant::now().checked_add(limits.statement_timeout);
+        // The watchdog interrupts at the deadline, during prepare too; the
+        // progress handler checks it between instructions; the replaced
+        // functions check it inside a long call.
+        self.stop.arm(deadline);
+        if let Some(job) = job {
+            job.set_deadline(deadline);
+        }
+        if let Some(deadline) = deadline {
+            let stop = Arc::clone(&self.stop);
+            self.conn.progress_handler(PROGRESS_OPS, Some(move || Instant::now() >= deadline || stop.should_stop()));
         }
         {
             let mut state = self.state();
@@ -638,7 +826,12 @@ impl Conn {
         let result = self.run_statement(sql, params, read_only, limits);
         self.conn.progress_handler(0, None::<fn() -> bool>);
         self.set_mode(Mode::DenyAll);
-        result
+        // Whatever SQLite made of the interrupt (an interrupted prepare can
+        // also fail as out of memory), the reason is the job's.
+        match (result, job.and_then(JobContext::stop_reason)) {
+            (Err(_), Some(reason)) => Err(stopped(reason, limits)),
+            (result, _) => result,
+        }
     }
 
     fn run_statement(&self, sql: &str, params: &[Value], read_only: bool, limits: &SqlLimits) -> Result<RowSet, SqlError> {
@@ -732,6 +925,19 @@ impl Conn {
     }
 }
 
+/// The error of a statement stopped by its job.
+fn stopped(reason: StopReason, limits: &SqlLimits) -> SqlError {
+    match reason {
+        StopReason::DeadlinePassed => SqlError::Timeout { ms: timeout_ms(limits) },
+        StopReason::Cancelled => SqlError::Cancelled,
+        StopReason::Shutdown => SqlError::ShuttingDown,
+    }
+}
+
+fn timeout_ms(limits: &SqlLimits) -> u64 {
+    u64::try_from(limits.statement_timeout.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Cheap checks on the text before the connection is locked.
 fn precheck(sql: &str, params: &[Value], limits: &SqlLimits) -> Result<(), SqlError> {
     if sql.len() > limits.max_statement_bytes {
@@ -807,10 +1013,11 @@ fn map_error(e: rusqlite::Error, limits: Option<&SqlLimits>) -> SqlError {
     };
     let message = message.unwrap_or_else(|| error.to_string());
     match error.code {
-        ErrorCode::OperationInterrupted => {
-            let ms = limits.map_or(0, |l| u64::try_from(l.statement_timeout.as_millis()).unwrap_or(u64::MAX));
-            SqlError::Timeout { ms }
-        }
+        ErrorCode::OperationInterrupted => SqlError::Timeout { ms: limits.map_or(0, timeout_ms) },
+        // In a tenant statement, running out of memory means the statement
+        // reached a bound: the program size (SQLITE_LIMIT_VDBE_OP fails as
+        // out of memory) or the process's heap limit.
+        ErrorCode::OutOfMemory if limits.is_some() => SqlError::TooComplex,
         ErrorCode::ConstraintViolation => SqlError::Constraint(message),
         ErrorCode::AuthorizationForStatementDenied => SqlError::denied(format!("not allowed: {message}")),
         ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
@@ -1324,6 +1531,196 @@ mod tests {
         assert_eq!(count(&db, "t"), 2);
         exec(&db, "INSERT INTO t (name) VALUES ('c')", &[]).unwrap();
         assert_eq!(count(&db, "t"), 3);
+    }
+
+    /// A batch that creates a view over a `CASE` of `whens` branches and
+    /// `levels` views each reading the one below twice, through scalar
+    /// subqueries, then reads the last: SQLite expands 2^levels copies of
+    /// the `CASE` while it prepares.
+    fn view_bomb(whens: usize, levels: usize) -> Vec<(String, Vec<Value>)> {
+        let case: String = (0..whens).map(|i| format!(" WHEN {i} THEN 'v{i}'")).collect();
+        let mut batch = vec![
+            ("CREATE TABLE IF NOT EXISTS bomb (x INTEGER)".to_owned(), vec![]),
+            (format!("CREATE VIEW v0 AS SELECT CASE x{case} ELSE 'none' END AS c FROM bomb"), vec![]),
+        ];
+        for i in 1..=levels {
+            let below = i - 1;
+            batch.push((format!("CREATE VIEW v{i} AS SELECT (SELECT c FROM v{below}) || (SELECT c FROM v{below} LIMIT 1) AS c"), vec![]));
+        }
+        batch.push((format!("SELECT c FROM v{levels}"), vec![]));
+        batch
+    }
+
+    fn pool() -> BlockingPool {
+        BlockingPool::new(PoolConfig { name: "sql-test", threads: 2, tenant_threads: 2, queue: 8, tenant_queue: 8 })
+    }
+
+    #[test]
+    fn size_limits_are_set_on_every_connection_and_refuse_with_clear_errors() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        {
+            let conn = db.lock();
+            for &(limit, value) in TENANT_LIMITS {
+                assert_eq!(conn.conn.limit(limit).unwrap(), value, "{limit:?}");
+            }
+        }
+        let invalid = |sql: &str, needle: &str| match exec(&db, sql, &[]) {
+            Err(SqlError::Invalid(m)) => assert!(m.contains(needle), "{m} does not mention {needle}"),
+            other => panic!("{needle}: {other:?}"),
+        };
+        invalid(&format!("SELECT 1{}", " + 1".repeat(150)), "maximum depth 100");
+        invalid(&format!("SELECT 1{}", " UNION ALL SELECT 1".repeat(60)), "too many terms in compound SELECT");
+        let columns: Vec<String> = (0..1001).map(|i| format!("c{i}")).collect();
+        invalid(&format!("CREATE TABLE wide ({})", columns.join(", ")), "too many columns");
+        let args: Vec<String> = (0..101).map(|i| i.to_string()).collect();
+        invalid(&format!("SELECT max({})", args.join(", ")), "too many arguments");
+        invalid(&format!("SELECT 'a' LIKE '{}'", "a".repeat(1001)), "pattern too complex");
+        invalid(&format!("SELECT 'a' GLOB '{}'", "a".repeat(1001)), "pattern too complex");
+        // Nested subqueries add up to the expression depth too.
+        let mut nested = "SELECT 1".to_owned();
+        for _ in 0..60 {
+            nested = format!("SELECT ({nested}) + 1");
+        }
+        invalid(&nested, "maximum depth 100");
+        // Ordinary statements are far from every limit.
+        assert_eq!(
+            exec(&db, "SELECT 'abc' LIKE 'a%', 'abc' GLOB 'a*', instr('abc', 'c'), replace('abc', 'b', 'x')", &[]).unwrap().rows,
+            [[Value::Integer(1), Value::Integer(1), Value::Integer(3), text("axc")]]
+        );
+        assert_eq!(count(&db, "t"), 2);
+    }
+
+    /// Run in a process of its own (as nextest does), the per-call budget
+    /// is in force; otherwise the program-size limit and the watchdog still
+    /// stop the bomb. Either way it fails fast, with a clear error, and
+    /// the connection keeps working.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nested_views_over_a_large_case_fail_fast_within_their_memory_budget() {
+        let memory = crate::memory::limit_memory(512 << 20);
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        let pool = pool();
+        for (whens, levels) in [(2000, 24), (200, 30), (20, 40)] {
+            // SAFETY: resetting SQLite's process-wide high-water mark only
+            // writes one counter under its mutex.
+            unsafe { ffi::sqlite3_memory_highwater(1) };
+            let t = Instant::now();
+            let runner = Arc::clone(&db);
+            let result = pool
+                .spawn("acme", move |job| runner.batch_job(Some(job), &view_bomb(whens, levels), false, &SqlLimits::default()))
+                .unwrap()
+                .await
+                .unwrap()
+                .value;
+            let took = t.elapsed();
+            // SAFETY: reads one counter under SQLite's mutex.
+            let highwater = unsafe { ffi::sqlite3_memory_highwater(0) };
+            let error = result.expect_err("the bomb must fail").1;
+            eprintln!("({whens}, {levels}): {error:?} after {took:?}, SQLite's memory peaked at {} MiB", highwater >> 20);
+            assert!(matches!(error, SqlError::TooComplex | SqlError::Timeout { ms: 1000 }), "{error:?}");
+            assert!(took < Duration::from_millis(2500), "({whens}, {levels}) took {took:?}");
+            if memory.budgets {
+                assert!(highwater < 128 << 20, "SQLite's memory reached {} MiB", highwater >> 20);
+            }
+            assert!(error.to_string().contains("limits.sql_statement_timeout_ms") || error.to_string().contains("nested views"));
+        }
+        assert_eq!(count(&db, "t"), 2);
+        assert!(exec(&db, "SELECT count(*) FROM sqlite_schema WHERE type = 'view'", &[]).unwrap().rows == [[Value::Integer(0)]]);
+    }
+
+    /// Without a memory budget, the watchdog's interrupt stops the bomb
+    /// while SQLite prepares it, near the statement timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_watchdog_stops_a_statement_while_it_is_prepared() {
+        crate::memory::limit_memory(1 << 30);
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        let pool = pool();
+        let limits = SqlLimits { statement_timeout: Duration::from_millis(500), max_memory_bytes: usize::MAX / 2, ..SqlLimits::default() };
+        for (whens, levels) in [(2000, 24), (200, 30), (20, 40)] {
+            // SAFETY: resetting SQLite's process-wide high-water mark only
+            // writes one counter under its mutex.
+            unsafe { ffi::sqlite3_memory_highwater(1) };
+            let t = Instant::now();
+            let runner = Arc::clone(&db);
+            let batch_limits = limits.clone();
+            let result = pool
+                .spawn("acme", move |job| runner.batch_job(Some(job), &view_bomb(whens, levels), false, &batch_limits))
+                .unwrap()
+                .await
+                .unwrap()
+                .value;
+            let took = t.elapsed();
+            // SAFETY: reads one counter under SQLite's mutex.
+            let highwater = unsafe { ffi::sqlite3_memory_highwater(0) };
+            let error = result.expect_err("the bomb must fail").1;
+            eprintln!("({whens}, {levels}): {error:?} after {took:?}, SQLite's memory peaked at {} MiB", highwater >> 20);
+            assert!(matches!(error, SqlError::TooComplex | SqlError::Timeout { ms: 500 }), "{error:?}");
+            assert!(took < Duration::from_millis(2000), "({whens}, {levels}) took {took:?}");
+        }
+        assert_eq!(count(&db, "t"), 2);
+    }
+
+    #[test]
+    fn a_long_function_call_stops_at_the_statement_timeout() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        let limits = SqlLimits { statement_timeout: Duration::from_millis(300), ..SqlLimits::default() };
+        for sql in [
+            "SELECT printf('%.*c', 4000000, 'a') LIKE ('%' || printf('%.*c', 990, 'a') || 'b')",
+            "SELECT printf('%.*c', 4000000, 'a') GLOB ('*' || printf('%.*c', 990, 'a') || 'b')",
+            "SELECT printf('%.*c', 4000000, 'a') LIKE ('%' || printf('%.*c', 400, '_') || 'b') ESCAPE '!'",
+        ] {
+            let t = Instant::now();
+            assert_eq!(db.execute(sql, &[], true, &limits), Err(SqlError::Timeout { ms: 300 }), "{sql}");
+            assert!(t.elapsed() < Duration::from_millis(1300), "{sql} took {:?}", t.elapsed());
+        }
+        let t = Instant::now();
+        let found = db.execute("SELECT instr(printf('%.*c', 4000000, 'a'), printf('%.*c', 1000000, 'a') || 'b')", &[], true, &limits);
+        assert_eq!(found.unwrap().rows, [[Value::Integer(0)]]);
+        assert!(t.elapsed() < Duration::from_millis(1300), "{:?}", t.elapsed());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_job_interrupts_its_statement_and_the_connection_is_free_again() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        let pool = pool();
+        let forever = SqlLimits { statement_timeout: Duration::from_secs(600), ..SqlLimits::default() };
+        let runner = Arc::clone(&db);
+        let job = pool
+            .spawn("acme", move |job| {
+                let sql = "INSERT INTO t (name) SELECT 'n' || x FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c)";
+                runner.execute_job(Some(job), sql, &[], false, &forever)
+            })
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(pool.stats().running, 1);
+        let t = Instant::now();
+        drop(job);
+        let runner = Arc::clone(&db);
+        let next = pool.spawn("acme", move |job| runner.execute_job(Some(job), "SELECT count(*) FROM t", &[], true, &limits())).unwrap();
+        let rows = tokio::time::timeout(Duration::from_secs(5), next).await.expect("the connection was freed").unwrap().value.unwrap();
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        // The interrupted insert was rolled back.
+        assert_eq!(rows.rows, [[Value::Integer(2)]]);
+        // A statement whose job was stopped before it began does not run.
+        let runner = Arc::clone(&db);
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let job = pool
+            .spawn("acme", move |job| {
+                started_tx.send(()).unwrap();
+                let _ = go_rx.recv_timeout(Duration::from_secs(5));
+                runner.execute_job(Some(job), "INSERT INTO t (name) VALUES ('late')", &[], false, &limits())
+            })
+            .unwrap();
+        started_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        drop(job);
+        go_tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(count(&db, "t"), 2);
     }
 
     #[test]

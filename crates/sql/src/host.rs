@@ -1,11 +1,15 @@
 //! `cordon:sql` for guests. A guest opens a database by its binding name;
 //! only the worker's `[[worker.sql]]` grants resolve, each to its tenant's
-//! database, read-only if the grant says so. Statements run on tokio's
-//! blocking pool, off the threads that run guests.
+//! database, read-only if the grant says so. Statements run on the SQL
+//! blocking pool ([`Databases::pool`]), off the threads that run guests,
+//! under the tenant's share of it; a call whose request ends (its future is
+//! dropped) is removed from the queue, or interrupted if it runs. The CPU
+//! time a statement takes on its thread is charged to the request.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use cordon_blocking::{BlockingPool, CpuCharge, PoolError};
 use cordon_config::WorkerConfig;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
@@ -36,6 +40,8 @@ struct Grant {
 
 /// A worker's SQL grants, opened once at startup.
 pub struct WorkerSql {
+    tenant: String,
+    pool: Option<Arc<BlockingPool>>,
     grants: Vec<Grant>,
     limits: SqlLimits,
     max_statements: u64,
@@ -56,14 +62,21 @@ impl WorkerSql {
             statement_timeout: Duration::from_millis(l.sql_statement_timeout_ms),
             max_rows: l.max_sql_rows as usize,
             max_result_bytes: l.max_sql_result_bytes as usize,
+            max_memory_bytes: databases.statement_memory(),
             ..SqlLimits::default()
         };
-        Ok(WorkerSql { grants, limits, max_statements: l.max_sql_statements })
+        Ok(WorkerSql {
+            tenant: worker.tenant.clone(),
+            pool: Some(Arc::clone(databases.pool())),
+            grants,
+            limits,
+            max_statements: l.max_sql_statements,
+        })
     }
 
     /// No grants: every `open` fails.
     pub fn none() -> WorkerSql {
-        WorkerSql { grants: Vec::new(), limits: SqlLimits::default(), max_statements: 0 }
+        WorkerSql { tenant: String::new(), pool: None, grants: Vec::new(), limits: SqlLimits::default(), max_statements: 0 }
     }
 }
 
@@ -71,11 +84,24 @@ impl WorkerSql {
 pub struct RequestSql {
     worker: Arc<WorkerSql>,
     statements: u64,
+    cpu: CpuCharge,
 }
 
 impl RequestSql {
-    pub fn new(worker: Arc<WorkerSql>) -> RequestSql {
-        RequestSql { worker, statements: 0 }
+    /// `cpu` collects the CPU time statements take on the pool's threads.
+    pub fn new(worker: Arc<WorkerSql>, cpu: CpuCharge) -> RequestSql {
+        RequestSql { worker, statements: 0, cpu }
+    }
+
+    /// Runs `job` on the SQL pool as the worker's tenant and charges its
+    /// CPU time to the request. Dropping the returned future cancels it.
+    async fn run<T: Send + 'static>(&self, job: impl FnOnce(&cordon_blocking::JobContext) -> T + Send + 'static) -> Result<T, sql::Error> {
+        let Some(pool) = &self.worker.pool else {
+            return Err(sql::Error::Other("SQL is not available to this worker".to_string()));
+        };
+        let done = pool.spawn(&self.worker.tenant, job).map_err(pool_error)?.await.map_err(pool_error)?;
+        self.cpu.add(done.cpu_time);
+        Ok(done.value)
     }
 
     /// Statements run so far.
@@ -122,6 +148,7 @@ fn to_guest(e: SqlError) -> sql::Error {
         SqlError::Denied { .. } => sql::Error::Denied(text),
         SqlError::ReadOnly => sql::Error::ReadOnly,
         SqlError::Timeout { .. }
+        | SqlError::TooComplex
         | SqlError::TooManyRows { .. }
         | SqlError::ResultTooLarge { .. }
         | SqlError::StatementTooLong { .. }
@@ -132,10 +159,18 @@ fn to_guest(e: SqlError) -> sql::Error {
         | SqlError::ParamCount { .. }
         | SqlError::Invalid(_)
         | SqlError::InvalidName { .. } => sql::Error::Invalid(text),
+        SqlError::Cancelled | SqlError::ShuttingDown => sql::Error::Other(text),
         SqlError::Storage(message) => {
             tracing::warn!(error = %message, "SQL storage failed");
             sql::Error::Other("SQL storage failed".to_string())
         }
+    }
+}
+
+fn pool_error(e: PoolError) -> sql::Error {
+    match e {
+        PoolError::QueueFull { .. } | PoolError::TenantQueueFull { .. } => sql::Error::LimitExceeded(e.to_string()),
+        PoolError::ShuttingDown | PoolError::Panicked { .. } => sql::Error::Other(e.to_string()),
     }
 }
 
@@ -194,11 +229,8 @@ impl sql::HostDatabase for SqlView<'_> {
         }
         let limits = self.state.worker.limits.clone();
         let params: Vec<Value> = params.into_iter().map(value_in).collect();
-        let run = tokio::task::spawn_blocking(move || database.execute(&statement, &params, read_only, &limits));
-        Ok(match run.await {
-            Ok(r) => r.map(rows_out).map_err(to_guest),
-            Err(e) => Err(sql::Error::Other(format!("the statement did not complete: {e}"))),
-        })
+        let run = self.state.run(move |job| database.execute_job(Some(job), &statement, &params, read_only, &limits)).await;
+        Ok(run.and_then(|r| r.map(rows_out).map_err(to_guest)))
     }
 
     async fn batch(
@@ -214,11 +246,11 @@ impl sql::HostDatabase for SqlView<'_> {
         let limits = self.state.worker.limits.clone();
         let statements: Vec<(String, Vec<Value>)> =
             statements.into_iter().map(|s| (s.sql, s.params.into_iter().map(value_in).collect())).collect();
-        let run = tokio::task::spawn_blocking(move || database.batch(&statements, read_only, &limits));
-        Ok(match run.await {
+        let run = self.state.run(move |job| database.batch_job(Some(job), &statements, read_only, &limits)).await;
+        Ok(match run {
             Ok(Ok(sets)) => Ok(sets.into_iter().map(rows_out).collect()),
             Ok(Err((i, e))) => Err((u32::try_from(i).unwrap_or(u32::MAX), to_guest(e))),
-            Err(e) => Err((0, sql::Error::Other(format!("the batch did not complete: {e}")))),
+            Err(e) => Err((0, e)),
         })
     }
 

@@ -1,4 +1,6 @@
 //! SQL databases for workers.
 
 pub mod database;
+mod functions;
 pub mod host;
+pub mod memory;

@@ -69,14 +69,22 @@ impl WorkerVars {
     async fn secret(&self, name: &str) -> Result<Option<String>, store::Error> {
         let Some(vault) = self.vault.clone() else { return Ok(None) };
         let (tenant, worker, name) = (self.tenant.clone(), self.worker.clone(), name.to_string());
-        let read = tokio::task::spawn_blocking(move || vault.get(&tenant, &worker, &name).map(|v| v.map(|s| s.expose().to_string())));
-        match read.await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => {
+        // On the vault's own pool, under the tenant's share of it; a read
+        // whose request ended is dropped from the queue.
+        let pool = Arc::clone(vault.read_pool());
+        let read = pool.spawn(&self.tenant.clone(), move |_: &cordon_blocking::JobContext| {
+            vault.get(&tenant, &worker, &name).map(|v| v.map(|s| s.expose().to_string()))
+        });
+        let read = match read {
+            Ok(read) => read.await,
+            Err(e) => return Err(store::Error::Upstream(format!("secret read refused: {e}"))),
+        };
+        match read {
+            Ok(done) => done.value.map_err(|e| {
                 tracing::error!(worker = %self.worker, error = %e, "cannot read a secret");
-                Err(store::Error::Upstream("the secret store is unavailable".to_string()))
-            }
-            Err(_) => Err(store::Error::Upstream("the secret store is unavailable".to_string())),
+                store::Error::Upstream("the secret store is unavailable".to_string())
+            }),
+            Err(e) => Err(store::Error::Upstream(format!("the secret store is unavailable: {e}"))),
         }
     }
 }

@@ -31,12 +31,13 @@ use std::fs;
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chacha20poly1305::aead::rand_core::RngCore as _;
 use chacha20poly1305::aead::{Aead as _, KeyInit as _, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use cordon_blocking::{BlockingPool, PoolConfig};
 use cordon_config::{is_valid_binding, is_valid_name};
 use rusqlite::{Connection, OptionalExtension as _, params};
 use zeroize::{Zeroize as _, Zeroizing};
@@ -285,7 +286,14 @@ pub struct Vault {
     conn: Mutex<Connection>,
     cipher: XChaCha20Poly1305,
     path: PathBuf,
+    /// Started on first use, so `cordon secret` starts no threads.
+    reads: OnceLock<Arc<BlockingPool>>,
 }
+
+/// The pool that serves workers' secret reads: small, because a read is one
+/// indexed lookup and a decryption, and of its own, so that neither
+/// key-value nor SQL calls can make a secret read wait.
+pub const READ_POOL: PoolConfig = PoolConfig { name: "secrets", threads: 2, tenant_threads: 1, queue: 256, tenant_queue: 32 };
 
 impl fmt::Debug for Vault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -294,6 +302,11 @@ impl fmt::Debug for Vault {
 }
 
 impl Vault {
+    /// The pool that runs workers' reads ([`READ_POOL`]).
+    pub fn read_pool(&self) -> &Arc<BlockingPool> {
+        self.reads.get_or_init(|| Arc::new(BlockingPool::new(READ_POOL)))
+    }
+
     /// The database file of the vault in `data_dir`, whether or not it exists.
     pub fn database_path(data_dir: &Path) -> PathBuf {
         data_dir.join(DATABASE_FILE)
@@ -363,7 +376,7 @@ impl Vault {
             }
         }
         tx.commit().map_err(db_err)?;
-        Ok(Vault { conn: Mutex::new(conn), cipher, path })
+        Ok(Vault { conn: Mutex::new(conn), cipher, path, reads: OnceLock::new() })
     }
 
     /// Stores `value`, replacing any previous value; durable when it returns.

@@ -8,6 +8,7 @@ mod bindings;
 mod cache;
 mod egress;
 mod egress_dns;
+mod host_work_sql;
 mod hostile_requests;
 mod hostile_workers;
 mod isolation;
