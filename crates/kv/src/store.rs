@@ -814,11 +814,15 @@ mod tests {
         started_rx.recv_timeout(Duration::from_secs(5)).unwrap();
         // The tenant's other thread, then its queue.
         let (block_tx, block_rx) = std::sync::mpsc::channel::<()>();
+        let (blocking_tx, blocking_rx) = std::sync::mpsc::channel();
         let blocker = pool
             .spawn("acme", move |_| {
+                blocking_tx.send(()).unwrap();
                 let _ = block_rx.recv_timeout(Duration::from_secs(5));
             })
             .unwrap();
+        // Taken by a thread, so that only the next call waits in the queue.
+        blocking_rx.recv_timeout(Duration::from_secs(5)).unwrap();
         let runner = Arc::clone(&ns);
         let queued = pool.spawn("acme", move |_| runner.set("queued", b"x", None, &KvLimits::default())).unwrap();
         assert_eq!(pool.stats().queued, 1);
