@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use cordon_egress::{DnsConfig, LookupLimits, Network};
 use tokio::net::{TcpListener, UdpSocket};
 
-use crate::harness::{Options, TestServer, guest, log_events, request, start_with};
+use crate::harness::{Options, TestServer, guest, log_events, percentile, request, rss_bytes, start_with};
 
 // ---------------------------------------------------------------------------
 // Name servers
@@ -236,18 +236,8 @@ async fn fetch(s: &TestServer, worker: &str, url: &str) -> String {
     s.get(&format!("{worker}.localhost"), &format!("/fetch?url={url}")).await.text()
 }
 
-fn vm_rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
 /// One round of the victim's work: a key-value write and read, an SQL
@@ -486,7 +476,7 @@ async fn a_silent_name_server_costs_other_tenants_nothing() {
     for round in 0..10 {
         victim_round(&s, round, &mut quiet).await;
     }
-    let (rss_before, fds_before) = (vm_rss_kib(), open_fds());
+    let (rss_before, fds_before) = (rss_bytes() / 1024, open_fds());
 
     let stop = Arc::new(AtomicBool::new(false));
     let attackers: Vec<_> = (0..ATTACKERS)
@@ -511,7 +501,7 @@ async fn a_silent_name_server_costs_other_tenants_nothing() {
     let mut round = 10;
     while attack_started.elapsed() < ATTACK {
         victim_round(&s, round, &mut latencies).await;
-        rss_peak = rss_peak.max(vm_rss_kib());
+        rss_peak = rss_peak.max(rss_bytes() / 1024);
         round += 1;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

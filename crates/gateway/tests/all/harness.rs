@@ -309,3 +309,20 @@ pub async fn read_until_close(s: &mut TcpStream, limit: Duration) -> String {
 pub fn raw_status(reply: &str) -> u16 {
     reply.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status line in {reply:?}"))
 }
+
+/// The resident memory of this process (the server runs in it), in bytes,
+/// from `/proc/self/status`.
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("reading /proc/self/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status");
+    kib * 1024
+}
+
+/// The `p` quantile (0 to 1) of latencies sorted in ascending order.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::harness::{Options, TestServer, guest, request, start_with, wait_for_log};
+use crate::harness::{Options, TestServer, guest, request, rss_bytes, start_with, wait_for_log};
 
 /// How long after its statement timeout (1 s) a bomb may take to answer.
 const STOPPED_WITHIN: Duration = Duration::from_millis(1500);
@@ -71,16 +71,6 @@ async fn sql(s: &TestServer, worker: &str, body: serde_json::Value) -> (u16, Str
     (r.status, r.text())
 }
 
-fn vm_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kb * 1024
-}
-
 /// Samples the resident memory every 10 ms until stopped; returns the peak.
 struct RssPeak {
     stop: Arc<AtomicBool>,
@@ -91,11 +81,11 @@ struct RssPeak {
 impl RssPeak {
     fn start() -> RssPeak {
         let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(vm_rss()));
+        let peak = Arc::new(AtomicU64::new(rss_bytes()));
         let (s, p) = (stop.clone(), peak.clone());
         let task = tokio::spawn(async move {
             while !s.load(Ordering::Relaxed) {
-                p.fetch_max(vm_rss(), Ordering::Relaxed);
+                p.fetch_max(rss_bytes(), Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         });
@@ -105,7 +95,7 @@ impl RssPeak {
     async fn finish(self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
-        self.peak.load(Ordering::Relaxed).max(vm_rss())
+        self.peak.load(Ordering::Relaxed).max(rss_bytes())
     }
 }
 
@@ -182,7 +172,7 @@ async fn sqlite_bombs_stop_near_their_timeout_with_bounded_memory_and_spare_othe
     let attacker = worker("bomber", "evil", "bomb", "cpu_ms = 10000\nwall_ms = 20000\nsql_statement_timeout_ms = 1000");
     let s = start_with(&format!("{attacker}{}", victim()), Options::default()).await;
     prepare_victim(&s).await;
-    let baseline = vm_rss();
+    let baseline = rss_bytes();
     let rss = RssPeak::start();
     let victim = Victim::start(&s);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -252,7 +242,7 @@ async fn a_flood_of_slow_statements_neither_delays_other_tenants_nor_outlives_it
     eprintln!("one slow statement takes {one:?}");
     assert!(one < Duration::from_millis(1200), "the slow statement is too slow for this test: {one:?}");
 
-    let baseline = vm_rss();
+    let baseline = rss_bytes();
     let rss = RssPeak::start();
     let victim = Victim::start(&s);
     let addr = s.addr;
@@ -312,6 +302,11 @@ async fn the_cpu_time_of_a_statement_is_charged_to_its_request() {
     let logged = wait_for_log("cpu_us", |e| e["worker"] == "charged" && e["path"].as_str().is_some_and(|p| p.starts_with("/sql"))).await;
     let cpu = Duration::from_micros(logged["cpu_us"].as_u64().unwrap());
     eprintln!("the statement took {took:?}; the request was charged {cpu:?}");
-    // Nearly all of the request's time was the statement's CPU time.
-    assert!(cpu >= took / 2, "charged {cpu:?} for a request of {took:?}");
+    // The statement needs a few hundred milliseconds of CPU on this machine
+    // (about 220 ms measured); the guest's own part is well under 10 ms. A
+    // thread's CPU time does not grow while other processes hold the cores,
+    // so this bound holds on a loaded machine, where a comparison with the
+    // wall-clock time would not.
+    assert!(cpu >= Duration::from_millis(100), "charged {cpu:?} for a request of {took:?}");
+    assert!(cpu <= took + Duration::from_millis(50), "charged {cpu:?}, more than the request's {took:?}");
 }

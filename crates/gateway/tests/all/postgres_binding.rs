@@ -11,7 +11,7 @@ use cordon_runtime::Runtime;
 use cordon_testpg::TestPostgres;
 use serde_json::{Value as Json, json};
 
-use crate::harness::{Options, TestServer, guest, logs, request, start_with};
+use crate::harness::{Options, TestServer, guest, logs, request, rss_bytes, start_with};
 
 const ACME_PASSWORD: &str = "acme-origin-pw-5Rt";
 const GLOBEX_PASSWORD: &str = "globex-origin-pw-9Kq";
@@ -315,14 +315,6 @@ async fn postgres_binding_needs_its_grant_and_names_only_granted_bindings() {
     assert_eq!(read["rows"], json!([[1]]), "the granted binding works");
 }
 
-/// The resident memory of this process (the server runs in it), in MiB.
-fn rss_mib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib: u64 =
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok()).unwrap();
-    kib / 1024
-}
-
 /// Workers whose requests run out of `wall_ms` in the middle of a long statement, two at a
 /// time, over and over: the abandoned statements are cancelled and keep their pool slots until
 /// their backends are gone, so the origin never sees more than `pool_size` + 1 (the cancel
@@ -350,7 +342,7 @@ async fn postgres_requests_that_time_out_mid_statement_leave_no_backends_behind(
     );
     let s = start_with(&config, Options { env: ENV, ..Default::default() }).await;
     ok(&s, "victim", "SELECT 1", json!([])).await;
-    let rss_before = rss_mib();
+    let rss_before = rss_bytes() >> 20;
     let backends = async || -> u64 {
         let row = admin
             .query_one("SELECT count(*) FROM pg_stat_activity WHERE usename = 'acme' AND backend_type = 'client backend'", &[])
@@ -403,7 +395,7 @@ async fn postgres_requests_that_time_out_mid_statement_leave_no_backends_behind(
     victim.sort();
     let p99 = victim[(victim.len() * 99).div_ceil(100) - 1];
     assert!(p99 < std::time::Duration::from_millis(250), "the victim's p99 was {p99:?}");
-    let growth = rss_mib().saturating_sub(rss_before);
+    let growth = (rss_bytes() >> 20).saturating_sub(rss_before);
     assert!(growth < 128, "resident memory grew by {growth} MiB");
     eprintln!("requests timing out mid-statement: {round} requests, at most {most} backends, victim p99 {p99:?}, RSS +{growth} MiB");
 }

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use cordon_pgaccel::accel::Database;
 use cordon_pgaccel::exec::{ExecLimits, QueryError, Value};
 
+use crate::attack::{p99, rss_mib};
 use crate::harness::{GLOBEX_PASSWORD, Proxy};
 
 const VICTIM_P99: Duration = Duration::from_millis(100);
-const RSS_GROWTH_BYTES: u64 = 256 << 20;
+const RSS_GROWTH_MIB: u64 = 256;
 const ATTACK: Duration = Duration::from_secs(3);
 
 /// `count` statements of calls nested `depth` deep.
@@ -23,24 +24,12 @@ fn bomb(count: usize, depth: usize) -> String {
     vec![one; count].join(";\n")
 }
 
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
-    line.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).expect("VmRSS in kB") * 1024
-}
-
-fn p99(mut latencies: Vec<Duration>) -> Duration {
-    assert!(latencies.len() >= 10, "the victim ran only {} queries", latencies.len());
-    latencies.sort();
-    latencies[(latencies.len() * 99).div_ceil(100) - 1]
-}
-
 #[tokio::test]
 async fn a_classifier_bomb_through_the_proxy_leaves_other_tenants_latency_alone() {
     let proxy = Proxy::start("pool_size = 4", "max_age_s = 60").await;
     let victim = proxy.client_as("acme_app", GLOBEX_PASSWORD, "globex.main").await;
     victim.simple_query("SELECT 1").await.unwrap();
-    let rss_before = rss_bytes();
+    let rss_before = rss_mib();
     let text = Arc::new(bomb(300, 14));
     let deadline = Instant::now() + ATTACK;
     let mut attackers = Vec::new();
@@ -69,12 +58,13 @@ async fn a_classifier_bomb_through_the_proxy_leaves_other_tenants_latency_alone(
     for attacker in attackers {
         sent += attacker.await.unwrap();
     }
-    let p99 = p99(latencies);
-    let growth = rss_bytes().saturating_sub(rss_before);
-    eprintln!("proxy: {sent} bombs sent; victim p99 {p99:?}; RSS growth {} MiB", growth >> 20);
+    assert!(latencies.len() >= 10, "the victim ran only {} queries", latencies.len());
+    let p99 = p99(&mut latencies);
+    let growth = rss_mib().saturating_sub(rss_before);
+    eprintln!("proxy: {sent} bombs sent; victim p99 {p99:?}; RSS growth {growth} MiB");
     assert!(sent >= 4, "the attack ran");
     assert!(p99 < VICTIM_P99, "victim p99 {p99:?}");
-    assert!(growth < RSS_GROWTH_BYTES, "RSS grew by {growth} bytes");
+    assert!(growth < RSS_GROWTH_MIB, "RSS grew by {growth} MiB");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,7 +86,7 @@ async fn a_classifier_bomb_through_the_binding_is_refused_or_bounded_and_leaves_
     assert!(matches!(&refused, Err((1, QueryError::Database { .. }))), "{refused:?}");
 
     victim.query("SELECT 1", &[], limits).await.unwrap();
-    let rss_before = rss_bytes();
+    let rss_before = rss_mib();
     // One statement at the per-statement limit: classified on the pool, one at a time for acme.
     let single = Arc::new(bomb(1, 14));
     let deadline = Instant::now() + ATTACK;
@@ -125,10 +115,11 @@ async fn a_classifier_bomb_through_the_binding_is_refused_or_bounded_and_leaves_
     for attacker in attackers {
         sent += attacker.await.unwrap();
     }
-    let p99 = p99(latencies);
-    let growth = rss_bytes().saturating_sub(rss_before);
-    eprintln!("binding: {sent} bombs sent; victim p99 {p99:?}; RSS growth {} MiB", growth >> 20);
+    assert!(latencies.len() >= 10, "the victim ran only {} queries", latencies.len());
+    let p99 = p99(&mut latencies);
+    let growth = rss_mib().saturating_sub(rss_before);
+    eprintln!("binding: {sent} bombs sent; victim p99 {p99:?}; RSS growth {growth} MiB");
     assert!(sent >= 8, "the attack ran");
     assert!(p99 < VICTIM_P99, "victim p99 {p99:?}");
-    assert!(growth < RSS_GROWTH_BYTES, "RSS grew by {growth} bytes");
+    assert!(growth < RSS_GROWTH_MIB, "RSS grew by {growth} MiB");
 }
