@@ -18,6 +18,11 @@ use std::time::{Duration, Instant};
 /// `truncated_bytes`.
 pub const LOGGED_OUTPUT_BYTES: usize = 8 * 1024;
 
+/// The least a tenant's bucket holds: enough for the whole logged output of
+/// one request, so that a low rate slows a tenant's output rather than
+/// refusing every request that prints much.
+const MIN_BURST: u64 = 2 * LOGGED_OUTPUT_BYTES as u64;
+
 /// Requests whose log events may wait for the log thread at once. With at
 /// most two streams of [`LOGGED_OUTPUT_BYTES`] each, the queue holds at most
 /// about 16 MiB.
@@ -69,7 +74,8 @@ struct Record {
 }
 
 /// A tenant's token bucket for logged worker output: it holds up to one
-/// second's worth of bytes and refills at the configured rate.
+/// second's worth of bytes, and at least [`MIN_BURST`], and refills at the
+/// configured rate.
 struct Bucket {
     tokens: f64,
     at: Instant,
@@ -135,13 +141,14 @@ impl RequestLog {
     /// refused, or gets through again after being refused.
     fn charge(&self, tenant: &str, cost: u64) -> Result<Option<RateNotice>, Option<RateNotice>> {
         let rate = self.bytes_per_second as f64;
+        let burst = self.bytes_per_second.max(MIN_BURST) as f64;
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let bucket = match buckets.get_mut(tenant) {
             Some(b) => b,
-            None => buckets.entry(tenant.to_string()).or_insert(Bucket { tokens: rate, at: now, refused: 0 }),
+            None => buckets.entry(tenant.to_string()).or_insert(Bucket { tokens: burst, at: now, refused: 0 }),
         };
-        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(rate);
+        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(burst);
         bucket.at = now;
         if bucket.tokens >= cost as f64 {
             bucket.tokens -= cost as f64;
@@ -342,13 +349,14 @@ mod tests {
     fn a_tenant_over_its_rate_is_dropped_counted_and_noticed_once() {
         let log = RequestLog::with_capacity(10_000, 16);
         assert!(matches!(log.charge("a", 8_000), Ok(None)));
+        assert!(matches!(log.charge("a", 8_000), Ok(None)));
         // Over the rate: the first refusal carries the notice, the next do not.
         assert!(matches!(log.charge("a", 8_000), Err(Some(RateNotice { started: true, dropped_bytes: 8_000 }))));
         assert!(matches!(log.charge("a", 8_000), Err(None)));
         // Another tenant has its own bucket.
         assert!(matches!(log.charge("b", 8_000), Ok(None)));
         // Once the bucket refills, output gets through with the count of what was dropped.
-        std::thread::sleep(Duration::from_millis(900));
+        std::thread::sleep(Duration::from_millis(1000));
         match log.charge("a", 8_000) {
             Ok(Some(RateNotice { started: false, dropped_bytes })) => assert_eq!(dropped_bytes, 16_000),
             other => panic!("{other:?}"),

@@ -188,10 +188,11 @@ async fn a_tenant_printing_newlines_cannot_slow_another_or_flood_the_log() {
 async fn output_over_a_tenants_log_rate_is_dropped_counted_and_noticed_once() {
     let options = Options { server: "worker_log_bytes_per_second = 4096", ..Options::default() };
     let s = start_with(&workers(), options).await;
-    // 3000 bytes fit the 4096-byte bucket once; the next four are over it.
+    // The bucket holds at least 16 KiB (one request's most): 7000 bytes fit
+    // twice; the next three are over it, as refilling 4616 bytes takes 1.1 s.
     let mut ids = Vec::new();
     for _ in 0..5 {
-        let r = s.get("flood.localhost", "/spam?bytes=3000").await;
+        let r = s.get("flood.localhost", "/spam?bytes=7000").await;
         assert_eq!(r.status, 200);
         ids.push(r.header("x-request-id").unwrap().to_string());
     }
@@ -200,21 +201,23 @@ async fn output_over_a_tenants_log_rate_is_dropped_counted_and_noticed_once() {
     let printer = r.header("x-request-id").unwrap().to_string();
     wait_for_log("hello stdout", |e| e["request_id"] == printer.as_str()).await;
 
-    let first = wait_for_log(&ids[0], |e| e["stream"] == "stdout").await;
-    assert_eq!(first["message"].as_str().unwrap().len(), 3000 + 3, "three escaped newlines: {first}");
-    for id in &ids[1..] {
+    for id in &ids[..2] {
+        let logged = wait_for_log(id, |e| e["stream"] == "stdout").await;
+        assert_eq!(logged["message"].as_str().unwrap().len(), 7000 + 7, "seven escaped newlines: {logged}");
+    }
+    for id in &ids[2..] {
         wait_for_log(id, |e| e["message"] == "request").await;
         assert!(log_events(id).iter().all(|e| e.get("stream").is_none()), "output over the rate was logged: {:?}", log_events(id));
     }
     let notices: Vec<_> = log_events("over its log rate").into_iter().filter(|e| e["tenant"] == "evil").collect();
     assert_eq!(notices.len(), 1, "one notice for a run of refusals: {notices:?}");
-    assert_eq!(notices[0]["request_id"], ids[1].as_str());
+    assert_eq!(notices[0]["request_id"], ids[2].as_str());
 
     // Once the bucket refills, output is logged again, with the count of what was dropped.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let r = s.get("flood.localhost", "/spam?bytes=3000").await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let r = s.get("flood.localhost", "/spam?bytes=7000").await;
     let id = r.header("x-request-id").unwrap().to_string();
     wait_for_log(&id, |e| e["stream"] == "stdout").await;
     let resumed = wait_for_log("logged again", |e| e["request_id"] == id.as_str()).await;
-    assert_eq!(resumed["dropped_bytes"], 4 * 3000, "{resumed}");
+    assert_eq!(resumed["dropped_bytes"], 3 * 7000, "{resumed}");
 }
