@@ -1,6 +1,7 @@
 //! `cordon`: serve workers, check a config and its components, or manage
 //! the secrets of workers.
 
+mod log_writer;
 mod postgres;
 mod secret;
 
@@ -58,12 +59,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log_writer = init_logging(cli.log_format);
     let result = match cli.command {
         Command::Serve { config, listen, admin_listen } => serve(&config, listen, admin_listen),
         Command::Check { config } => check(&config),
         Command::Secret { command } => secret::run(command),
     };
+    if let Some(w) = log_writer {
+        w.drain(std::time::Duration::from_secs(2));
+    }
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -73,13 +77,33 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Every event is formatted on the thread that logs it and written by
+/// the log writer's own thread, through a bounded queue that never waits
+/// (see `log_writer`). Request lines and worker output are logged from the
+/// gateway's request log thread, so the threads serving requests only queue.
+fn init_logging(format: LogFormat) -> Option<log_writer::NonBlocking> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let notice = match format {
+        LogFormat::Text => log_writer::NoticeFormat::Text,
+        LogFormat::Json => log_writer::NoticeFormat::Json,
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let Ok(writer) = log_writer::NonBlocking::start(std::io::stderr(), notice) else {
+        // No thread for the writer: write directly rather than not at all.
+        let builder = builder.with_writer(std::io::stderr);
+        match format {
+            LogFormat::Text => builder.init(),
+            LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        }
+        return None;
+    };
+    let handle = writer.clone();
+    let builder = builder.with_writer(move || writer.clone());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
     }
+    Some(handle)
 }
 
 fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {

@@ -63,6 +63,11 @@ pub struct ServerConfig {
     /// Name lookups for outbound requests in flight at once for one
     /// tenant, over all its workers; a further one waits for one of them.
     pub max_name_lookups_per_tenant: u32,
+    /// Bytes of worker output (stdout and stderr) one tenant may have
+    /// logged per second, with a burst of one second's worth; past it the
+    /// tenant's output is dropped and counted, so that one tenant cannot
+    /// flood the log or fill the disk.
+    pub worker_log_bytes_per_second: u64,
 }
 
 /// `[security]`: process-wide hardening switches.

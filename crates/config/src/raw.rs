@@ -41,6 +41,7 @@ pub(crate) struct RawServer {
     pub max_connections: Option<Spanned<i64>>,
     pub max_name_lookups: Option<Spanned<i64>>,
     pub max_name_lookups_per_tenant: Option<Spanned<i64>>,
+    pub worker_log_bytes_per_second: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

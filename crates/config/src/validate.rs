@@ -210,6 +210,14 @@ impl Validator<'_> {
                 65_536,
                 "the number of name lookups one tenant may have in flight at once",
             ) as u32,
+            worker_log_bytes_per_second: self.int(
+                &s.worker_log_bytes_per_second,
+                "server.worker_log_bytes_per_second",
+                262_144,
+                1024,
+                1 << 30,
+                "the bytes of worker output one tenant may have logged per second",
+            ),
         }
     }
 
@@ -797,6 +805,7 @@ mod tests {
         assert_eq!(c.server.data_dir, Path::new("/srv/.cordon"));
         assert_eq!(c.security.memory_protection_keys, MemoryProtectionKeys::Auto);
         assert_eq!((c.server.max_name_lookups, c.server.max_name_lookups_per_tenant), (1024, 16));
+        assert_eq!(c.server.worker_log_bytes_per_second, 262_144);
         assert!(c.workers.is_empty());
     }
 
@@ -819,6 +828,16 @@ max_name_lookups_per_tenant = 100000
         );
         assert!(e.iter().any(|e| e.key.as_deref() == Some("server.max_name_lookups")), "{e:?}");
         assert!(e.iter().any(|e| e.key.as_deref() == Some("server.max_name_lookups_per_tenant")), "{e:?}");
+    }
+
+    #[test]
+    fn the_worker_log_rate_has_a_range() {
+        let c = parse(Path::new("/srv/cordon.toml"), "[server]\nworker_log_bytes_per_second = 4096\n").unwrap();
+        assert_eq!(c.server.worker_log_bytes_per_second, 4096);
+        for bad in ["0", "1023", "2147483648"] {
+            let e = errors(&format!("[server]\nworker_log_bytes_per_second = {bad}\n"));
+            assert!(e.iter().any(|e| e.key.as_deref() == Some("server.worker_log_bytes_per_second")), "{bad}: {e:?}");
+        }
     }
 
     fn worker_with(extra: &str) -> String {

@@ -13,6 +13,7 @@ mod error;
 mod http1;
 mod panic;
 mod proxy;
+mod request_log;
 mod router;
 
 use std::future::Future;
@@ -68,6 +69,7 @@ pub struct Gateway {
     limits: ConnLimits,
     max_connections: usize,
     shutdown_grace: Duration,
+    worker_log_bytes_per_second: u64,
     filter: Option<Arc<dyn RequestFilter>>,
     gateway_report: serde_json::Value,
 }
@@ -98,6 +100,7 @@ impl Gateway {
             limits,
             max_connections: s.max_connections,
             shutdown_grace: Duration::from_millis(s.shutdown_grace_ms),
+            worker_log_bytes_per_second: s.worker_log_bytes_per_second,
             filter: None,
             gateway_report,
         })
@@ -121,7 +124,7 @@ impl Gateway {
     /// in flight finish within the grace period, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let (tx, rx) = watch::channel(false);
-        let proxy = Arc::new(proxy::Proxy::new(self.runtime.workers(), self.filter.clone()));
+        let proxy = Arc::new(proxy::Proxy::new(self.runtime.workers(), self.filter.clone(), self.worker_log_bytes_per_second));
         let admin = Arc::new(admin::Admin::new(self.runtime.clone(), self.gateway_report.clone()));
         let grace = self.shutdown_grace;
         let main = tokio::spawn(accept_loop(self.listener, proxy, self.limits.clone(), rx.clone(), self.max_connections, grace));

@@ -13,12 +13,14 @@ use crate::error::{error_response, invoke_status};
 use crate::http1::parse::{Framing, Rejection, RequestHead};
 use crate::http1::write::Written;
 use crate::http1::{Incoming, OutBody, Outgoing, Service};
+use crate::request_log::{RequestLine, RequestLog};
 use crate::router::Router;
 use crate::{RequestFilter, RequestSummary};
 
 pub(crate) struct Proxy {
     router: Router,
     filter: Option<Arc<dyn RequestFilter>>,
+    log: RequestLog,
 }
 
 /// What `finish` needs to know about a request.
@@ -35,8 +37,8 @@ pub(crate) struct Exchange {
 }
 
 impl Proxy {
-    pub fn new(workers: &[Arc<Worker>], filter: Option<Arc<dyn RequestFilter>>) -> Self {
-        Self { router: Router::new(workers), filter }
+    pub fn new(workers: &[Arc<Worker>], filter: Option<Arc<dyn RequestFilter>>, worker_log_bytes_per_second: u64) -> Self {
+        Self { router: Router::new(workers), filter, log: RequestLog::new(worker_log_bytes_per_second) }
     }
 
     fn exchange(head: &RequestHead, request_id: &str, received: Instant, worker: Option<Arc<Worker>>) -> Exchange {
@@ -149,30 +151,26 @@ impl Service for Proxy {
             _ => "ok".to_string(),
         };
         let (tenant, worker) = exchange.worker.as_ref().map_or(("-", "-"), |w| (w.tenant.as_str(), w.name.as_str()));
-        tracing::info!(
-            target: "cordon::request",
-            request_id = %exchange.request_id,
-            tenant,
-            worker,
-            method = %exchange.method,
-            host = %exchange.host,
-            path = %exchange.path,
-            status = written.status.as_u16(),
-            outcome = %outcome,
-            cpu_us = report.as_ref().map_or(0, |r| r.cpu_time.as_micros() as u64),
-            duration_us = duration.as_micros() as u64,
-            bytes_out = written.body_bytes,
-            subrequests = report.as_ref().map_or(0, |r| r.egress.subrequests),
-            egress_bytes = report.as_ref().map_or(0, |r| r.egress.bytes_sent + r.egress.bytes_received),
-            "request"
-        );
-        if let Some(e) = &written.error {
-            tracing::debug!(request_id = %exchange.request_id, error = %e, "response not completed");
-        }
-        if let Some(report) = &report {
-            log_output(&exchange.request_id, tenant, worker, "stdout", &report.stdout);
-            log_output(&exchange.request_id, tenant, worker, "stderr", &report.stderr);
-        }
+        // Formatting and writing happen on the log thread; this only queues.
+        let line = RequestLine {
+            request_id: exchange.request_id,
+            tenant: tenant.to_string(),
+            worker: worker.to_string(),
+            method: exchange.method.to_string(),
+            host: exchange.host,
+            path: exchange.path,
+            status: written.status.as_u16(),
+            outcome,
+            cpu_us: report.as_ref().map_or(0, |r| r.cpu_time.as_micros() as u64),
+            duration_us: duration.as_micros() as u64,
+            bytes_out: written.body_bytes,
+            subrequests: report.as_ref().map_or(0, |r| r.egress.subrequests),
+            egress_bytes: report.as_ref().map_or(0, |r| r.egress.bytes_sent + r.egress.bytes_received),
+            write_error: written.error.as_ref().map(|e| e.to_string()),
+        };
+        let none = cordon_runtime::CapturedText::default();
+        let (stdout, stderr) = report.as_ref().map_or((&none, &none), |r| (&r.stdout, &r.stderr));
+        self.log.submit(line, [("stdout", stdout), ("stderr", stderr)]);
     }
 
     fn panicked(&self, summary: &str, request_id: &str, message: &str) {
@@ -204,50 +202,4 @@ fn forwarded_headers(mut headers: HeaderMap, request_id: &str) -> HeaderMap {
         headers.insert(HeaderName::from_static("x-request-id"), v);
     }
     headers
-}
-
-fn log_output(request_id: &str, tenant: &str, worker: &str, stream: &'static str, text: &cordon_runtime::CapturedText) {
-    if text.bytes.is_empty() && text.dropped == 0 {
-        return;
-    }
-    for line in String::from_utf8_lossy(&text.bytes).lines() {
-        let line = neutralize_controls(line);
-        tracing::info!(target: "cordon::worker", request_id, tenant, worker, stream, "{line}");
-    }
-    if text.dropped > 0 {
-        tracing::warn!(target: "cordon::worker", request_id, tenant, worker, stream, dropped_bytes = text.dropped, "worker output over the capture limit was dropped");
-    }
-}
-
-/// A worker's output line with every control character (other than tab)
-/// written as an escape, so that a worker cannot forge or hide log lines
-/// with carriage returns or steer the operator's terminal with escape
-/// sequences.
-fn neutralize_controls(line: &str) -> std::borrow::Cow<'_, str> {
-    if !line.chars().any(|c| c.is_control() && c != '\t') {
-        return std::borrow::Cow::Borrowed(line);
-    }
-    let mut out = String::with_capacity(line.len() + 8);
-    for c in line.chars() {
-        if c.is_control() && c != '\t' {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::neutralize_controls;
-
-    #[test]
-    fn worker_output_cannot_carry_control_characters_into_the_logs() {
-        assert_eq!(neutralize_controls("plain\ttext"), "plain\ttext");
-        let forged = "ok\r2026-01-01 INFO cordon: admin login \u{1b}[2Jcleared\u{7}";
-        let safe = neutralize_controls(forged);
-        assert!(!safe.chars().any(|c| c.is_control()), "{safe:?}");
-        assert!(safe.contains("\\r") && safe.contains("\\u{1b}"), "{safe}");
-    }
 }

@@ -38,18 +38,18 @@ async fn worker_output_is_captured_and_tagged() {
     let err = wait_for_log("hello stderr", |e| e["request_id"] == id.as_str()).await;
     assert_eq!(err["stream"], "stderr");
 
-    // Past the cap (4096 bytes for this worker), output is dropped and counted.
+    // Past the cap (4096 bytes for this worker), output is dropped and
+    // counted; what was kept is one event, its newlines escaped.
     let r = s.get("hostile.localhost", "/spam?bytes=100000").await;
     assert_eq!(r.status, 200);
     let id = r.header("x-request-id").unwrap().to_string();
     let dropped = wait_for_log("dropped_bytes", |e| e["request_id"] == id.as_str()).await;
     assert_eq!(dropped["dropped_bytes"], 100_000 - 4096);
-    let kept: usize = log_events(&id)
-        .iter()
-        .filter(|e| e["stream"] == "stdout" && e.get("dropped_bytes").is_none())
-        .map(|e| e["message"].as_str().unwrap().len() + 1)
-        .sum();
-    assert!(kept <= 4096 + 1, "kept {kept} bytes");
+    assert_eq!(dropped["stream"], "stdout");
+    let events: Vec<_> = log_events(&id).into_iter().filter(|e| e["stream"] == "stdout").collect();
+    assert_eq!(events.len(), 1, "one event per stream: {events:?}");
+    let message = events[0]["message"].as_str().unwrap();
+    assert_eq!(message, format!("{}\\n", "y".repeat(1023)).repeat(4), "the kept 4096 bytes, newlines escaped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,7 @@ mod hostile_requests;
 mod hostile_workers;
 mod isolation;
 mod lifecycle;
+mod log_flood;
 mod postgres_binding;
 mod routing;
 mod streaming;

@@ -311,24 +311,22 @@ fn print_stdio(out: ResponseOutparam) {
     respond(out, 200, &[], b"printed");
 }
 
-/// `bytes` bytes of `y` on stdout, in lines of 1023 `y` plus a newline.
+/// `bytes` bytes of `y` on stdout, in lines of `line` bytes (default
+/// 1024: 1023 `y` plus a newline; `line=1` prints only newlines).
 /// A shorter last line keeps the total exact.
 fn spam(query: &str, out: ResponseOutparam) {
     let total = param_u64(query, "bytes").unwrap_or(MIB as u64) as usize;
-    let mut line = vec![b'y'; 1024];
-    line[1023] = b'\n';
-
+    let line_len = param_u64(query, "line").unwrap_or(1024).clamp(1, MIB as u64) as usize;
+    // Built first and written at once: stdout flushes at each newline, and
+    // the output should reach the host in as few calls as it can.
+    let mut text = vec![b'y'; total];
+    for (i, b) in text.iter_mut().enumerate() {
+        if (i + 1) % line_len == 0 || i + 1 == total {
+            *b = b'\n';
+        }
+    }
     let mut stdout = std::io::stdout().lock();
-    let mut left = total;
-    while left >= line.len() {
-        let _ = stdout.write_all(&line);
-        left -= line.len();
-    }
-    if left > 0 {
-        let mut tail = vec![b'y'; left];
-        tail[left - 1] = b'\n';
-        let _ = stdout.write_all(&tail);
-    }
+    let _ = stdout.write_all(&text);
     let _ = stdout.flush();
     drop(stdout);
     respond(out, 200, &[], b"spammed");
