@@ -93,7 +93,7 @@ pub fn raise_limit() -> anyhow::Result<(u64, u64)> {
     let mut target = limit.rlim_max;
     if target == libc::RLIM_INFINITY {
         let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse::<u64>().ok());
-        target = nr_open.unwrap_or(1 << 20) as libc::rlim_t;
+        target = nr_open.unwrap_or(1 << 20);
     }
     if limit.rlim_cur < target {
         let raised = libc::rlimit { rlim_cur: target, rlim_max: limit.rlim_max };
@@ -102,10 +102,10 @@ pub fn raise_limit() -> anyhow::Result<(u64, u64)> {
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
             limit.rlim_cur = target;
         } else {
-            tracing::warn!(error = %std::io::Error::last_os_error(), soft = limit.rlim_cur as u64, "cannot raise the file descriptor limit");
+            tracing::warn!(error = %std::io::Error::last_os_error(), soft = limit.rlim_cur, "cannot raise the file descriptor limit");
         }
     }
-    Ok((limit.rlim_cur as u64, limit.rlim_max as u64))
+    Ok((limit.rlim_cur, limit.rlim_max))
 }
 
 #[cfg(test)]
@@ -159,7 +159,7 @@ mod tests {
         let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         // SAFETY: `limit` is a valid, writable rlimit for the call to fill.
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
-        assert_eq!((limit.rlim_cur as u64, limit.rlim_max as u64), (soft, hard));
-        assert!(hard == libc::RLIM_INFINITY as u64 || soft == hard);
+        assert_eq!((limit.rlim_cur, limit.rlim_max), (soft, hard));
+        assert!(hard == libc::RLIM_INFINITY || soft == hard);
     }
 }

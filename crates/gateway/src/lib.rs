@@ -247,11 +247,15 @@ impl Drop for AddressGuard {
 /// Answers a connection over its address's cap with a 503 if the socket
 /// takes it at once, and closes it: it never waits, and holds no slot.
 fn refuse_over_address_cap(stream: &tokio::net::TcpStream, max: usize) {
-    let body = format!(
-        "{{\"error\":{{\"code\":\"too_many_connections\",\"message\":\"this client address already has {max} open connections (server.max_connections_per_address); reuse one or close some\"}}}}"
-    );
+    let request_id = http1::new_request_id();
+    let body = serde_json::json!({"error": {
+        "code": "too_many_connections",
+        "message": format!("this client address already has {max} open connections (server.max_connections_per_address); reuse one or close some"),
+        "request_id": request_id,
+    }})
+    .to_string();
     let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncache-control: no-store\r\nx-request-id: {request_id}\r\nretry-after: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = stream.try_write(response.as_bytes());

@@ -96,6 +96,9 @@ impl ConnSlots {
     /// restored. They close as soon as their tasks run.
     pub fn close_idle(&self) -> usize {
         let wanted = self.low_water().saturating_sub(self.semaphore.available_permits());
+        if wanted == 0 {
+            return 0;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut closed = 0;
         while closed < wanted {

@@ -41,7 +41,7 @@ fn set_descriptor_limit(soft: u64) {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `limit` is a valid, writable rlimit for the call to fill.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
-    limit.rlim_cur = (soft as libc::rlim_t).min(limit.rlim_max);
+    limit.rlim_cur = soft.min(limit.rlim_max);
     // SAFETY: `limit` is a valid rlimit no higher than the hard limit.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
 }
@@ -50,7 +50,7 @@ fn hard_descriptor_limit() -> u64 {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `limit` is a valid, writable rlimit for the call to fill.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
-    limit.rlim_max as u64
+    limit.rlim_max
 }
 
 /// A connection from `source` (a loopback address of its own).
