@@ -257,32 +257,36 @@ async fn hanging_subrequests_of_one_tenant_cannot_exhaust_descriptors() {
         &workers,
         Options {
             server: "max_outbound_connections_per_tenant = 8",
-            max_instances: Some(128),
+            max_instances: Some(200),
             network: Some(network),
             ..Default::default()
         },
     )
     .await;
-    // Warm up, then leave room for 100 attacking connections (two
+    // Warm up, then leave room for the attacking connections (two
     // descriptors each here: the client's and the gateway's), 8 hanging
     // subrequests (two more each: the outbound one and the origin's) and the
-    // victim, but not for 100 hanging subrequests (400 descriptors).
+    // victim, but not for 150 hanging subrequests (600 descriptors).
     assert_eq!(victim_latencies(s.addr, 3).await.len(), 3);
     set_descriptor_limit(open_descriptors() + 300);
     let rss_before = rss_kib();
 
-    let attacks: Vec<_> = (0..100)
-        .map(|_| {
+    // 150 requests in waves of 15: without the cap their hanging
+    // subrequests would pile up past the limit.
+    let mut attacks = Vec::new();
+    for _ in 0..10 {
+        for _ in 0..15 {
             let addr = s.addr;
-            tokio::spawn(async move {
+            attacks.push(tokio::spawn(async move {
                 let mut stream = TcpStream::connect(addr).await.ok()?;
                 let path = format!("/fetch?url=http://{origin}/slow");
                 exchange_text(&mut stream, "attacker.localhost", &path, Duration::from_secs(30)).await
-            })
-        })
-        .collect();
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The requests over the cap are answered at once with the cap's error.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let finished = attacks.iter().filter(|a| a.is_finished()).count();
     let latencies = victim_latencies(s.addr, 50).await;
     let slowest = *latencies.last().unwrap();
@@ -300,5 +304,5 @@ async fn hanging_subrequests_of_one_tenant_cannot_exhaust_descriptors() {
     }
     let event = crate::harness::wait_for_log("egress_limit", |e| e["tenant"] == "evil").await;
     assert!(event.to_string().contains("server.max_outbound_connections_per_tenant"), "{event}");
-    assert_eq!(refused, 92, "every attack request beyond the 8 hanging ones got the cap's error");
+    assert_eq!(refused, 142, "every attack request beyond the 8 hanging ones got the cap's error");
 }
