@@ -72,8 +72,11 @@ impl ConnSlots {
         self.max.saturating_sub(self.semaphore.available_permits())
     }
 
+    /// Zero below [`LOW_WATER_DIVISOR`] slots: a listener that small would
+    /// otherwise close every connection that goes idle (its own slot being
+    /// the last); it relies on the shorter idle timeout alone.
     fn low_water(&self) -> usize {
-        (self.max / LOW_WATER_DIVISOR).max(1)
+        self.max / LOW_WATER_DIVISOR
     }
 
     /// More than [`PRESSURE_PERCENT`] of the slots are in use.
