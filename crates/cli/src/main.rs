@@ -1,6 +1,7 @@
 //! `cordon`: serve workers, check a config and its components, or manage
 //! the secrets of workers.
 
+mod descriptors;
 mod log_writer;
 mod postgres;
 mod secret;
@@ -135,6 +136,10 @@ fn serve(
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
+    let (soft, hard) = descriptors::raise_limit()?;
+    let budget = descriptors::DescriptorBudget::of(&config);
+    budget.check(soft, hard)?;
+    tracing::info!(limit = soft, hard, needed_at_most = budget.total(), "file descriptors");
     let runtime = Arc::new(Runtime::start(&config).context("cannot start the sandbox")?);
     // The same pools and caches serve the worker binding and the wire-protocol proxy.
     let accelerator = runtime.accelerator();

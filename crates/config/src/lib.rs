@@ -57,6 +57,12 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// Connections served at once; further ones wait in the accept queue.
     pub max_connections: usize,
+    /// Connections served at once from one client address (IP); further
+    /// ones from that address are closed as soon as they are accepted.
+    pub max_connections_per_address: usize,
+    /// Outbound connections one tenant holds open at once, over all its
+    /// workers and requests; a subrequest beyond it fails at once.
+    pub max_outbound_connections_per_tenant: u32,
     /// Name lookups for outbound requests in flight at once, over the
     /// whole process.
     pub max_name_lookups: u32,

@@ -39,6 +39,8 @@ pub(crate) struct RawServer {
     pub keep_alive_timeout_ms: Option<Spanned<i64>>,
     pub shutdown_grace_ms: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub max_connections_per_address: Option<Spanned<i64>>,
+    pub max_outbound_connections_per_tenant: Option<Spanned<i64>>,
     pub max_name_lookups: Option<Spanned<i64>>,
     pub max_name_lookups_per_tenant: Option<Spanned<i64>>,
     pub worker_log_bytes_per_second: Option<Spanned<i64>>,

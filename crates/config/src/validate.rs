@@ -194,6 +194,22 @@ impl Validator<'_> {
                 1_000_000,
                 "the number of connections served at once",
             ) as usize,
+            max_connections_per_address: self.int(
+                &s.max_connections_per_address,
+                "server.max_connections_per_address",
+                1000,
+                1,
+                1_000_000,
+                "the number of connections served at once from one client address",
+            ) as usize,
+            max_outbound_connections_per_tenant: self.int(
+                &s.max_outbound_connections_per_tenant,
+                "server.max_outbound_connections_per_tenant",
+                256,
+                1,
+                65_536,
+                "the number of outbound connections one tenant may hold open at once",
+            ) as u32,
             max_name_lookups: self.int(
                 &s.max_name_lookups,
                 "server.max_name_lookups",

@@ -30,7 +30,8 @@ pub use address::{ForbiddenRange, forbidden_range};
 pub use allowlist::{Allowlist, AllowlistError, HostPattern, OutboundRule, Scheme};
 pub use host::{HostError, TargetHost, parse_host};
 pub use network::{
-    BoxFuture, Dial, DnsConfig, DnsResolver, HostsFile, LookupLimits, Network, NetworkBuilder, NetworkError, Resolve, TcpDialer,
+    BoxFuture, DEFAULT_OUTBOUND_CONNECTIONS_PER_TENANT, Dial, DnsConfig, DnsResolver, HostsFile, LookupLimits, Network, NetworkBuilder,
+    NetworkError, Resolve, TcpDialer,
 };
 pub use send::{
     ConnectionTask, EgressError, EgressLimits, EgressStats, EgressUsage, Phase, RequestEgress, ResponseBody, Timeouts, WorkerEgress,

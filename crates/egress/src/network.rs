@@ -31,7 +31,7 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::{Resolver, TokioResolver};
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -311,11 +311,37 @@ impl LookupSlots {
     }
 }
 
+/// Outbound connections a tenant holds open at once, over all its workers
+/// and requests: each subrequest holds one of its tenant's slots from before
+/// it connects until its connection is closed, so that no tenant can spend
+/// the process's file descriptors.
+pub(crate) struct ConnectionSlots {
+    per_tenant: u32,
+    tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// Default of [`NetworkBuilder::outbound_connections_per_tenant`].
+pub const DEFAULT_OUTBOUND_CONNECTIONS_PER_TENANT: u32 = 256;
+
+impl ConnectionSlots {
+    /// A slot of `tenant`'s, or `None` when all of them are held: a
+    /// subrequest over the cap fails at once rather than waiting, since the
+    /// ones holding the slots may hang until their deadline.
+    pub(crate) fn try_acquire(&self, tenant: &str) -> Option<OwnedSemaphorePermit> {
+        let semaphore = {
+            let mut tenants = self.tenants.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            tenants.entry(tenant.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.per_tenant as usize))).clone()
+        };
+        semaphore.try_acquire_owned().ok()
+    }
+}
+
 /// Resolver, dialer and TLS trust, shared by all workers.
 pub struct Network {
     pub(crate) resolver: Arc<dyn Resolve>,
     lookup_timeout: Duration,
     lookups: LookupSlots,
+    pub(crate) connections: ConnectionSlots,
     pub(crate) dialer: Arc<dyn Dial>,
     pub(crate) tls: tokio_rustls::TlsConnector,
     pub(crate) denied_total: AtomicU64,
@@ -345,6 +371,11 @@ impl Network {
     /// The longest one lookup may take, whatever the subrequest's deadline.
     pub fn lookup_timeout(&self) -> Duration {
         self.lookup_timeout
+    }
+
+    /// The most outbound connections one tenant holds open at once.
+    pub fn outbound_connections_per_tenant(&self) -> u32 {
+        self.connections.per_tenant
     }
 
     pub fn lookup_limits(&self) -> LookupLimits {
@@ -382,6 +413,7 @@ pub struct NetworkBuilder {
     dns: Option<DnsConfig>,
     lookup_timeout: Option<Duration>,
     lookup_limits: LookupLimits,
+    outbound_connections_per_tenant: Option<u32>,
     dialer: Option<Arc<dyn Dial>>,
     extra_roots: Vec<CertificateDer<'static>>,
 }
@@ -411,6 +443,14 @@ impl NetworkBuilder {
 
     pub fn lookup_limits(mut self, limits: LookupLimits) -> Self {
         self.lookup_limits = limits;
+        self
+    }
+
+    /// The most outbound connections one tenant holds open at once, over
+    /// all its workers and requests (default
+    /// [`DEFAULT_OUTBOUND_CONNECTIONS_PER_TENANT`]).
+    pub fn outbound_connections_per_tenant(mut self, limit: u32) -> Self {
+        self.outbound_connections_per_tenant = Some(limit);
         self
     }
 
@@ -461,10 +501,15 @@ impl NetworkBuilder {
         if limits.per_tenant == 0 || limits.total == 0 {
             return Err(NetworkError::Dns("lookup limits must be at least 1".into()));
         }
+        let per_tenant = self.outbound_connections_per_tenant.unwrap_or(DEFAULT_OUTBOUND_CONNECTIONS_PER_TENANT);
+        if per_tenant == 0 {
+            return Err(NetworkError::Dns("the outbound connection limit must be at least 1".into()));
+        }
         Ok(Network {
             resolver,
             lookup_timeout: self.lookup_timeout.unwrap_or(default_timeout),
             lookups: LookupSlots { limits, total: Semaphore::new(limits.total as usize), tenants: Mutex::default() },
+            connections: ConnectionSlots { per_tenant, tenants: Mutex::default() },
             dialer: self.dialer.unwrap_or_else(|| Arc::new(TcpDialer)),
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
             denied_total: AtomicU64::new(0),

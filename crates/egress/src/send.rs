@@ -66,6 +66,10 @@ pub enum EgressError {
         "name lookup for {name} not started: {limit} lookups {scope} were already in flight until the subrequest's deadline (at most {limit} at once)"
     )]
     TooManyLookups { name: String, limit: u32, scope: &'static str },
+    #[error(
+        "outbound connection limit reached: this tenant already holds {limit} outbound connections open (server.max_outbound_connections_per_tenant); close finished responses or lower the concurrency of subrequests"
+    )]
+    TooManyConnections { limit: u32 },
     #[error("no address found for {name}")]
     NameNotFound { name: String },
     #[error("cannot resolve {name}: {message}")]
@@ -116,6 +120,7 @@ impl EgressError {
                 | Self::ResponseTooLarge { .. }
                 | Self::LookupTimeout { .. }
                 | Self::TooManyLookups { .. }
+                | Self::TooManyConnections { .. }
                 | Self::Timeout { phase: Phase::Resolve, .. }
         )
     }
@@ -410,6 +415,12 @@ impl Shared {
                 return Err(self.denied(error, &target.origin()));
             }
         }
+        // Held from before the socket exists until the connection task ends
+        // (or the exchange fails): one slot per open outbound socket.
+        let Some(connection_slot) = self.network.connections.try_acquire(&self.worker.tenant) else {
+            let limit = self.network.outbound_connections_per_tenant();
+            return Err(self.limited(EgressError::TooManyConnections { limit }, &target.origin()));
+        };
         self.worker.stats.subrequests.fetch_add(1, Ordering::Relaxed);
         self.usage.subrequests.fetch_add(1, Ordering::Relaxed);
 
@@ -470,6 +481,7 @@ impl Shared {
             Box::pin(async { Ok(()) })
         } else {
             Box::pin(async move {
+                let _connection_slot = connection_slot;
                 match tokio::time::timeout_at(deadline, conn).await {
                     Err(_) => Err(this.timeout(Phase::ResponseBody)),
                     Ok(r) => r.map_err(|e| from_hyper(&e)),
@@ -693,5 +705,120 @@ mod tests {
     fn logged_targets_never_carry_paths_or_credentials() {
         let uri: Uri = "https://user:secret@api.example.com/token?key=abc".parse().unwrap();
         assert_eq!(origin_of(&uri), "https://api.example.com");
+    }
+}
+
+#[cfg(test)]
+mod connection_slot_tests {
+    use std::convert::Infallible;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    struct NoBody;
+
+    impl Body for NoBody {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(None)
+        }
+    }
+
+    /// An origin on loopback that answers `/fast` at once and never answers
+    /// anything else, holding the connection open; it counts those on `held`.
+    async fn origin() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (held, held_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let held = held.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if head.starts_with(b"GET /fast ") {
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
+                    } else {
+                        // Hang until the client goes away.
+                        let _ = held.send(());
+                        let _ = stream.read(&mut buf).await;
+                    }
+                });
+            }
+        });
+        (addr, held_rx)
+    }
+
+    fn egress(network: &Arc<Network>, tenant: &str, origin: SocketAddr) -> RequestEgress {
+        let allowlist = Allowlist::new(&[format!("http://{origin}")], false).unwrap();
+        let limits = EgressLimits {
+            max_subrequests: 50,
+            subrequest_timeout: Duration::from_secs(30),
+            max_response_bytes: 1 << 20,
+            max_total_bytes: 1 << 20,
+        };
+        RequestEgress::new(network.clone(), Arc::new(WorkerEgress::new(tenant, "w", allowlist, limits)), "req")
+    }
+
+    fn get(origin: SocketAddr, path: &str) -> Request<NoBody> {
+        Request::get(format!("http://{origin}{path}")).body(NoBody).unwrap()
+    }
+
+    /// Sends `/fast` and reads its response to the end, driving the
+    /// connection until it closes.
+    async fn fetch_fast(egress: &RequestEgress, origin: SocketAddr) -> Result<(), EgressError> {
+        let (response, connection) = egress.send(get(origin, "/fast"), Timeouts::default()).await?;
+        let driver = tokio::spawn(connection);
+        let mut body = response.into_body();
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            frame?;
+        }
+        driver.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_tenant_holding_its_outbound_connections_does_not_stop_another() {
+        let (origin, mut held) = origin().await;
+        let network = Arc::new(Network::builder().outbound_connections_per_tenant(3).build().unwrap());
+        let attacker = egress(&network, "attacker", origin);
+        // Three subrequests hang on the slow origin, each holding a socket.
+        let hanging: Vec<_> = (0..3).map(|_| tokio::spawn(attacker.send(get(origin, "/slow"), Timeouts::default()))).collect();
+        for _ in 0..3 {
+            tokio::time::timeout(Duration::from_secs(5), held.recv()).await.expect("the slow subrequests reach the origin");
+        }
+        // A fourth, from another request of the same tenant, is refused at once.
+        let refused = tokio::time::timeout(Duration::from_secs(1), fetch_fast(&egress(&network, "attacker", origin), origin))
+            .await
+            .expect("refused without waiting")
+            .unwrap_err();
+        assert_eq!(refused, EgressError::TooManyConnections { limit: 3 });
+        assert!(refused.to_string().contains("server.max_outbound_connections_per_tenant"), "{refused}");
+        assert!(refused.is_limit());
+        // Another tenant is not refused, again and again.
+        let victim = egress(&network, "victim", origin);
+        for _ in 0..10 {
+            tokio::time::timeout(Duration::from_secs(2), fetch_fast(&victim, origin)).await.expect("the victim waited").unwrap();
+        }
+        // The slots come back when the connections close.
+        for task in &hanging {
+            task.abort();
+        }
+        for task in hanging {
+            let _ = task.await;
+        }
+        for _ in 0..5 {
+            fetch_fast(&attacker, origin).await.unwrap();
+        }
     }
 }

@@ -25,10 +25,10 @@ use cordon_config::Config;
 use cordon_runtime::Runtime;
 use http::StatusCode;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use http1::{ConnLimits, Service, TaskTracker, serve_connection};
+use http1::{ConnLimits, ConnSlots, Service, TaskTracker, serve_connection};
 
 /// Connections the admin listener serves at once.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
@@ -68,6 +68,7 @@ pub struct Gateway {
     runtime: Arc<Runtime>,
     limits: ConnLimits,
     max_connections: usize,
+    max_connections_per_address: usize,
     shutdown_grace: Duration,
     worker_log_bytes_per_second: u64,
     filter: Option<Arc<dyn RequestFilter>>,
@@ -85,12 +86,14 @@ impl Gateway {
             max_header_bytes: s.max_header_bytes,
             header_read_timeout: Duration::from_millis(s.header_read_timeout_ms),
             keep_alive_timeout: Duration::from_millis(s.keep_alive_timeout_ms),
+            slots: Arc::new(ConnSlots::new(s.max_connections)),
         };
         let gateway_report = serde_json::json!({
             "max_header_bytes": s.max_header_bytes,
             "header_read_timeout_ms": s.header_read_timeout_ms,
             "keep_alive_timeout_ms": s.keep_alive_timeout_ms,
             "max_connections": s.max_connections,
+            "max_connections_per_address": s.max_connections_per_address,
             "shutdown_grace_ms": s.shutdown_grace_ms,
         });
         Ok(Gateway {
@@ -99,6 +102,7 @@ impl Gateway {
             runtime,
             limits,
             max_connections: s.max_connections,
+            max_connections_per_address: s.max_connections_per_address,
             shutdown_grace: Duration::from_millis(s.shutdown_grace_ms),
             worker_log_bytes_per_second: s.worker_log_bytes_per_second,
             filter: None,
@@ -127,8 +131,10 @@ impl Gateway {
         let proxy = Arc::new(proxy::Proxy::new(self.runtime.workers(), self.filter.clone(), self.worker_log_bytes_per_second));
         let admin = Arc::new(admin::Admin::new(self.runtime.clone(), self.gateway_report.clone()));
         let grace = self.shutdown_grace;
-        let main = tokio::spawn(accept_loop(self.listener, proxy, self.limits.clone(), rx.clone(), self.max_connections, grace));
-        let admin = tokio::spawn(accept_loop(self.admin_listener, admin, self.limits, rx, ADMIN_MAX_CONNECTIONS, grace));
+        let main_slots = (self.max_connections, self.max_connections_per_address);
+        let main = tokio::spawn(accept_loop(self.listener, proxy, self.limits.clone(), rx.clone(), main_slots, grace));
+        let admin_slots = (ADMIN_MAX_CONNECTIONS, ADMIN_MAX_CONNECTIONS);
+        let admin = tokio::spawn(accept_loop(self.admin_listener, admin, self.limits, rx, admin_slots, grace));
         shutdown.await;
         let _ = tx.send(true);
         tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: no new connections; requests in flight may finish");
@@ -143,26 +149,36 @@ async fn accept_loop<S: Service>(
     service: Arc<S>,
     limits: ConnLimits,
     mut shutdown: watch::Receiver<bool>,
-    max_connections: usize,
+    (max_connections, max_per_address): (usize, usize),
     grace: Duration,
 ) {
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let mut limits = limits;
+    limits.slots = Arc::new(ConnSlots::new(max_connections));
+    let slots = limits.slots.clone();
+    let addresses = Arc::new(AddressCounts::default());
     let mut connections = JoinSet::new();
     let finishing = TaskTracker::default();
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            slot = slots.clone().acquire_owned() => {
+            slot = slots.semaphore.clone().acquire_owned() => {
                 let Ok(slot) = slot else { break };
                 tokio::select! {
                     _ = shutdown.changed() => break,
                     accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => {
+                        Ok((stream, peer)) => {
+                            let Some(address) = addresses.clone().enter(peer.ip(), max_per_address) else {
+                                refuse_over_address_cap(&stream, max_per_address);
+                                continue;
+                            };
+                            // The slots are running low: idle keep-alive
+                            // connections make room for this one and the next.
+                            slots.close_idle();
                             let (service, limits, shutdown, finishing) = (service.clone(), limits.clone(), shutdown.clone(), finishing.clone());
                             connections.spawn(async move {
                                 serve_connection(stream, service, limits, shutdown, finishing).await;
-                                drop(slot);
+                                drop((slot, address));
                             });
                         }
                         Err(e) => {
@@ -194,6 +210,59 @@ async fn accept_loop<S: Service>(
     if tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)), finishing.idle()).await.is_err() {
         tracing::warn!("grace period over before every request was logged");
     }
+}
+
+/// Connections open now, by client address.
+#[derive(Default)]
+struct AddressCounts(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl AddressCounts {
+    /// Counts a connection from `ip`, or `None` if `ip` already has `max`.
+    fn enter(self: Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<AddressGuard> {
+        let mut counts = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        drop(counts);
+        Some(AddressGuard { counts: self, ip })
+    }
+}
+
+struct AddressGuard {
+    counts: Arc<AddressCounts>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for AddressGuard {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Answers a connection over its address's cap with a 503 if the socket
+/// takes it at once, and closes it: it never waits, and holds no slot.
+fn refuse_over_address_cap(stream: &tokio::net::TcpStream, max: usize) {
+    let request_id = http1::new_request_id();
+    let body = serde_json::json!({"error": {
+        "code": "too_many_connections",
+        "message": format!("this client address already has {max} open connections (server.max_connections_per_address); reuse one or close some"),
+        "request_id": request_id,
+    }})
+    .to_string();
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncache-control: no-store\r\nx-request-id: {request_id}\r\nretry-after: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.try_write(response.as_bytes());
+    tracing::debug!(peer = ?stream.peer_addr().ok(), max, "connection over the per-address cap closed");
 }
 
 /// A connection already waiting in the backlog, without waiting for one.

@@ -145,7 +145,11 @@ impl Runtime {
     pub fn start(config: &Config) -> Result<Runtime, StartError> {
         let lookups =
             cordon_egress::LookupLimits { per_tenant: config.server.max_name_lookups_per_tenant, total: config.server.max_name_lookups };
-        Self::start_with_network(config, Arc::new(Network::builder().lookup_limits(lookups).build()?))
+        let network = Network::builder()
+            .lookup_limits(lookups)
+            .outbound_connections_per_tenant(config.server.max_outbound_connections_per_tenant)
+            .build()?;
+        Self::start_with_network(config, Arc::new(network))
     }
 
     /// [`Runtime::start`], with outbound requests going through `network`

@@ -45,6 +45,7 @@ fn error_code(e: EgressError) -> Error {
         EgressError::NotAllowed { .. } | EgressError::InvalidTarget { .. } => Error::HttpRequestDenied,
         EgressError::ForbiddenAddress { .. } => Error::DestinationIpProhibited,
         EgressError::ResponseTooLarge { limit } => Error::HttpResponseBodySize(Some(limit)),
+        EgressError::TooManyConnections { .. } => Error::ConnectionLimitReached,
         EgressError::TooManySubrequests { .. } | EgressError::TotalBytesExceeded { .. } | EgressError::TooManyLookups { .. } => {
             Error::InternalError(Some(e.to_string()))
         }

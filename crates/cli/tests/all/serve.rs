@@ -183,3 +183,60 @@ fn serve_starts_the_postgres_proxy_and_stops_it_with_the_server() {
     assert!(s.child.wait().unwrap().success());
     assert!(TcpStream::connect(("127.0.0.1", pg_port)).is_err(), "the proxy stopped with the server");
 }
+
+/// `cordon serve` under a descriptor limit of `soft`/`hard`, as systemd or a
+/// shell would set it.
+fn serve_with_descriptor_limit(extra: &str, soft: u64, hard: u64) -> Server {
+    use std::os::unix::process::CommandExt;
+    let (port, admin) = (free_port(), free_port());
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n{extra}\n{}",
+        worker_toml("hello", &hello_wasm())
+    );
+    let (dir, path) = config(&toml);
+    let mut command = cordon();
+    command.args(["--log-format", "json", "serve", "--config"]).arg(&path).stdout(Stdio::null()).stderr(Stdio::piped());
+    // SAFETY: between fork and exec the closure only calls setrlimit, which
+    // is async-signal-safe, on a value on its own stack.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    Server { child, port, log, _dir: Some(dir) }
+}
+
+#[test]
+fn serve_raises_its_descriptor_limit_and_refuses_limits_that_do_not_fit() {
+    // The soft limit is raised to the hard one, which holds the defaults.
+    let s = serve_with_descriptor_limit("", 1024, 16_384);
+    let line = s.wait_for("file descriptors");
+    assert!(line.contains("\"limit\":16384"), "{line}");
+    s.wait_for("serving");
+    drop(s);
+    // A hard limit below what the defaults may need: refused, with the numbers.
+    let mut s = serve_with_descriptor_limit("", 1024, 4096);
+    let status = s.child.wait().unwrap();
+    assert!(!status.success());
+    let mut all = String::new();
+    while let Ok(line) = s.log.recv_timeout(Duration::from_secs(5)) {
+        all.push_str(&line);
+    }
+    assert!(all.contains("may open only 4096"), "{all}");
+    assert!(all.contains("server.max_connections"), "{all}");
+    // Lower limits fit under the same hard limit.
+    let s = serve_with_descriptor_limit("max_connections = 2000", 1024, 4096);
+    s.wait_for("serving");
+}

@@ -29,12 +29,109 @@ use write::{ResponseContext, Written, write_response};
 const DRAIN_LIMIT: usize = 64 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 
+/// Above this share of a listener's connection slots in use (in percent),
+/// idle keep-alive connections get [`PRESSURE_KEEP_ALIVE_TIMEOUT`] instead of
+/// `server.keep_alive_timeout_ms`.
+pub(crate) const PRESSURE_PERCENT: usize = 75;
+pub(crate) const PRESSURE_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// With fewer free slots than a listener's connections divided by this, idle
+/// keep-alive connections are closed, oldest first, to make room.
+pub(crate) const LOW_WATER_DIVISOR: usize = 8;
+
 /// The limits one connection runs under.
 #[derive(Debug, Clone)]
 pub(crate) struct ConnLimits {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
     pub keep_alive_timeout: Duration,
+    pub slots: Arc<ConnSlots>,
+}
+
+/// A listener's connection slots, and its idle keep-alive connections, which
+/// are the first to go when the slots run low.
+#[derive(Debug)]
+pub(crate) struct ConnSlots {
+    pub max: usize,
+    pub semaphore: Arc<tokio::sync::Semaphore>,
+    idle: Mutex<std::collections::BTreeMap<u64, Arc<tokio::sync::Notify>>>,
+    next_idle: std::sync::atomic::AtomicU64,
+}
+
+impl ConnSlots {
+    pub fn new(max: usize) -> ConnSlots {
+        ConnSlots {
+            max,
+            semaphore: Arc::new(tokio::sync::Semaphore::new(max)),
+            idle: Mutex::default(),
+            next_idle: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn in_use(&self) -> usize {
+        self.max.saturating_sub(self.semaphore.available_permits())
+    }
+
+    /// Zero below [`LOW_WATER_DIVISOR`] slots: a listener that small would
+    /// otherwise close every connection that goes idle (its own slot being
+    /// the last); it relies on the shorter idle timeout alone.
+    fn low_water(&self) -> usize {
+        self.max / LOW_WATER_DIVISOR
+    }
+
+    /// More than [`PRESSURE_PERCENT`] of the slots are in use.
+    pub fn under_pressure(&self) -> bool {
+        self.in_use() * 100 > self.max * PRESSURE_PERCENT
+    }
+
+    /// Fewer free slots than the low-water mark.
+    pub fn running_low(&self) -> bool {
+        self.semaphore.available_permits() < self.low_water()
+    }
+
+    /// The time an idle keep-alive connection may stay open now.
+    pub fn keep_alive_timeout(&self, configured: Duration) -> Duration {
+        if self.under_pressure() { configured.min(PRESSURE_KEEP_ALIVE_TIMEOUT) } else { configured }
+    }
+
+    /// While the slots run low, closes the idle keep-alive connections that
+    /// have waited longest, until the low-water mark of free slots would be
+    /// restored. They close as soon as their tasks run.
+    pub fn close_idle(&self) -> usize {
+        let wanted = self.low_water().saturating_sub(self.semaphore.available_permits());
+        if wanted == 0 {
+            return 0;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut closed = 0;
+        while closed < wanted {
+            let Some((_, notify)) = idle.pop_first() else { break };
+            notify.notify_one();
+            closed += 1;
+        }
+        closed
+    }
+
+    /// Registers an idle keep-alive connection; it stays closable until the
+    /// returned guard is dropped.
+    fn idle(self: &Arc<Self>) -> IdleGuard {
+        let key = self.next_idle.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let notify = Arc::new(tokio::sync::Notify::new());
+        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(key, notify.clone());
+        IdleGuard { slots: self.clone(), key, notify }
+    }
+}
+
+struct IdleGuard {
+    slots: Arc<ConnSlots>,
+    key: u64,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for IdleGuard {
+    fn drop(&mut self) {
+        self.slots.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&self.key);
+    }
 }
 
 /// A request as handed to a service.
@@ -289,9 +386,24 @@ async fn read_head(reader: &SharedReader, limits: &ConnLimits, first: bool, shut
             deadline.get_or_insert_with(|| tokio::time::Instant::now() + limits.header_read_timeout);
             continue;
         }
-        let wait_until = deadline.unwrap_or_else(|| tokio::time::Instant::now() + limits.keep_alive_timeout);
+        // Between requests, the connection is idle: under pressure its
+        // timeout is shorter, and when slots run low it is closed at once or
+        // as soon as the accept loop needs its slot.
+        let idle = (!has_bytes && !first).then(|| limits.slots.idle());
+        if idle.is_some() && limits.slots.running_low() {
+            return HeadOutcome::Closed;
+        }
+        let wait_until =
+            deadline.unwrap_or_else(|| tokio::time::Instant::now() + limits.slots.keep_alive_timeout(limits.keep_alive_timeout));
         let fill = std::future::poll_fn(|cx| lock(reader).poll_fill(cx));
+        let evicted = async {
+            match &idle {
+                Some(guard) => guard.notify.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            _ = evicted => return HeadOutcome::Closed,
             read = fill => match read {
                 Ok(0) | Err(_) => return HeadOutcome::Closed,
                 Ok(_) => {}

@@ -6,6 +6,7 @@ mod harness;
 mod admin;
 mod bindings;
 mod cache;
+mod connections;
 mod egress;
 mod egress_dns;
 mod host_work_sql;
