@@ -470,7 +470,9 @@ async fn a_silent_name_server_costs_other_tenants_nothing() {
     const ATTACK: Duration = Duration::from_secs(6);
     let hole = BlackHole::start().await;
     let network = Arc::new(Network::builder().dns(DnsConfig::name_servers(vec![hole.addr])).build().unwrap());
-    let workers = fetcher("attacker", "t-attacker", &["http://*.silent.test".into()], "subrequest_timeout_ms = 300") + &victim();
+    let workers = fetcher("attacker", "t-attacker", &["http://*.silent.test".into()], "subrequest_timeout_ms = 300")
+        + &victim()
+        + "[[tenant]]\nname = \"t-attacker\"\nmax_instances = 127\n";
     let s = Arc::new(start_with(&workers, Options { network: Some(network), max_instances: Some(128), ..Default::default() }).await);
     let r = request(
         s.addr,
