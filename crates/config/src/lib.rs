@@ -37,7 +37,19 @@ pub struct Config {
     pub postgres_proxy: Option<PostgresProxyConfig>,
     /// `[[database]]`, in file order; `(tenant, name)` is unique.
     pub databases: Vec<DatabaseConfig>,
+    /// `[[tenant]]`, in file order: the tenants whose quotas differ from
+    /// the defaults. Every name is unique and is the tenant of a worker.
+    pub tenants: Vec<TenantConfig>,
     pub workers: Vec<WorkerConfig>,
+}
+
+/// One `[[tenant]]`: quotas of one tenant, over all its workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantConfig {
+    pub name: String,
+    /// Instances of this tenant's workers that may exist at once; always
+    /// less than `sandbox.max_instances`.
+    pub max_instances: u32,
 }
 
 /// `[server]`: listeners, the data directory and the gateway's input limits.
@@ -110,9 +122,26 @@ pub struct SandboxConfig {
     /// Instances that may exist at once across all workers: the number of
     /// slots the pooling allocator reserves. A request beyond it gets 503.
     pub max_instances: u32,
+    /// Instances one tenant's workers may have at once, for a tenant without
+    /// its own `[[tenant]] max_instances`. Always less than `max_instances`,
+    /// so that one tenant cannot take every slot.
+    pub tenant_max_instances: u32,
     /// Maximum native stack that wasm code may use, in KiB. Deeper recursion
     /// traps with a stack overflow.
     pub max_wasm_stack_kb: u32,
+}
+
+impl SandboxConfig {
+    pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
+    /// The default tenant quota is `max_instances` divided by this, so that
+    /// a tenant at its quota leaves three quarters of the pool to others.
+    pub const TENANT_SHARE_DIVISOR: u32 = 4;
+
+    /// The default for `tenant_max_instances`: a quarter of the pool, at
+    /// least one.
+    pub fn default_tenant_max_instances(max_instances: u32) -> u32 {
+        (max_instances / Self::TENANT_SHARE_DIVISOR).max(1)
+    }
 }
 
 /// `[storage]`: the threads and memory the host spends on the tenants'
@@ -189,6 +218,9 @@ impl fmt::Display for Route {
 /// `[worker.limits]`: what one request of this worker may use.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Limits {
+    /// Instances of this worker that may exist at once, counted from
+    /// admission until the instance is dropped; at most its tenant's quota.
+    pub max_instances: u32,
     /// CPU time spent running guest code per request; past it the request is
     /// stopped and answered 503.
     pub cpu_ms: u64,
@@ -236,6 +268,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
+            max_instances: SandboxConfig::DEFAULT_MAX_INSTANCES / SandboxConfig::TENANT_SHARE_DIVISOR,
             cpu_ms: 50,
             wall_ms: 30_000,
             memory_mb: 128,
@@ -309,6 +342,12 @@ impl Config {
     /// The `[[database]]` named `name` of `tenant`.
     pub fn database(&self, tenant: &str, name: &str) -> Option<&DatabaseConfig> {
         self.databases.iter().find(|d| d.tenant == tenant && d.name == name)
+    }
+
+    /// The instance quota of `tenant`: its `[[tenant]] max_instances`, or
+    /// `sandbox.tenant_max_instances`.
+    pub fn tenant_max_instances(&self, tenant: &str) -> u32 {
+        self.tenants.iter().find(|t| t.name == tenant).map_or(self.sandbox.tenant_max_instances, |t| t.max_instances)
     }
 
     /// The largest `memory_mb` of any worker, which sizes the allocator's

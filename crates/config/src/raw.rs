@@ -24,8 +24,17 @@ pub(crate) struct RawConfig {
     pub postgres_proxy: Option<RawPostgresProxy>,
     #[serde(default, rename = "database")]
     pub databases: Vec<RawDatabase>,
+    #[serde(default, rename = "tenant")]
+    pub tenants: Vec<RawTenant>,
     #[serde(default, rename = "worker")]
     pub workers: Vec<RawWorker>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTenant {
+    pub name: Spanned<String>,
+    pub max_instances: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -56,6 +65,7 @@ pub(crate) struct RawSecurity {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSandbox {
     pub max_instances: Option<Spanned<i64>>,
+    pub tenant_max_instances: Option<Spanned<i64>>,
     pub max_wasm_stack_kb: Option<Spanned<i64>>,
 }
 
@@ -97,6 +107,7 @@ pub(crate) struct RawWorker {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawLimits {
+    pub max_instances: Option<Spanned<i64>>,
     pub cpu_ms: Option<Spanned<i64>>,
     pub wall_ms: Option<Spanned<i64>>,
     pub memory_mb: Option<Spanned<i64>>,

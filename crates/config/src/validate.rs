@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use cordon_egress::{Allowlist, AllowlistError};
 use toml::Spanned;
 
-use crate::raw::{RawConfig, RawLimits, RawWorker};
+use crate::raw::{RawConfig, RawLimits, RawTenant, RawWorker};
 use crate::{
     Config, ConfigError, ConfigErrors, Limits, Location, MemoryProtectionKeys, Route, SandboxConfig, SecurityConfig, ServerConfig,
-    StorageConfig, WorkerConfig,
+    StorageConfig, TenantConfig, WorkerConfig,
 };
 
 /// Longest worker or tenant name.
@@ -35,25 +35,7 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
 
     let server = v.server(&raw, &base);
     let security = v.security(&raw);
-    let sandbox = SandboxConfig {
-        max_instances: v.int(
-            &raw.sandbox.max_instances,
-            "sandbox.max_instances",
-            1000,
-            1,
-            100_000,
-            "the number of instances that may run at once",
-        ) as u32,
-        max_wasm_stack_kb: v.int(
-            &raw.sandbox.max_wasm_stack_kb,
-            "sandbox.max_wasm_stack_kb",
-            512,
-            64,
-            8192,
-            "the native stack wasm code may use, in KiB",
-        ) as u32,
-    };
-
+    let sandbox = v.sandbox(&raw);
     let storage = v.storage(&raw);
     let postgres_proxy = raw.postgres_proxy.as_ref().map(|p| v.postgres_proxy(p, &server, &base));
     let mut databases = Vec::with_capacity(raw.databases.len());
@@ -62,15 +44,18 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     }
     v.cross_database_checks(&raw.databases, &mut databases);
 
+    let tenants = v.tenants(&raw.tenants, &sandbox);
     let mut workers = Vec::with_capacity(raw.workers.len());
     for (i, w) in raw.workers.iter().enumerate() {
-        workers.push(v.worker(i, w, &base));
+        let quota = tenants.iter().find(|t| t.name == *w.tenant.get_ref()).map_or(sandbox.tenant_max_instances, |t| t.max_instances);
+        workers.push(v.worker(i, w, &base, quota));
     }
     v.cross_worker_checks(&raw.workers, &workers);
+    v.tenants_have_workers(&raw.tenants, &workers);
     v.postgres_grant_checks(&raw.workers, &workers, &databases);
 
     if v.errors.is_empty() {
-        Ok(Config { source: file.to_path_buf(), server, security, sandbox, storage, postgres_proxy, databases, workers })
+        Ok(Config { source: file.to_path_buf(), server, security, sandbox, storage, postgres_proxy, databases, tenants, workers })
     } else {
         Err(ConfigErrors(v.errors))
     }
@@ -237,6 +222,98 @@ impl Validator<'_> {
         }
     }
 
+    fn sandbox(&mut self, raw: &RawConfig) -> SandboxConfig {
+        let s = &raw.sandbox;
+        let max_instances = self.int(
+            &s.max_instances,
+            "sandbox.max_instances",
+            SandboxConfig::DEFAULT_MAX_INSTANCES.into(),
+            2,
+            100_000,
+            "the number of instances that may run at once",
+        ) as u32;
+        let default_share = SandboxConfig::default_tenant_max_instances(max_instances);
+        let tenant_max_instances = match &s.tenant_max_instances {
+            None => default_share,
+            Some(value) => self.tenant_share(value, "sandbox.tenant_max_instances", max_instances).unwrap_or(default_share),
+        };
+        SandboxConfig {
+            max_instances,
+            tenant_max_instances,
+            max_wasm_stack_kb: self.int(
+                &s.max_wasm_stack_kb,
+                "sandbox.max_wasm_stack_kb",
+                512,
+                64,
+                8192,
+                "the native stack wasm code may use, in KiB",
+            ) as u32,
+        }
+    }
+
+    /// A tenant's instance quota: at least 1 and less than the whole pool,
+    /// so that a tenant at its quota always leaves a slot to the others.
+    fn tenant_share(&mut self, value: &Spanned<i64>, key: &str, max_instances: u32) -> Option<u32> {
+        let n = *value.get_ref();
+        if n < 1 || n >= i64::from(max_instances) {
+            self.error(
+                Some(value.span()),
+                key,
+                format!("must be at least 1 and less than sandbox.max_instances ({max_instances}), got {n}"),
+                format!(
+                    "one tenant may not hold every instance slot: set it below {max_instances} (the default is a quarter of the pool, {}), or raise sandbox.max_instances",
+                    SandboxConfig::default_tenant_max_instances(max_instances)
+                ),
+            );
+            return None;
+        }
+        Some(n as u32)
+    }
+
+    fn tenants(&mut self, raw: &[RawTenant], sandbox: &SandboxConfig) -> Vec<TenantConfig> {
+        let mut tenants: Vec<TenantConfig> = Vec::with_capacity(raw.len());
+        for (i, t) in raw.iter().enumerate() {
+            let key = |k: &str| format!("tenant[{i}].{k}");
+            self.name(&t.name, &key("name"));
+            if let Some(first) = tenants.iter().position(|o| o.name == *t.name.get_ref()) {
+                self.error(
+                    Some(t.name.span()),
+                    key("name"),
+                    format!("tenant `{}` is already configured by tenant[{first}]", t.name.get_ref()),
+                    "give each tenant one [[tenant]] table",
+                );
+            }
+            let max_instances = match &t.max_instances {
+                None => sandbox.tenant_max_instances,
+                Some(value) => {
+                    self.tenant_share(value, &key("max_instances"), sandbox.max_instances).unwrap_or(sandbox.tenant_max_instances)
+                }
+            };
+            tenants.push(TenantConfig { name: t.name.get_ref().clone(), max_instances });
+        }
+        tenants
+    }
+
+    /// A `[[tenant]]` that no worker belongs to is most likely a misspelt
+    /// name, whose quota would silently not apply.
+    fn tenants_have_workers(&mut self, raw: &[RawTenant], workers: &[WorkerConfig]) {
+        for (i, t) in raw.iter().enumerate() {
+            if !workers.iter().any(|w| w.tenant == *t.name.get_ref()) {
+                let known: Vec<&str> = workers.iter().map(|w| w.tenant.as_str()).collect();
+                self.error(
+                    Some(t.name.span()),
+                    format!("tenant[{i}].name"),
+                    format!("no worker belongs to tenant `{}`", t.name.get_ref()),
+                    if known.is_empty() {
+                        "remove this [[tenant]], or add a [[worker]] with this tenant".to_string()
+                    } else {
+                        format!("use the `tenant` of a [[worker]] ({}), or remove this [[tenant]]", dedup(known).join(", "))
+                    },
+                );
+            }
+        }
+    }
+
     fn storage(&mut self, raw: &RawConfig) -> StorageConfig {
         let s = &raw.storage;
         let d = StorageConfig::default();
@@ -351,7 +428,7 @@ impl Validator<'_> {
         }
     }
 
-    fn worker(&mut self, i: usize, w: &RawWorker, base: &Path) -> WorkerConfig {
+    fn worker(&mut self, i: usize, w: &RawWorker, base: &Path, tenant_max_instances: u32) -> WorkerConfig {
         let key = |k: &str| format!("worker[{i}].{k}");
         self.name(&w.name, &key("name"));
         self.name(&w.tenant, &key("tenant"));
@@ -397,7 +474,7 @@ impl Validator<'_> {
 
         let allowed_outbound = self.allowed_outbound(i, w);
         let grants = self.grants(i, w);
-        let limits = self.limits(i, &w.limits);
+        let limits = self.limits(i, &w.limits, tenant_max_instances);
         WorkerConfig {
             name: w.name.get_ref().clone(),
             tenant: w.tenant.get_ref().clone(),
@@ -443,10 +520,28 @@ impl Validator<'_> {
         Allowlist::new(&entries, dangerous).unwrap_or_default()
     }
 
-    fn limits(&mut self, i: usize, l: &RawLimits) -> Limits {
+    fn limits(&mut self, i: usize, l: &RawLimits, tenant_max_instances: u32) -> Limits {
         let d = Limits::default();
         let key = |k: &str| format!("worker[{i}].limits.{k}");
+        let max_instances = match &l.max_instances {
+            None => tenant_max_instances,
+            Some(value) => {
+                let n = *value.get_ref();
+                if n < 1 || n > i64::from(tenant_max_instances) {
+                    self.error(
+                        Some(value.span()),
+                        key("max_instances"),
+                        format!("must be between 1 and its tenant's quota of {tenant_max_instances} instances, got {n}"),
+                        "lower it, or raise the tenant's quota ([[tenant]] max_instances or sandbox.tenant_max_instances); without it the worker may use its tenant's whole quota",
+                    );
+                    tenant_max_instances
+                } else {
+                    n as u32
+                }
+            }
+        };
         let limits = Limits {
+            max_instances,
             cpu_ms: self.int(&l.cpu_ms, &key("cpu_ms"), d.cpu_ms, 1, 60_000, "the CPU time one request may use, in ms"),
             wall_ms: self.int(&l.wall_ms, &key("wall_ms"), d.wall_ms, 1, 3_600_000, "the wall-clock time one request may take, in ms"),
             memory_mb: self.int(&l.memory_mb, &key("memory_mb"), d.memory_mb, 1, 4096, "the linear memory one instance may use, in MiB"),
@@ -690,6 +785,12 @@ fn key_at(text: &str, span: Range<usize>) -> Option<String> {
     })
 }
 
+fn dedup(mut names: Vec<&str>) -> Vec<&str> {
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
 fn backticked(message: &str) -> Option<String> {
     let start = message.find('`')? + 1;
     let end = start + message[start..].find('`')?;
@@ -854,6 +955,69 @@ max_name_lookups_per_tenant = 100000
             let e = errors(&format!("[server]\nworker_log_bytes_per_second = {bad}\n"));
             assert!(e.iter().any(|e| e.key.as_deref() == Some("server.worker_log_bytes_per_second")), "{bad}: {e:?}");
         }
+    }
+
+    #[test]
+    fn instance_quotas_default_to_a_quarter_of_the_pool_and_stay_below_it() {
+        let file = Path::new("/srv/cordon.toml");
+        let c = parse(file, "").unwrap();
+        assert_eq!((c.sandbox.max_instances, c.sandbox.tenant_max_instances), (1000, 250));
+        let c = parse(file, "[sandbox]\nmax_instances = 2\n").unwrap();
+        assert_eq!(c.sandbox.tenant_max_instances, 1, "at least one, and still below the pool");
+        let e = errors("[sandbox]\nmax_instances = 1\n");
+        assert!(e[0].message.contains("between 2 and 100000"), "{}", e[0].message);
+        for quota in ["100", "0", "101"] {
+            let e = errors(&format!("[sandbox]\nmax_instances = 100\ntenant_max_instances = {quota}\n"));
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert_eq!(e[0].key.as_deref(), Some("sandbox.tenant_max_instances"));
+            assert_eq!(e[0].location, Some(Location { line: 3, column: 24 }));
+            assert!(e[0].message.contains("less than sandbox.max_instances (100)"), "{}", e[0].message);
+            assert!(e[0].help.contains("one tenant may not hold every instance slot"), "{}", e[0].help);
+        }
+    }
+
+    #[test]
+    fn tenant_tables_override_the_instance_quota_of_their_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let component = dir.path().join("x.wasm");
+        std::fs::write(&component, b"").unwrap();
+        let file = dir.path().join("cordon.toml");
+        let worker = |name: &str, tenant: &str, limits: &str| {
+            format!("[[worker]]\nname = \"{name}\"\ntenant = \"{tenant}\"\ncomponent = \"x.wasm\"\nroutes = [\"{name}/\"]\n{limits}")
+        };
+        let text = format!(
+            "[sandbox]\nmax_instances = 100\ntenant_max_instances = 10\n[[tenant]]\nname = \"acme\"\nmax_instances = 40\n{}{}{}",
+            worker("a", "acme", ""),
+            worker("b", "acme", "[worker.limits]\nmax_instances = 5\n"),
+            worker("c", "other", ""),
+        );
+        let c = parse(&file, &text).unwrap();
+        assert_eq!(c.tenants, vec![TenantConfig { name: "acme".into(), max_instances: 40 }]);
+        assert_eq!((c.tenant_max_instances("acme"), c.tenant_max_instances("other")), (40, 10));
+        let limits: Vec<u32> = c.workers.iter().map(|w| w.limits.max_instances).collect();
+        assert_eq!(limits, [40, 5, 10], "a worker defaults to its tenant's quota");
+
+        // A worker above its tenant's quota, a quota at the pool, a
+        // duplicate and a tenant no worker belongs to: all refused, each
+        // at its line.
+        let text = format!(
+            "[sandbox]\nmax_instances = 100\n[[tenant]]\nname = \"acme\"\nmax_instances = 100\n[[tenant]]\nname = \"acme\"\n[[tenant]]\nname = \"acmee\"\n{}",
+            worker("a", "acme", "[worker.limits]\nmax_instances = 26\n"),
+        );
+        let e = parse(&file, &text).unwrap_err().0;
+        let at = |key: &str| e.iter().find(|e| e.key.as_deref() == Some(key)).unwrap_or_else(|| panic!("no error for {key}: {e:?}"));
+        assert_eq!(at("tenant[0].max_instances").location.unwrap().line, 5);
+        assert!(at("tenant[1].name").message.contains("already configured by tenant[0]"));
+        let unknown = at("tenant[2].name");
+        assert_eq!(unknown.location.unwrap().line, 9);
+        assert!(unknown.message.contains("no worker belongs to tenant `acmee`"), "{}", unknown.message);
+        assert!(unknown.help.contains("(acme)"), "{}", unknown.help);
+        let worker_limit = at("worker[0].limits.max_instances");
+        assert_eq!(worker_limit.location.unwrap().line, 16);
+        assert!(worker_limit.message.contains("quota of 25 instances"), "{}", worker_limit.message);
+        assert!(worker_limit.to_string().starts_with(&format!("{}:16:17", file.display())), "{worker_limit}");
+        let e = errors("[[tenant]]\nname = \"Acme\"\nmemory = 1\n");
+        assert!(e[0].message.contains("unknown field"), "{e:?}");
     }
 
     fn worker_with(extra: &str) -> String {

@@ -30,6 +30,7 @@ impl Admin {
             .workers()
             .iter()
             .map(|w| {
+                let (instances, _) = w.instances();
                 serde_json::json!({
                     "name": w.name,
                     "tenant": w.tenant,
@@ -39,6 +40,8 @@ impl Admin {
                     "limits": w.limits,
                     "grants": w.grants,
                     "stats": w.stats(),
+                    // In flight against this worker's own quota, and requests it refused.
+                    "instances": instances,
                 })
             })
             .collect();
@@ -51,6 +54,9 @@ impl Admin {
             // Per tenant and database: pool, clients, queries and cache counters, for metrics
             // and metering.
             "postgres": self.runtime.accelerator().map(|a| a.stats()).unwrap_or_default(),
+            // Per tenant: instances in flight (admitted, until their store is dropped), the
+            // quota, and requests refused with tenant_over_capacity.
+            "tenants": self.runtime.admission().snapshot(),
             "workers": workers,
         })
     }

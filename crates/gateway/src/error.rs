@@ -17,7 +17,20 @@ pub(crate) fn error_response(status: StatusCode, code: &str, message: &str, requ
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if status == StatusCode::SERVICE_UNAVAILABLE && is_capacity_code(code) {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+    }
     response
+}
+
+/// Seconds a client is asked to wait after a 503 for want of an instance
+/// slot: slots come free as instances end, within a wall-clock limit.
+pub(crate) const RETRY_AFTER_SECONDS: &str = "1";
+
+/// Whether `code` says that no instance slot was free, so that the
+/// response carries `Retry-After`.
+pub(crate) fn is_capacity_code(code: &str) -> bool {
+    matches!(code, "over_capacity" | "tenant_over_capacity" | "worker_over_capacity")
 }
 
 /// The status and code for a worker that produced no response.
@@ -31,6 +44,7 @@ pub(crate) fn invoke_status(e: &InvokeError) -> (StatusCode, &'static str) {
         InvokeError::WorkerError(_) => (StatusCode::INTERNAL_SERVER_ERROR, "worker_error"),
         InvokeError::ResponseTooLarge { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "response_too_large"),
         InvokeError::OverCapacity => (StatusCode::SERVICE_UNAVAILABLE, "over_capacity"),
+        InvokeError::OverQuota(refusal) => (StatusCode::SERVICE_UNAVAILABLE, refusal.code()),
         InvokeError::Cancelled | InvokeError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
     }
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cordon_runtime::{Invocation, Outcome, Report, Worker};
+use cordon_runtime::{InstanceSlot, Invocation, Outcome, Report, Worker};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 
 use crate::error::{error_response, invoke_status};
@@ -60,11 +60,18 @@ impl Proxy {
     }
 }
 
+/// A request admitted to its worker, holding the instance slot that its
+/// instance will hold until it is dropped.
+pub(crate) struct Admitted {
+    worker: Arc<Worker>,
+    slot: InstanceSlot,
+}
+
 impl Service for Proxy {
-    type Target = Arc<Worker>;
+    type Target = Admitted;
     type Pending = Exchange;
 
-    fn admit(&self, head: &RequestHead, request_id: &str, received: Instant) -> Result<Arc<Worker>, Box<Outgoing<Exchange>>> {
+    fn admit(&self, head: &RequestHead, request_id: &str, received: Instant) -> Result<Admitted, Box<Outgoing<Exchange>>> {
         let Some(worker) = self.router.find(&head.host, head.path()).cloned() else {
             let message = format!("no worker is routed at `{}{}`", head.host, head.path());
             return Err(Box::new(Self::refuse(
@@ -90,10 +97,18 @@ impl Service for Proxy {
                 return Err(Box::new(Self::refuse(exchange(), r.status, r.code, &r.message, false)));
             }
         }
-        Ok(worker)
+        // Last, so that a request refused above holds no slot even briefly;
+        // decided before any instance exists.
+        match worker.admit() {
+            Ok(slot) => Ok(Admitted { worker, slot }),
+            Err(refusal) => {
+                Err(Box::new(Self::refuse(exchange(), StatusCode::SERVICE_UNAVAILABLE, refusal.code(), &refusal.to_string(), false)))
+            }
+        }
     }
 
-    async fn call(&self, worker: Arc<Worker>, incoming: Incoming) -> Outgoing<Exchange> {
+    async fn call(&self, admitted: Admitted, incoming: Incoming) -> Outgoing<Exchange> {
+        let Admitted { worker, slot } = admitted;
         let Incoming { head, body, request_id, received } = incoming;
         let mut exchange = Self::exchange(&head, &request_id, received, Some(worker.clone()));
         let mut request = http::Request::new(body);
@@ -105,7 +120,7 @@ impl Service for Proxy {
         *request.headers_mut() = forwarded_headers(head.headers, &request_id);
         request.extensions_mut().insert(cordon_runtime::RequestId(request_id.clone()));
 
-        let mut invocation = worker.invoke(request).await;
+        let mut invocation = worker.invoke_admitted(slot, request).await;
         let response = std::mem::replace(&mut invocation.response, Err(cordon_runtime::InvokeError::NoResponse));
         let body_exceeded = invocation.request_body_exceeded();
         exchange.invocation = Some(invocation);

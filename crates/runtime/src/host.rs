@@ -39,6 +39,9 @@ pub(crate) struct Host {
     pub(crate) limiter: MemoryLimiter,
     pub(crate) meter: Arc<CpuMeter>,
     pub(crate) cpu_limit: std::time::Duration,
+    /// Counts this instance against its tenant's and worker's quotas until
+    /// the store, and with it this host, is dropped.
+    _slot: crate::admission::InstanceSlot,
 }
 
 pub(crate) struct HostParts {
@@ -53,6 +56,7 @@ pub(crate) struct HostParts {
     pub sql: RequestSql,
     pub postgres: RequestPostgres,
     pub vars: Arc<WorkerVars>,
+    pub slot: crate::admission::InstanceSlot,
 }
 
 impl Host {
@@ -85,6 +89,7 @@ impl Host {
             },
             meter: parts.meter,
             cpu_limit: parts.cpu_limit,
+            _slot: parts.slot,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! [`Worker::invoke`] runs one request. This crate does no network I/O of
 //! its own; it is given requests and returns responses.
 
+pub mod admission;
 mod body;
 mod cache;
 mod clock;
@@ -25,6 +26,7 @@ use cordon_pgaccel::accel::Accelerator;
 use wasmtime::Engine;
 use wasmtime::component::Linker;
 
+pub use admission::{Admission, InstanceSlot, Refusal, SlotsSnapshot};
 pub use body::{ResponseBody, ResponseBodyError};
 pub use cache::{CacheError, CodeCache, CodeSource, DataDirLock, LoadError};
 pub use cordon_egress::Network;
@@ -130,6 +132,7 @@ pub struct Runtime {
     engine: Engine,
     posture: Posture,
     workers: Vec<Arc<Worker>>,
+    admission: Admission,
     network: Arc<Network>,
     accel: Option<Arc<Accelerator>>,
     _ticker: EpochTicker,
@@ -166,7 +169,8 @@ impl Runtime {
         let cache = CodeCache::open(&config.server.data_dir)?;
         let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
         let stores = Stores::open(config, env)?;
-        let results = load_workers(&engine, &linker, &config.workers, Some(&cache), &|w| stores.capabilities(w, &network));
+        let mut admission = Admission::from_config(config);
+        let results = load_workers(&engine, &linker, &config.workers, Some(&cache), &mut admission, &|w| stores.capabilities(w, &network));
         let mut workers = Vec::new();
         let mut errors = Vec::new();
         for r in results {
@@ -179,7 +183,7 @@ impl Runtime {
             return Err(StartError::Workers(errors));
         }
         let ticker = EpochTicker::start(&engine);
-        Ok(Runtime { engine, posture, workers, network, accel: stores.accel, _ticker: ticker, _cache: cache })
+        Ok(Runtime { engine, posture, workers, admission, network, accel: stores.accel, _ticker: ticker, _cache: cache })
     }
 
     /// Validates the policy and every component without writing anything:
@@ -190,7 +194,8 @@ impl Runtime {
         let (engine, posture) = build_engine(config)?;
         let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
         let network = Arc::new(Network::system()?);
-        let results = load_workers(&engine, &linker, &config.workers, None, &|_| Ok(Capabilities::none(&network)))
+        let mut admission = Admission::from_config(config);
+        let results = load_workers(&engine, &linker, &config.workers, None, &mut admission, &|_| Ok(Capabilities::none(&network)))
             .into_iter()
             .map(|r| r.map(drop))
             .collect();
@@ -213,6 +218,11 @@ impl Runtime {
 
     pub fn workers(&self) -> &[Arc<Worker>] {
         &self.workers
+    }
+
+    /// Every tenant's instance quota and what it holds now.
+    pub fn admission(&self) -> &Admission {
+        &self.admission
     }
 
     /// The Postgres accelerator, when the config has a `[[database]]`. The
@@ -243,6 +253,7 @@ fn load_workers(
     linker: &Linker<Host>,
     workers: &[WorkerConfig],
     cache: Option<&CodeCache>,
+    admission: &mut Admission,
     capabilities: &dyn Fn(&WorkerConfig) -> Result<Capabilities, LoadError>,
 ) -> Vec<Result<Worker, WorkerLoadError>> {
     let err = |w: &WorkerConfig, error| WorkerLoadError { worker: w.name.clone(), component: w.component.clone(), error };
@@ -283,10 +294,12 @@ fn load_workers(
         result
     });
 
+    let tenant_slots: Vec<_> = workers.iter().map(|w| admission.tenant(&w.tenant, w.limits.max_instances)).collect();
     workers
         .iter()
         .zip(&files)
-        .map(|(w, file)| {
+        .zip(tenant_slots)
+        .map(|((w, file), tenant_slots)| {
             let (_, sha) = file.as_ref().map_err(|e| err(w, e.clone()))?;
             let i = distinct.iter().position(|(s, _)| s == sha).expect("every readable component was compiled");
             let (component, source) = match &compiled[i] {
@@ -295,7 +308,7 @@ fn load_workers(
             };
             grants::check(engine, &component, w).map_err(|e| err(w, e))?;
             let caps = capabilities(w).map_err(|e| err(w, e))?;
-            let worker = Worker::new(w, linker, &component, source, sha.clone(), caps).map_err(|e| err(w, e))?;
+            let worker = Worker::new(w, linker, &component, source, sha.clone(), caps, tenant_slots).map_err(|e| err(w, e))?;
             tracing::info!(worker = %w.name, tenant = %w.tenant, code = ?source, "worker ready");
             Ok(worker)
         })

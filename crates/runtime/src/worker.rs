@@ -17,6 +17,7 @@ use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
+use crate::admission::{InstanceSlot, Refusal, Slots, SlotsSnapshot};
 use crate::body::{LimitedRequestBody, ResponseBody};
 use crate::cache::CodeSource;
 use crate::host::{Host, HostParts};
@@ -34,6 +35,10 @@ pub struct Worker {
     pub code_source: CodeSource,
     pub component_sha256: String,
     pre: ProxyPre<Host>,
+    /// Instances in flight of this worker's tenant, over all its workers.
+    tenant_slots: Arc<Slots>,
+    /// Instances in flight of this worker.
+    slots: Arc<Slots>,
     stats: Arc<WorkerStats>,
     egress: Arc<WorkerEgress>,
     caps: Capabilities,
@@ -76,6 +81,10 @@ pub enum InvokeError {
     ResponseTooLarge { declared: u64, limit: u64 },
     #[error("the server is at its limit of concurrent instances; retry shortly")]
     OverCapacity,
+    /// The tenant or the worker has as many instances in flight as its
+    /// quota allows; no instance was created.
+    #[error("{0}")]
+    OverQuota(Refusal),
     #[error("the client went away before the response was complete")]
     Cancelled,
     #[error("internal error")]
@@ -237,6 +246,7 @@ impl Worker {
         code_source: CodeSource,
         component_sha256: String,
         caps: Capabilities,
+        tenant_slots: Arc<Slots>,
     ) -> Result<Self, crate::LoadError> {
         let pre = linker.instantiate_pre(component).map_err(|e| {
             let msg = e.to_string();
@@ -255,18 +265,52 @@ impl Worker {
             code_source,
             component_sha256,
             pre,
+            tenant_slots,
+            slots: Slots::new(config.limits.max_instances),
             stats: Arc::default(),
             egress: Arc::new(WorkerEgress::new(&config.tenant, &config.name, config.allowed_outbound.clone(), config.limits.egress())),
             caps,
         })
     }
 
-    /// Runs `request` in a fresh instance of this worker.
+    /// Takes a slot of this worker's tenant quota and of its own, before any
+    /// instance exists: the slot is given back when the instance that
+    /// [`Worker::invoke_admitted`] creates with it is dropped.
+    pub fn admit(&self) -> Result<InstanceSlot, Refusal> {
+        crate::admission::admit(&self.tenant_slots, &self.slots)
+    }
+
+    /// This worker's instances in flight against its own quota, and its
+    /// tenant's.
+    pub fn instances(&self) -> (SlotsSnapshot, SlotsSnapshot) {
+        (self.slots.snapshot(), self.tenant_slots.snapshot())
+    }
+
+    /// Admits `request` (see [`Worker::admit`]) and runs it; a request over
+    /// the quota fails with [`InvokeError::OverQuota`] and creates nothing.
+    pub async fn invoke<B>(&self, request: http::Request<B>) -> Invocation
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::fmt::Display,
+    {
+        match self.admit() {
+            Ok(slot) => self.invoke_admitted(slot, request).await,
+            Err(refusal) => {
+                let error = InvokeError::OverQuota(refusal);
+                let usage = Usage::new(&self.limits, RequestEgress::new(self.caps.network.clone(), self.egress.clone(), "-"));
+                let report = usage.report(Outcome::Failed(error.clone()));
+                self.done(Err(error), Arc::default(), report)
+            }
+        }
+    }
+
+    /// Runs `request` in a fresh instance of this worker, which holds `slot`
+    /// until it is dropped.
     ///
     /// The guest runs in its own task, so that it can keep streaming the body
     /// after the response head is returned here. The task is bounded by the
     /// wall-clock limit and aborted if the returned [`Invocation`] is dropped.
-    pub async fn invoke<B>(&self, request: http::Request<B>) -> Invocation
+    pub async fn invoke_admitted<B>(&self, slot: InstanceSlot, request: http::Request<B>) -> Invocation
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: std::fmt::Display,
@@ -293,6 +337,7 @@ impl Worker {
                 sql: cordon_sql::host::RequestSql::new(self.caps.sql.clone(), usage.meter.host()),
                 postgres: cordon_postgres::host::RequestPostgres::new(self.caps.postgres.clone()),
                 vars: self.caps.vars.clone(),
+                slot,
             }),
         );
         store.limiter(|host| &mut host.limiter);

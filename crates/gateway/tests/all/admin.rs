@@ -34,6 +34,12 @@ async fn health_reports_the_posture_and_the_workers() {
     let hello = h["workers"].as_array().unwrap().iter().find(|w| w["name"] == "hello").unwrap().clone();
     assert!(hello["stats"]["requests"].as_u64() >= Some(1), "{hello}");
     assert!(hello["stats"]["instantiate_us_mean"].as_f64().unwrap() > 0.0, "{hello}");
+    // Instance quotas: a quarter of the 64 slots per tenant, nothing held
+    // once the request's instance is gone.
+    assert_eq!(hello["limits"]["max_instances"], 16);
+    assert_eq!(hello["instances"], serde_json::json!({"max_instances": 16, "in_flight": 0, "refused": 0}));
+    assert_eq!(h["tenants"]["good"], serde_json::json!({"max_instances": 16, "in_flight": 0, "refused": 0}));
+    assert_eq!(h["tenants"]["evil"]["max_instances"], 16);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -240,7 +240,11 @@ async fn key_value_limits_are_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_parallel_increments_give_exactly_two_hundred() {
-    let s = start_with(&worker("app", "acme", ALL, ""), Options { max_instances: Some(256), ..Default::default() }).await;
+    let s = start_with(
+        &(worker("app", "acme", ALL, "") + "[[tenant]]\nname = \"acme\"\nmax_instances = 255\n"),
+        Options { max_instances: Some(256), ..Default::default() },
+    )
+    .await;
     let addr = s.addr;
     let mut tasks = Vec::new();
     for _ in 0..200 {

@@ -409,7 +409,10 @@ async fn a_tenant_at_its_lookup_cap_waits_for_its_own_lookups_only() {
 async fn a_truncating_name_server_cannot_lead_lookups_to_tcp() {
     let hole = BlackHole::start_with(true).await;
     let network = Arc::new(Network::builder().dns(DnsConfig::name_servers(vec![hole.addr])).build().unwrap());
-    let workers = fetcher("tcp", "t-tcp", &["http://*.silent.test".into()], "subrequest_timeout_ms = 5000");
+    // 24 lookups at once from one tenant: above the default quota of 16
+    // instances in flight.
+    let workers = fetcher("tcp", "t-tcp", &["http://*.silent.test".into()], "subrequest_timeout_ms = 5000")
+        + "[[tenant]]\nname = \"t-tcp\"\nmax_instances = 32\n";
     let s = Arc::new(start_with(&workers, Options { network: Some(network), ..Default::default() }).await);
     let fetches: Vec<_> = (0..24)
         .map(|i| {
@@ -460,7 +463,9 @@ async fn a_silent_name_server_costs_other_tenants_nothing() {
     const ATTACK: Duration = Duration::from_secs(6);
     let hole = BlackHole::start().await;
     let network = Arc::new(Network::builder().dns(DnsConfig::name_servers(vec![hole.addr])).build().unwrap());
-    let workers = fetcher("attacker", "t-attacker", &["http://*.silent.test".into()], "subrequest_timeout_ms = 300") + &victim();
+    let workers = fetcher("attacker", "t-attacker", &["http://*.silent.test".into()], "subrequest_timeout_ms = 300")
+        + &victim()
+        + "[[tenant]]\nname = \"t-attacker\"\nmax_instances = 127\n";
     let s = Arc::new(start_with(&workers, Options { network: Some(network), max_instances: Some(128), ..Default::default() }).await);
     let r = request(
         s.addr,

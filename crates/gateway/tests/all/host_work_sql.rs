@@ -233,7 +233,11 @@ const SLOW_INSERT: &str = "INSERT INTO ran (n) SELECT count(*) FROM (WITH RECURS
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_slow_statements_neither_delays_other_tenants_nor_outlives_its_requests() {
     let attacker = worker("flood", "evil", "slow", "cpu_ms = 1500\nwall_ms = 1500\nsql_statement_timeout_ms = 1000");
-    let s = start_with(&format!("{attacker}{}", victim()), Options { max_instances: Some(1000), ..Options::default() }).await;
+    let s = start_with(
+        &format!("{attacker}{}[[tenant]]\nname = \"evil\"\nmax_instances = 999\n", victim()),
+        Options { max_instances: Some(1000), ..Options::default() },
+    )
+    .await;
     prepare_victim(&s).await;
     assert_eq!(sql(&s, "flood", json!({"sql": "CREATE TABLE ran (n INTEGER)", "params": []})).await.0, 200);
     let t = Instant::now();

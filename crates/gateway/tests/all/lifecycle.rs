@@ -73,14 +73,25 @@ async fn shutdown_lets_requests_in_flight_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_instance_pool_gives_503_not_a_hang() {
-    let s = start_with(&standard_workers(), Options { max_instances: Some(1), ..Options::default() }).await;
+    // Two slots and a quota of one per tenant: two other tenants fill the
+    // pool between them.
+    let third = format!(
+        "[[worker]]\nname = \"third\"\ntenant = \"third\"\ncomponent = \"{}\"\nroutes = [\"third.localhost/\"]\n",
+        guest("hostile").display()
+    );
+    let s = start_with(&(third + &standard_workers()), Options { max_instances: Some(2), ..Options::default() }).await;
     let addr = s.addr;
-    let holder = tokio::spawn(async move { request(addr, "GET", "hostile.localhost", "/sleep?ms=1000", &[], None).await });
+    let holders: Vec<_> = ["hostile.localhost", "third.localhost"]
+        .map(|host| tokio::spawn(async move { request(addr, "GET", host, "/sleep?ms=1000", &[], None).await }))
+        .into();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = s.get("hello.localhost", "/").await;
     assert_eq!(r.status, 503);
     assert_eq!(r.error_code(), "over_capacity");
-    assert_eq!(holder.await.unwrap().text(), "slept");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    for holder in holders {
+        assert_eq!(holder.await.unwrap().text(), "slept");
+    }
     // The slot is free again.
     assert_eq!(s.get("hello.localhost", "/").await.status, 200);
 }

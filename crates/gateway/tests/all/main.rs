@@ -12,6 +12,7 @@ mod egress_dns;
 mod host_work_sql;
 mod hostile_requests;
 mod hostile_workers;
+mod instance_quota;
 mod isolation;
 mod lifecycle;
 mod log_flood;
