@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use crate::harness::{Options, guest, start_with};
+use crate::harness::{Options, guest, rss_bytes, start_with};
 
 /// The victim's bound: every request answered, the slowest within this.
 /// An idle-connection attack on the old code made the victim wait for the
@@ -27,9 +27,7 @@ const VICTIM_BOUND: Duration = Duration::from_millis(1000);
 const RSS_BOUND_KIB: u64 = 256 * 1024;
 
 fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    rss_bytes() / 1024
 }
 
 fn open_descriptors() -> u64 {

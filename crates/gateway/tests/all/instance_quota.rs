@@ -24,21 +24,6 @@ const VICTIM_P99: Duration = Duration::from_millis(250);
 const RSS_GROWTH: u64 = 256 << 20;
 const ATTACK_REQUESTS: usize = 1000;
 
-fn vm_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kb * 1024
-}
-
-fn p99(mut latencies: Vec<Duration>) -> Duration {
-    latencies.sort();
-    latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)]
-}
-
 /// Sends `n` requests for `path` to `host` on one keep-alive connection, all
 /// written at once, and returns every response head and body as text.
 async fn pipelined(addr: std::net::SocketAddr, host: &str, path: &str, n: usize) -> String {
@@ -67,7 +52,7 @@ async fn pipelined(addr: std::net::SocketAddr, host: &str, path: &str, n: usize)
 async fn a_thousand_long_running_requests_on_one_connection_leave_other_tenants_served() {
     let s = Arc::new(start(&standard_workers()).await);
     assert_eq!(s.get("hello.localhost", "/").await.status, 200);
-    let baseline = vm_rss();
+    let baseline = rss_bytes();
 
     // The victim: one request after another on new connections, and the
     // attacker's instances in flight as /health shows them, until stopped.
@@ -85,7 +70,7 @@ async fn a_thousand_long_running_requests_on_one_connection_leave_other_tenants_
                 assert_eq!(r.status, 200, "the victim was refused during the attack: {}", r.text());
                 let health = s.health().await;
                 most_in_flight = most_in_flight.max(health["tenants"]["evil"]["in_flight"].as_u64().unwrap());
-                peak_rss.fetch_max(vm_rss(), Ordering::Relaxed);
+                peak_rss.fetch_max(rss_bytes(), Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             (latencies, most_in_flight)
@@ -114,9 +99,10 @@ async fn a_thousand_long_running_requests_on_one_connection_leave_other_tenants_
     assert_eq!(health["tenants"]["evil"]["refused"], refused as u64);
     assert_eq!(health["tenants"]["good"]["refused"], 0);
     stop.store(true, Ordering::Relaxed);
-    let (latencies, most_in_flight) = victim.await.unwrap();
+    let (mut latencies, most_in_flight) = victim.await.unwrap();
     let calls = latencies.len();
-    let victim_p99 = p99(latencies);
+    latencies.sort();
+    let victim_p99 = percentile(&latencies, 0.99);
     let grew = peak_rss.load(Ordering::Relaxed).saturating_sub(baseline);
     eprintln!(
         "attack answered in {answered_in:?}: {ok} admitted, {refused} refused; victim p99 {victim_p99:?} over {calls} calls; attacker held at most {most_in_flight}; RSS grew {} MiB",

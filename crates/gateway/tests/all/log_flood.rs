@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Options, guest, log_events, logs, request, start_with, wait_for_log};
+use crate::harness::{Options, guest, log_events, logs, percentile, request, rss_bytes, start_with, wait_for_log};
 
 /// The victim's median latency during the attack (a hello-world request on
 /// a fresh connection). Unloaded it is about 1 ms; the old per-line logging
@@ -61,20 +61,6 @@ max_log_bytes = {FLOOD_BYTES}
     )
 }
 
-fn vm_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kb * 1024
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_printing_newlines_cannot_slow_another_or_flood_the_log() {
     let s = start_with(&workers(), Options::default()).await;
@@ -93,13 +79,13 @@ async fn a_tenant_printing_newlines_cannot_slow_another_or_flood_the_log() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let attacks = Arc::new(AtomicU64::new(0));
-    let rss_before = vm_rss();
+    let rss_before = rss_bytes();
     let peak = Arc::new(AtomicU64::new(rss_before));
     let sampler = {
         let (stop, peak) = (stop.clone(), peak.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                peak.fetch_max(vm_rss(), Ordering::Relaxed);
+                peak.fetch_max(rss_bytes(), Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
@@ -131,7 +117,7 @@ async fn a_tenant_printing_newlines_cannot_slow_another_or_flood_the_log() {
     }
     let attack_time = attack_started.elapsed() + Duration::from_millis(300);
     sampler.await.unwrap();
-    let growth = peak.load(Ordering::Relaxed).max(vm_rss()).saturating_sub(rss_before);
+    let growth = peak.load(Ordering::Relaxed).max(rss_bytes()).saturating_sub(rss_before);
     during.sort();
     let attacks = attacks.load(Ordering::Relaxed);
 
