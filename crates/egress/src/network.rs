@@ -297,18 +297,28 @@ pub(crate) enum LookupError {
     Failed(io::Error),
 }
 
+/// One semaphore of `per_tenant` permits for each tenant, made on first use.
+struct TenantSemaphores {
+    per_tenant: u32,
+    tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl TenantSemaphores {
+    fn new(per_tenant: u32) -> TenantSemaphores {
+        TenantSemaphores { per_tenant, tenants: Mutex::default() }
+    }
+
+    fn tenant(&self, tenant: &str) -> Arc<Semaphore> {
+        let mut tenants = self.tenants.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        tenants.entry(tenant.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.per_tenant as usize))).clone()
+    }
+}
+
 /// Lookup slots: one semaphore per tenant, one for the process.
 struct LookupSlots {
     limits: LookupLimits,
     total: Semaphore,
-    tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
-}
-
-impl LookupSlots {
-    fn tenant(&self, tenant: &str) -> Arc<Semaphore> {
-        let mut tenants = self.tenants.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        tenants.entry(tenant.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.limits.per_tenant as usize))).clone()
-    }
+    tenants: TenantSemaphores,
 }
 
 /// Outbound connections a tenant holds open at once, over all its workers
@@ -316,8 +326,7 @@ impl LookupSlots {
 /// it connects until its connection is closed, so that no tenant can spend
 /// the process's file descriptors.
 pub(crate) struct ConnectionSlots {
-    per_tenant: u32,
-    tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
+    tenants: TenantSemaphores,
 }
 
 /// Default of [`NetworkBuilder::outbound_connections_per_tenant`].
@@ -328,11 +337,7 @@ impl ConnectionSlots {
     /// subrequest over the cap fails at once rather than waiting, since the
     /// ones holding the slots may hang until their deadline.
     pub(crate) fn try_acquire(&self, tenant: &str) -> Option<OwnedSemaphorePermit> {
-        let semaphore = {
-            let mut tenants = self.tenants.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            tenants.entry(tenant.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.per_tenant as usize))).clone()
-        };
-        semaphore.try_acquire_owned().ok()
+        self.tenants.tenant(tenant).try_acquire_owned().ok()
     }
 }
 
@@ -375,7 +380,7 @@ impl Network {
 
     /// The most outbound connections one tenant holds open at once.
     pub fn outbound_connections_per_tenant(&self) -> u32 {
-        self.connections.per_tenant
+        self.connections.tenants.per_tenant
     }
 
     pub fn lookup_limits(&self) -> LookupLimits {
@@ -388,7 +393,7 @@ impl Network {
     /// lookup's sockets.
     pub(crate) async fn lookup(&self, tenant: &str, name: &str, deadline: Instant) -> Result<Vec<IpAddr>, LookupError> {
         let limits = self.lookups.limits;
-        let tenant_slots = self.lookups.tenant(tenant);
+        let tenant_slots = self.lookups.tenants.tenant(tenant);
         let Ok(Ok(_tenant_slot)) = tokio::time::timeout_at(deadline, tenant_slots.acquire_owned()).await else {
             return Err(LookupError::Busy { limit: limits.per_tenant, per_tenant: true });
         };
@@ -508,8 +513,12 @@ impl NetworkBuilder {
         Ok(Network {
             resolver,
             lookup_timeout: self.lookup_timeout.unwrap_or(default_timeout),
-            lookups: LookupSlots { limits, total: Semaphore::new(limits.total as usize), tenants: Mutex::default() },
-            connections: ConnectionSlots { per_tenant, tenants: Mutex::default() },
+            lookups: LookupSlots {
+                limits,
+                total: Semaphore::new(limits.total as usize),
+                tenants: TenantSemaphores::new(limits.per_tenant),
+            },
+            connections: ConnectionSlots { tenants: TenantSemaphores::new(per_tenant) },
             dialer: self.dialer.unwrap_or_else(|| Arc::new(TcpDialer)),
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
             denied_total: AtomicU64::new(0),
