@@ -50,6 +50,9 @@ pub struct TenantConfig {
     /// Instances of this tenant's workers that may exist at once; always
     /// less than `sandbox.max_instances`.
     pub max_instances: u32,
+    /// Bytes this tenant's instances may hold at once (linear memory and
+    /// host-side buffers), in MiB; `None` for `sandbox.tenant_memory_budget_mb`.
+    pub memory_budget_mb: Option<u64>,
 }
 
 /// `[server]`: listeners, the data directory and the gateway's input limits.
@@ -129,6 +132,16 @@ pub struct SandboxConfig {
     /// Maximum native stack that wasm code may use, in KiB. Deeper recursion
     /// traps with a stack overflow.
     pub max_wasm_stack_kb: u32,
+    /// Bytes all instances together may hold (linear memory, tables, fiber
+    /// stacks and host-side buffers), in MiB; `None` for half of the memory
+    /// the host has for the process (RAM, or its cgroup limit when lower).
+    pub memory_budget_mb: Option<u64>,
+    /// The budget of a tenant without its own `[[tenant]] memory_budget_mb`,
+    /// in MiB; `None` for a quarter of `memory_budget_mb`.
+    pub tenant_memory_budget_mb: Option<u64>,
+    /// How many times the host's memory the worst case of the configured
+    /// limits may be; above it the configuration is refused at start.
+    pub memory_overcommit: f64,
 }
 
 impl SandboxConfig {

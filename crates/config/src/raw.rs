@@ -35,6 +35,7 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawTenant {
     pub name: Spanned<String>,
     pub max_instances: Option<Spanned<i64>>,
+    pub memory_budget_mb: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -67,6 +68,9 @@ pub(crate) struct RawSandbox {
     pub max_instances: Option<Spanned<i64>>,
     pub tenant_max_instances: Option<Spanned<i64>>,
     pub max_wasm_stack_kb: Option<Spanned<i64>>,
+    pub memory_budget_mb: Option<Spanned<i64>>,
+    pub tenant_memory_budget_mb: Option<Spanned<i64>>,
+    pub memory_overcommit: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -248,7 +248,46 @@ impl Validator<'_> {
                 8192,
                 "the native stack wasm code may use, in KiB",
             ) as u32,
+            memory_budget_mb: self.memory_mb(&s.memory_budget_mb, "sandbox.memory_budget_mb", "the MiB all instances together may hold"),
+            tenant_memory_budget_mb: self.memory_mb(
+                &s.tenant_memory_budget_mb,
+                "sandbox.tenant_memory_budget_mb",
+                "the MiB one tenant's instances may hold",
+            ),
+            memory_overcommit: self.overcommit(&s.memory_overcommit),
         }
+    }
+
+    /// An optional memory budget in MiB: unset means derived at start from
+    /// the host's memory.
+    fn memory_mb(&mut self, value: &Option<Spanned<i64>>, key: &str, what: &str) -> Option<u64> {
+        let v = value.as_ref()?;
+        let n = *v.get_ref();
+        if !(16..=(1 << 24)).contains(&n) {
+            self.error(
+                Some(v.span()),
+                key,
+                format!("must be between 16 and {} MiB, got {n}", 1 << 24),
+                format!("set it to {what}, or remove it to derive it from the host's memory"),
+            );
+            return None;
+        }
+        Some(n as u64)
+    }
+
+    fn overcommit(&mut self, value: &Option<Spanned<f64>>) -> f64 {
+        let Some(v) = value else { return 1.0 };
+        let ratio = *v.get_ref();
+        if !(ratio.is_finite() && (1.0..=100.0).contains(&ratio)) {
+            self.error(
+                Some(v.span()),
+                "sandbox.memory_overcommit",
+                format!("must be a ratio between 1.0 and 100.0, got {ratio}"),
+                "set how many times the host's memory the configured limits may promise (default 1.0: no overcommit)",
+            );
+            return 1.0;
+        }
+        ratio
     }
 
     /// A tenant's instance quota: at least 1 and less than the whole pool,
@@ -289,7 +328,9 @@ impl Validator<'_> {
                     self.tenant_share(value, &key("max_instances"), sandbox.max_instances).unwrap_or(sandbox.tenant_max_instances)
                 }
             };
-            tenants.push(TenantConfig { name: t.name.get_ref().clone(), max_instances });
+            let memory_budget_mb =
+                self.memory_mb(&t.memory_budget_mb, &key("memory_budget_mb"), "the MiB this tenant's instances may hold");
+            tenants.push(TenantConfig { name: t.name.get_ref().clone(), max_instances, memory_budget_mb });
         }
         tenants
     }
@@ -992,7 +1033,7 @@ max_name_lookups_per_tenant = 100000
             worker("c", "other", ""),
         );
         let c = parse(&file, &text).unwrap();
-        assert_eq!(c.tenants, vec![TenantConfig { name: "acme".into(), max_instances: 40 }]);
+        assert_eq!(c.tenants, vec![TenantConfig { name: "acme".into(), max_instances: 40, memory_budget_mb: None }]);
         assert_eq!((c.tenant_max_instances("acme"), c.tenant_max_instances("other")), (40, 10));
         let limits: Vec<u32> = c.workers.iter().map(|w| w.limits.max_instances).collect();
         assert_eq!(limits, [40, 5, 10], "a worker defaults to its tenant's quota");
@@ -1018,6 +1059,29 @@ max_name_lookups_per_tenant = 100000
         assert!(worker_limit.to_string().starts_with(&format!("{}:16:17", file.display())), "{worker_limit}");
         let e = errors("[[tenant]]\nname = \"Acme\"\nmemory = 1\n");
         assert!(e[0].message.contains("unknown field"), "{e:?}");
+    }
+
+    #[test]
+    fn memory_budgets_are_optional_bounded_and_per_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.wasm"), b"").unwrap();
+        let file = dir.path().join("cordon.toml");
+        let c = parse(&file, &worker_with("")).unwrap();
+        assert_eq!((c.sandbox.memory_budget_mb, c.sandbox.tenant_memory_budget_mb, c.sandbox.memory_overcommit), (None, None, 1.0));
+        let text = format!(
+            "[sandbox]\nmemory_budget_mb = 4096\ntenant_memory_budget_mb = 512\nmemory_overcommit = 2\n[[tenant]]\nname = \"t\"\nmemory_budget_mb = 1024\n{}",
+            worker_with("")
+        );
+        let c = parse(&file, &text).unwrap();
+        assert_eq!(
+            (c.sandbox.memory_budget_mb, c.sandbox.tenant_memory_budget_mb, c.sandbox.memory_overcommit),
+            (Some(4096), Some(512), 2.0)
+        );
+        assert_eq!(c.tenants[0].memory_budget_mb, Some(1024));
+        let e = errors(&format!("[sandbox]\nmemory_budget_mb = 8\nmemory_overcommit = 0.5\n{}", worker_with("")));
+        let at = |key: &str| e.iter().find(|e| e.key.as_deref() == Some(key)).unwrap_or_else(|| panic!("no error for {key}: {e:?}"));
+        assert_eq!(at("sandbox.memory_budget_mb").location.unwrap().line, 2);
+        assert!(at("sandbox.memory_overcommit").message.contains("between 1.0 and 100.0"));
     }
 
     fn worker_with(extra: &str) -> String {

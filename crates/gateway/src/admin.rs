@@ -57,6 +57,12 @@ impl Admin {
             // Per tenant: instances in flight (admitted, until their store is dropped), the
             // quota, and requests refused with tenant_over_capacity.
             "tenants": self.runtime.admission().snapshot(),
+            // The bytes all instances hold (linear memory, tables, stacks and host-side
+            // buffers) against the process's budget, and each tenant's against its own.
+            "memory": {
+                "process": self.runtime.admission().memory().process.snapshot(),
+                "tenants": self.runtime.admission().memory_snapshot(),
+            },
             "workers": workers,
         })
     }

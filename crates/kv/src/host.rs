@@ -73,12 +73,14 @@ pub struct RequestKv {
     worker: Arc<WorkerKv>,
     operations: u64,
     cpu: CpuCharge,
+    memory: Arc<cordon_memory::Account>,
 }
 
 impl RequestKv {
-    /// `cpu` collects the CPU time calls take on the pool's threads.
-    pub fn new(worker: Arc<WorkerKv>, cpu: CpuCharge) -> RequestKv {
-        RequestKv { worker, operations: 0, cpu }
+    /// `cpu` collects the CPU time calls take on the pool's threads;
+    /// `memory` is charged with the values a batch read holds on the host.
+    pub fn new(worker: Arc<WorkerKv>, cpu: CpuCharge, memory: Arc<cordon_memory::Account>) -> RequestKv {
+        RequestKv { worker, operations: 0, cpu, memory }
     }
 
     /// Operations made so far.
@@ -248,7 +250,15 @@ impl batch::Host for KvView<'_> {
         if let Err(e) = self.state.charge(keys.len().max(1)) {
             return Ok(Err(e));
         }
-        Ok(self.state.blocking(move || ns.get_many(&keys)).await)
+        // The values are held on the host until they are copied into the
+        // guest's memory (which is charged again as it grows): each is
+        // charged before it is read, and given back when this call returns.
+        let mut held = match self.state.memory.hold(0) {
+            Ok(held) => held,
+            Err(e) => return Ok(Err(store::Error::Other(e.to_string()))),
+        };
+        let result = self.state.blocking(move || ns.get_many_within(&keys, |bytes| Ok(held.grow(bytes as u64)?)).map(|v| (v, held))).await;
+        Ok(result.map(|(values, _held)| values))
     }
 
     async fn set_many(&mut self, bucket: Resource<Bucket>, entries: Vec<(String, Vec<u8>)>) -> wasmtime::Result<Result<(), store::Error>> {

@@ -168,6 +168,9 @@ pub enum KvError {
     ShuttingDown,
     #[error("key-value storage failed: {0}")]
     Storage(String),
+    /// Reading the values would take the request over a memory limit.
+    #[error("{0}")]
+    OverMemory(#[from] cordon_memory::OverBudget),
 }
 
 /// A key and its value, as the batch operations take and return them.
@@ -466,6 +469,17 @@ impl Namespace {
     /// One entry per key, in the order of `keys`, `None` for keys that are
     /// absent or expired. All values come from one snapshot.
     pub fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Entry>>, KvError> {
+        self.get_many_within(keys, |_| Ok(()))
+    }
+
+    /// [`Namespace::get_many`], asking `admit` for each value's bytes before
+    /// the value is read, so that a batch stops at a memory budget while it
+    /// reads rather than after everything is in memory.
+    pub fn get_many_within(
+        &self,
+        keys: &[String],
+        mut admit: impl FnMut(usize) -> Result<(), KvError>,
+    ) -> Result<Vec<Option<Entry>>, KvError> {
         for key in keys {
             check_key(key, DEFAULT_MAX_KEY_BYTES)?;
         }
@@ -474,11 +488,20 @@ impl Namespace {
             let tx = conn.transaction()?;
             let mut values = Vec::with_capacity(keys.len());
             {
-                let sql = format!("SELECT value FROM kv WHERE key = :key AND {LIVE}");
+                // The length first: SQLite reads a value's overflow pages
+                // only when the value itself is asked for.
+                let sql = format!("SELECT length(value), value FROM kv WHERE key = :key AND {LIVE}");
                 let mut stmt = tx.prepare_cached(&sql)?;
                 for key in keys {
-                    let value: Option<Vec<u8>> =
-                        stmt.query_row(rusqlite::named_params! { ":key": key.as_bytes(), ":now": now }, |r| r.get(0)).optional()?;
+                    admit(key.len())?;
+                    let mut rows = stmt.query(rusqlite::named_params! { ":key": key.as_bytes(), ":now": now })?;
+                    let value = match rows.next()? {
+                        None => None,
+                        Some(row) => {
+                            admit(usize::try_from(row.get::<_, i64>(0)?).unwrap_or(usize::MAX))?;
+                            Some(row.get::<_, Vec<u8>>(1)?)
+                        }
+                    };
                     values.push(value.map(|v| (key.clone(), v)));
                 }
             }

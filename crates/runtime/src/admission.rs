@@ -10,11 +10,18 @@
 //! Every tenant's quota is less than `sandbox.max_instances` (the config
 //! refuses anything else), so a tenant at its quota always leaves slots of
 //! the shared pool to the others.
+//!
+//! The same goes for memory: each tenant has a [`Budget`] below the
+//! process's, and every instance is charged its fiber stack and bookkeeping
+//! at admission, then its linear memory and host-side buffers as they grow
+//! (see `cordon-memory`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use cordon_memory::Budget;
+use cordon_memory::host::{HostMemory, WorstCase};
 use serde::Serialize;
 
 /// A counter of instances in flight with a limit, and how often it refused.
@@ -62,20 +69,113 @@ pub struct SlotsSnapshot {
 }
 
 /// The quotas of every tenant, built once from the config.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Admission {
     tenants: HashMap<String, Arc<Slots>>,
+    memory: MemoryBudgets,
+}
+
+/// The process's memory budget and every tenant's.
+#[derive(Debug)]
+pub struct MemoryBudgets {
+    pub process: Arc<Budget>,
+    tenants: HashMap<String, Arc<Budget>>,
+    /// A tenant's budget when neither its `[[tenant]]` table nor
+    /// `sandbox.tenant_memory_budget_mb` sets one.
+    default_tenant_bytes: u64,
+    /// Charged to every instance at admission, outside its own limit: its
+    /// fiber stack and the store's bookkeeping.
+    pub instance_overhead_bytes: u64,
+}
+
+/// The process's budget when `sandbox.memory_budget_mb` is unset is the
+/// usable host memory divided by this: the rest is for the stores, the
+/// caches, the kernel's socket buffers and the page cache.
+pub const PROCESS_SHARE_DIVISOR: u64 = 2;
+
+/// What an instance's store, instance and resource table hold besides its
+/// memories and stack, charged with the stack.
+pub const INSTANCE_BOOKKEEPING_BYTES: u64 = 64 * 1024;
+
+/// Why the configured memory cannot be served.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MemoryConfigError {
+    #[error(transparent)]
+    DoesNotFit(#[from] cordon_memory::host::DoesNotFit),
+    #[error(
+        "tenant `{tenant}` has a memory budget of {tenant_mib} MiB, not below the server's budget of {process_mib} MiB; lower it (sandbox.tenant_memory_budget_mb or its [[tenant]] memory_budget_mb) so that one tenant cannot hold all the memory"
+    )]
+    TenantNotBelowProcess { tenant: String, tenant_mib: u64, process_mib: u64 },
+}
+
+impl MemoryBudgets {
+    /// Sizes the budgets from the config and `host`, and refuses a config
+    /// whose worst case does not fit in the host's memory.
+    pub fn from_config(config: &cordon_config::Config, host: Option<HostMemory>) -> Result<MemoryBudgets, MemoryConfigError> {
+        let sandbox = &config.sandbox;
+        let mib = |n: u64| n.saturating_mul(1 << 20);
+        let stack = u64::from(sandbox.max_wasm_stack_kb) * 1024 + crate::policy::HOST_STACK_BYTES;
+        let instance_overhead_bytes = stack + INSTANCE_BOOKKEEPING_BYTES;
+        let all_instances = u64::from(sandbox.max_instances).saturating_mul(mib(config.max_worker_memory_mb()) + instance_overhead_bytes);
+        let process_bytes = match (sandbox.memory_budget_mb, host) {
+            (Some(mb), _) => mib(mb),
+            (None, Some(host)) => host.usable_bytes() / PROCESS_SHARE_DIVISOR,
+            // No way to know the host's memory: the instances' own worst case.
+            (None, None) => all_instances,
+        }
+        .min(all_instances);
+        if let Some(host) = host {
+            let worst = WorstCase {
+                terms: vec![
+                    (
+                        "instances (sandbox.memory_budget_mb, or sandbox.max_instances × the largest memory_mb and stack)".into(),
+                        process_bytes,
+                    ),
+                    ("SQLite (storage.sqlite_heap_limit_mb)".into(), mib(config.storage.sqlite_heap_limit_mb)),
+                ],
+            };
+            worst.check(&host, sandbox.memory_overcommit)?;
+        }
+        let default_tenant_bytes = sandbox.tenant_memory_budget_mb.map_or(process_bytes / 4, mib);
+        let mut tenants = HashMap::new();
+        for w in &config.workers {
+            let bytes =
+                config.tenants.iter().find(|t| t.name == w.tenant).and_then(|t| t.memory_budget_mb).map_or(default_tenant_bytes, mib);
+            if bytes >= process_bytes {
+                return Err(MemoryConfigError::TenantNotBelowProcess {
+                    tenant: w.tenant.clone(),
+                    tenant_mib: bytes >> 20,
+                    process_mib: process_bytes >> 20,
+                });
+            }
+            tenants.entry(w.tenant.clone()).or_insert_with(|| Budget::new(bytes));
+        }
+        Ok(MemoryBudgets { process: Budget::new(process_bytes), tenants, default_tenant_bytes, instance_overhead_bytes })
+    }
+
+    /// The budget of `tenant`; one the config does not know gets the default.
+    pub(crate) fn tenant(&mut self, tenant: &str) -> Arc<Budget> {
+        self.tenants.entry(tenant.to_string()).or_insert_with(|| Budget::new(self.default_tenant_bytes)).clone()
+    }
 }
 
 impl Admission {
     /// One quota per tenant that has a worker, sized by its `[[tenant]]`
-    /// table or `sandbox.tenant_max_instances`.
-    pub fn from_config(config: &cordon_config::Config) -> Self {
+    /// table or `sandbox.tenant_max_instances`, and the memory budgets.
+    pub fn from_config(config: &cordon_config::Config, memory: MemoryBudgets) -> Self {
         let mut tenants = HashMap::new();
         for w in &config.workers {
             tenants.entry(w.tenant.clone()).or_insert_with(|| Slots::new(config.tenant_max_instances(&w.tenant)));
         }
-        Self { tenants }
+        Self { tenants, memory }
+    }
+
+    pub fn memory(&self) -> &MemoryBudgets {
+        &self.memory
+    }
+
+    pub(crate) fn memory_mut(&mut self) -> &mut MemoryBudgets {
+        &mut self.memory
     }
 
     /// The quota of `tenant`; a tenant the config does not know gets a quota
@@ -87,6 +187,11 @@ impl Admission {
     /// Every tenant's quota, by name.
     pub fn snapshot(&self) -> std::collections::BTreeMap<String, SlotsSnapshot> {
         self.tenants.iter().map(|(name, slots)| (name.clone(), slots.snapshot())).collect()
+    }
+
+    /// Every tenant's memory budget, by name.
+    pub fn memory_snapshot(&self) -> std::collections::BTreeMap<String, cordon_memory::BudgetSnapshot> {
+        self.memory.tenants.iter().map(|(name, b)| (name.clone(), b.snapshot())).collect()
     }
 }
 
@@ -111,14 +216,21 @@ pub enum Refusal {
     Tenant { limit: u32 },
     #[error("this worker has {limit} instances in flight, its limit; retry shortly")]
     Worker { limit: u32 },
+    /// The tenant's instances hold its whole memory budget.
+    #[error("this tenant's instances hold its memory budget of {limit_mb} MiB; retry shortly")]
+    TenantMemory { limit_mb: u64 },
+    /// All instances together hold the server's memory budget.
+    #[error("the server's instances hold its memory budget of {limit_mb} MiB; retry shortly")]
+    ProcessMemory { limit_mb: u64 },
 }
 
 impl Refusal {
     /// The error code the client sees.
     pub fn code(&self) -> &'static str {
         match self {
-            Refusal::Tenant { .. } => "tenant_over_capacity",
+            Refusal::Tenant { .. } | Refusal::TenantMemory { .. } => "tenant_over_capacity",
             Refusal::Worker { .. } => "worker_over_capacity",
+            Refusal::ProcessMemory { .. } => "over_capacity",
         }
     }
 }

@@ -5,7 +5,8 @@
 //! dropped with it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+
+use cordon_memory::Account;
 
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter};
@@ -26,6 +27,11 @@ use crate::stdio::CapturedOutput;
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 /// Most bytes a guest can ask `wasi:random` for in one call.
 const MAX_RANDOM_BYTES: u64 = 64 * 1024;
+/// Most host resources (streams, bodies, header fields, requests, buckets)
+/// an instance may hold at once.
+const MAX_RESOURCES: usize = 10_000;
+/// What one table element is charged: a pointer-sized reference.
+const TABLE_ELEMENT_BYTES: u64 = std::mem::size_of::<usize>() as u64;
 
 pub(crate) struct Host {
     wasi: WasiCtx,
@@ -45,12 +51,11 @@ pub(crate) struct Host {
 }
 
 pub(crate) struct HostParts {
-    pub memory_limit_bytes: u64,
+    pub memory: Arc<Account>,
     pub cpu_limit: std::time::Duration,
     pub stdout: CapturedOutput,
     pub stderr: CapturedOutput,
     pub meter: Arc<CpuMeter>,
-    pub memory_denied: Arc<AtomicBool>,
     pub egress: cordon_egress::RequestEgress,
     pub kv: RequestKv,
     pub sql: RequestSql,
@@ -80,17 +85,25 @@ impl Host {
             postgres: parts.postgres,
             vars: parts.vars,
             http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
-            outbound: Outbound(parts.egress),
-            limiter: MemoryLimiter {
-                max_bytes: usize::try_from(parts.memory_limit_bytes).unwrap_or(usize::MAX),
-                used_bytes: 0,
-                denied: parts.memory_denied,
+            table: {
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(MAX_RESOURCES);
+                table
             },
+            outbound: Outbound(parts.egress),
+            limiter: MemoryLimiter { account: parts.memory },
             meter: parts.meter,
             cpu_limit: parts.cpu_limit,
             _slot: parts.slot,
         }
+    }
+}
+
+impl Host {
+    /// The request's memory account: linear memory, tables and host-side
+    /// buffers.
+    pub(crate) fn memory(&self) -> &Account {
+        &self.limiter.account
     }
 }
 
@@ -113,6 +126,7 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    crate::host_buffers::add_to_linker(&mut linker)?;
     // Capabilities are linked for every worker; each call checks the
     // calling worker's own grants, and `grants::check` refuses at load time
     // a component that imports one its worker was not granted.
@@ -123,45 +137,46 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
     Ok(linker)
 }
 
-/// Caps the linear memory of the whole instance (all its memories together)
-/// at the worker's `memory_mb`. A refused grow returns -1 to the guest, as
-/// the spec says; the flag lets a trap that follows be reported as the memory
-/// limit rather than a bare crash.
+/// Charges the linear memories and tables of the whole instance (all its
+/// memories together) to the request's memory account: its `memory_mb`,
+/// its tenant's budget and the process's. A refused grow returns -1 to the
+/// guest, as the spec says; the account remembers which limit refused, so
+/// that a trap that follows is reported as that limit rather than a crash.
 pub(crate) struct MemoryLimiter {
-    max_bytes: usize,
-    used_bytes: usize,
-    denied: Arc<AtomicBool>,
+    account: Arc<Account>,
 }
 
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        // Creating a memory is a grow from 0, so `used_bytes` covers them all.
-        let total = self.used_bytes.saturating_sub(current).saturating_add(desired);
-        if total > self.max_bytes {
-            self.denied.store(true, Ordering::Relaxed);
-            return Ok(false);
-        }
-        self.used_bytes = total;
-        Ok(true)
+        // Creating a memory is a grow from 0, so the account covers them all.
+        Ok(self.account.charge(desired.saturating_sub(current) as u64).is_ok())
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
+    fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            return Ok(false);
+        }
+        Ok(self.account.charge(desired.saturating_sub(current) as u64 * TABLE_ELEMENT_BYTES).is_ok())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cordon_memory::OverBudget;
 
     #[test]
-    fn the_memory_limit_covers_all_memories_of_an_instance() {
-        let denied = Arc::new(AtomicBool::new(false));
-        let mut l = MemoryLimiter { max_bytes: 100, used_bytes: 0, denied: denied.clone() };
-        assert!(l.memory_growing(0, 60, None).unwrap(), "first memory created");
-        assert!(l.memory_growing(60, 70, None).unwrap(), "and grown");
-        assert!(!l.memory_growing(0, 40, None).unwrap(), "a second memory may not take the total past the limit");
-        assert!(denied.load(Ordering::Relaxed));
-        assert!(l.memory_growing(0, 30, None).unwrap(), "but may use what is left");
+    fn the_memory_limit_covers_all_memories_and_tables_of_an_instance() {
+        let budget = || cordon_memory::Budget::new(1 << 30);
+        let account = Arc::new(Account::new(1000, budget(), budget()));
+        let mut l = MemoryLimiter { account: account.clone() };
+        assert!(l.memory_growing(0, 600, None).unwrap(), "first memory created");
+        assert!(l.memory_growing(600, 700, None).unwrap(), "and grown");
+        assert!(!l.memory_growing(0, 400, None).unwrap(), "a second memory may not take the total past the limit");
+        assert_eq!(account.refused(), Some(OverBudget::Request { limit: 1000 }));
+        assert!(l.table_growing(0, 30, None).unwrap(), "a table is charged per element");
+        assert_eq!(account.used(), 700 + 30 * TABLE_ELEMENT_BYTES);
+        assert!(!l.table_growing(30, 100, None).unwrap(), "and refused past the limit");
+        assert!(l.memory_growing(0, 10, None).unwrap(), "what is left may be used");
     }
 }

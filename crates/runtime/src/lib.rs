@@ -11,6 +11,7 @@ mod cache;
 mod clock;
 mod grants;
 mod host;
+mod host_buffers;
 mod meter;
 mod outbound;
 pub mod policy;
@@ -26,7 +27,7 @@ use cordon_pgaccel::accel::Accelerator;
 use wasmtime::Engine;
 use wasmtime::component::Linker;
 
-pub use admission::{Admission, InstanceSlot, Refusal, SlotsSnapshot};
+pub use admission::{Admission, InstanceSlot, MemoryBudgets, MemoryConfigError, Refusal, SlotsSnapshot};
 pub use body::{ResponseBody, ResponseBodyError};
 pub use cache::{CacheError, CodeCache, CodeSource, DataDirLock, LoadError};
 pub use cordon_egress::Network;
@@ -123,6 +124,8 @@ pub enum StartError {
     Secrets(String),
     #[error("cannot start the Postgres accelerator: {0}")]
     Postgres(String),
+    #[error(transparent)]
+    Memory(#[from] MemoryConfigError),
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Workers(Vec<WorkerLoadError>),
 }
@@ -165,11 +168,17 @@ impl Runtime {
     /// hold the `[[database]]` passwords read through `env` instead of the
     /// process environment (tests give theirs).
     pub fn start_with_env(config: &Config, network: Arc<Network>, env: &dyn Fn(&str) -> Option<String>) -> Result<Runtime, StartError> {
+        let memory = MemoryBudgets::from_config(config, cordon_memory::host::HostMemory::detect())?;
+        tracing::info!(
+            process_budget_bytes = memory.process.limit(),
+            instance_overhead_bytes = memory.instance_overhead_bytes,
+            "memory budgets set"
+        );
         let (engine, posture) = build_engine(config)?;
         let cache = CodeCache::open(&config.server.data_dir)?;
         let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
         let stores = Stores::open(config, env)?;
-        let mut admission = Admission::from_config(config);
+        let mut admission = Admission::from_config(config, memory);
         let results = load_workers(&engine, &linker, &config.workers, Some(&cache), &mut admission, &|w| stores.capabilities(w, &network));
         let mut workers = Vec::new();
         let mut errors = Vec::new();
@@ -191,10 +200,11 @@ impl Runtime {
     /// worker.
     pub fn check(config: &Config) -> Result<(Posture, Vec<Result<(), WorkerLoadError>>), StartError> {
         CodeCache::check_existing(&config.server.data_dir)?;
+        let memory = MemoryBudgets::from_config(config, cordon_memory::host::HostMemory::detect())?;
         let (engine, posture) = build_engine(config)?;
         let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
         let network = Arc::new(Network::system()?);
-        let mut admission = Admission::from_config(config);
+        let mut admission = Admission::from_config(config, memory);
         let results = load_workers(&engine, &linker, &config.workers, None, &mut admission, &|_| Ok(Capabilities::none(&network)))
             .into_iter()
             .map(|r| r.map(drop))
@@ -294,12 +304,20 @@ fn load_workers(
         result
     });
 
-    let tenant_slots: Vec<_> = workers.iter().map(|w| admission.tenant(&w.tenant, w.limits.max_instances)).collect();
+    let quotas: Vec<_> = workers
+        .iter()
+        .map(|w| worker::TenantQuotas {
+            slots: admission.tenant(&w.tenant, w.limits.max_instances),
+            memory: admission.memory_mut().tenant(&w.tenant),
+            process_memory: admission.memory().process.clone(),
+            instance_overhead_bytes: admission.memory().instance_overhead_bytes,
+        })
+        .collect();
     workers
         .iter()
         .zip(&files)
-        .zip(tenant_slots)
-        .map(|((w, file), tenant_slots)| {
+        .zip(quotas)
+        .map(|((w, file), quotas)| {
             let (_, sha) = file.as_ref().map_err(|e| err(w, e.clone()))?;
             let i = distinct.iter().position(|(s, _)| s == sha).expect("every readable component was compiled");
             let (component, source) = match &compiled[i] {
@@ -308,7 +326,7 @@ fn load_workers(
             };
             grants::check(engine, &component, w).map_err(|e| err(w, e))?;
             let caps = capabilities(w).map_err(|e| err(w, e))?;
-            let worker = Worker::new(w, linker, &component, source, sha.clone(), caps, tenant_slots).map_err(|e| err(w, e))?;
+            let worker = Worker::new(w, linker, &component, source, sha.clone(), caps, quotas).map_err(|e| err(w, e))?;
             tracing::info!(worker = %w.name, tenant = %w.tenant, code = ?source, "worker ready");
             Ok(worker)
         })

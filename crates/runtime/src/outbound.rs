@@ -8,7 +8,19 @@ use cordon_egress::{EgressError, Phase, RequestEgress, Timeouts};
 use http_body_util::BodyExt;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
-/// The `wasi:http` hooks of one request.
+/// Bytes a guest may hand to an outgoing body (its response's, or a
+/// subrequest's) in one write.
+pub(crate) const BODY_CHUNK_BYTES: usize = 64 * 1024;
+/// Writes an outgoing body buffers before the guest must wait for the
+/// reader.
+const BODY_BUFFER_CHUNKS: usize = 1;
+/// What one outgoing body can hold in host memory: the chunks its channel
+/// buffers (one more than [`BODY_BUFFER_CHUNKS`]) and the one its reader
+/// has taken.
+pub(crate) const BODY_BUFFER_BYTES: u64 = ((BODY_BUFFER_CHUNKS + 2) * BODY_CHUNK_BYTES) as u64;
+
+/// The `wasi:http` hooks of one request. (Each outgoing body's buffer is
+/// charged to the request where the body is made, in `host_buffers`.)
 pub(crate) struct Outbound(pub(crate) RequestEgress);
 
 type ResponseIo = Box<dyn Future<Output = Result<(), Error>> + Send>;
@@ -35,6 +47,14 @@ impl WasiHttpHooks for Outbound {
             let io: ResponseIo = Box::new(async move { connection.await.map_err(error_code) });
             Ok((response, io))
         })
+    }
+
+    fn p2_outgoing_body_buffer_chunks(&mut self) -> usize {
+        BODY_BUFFER_CHUNKS
+    }
+
+    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
+        BODY_CHUNK_BYTES
     }
 }
 

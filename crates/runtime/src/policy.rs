@@ -17,6 +17,10 @@ use cordon_config::{MemoryProtectionKeys, SandboxConfig, SecurityConfig};
 use serde::Serialize;
 use wasmtime::{Enabled, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+/// The part of a guest's fiber stack above the wasm stack, for the host
+/// frames of the calls it makes.
+pub const HOST_STACK_BYTES: u64 = 1 << 20;
+
 /// Virtual address space reserved per linear memory. With 4 GiB, every
 /// 32-bit address a guest can form stays inside its own reservation, so
 /// bounds checks are replaced by the guard region.
@@ -178,7 +182,7 @@ pub fn engine_config(
         .epoch_interruption(true)
         .max_wasm_stack(stack as usize)
         // The fiber stack holds the wasm stack plus host frames above it.
-        .async_stack_size((stack + (1 << 20)) as usize)
+        .async_stack_size((stack + HOST_STACK_BYTES) as usize)
         .memory_reservation(MEMORY_RESERVATION_BYTES)
         .memory_guard_size(MEMORY_GUARD_BYTES)
         .guard_before_linear_memory(true)

@@ -35,8 +35,9 @@ pub struct Worker {
     pub code_source: CodeSource,
     pub component_sha256: String,
     pre: ProxyPre<Host>,
-    /// Instances in flight of this worker's tenant, over all its workers.
-    tenant_slots: Arc<Slots>,
+    /// Instances in flight and memory of this worker's tenant, over all its
+    /// workers, and the process's memory.
+    quotas: TenantQuotas,
     /// Instances in flight of this worker.
     slots: Arc<Slots>,
     stats: Arc<WorkerStats>,
@@ -54,6 +55,16 @@ pub(crate) struct Capabilities {
     pub sql: Arc<cordon_sql::host::WorkerSql>,
     pub postgres: Arc<cordon_postgres::host::WorkerPostgres>,
     pub vars: Arc<cordon_vars::host::WorkerVars>,
+}
+
+/// What a worker's instances are counted against besides the worker's own
+/// limits.
+pub(crate) struct TenantQuotas {
+    pub slots: Arc<Slots>,
+    pub memory: Arc<cordon_memory::Budget>,
+    pub process_memory: Arc<cordon_memory::Budget>,
+    /// Charged to every instance at admission: its fiber stack and store.
+    pub instance_overhead_bytes: u64,
 }
 
 /// The gateway's id for a request, carried in the request's extensions so
@@ -233,6 +244,16 @@ impl GuestState {
     }
 }
 
+/// The refusal for a charge that a tenant's or the process's budget refused.
+fn memory_refusal(over: cordon_memory::OverBudget) -> Refusal {
+    match over {
+        cordon_memory::OverBudget::Process { limit } => Refusal::ProcessMemory { limit_mb: limit >> 20 },
+        cordon_memory::OverBudget::Tenant { limit } | cordon_memory::OverBudget::Request { limit } => {
+            Refusal::TenantMemory { limit_mb: limit >> 20 }
+        }
+    }
+}
+
 /// Raised from the epoch callback when a request passes its CPU limit.
 #[derive(Debug, thiserror::Error)]
 #[error("CPU-time limit exceeded")]
@@ -246,7 +267,7 @@ impl Worker {
         code_source: CodeSource,
         component_sha256: String,
         caps: Capabilities,
-        tenant_slots: Arc<Slots>,
+        quotas: TenantQuotas,
     ) -> Result<Self, crate::LoadError> {
         let pre = linker.instantiate_pre(component).map_err(|e| {
             let msg = e.to_string();
@@ -265,7 +286,7 @@ impl Worker {
             code_source,
             component_sha256,
             pre,
-            tenant_slots,
+            quotas,
             slots: Slots::new(config.limits.max_instances),
             stats: Arc::default(),
             egress: Arc::new(WorkerEgress::new(&config.tenant, &config.name, config.allowed_outbound.clone(), config.limits.egress())),
@@ -277,13 +298,13 @@ impl Worker {
     /// instance exists: the slot is given back when the instance that
     /// [`Worker::invoke_admitted`] creates with it is dropped.
     pub fn admit(&self) -> Result<InstanceSlot, Refusal> {
-        crate::admission::admit(&self.tenant_slots, &self.slots)
+        crate::admission::admit(&self.quotas.slots, &self.slots)
     }
 
     /// This worker's instances in flight against its own quota, and its
     /// tenant's.
     pub fn instances(&self) -> (SlotsSnapshot, SlotsSnapshot) {
-        (self.slots.snapshot(), self.tenant_slots.snapshot())
+        (self.slots.snapshot(), self.quotas.slots.snapshot())
     }
 
     /// Admits `request` (see [`Worker::admit`]) and runs it; a request over
@@ -318,22 +339,29 @@ impl Worker {
         let limits = &self.limits;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(limits.wall_ms);
         let request_body_exceeded = Arc::new(AtomicBool::new(false));
-        let memory_denied = Arc::new(AtomicBool::new(false));
+        let memory =
+            Arc::new(cordon_memory::Account::new(limits.memory_mb << 20, self.quotas.memory.clone(), self.quotas.process_memory.clone()));
         let request_id = request.extensions().get::<RequestId>().map_or("-", |id| id.0.as_str());
         let egress = RequestEgress::new(self.caps.network.clone(), self.egress.clone(), request_id);
         let usage = Usage::new(limits, egress.clone());
+        // The stack and store every instance has, before any of it exists:
+        // a tenant whose instances hold its budget gets no new one.
+        if let Err(over) = memory.charge_outside_request(self.quotas.instance_overhead_bytes) {
+            let error = InvokeError::OverQuota(memory_refusal(over));
+            let report = usage.report(Outcome::Failed(error.clone()));
+            return self.done(Err(error), request_body_exceeded, report);
+        }
 
         let mut store = Store::new(
             self.pre.engine(),
             Host::new(HostParts {
-                memory_limit_bytes: limits.memory_mb << 20,
+                memory: memory.clone(),
                 cpu_limit: Duration::from_millis(limits.cpu_ms),
                 stdout: usage.stdout.clone(),
                 stderr: usage.stderr.clone(),
                 meter: usage.meter.clone(),
-                memory_denied: memory_denied.clone(),
                 egress,
-                kv: cordon_kv::host::RequestKv::new(self.caps.kv.clone(), usage.meter.host()),
+                kv: cordon_kv::host::RequestKv::new(self.caps.kv.clone(), usage.meter.host(), memory.clone()),
                 sql: cordon_sql::host::RequestSql::new(self.caps.sql.clone(), usage.meter.host()),
                 postgres: cordon_postgres::host::RequestPostgres::new(self.caps.postgres.clone()),
                 vars: self.caps.vars.clone(),
@@ -392,7 +420,7 @@ impl Worker {
         let task = tokio::spawn(async move {
             match Metered::new(guest, meter).await {
                 Ok(Ok(())) => Outcome::Completed,
-                Ok(Err(e)) => Outcome::Failed(classify(&e, &limits_in_task, memory_denied.load(Ordering::Relaxed))),
+                Ok(Err(e)) => Outcome::Failed(classify(&e, &limits_in_task, memory.refused())),
                 Err(_) => Outcome::Failed(InvokeError::WallTimeExceeded { limit_ms: limits_in_task.wall_ms }),
             }
         });
@@ -469,13 +497,23 @@ fn declared_length<B>(response: &http::Response<B>) -> Option<u64> {
 
 /// Maps an error from the guest's run to what the client is told. Trap
 /// details stay in the logs; the client gets the kind of failure only.
-fn classify(e: &wasmtime::Error, limits: &Limits, memory_denied: bool) -> InvokeError {
+fn classify(e: &wasmtime::Error, limits: &Limits, memory: Option<cordon_memory::OverBudget>) -> InvokeError {
     if e.downcast_ref::<CpuLimitExceeded>().is_some() {
         return InvokeError::CpuLimitExceeded { limit_ms: limits.cpu_ms };
     }
+    // A memory limit refused a charge and the guest then failed: the
+    // request's own limit is the guest's fault, a tenant's or the server's
+    // budget is capacity, to retry.
+    let memory_error = |over| match over {
+        cordon_memory::OverBudget::Request { .. } => InvokeError::MemoryLimitExceeded { limit_mb: limits.memory_mb },
+        other => InvokeError::OverQuota(memory_refusal(other)),
+    };
+    if let Some(crate::host_buffers::HostMemoryExceeded(over)) = e.downcast_ref::<crate::host_buffers::HostMemoryExceeded>() {
+        return memory_error(*over);
+    }
     if let Some(trap) = e.downcast_ref::<Trap>() {
-        if memory_denied {
-            return InvokeError::MemoryLimitExceeded { limit_mb: limits.memory_mb };
+        if let Some(over) = memory {
+            return memory_error(over);
         }
         let what = match trap {
             Trap::StackOverflow => "stack overflow".to_string(),
@@ -490,8 +528,8 @@ fn classify(e: &wasmtime::Error, limits: &Limits, memory_denied: bool) -> Invoke
         return InvokeError::OverCapacity;
     }
     let text = format!("{e:#}");
-    if memory_denied {
-        return InvokeError::MemoryLimitExceeded { limit_mb: limits.memory_mb };
+    if let Some(over) = memory {
+        return memory_error(over);
     }
     if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
         return InvokeError::Trapped(format!("the worker called exit({})", exit.0));

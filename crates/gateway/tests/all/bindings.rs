@@ -15,7 +15,7 @@ use crate::harness::{Options, TestServer, guest, logs, request, start_with};
 /// its own tenant named after it, which a `[[worker.postgres]]` grant in
 /// `grants` may name; its origin is never reached here (see
 /// `postgres_binding.rs` for Postgres itself).
-fn worker(name: &str, tenant: &str, grants: &str, limits: &str) -> String {
+pub(crate) fn worker(name: &str, tenant: &str, grants: &str, limits: &str) -> String {
     format!(
         "\n[[worker]]\nname = \"{name}\"\ntenant = \"{tenant}\"\ncomponent = \"{}\"\nroutes = [\"{name}.localhost/\"]\n{}\n[worker.limits]\ncpu_ms = 1000\n{limits}\n\n[[database]]\nname = \"{name}\"\ntenant = \"{tenant}\"\norigin = \"postgres://app@127.0.0.1:1/app\"\n",
         guest("bindings").display(),
@@ -26,7 +26,7 @@ fn worker(name: &str, tenant: &str, grants: &str, limits: &str) -> String {
 /// Every kind the guest imports granted: KV `CACHE` (namespace `sessions`),
 /// SQL `DB` (database `notes`), Postgres `PG` (the worker's own database),
 /// and a variable.
-const ALL: &str = "[[worker.kv]]\nbinding = \"CACHE\"\nnamespace = \"sessions\"\n\n[[worker.sql]]\nbinding = \"DB\"\ndatabase = \"notes\"\n\n[[worker.postgres]]\nbinding = \"PG\"\ndatabase = \"{worker}\"\n\n[worker.vars]\nGREETING = \"hello from vars\"\n";
+pub(crate) const ALL: &str = "[[worker.kv]]\nbinding = \"CACHE\"\nnamespace = \"sessions\"\n\n[[worker.sql]]\nbinding = \"DB\"\ndatabase = \"notes\"\n\n[[worker.postgres]]\nbinding = \"PG\"\ndatabase = \"{worker}\"\n\n[worker.vars]\nGREETING = \"hello from vars\"\n";
 
 async fn kv(s: &TestServer, worker: &str, query: &str) -> (u16, String) {
     let r = s.get(&format!("{worker}.localhost"), &format!("/kv?{query}")).await;

@@ -117,6 +117,8 @@ pub struct Options<'a> {
     pub data_dir: Option<&'a Path>,
     /// Slots in the instance pool (default 64).
     pub max_instances: Option<u32>,
+    /// Extra lines for the `[sandbox]` table.
+    pub sandbox: &'a str,
     /// Resolver, dialer and TLS roots for outbound requests (default: the system's).
     pub network: Option<Arc<cordon_runtime::Network>>,
     /// The environment the runtime reads `[[database]]` passwords from,
@@ -163,10 +165,11 @@ pub async fn start_with(workers: &str, options: Options<'_>) -> TestServer {
     let tmp = tempfile::tempdir().unwrap();
     let data_dir = options.data_dir.map(Path::to_path_buf).unwrap_or_else(|| tmp.path().join("data"));
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nshutdown_grace_ms = 5000\n{}\n\n[sandbox]\nmax_instances = {}\n{workers}",
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nshutdown_grace_ms = 5000\n{}\n\n[sandbox]\nmax_instances = {}\n{}\n{workers}",
         data_dir.display(),
         options.server,
         options.max_instances.unwrap_or(64),
+        options.sandbox,
     );
     let path = tmp.path().join("cordon.toml");
     std::fs::write(&path, &text).unwrap();

@@ -81,3 +81,37 @@ async fn head_requests_get_no_body() {
     assert!(reply.to_ascii_lowercase().contains("content-length: 500"), "{reply}");
     assert!(reply.ends_with("\r\n\r\n"), "no body after the head: {reply:?}");
 }
+
+/// Clients that ask for big responses and never read them fill their
+/// connections' kernel buffers and then hold the guest at its writes: the
+/// body is never buffered whole on the host, the guest is stopped at its
+/// wall-clock limit, and other clients are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_holds_a_bounded_amount_of_memory() {
+    let workers = standard_workers().replace("max_response_body_bytes = 1048576", "max_response_body_bytes = 268435456");
+    let s = start(&workers).await;
+    assert_eq!(s.get("hello.localhost", "/").await.status, 200);
+    let baseline = rss_bytes();
+    let mut readers = Vec::new();
+    for _ in 0..16 {
+        let mut c = TcpStream::connect(s.addr).await.unwrap();
+        c.write_all(b"GET /big?bytes=268435456 HTTP/1.1\r\nHost: hostile.localhost\r\n\r\n").await.unwrap();
+        readers.push(c);
+    }
+    // Past the guests' 2 s wall-clock limit: every body is stuck or cut.
+    let started = std::time::Instant::now();
+    let mut peak = baseline;
+    while started.elapsed() < Duration::from_millis(2500) {
+        peak = peak.max(rss_bytes());
+        let r = s.get("hello.localhost", "/").await;
+        assert_eq!(r.status, 200, "another client is served while the readers stall");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let growth = peak.saturating_sub(baseline);
+    // 16 bodies of 256 MiB would be 4 GiB; each holds its body channel
+    // (192 KiB) and its guest's few MiB.
+    assert!(growth < 128 << 20, "16 stalled responses grew the process by {} MiB", growth >> 20);
+    let health = s.health().await;
+    assert_eq!(health["tenants"]["evil"]["in_flight"], 0, "the stalled guests were stopped at their wall-clock limit: {health:#}");
+    drop(readers);
+}

@@ -54,6 +54,13 @@ fn kv(query: &str) -> Result<String, Error> {
         "delete" => store.delete(&key).map(|()| "ok".to_string())?,
         "exists" => store.exists(&key)?.to_string(),
         "incr" => store.increment(&key, param(query, "delta").parse().unwrap_or(1))?.to_string(),
+        "get-many" => {
+            // `key0` .. `key{n-1}` in one batch call; answers the bytes read.
+            let n: usize = param(query, "n").parse().unwrap_or(1);
+            let keys: Vec<String> = (0..n).map(|i| format!("{key}{i}")).collect();
+            let values = store.get_many(&keys)?;
+            format!("read {} bytes", values.iter().flatten().map(Vec::len).sum::<usize>())
+        }
         "list" => store.keys_with_prefix(&param(query, "prefix")).collect::<Result<Vec<_>, _>>()?.join("\n"),
         "many" => {
             // `n` separate operations, to reach the per-request limit.

@@ -63,6 +63,8 @@ impl Guest for Hostile {
             "/outbound" => outbound(out),
             "/fetch" => fetch(&request, query, out),
             "/fetch-n" => fetch_n(query, out),
+            "/hold" => hold(query, out),
+            "/bodies" => bodies(query, out),
             _ => respond(out, 200, &[], b"ok from hostile"),
         }
     }
@@ -293,6 +295,48 @@ fn spin(query: &str, out: ResponseOutparam) {
         black_box(());
     }
     respond(out, 200, &[], b"spun");
+}
+
+/// Touches `N` MiB of linear memory, keeps it, waits, then answers.
+fn hold(query: &str, out: ResponseOutparam) {
+    let mib = param_u64(query, "mb").unwrap_or(64) as usize;
+    let mut kept = vec![0u8; mib * MIB];
+    for offset in (0..kept.len()).step_by(PAGE) {
+        kept[offset] = 1;
+    }
+    black_box(&mut kept);
+    let ms = param_u64(query, "ms").unwrap_or(0);
+    if ms > 0 {
+        monotonic_clock::subscribe_duration(ms.saturating_mul(1_000_000)).block();
+    }
+    respond(out, 200, &[], format!("held {mib} MiB").as_bytes());
+}
+
+/// Creates `N` outgoing request bodies, fills each as far as the host lets
+/// it without blocking, never sends them, then answers.
+fn bodies(query: &str, out: ResponseOutparam) {
+    let n = param_u64(query, "n").unwrap_or(40);
+    let piece = vec![b'b'; MIB];
+    let mut kept = Vec::new();
+    let mut bytes = 0u64;
+    for _ in 0..n {
+        let request = OutgoingRequest::new(Fields::new());
+        let Ok(body) = request.body() else { break };
+        let Ok(stream) = body.write() else { break };
+        while let Ok(budget) = stream.check_write() {
+            if budget == 0 {
+                break;
+            }
+            let len = (budget as usize).min(piece.len());
+            if stream.write(&piece[..len]).is_err() {
+                break;
+            }
+            bytes += len as u64;
+        }
+        kept.push((request, body, stream));
+    }
+    black_box(&mut kept);
+    respond(out, 200, &[], format!("filled {} bodies with {bytes} bytes", kept.len()).as_bytes());
 }
 
 /// Reports what the clocks say.
