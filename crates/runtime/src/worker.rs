@@ -362,7 +362,7 @@ impl Worker {
                 meter: usage.meter.clone(),
                 egress,
                 kv: cordon_kv::host::RequestKv::new(self.caps.kv.clone(), usage.meter.host(), memory.clone()),
-                sql: cordon_sql::host::RequestSql::new(self.caps.sql.clone(), usage.meter.host()),
+                sql: cordon_sql::host::RequestSql::new(self.caps.sql.clone(), usage.meter.host(), memory.clone()),
                 postgres: cordon_postgres::host::RequestPostgres::new(self.caps.postgres.clone()),
                 vars: self.caps.vars.clone(),
                 slot,

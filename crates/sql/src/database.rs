@@ -192,6 +192,11 @@ pub struct SqlLimits {
     /// Only in force where [`crate::memory::limit_memory`] could wrap
     /// SQLite's allocator.
     pub max_memory_bytes: usize,
+    /// The request's memory account, charged with every value of a result
+    /// as it is read (on top of `max_result_bytes`), so that the results of
+    /// a batch, held together until they reach the guest, stop at the
+    /// request's memory limit while they are read.
+    pub result_memory: Option<std::sync::Arc<cordon_memory::Account>>,
 }
 
 impl Default for SqlLimits {
@@ -203,6 +208,7 @@ impl Default for SqlLimits {
             max_statement_bytes: 100 * 1024,
             max_params: 999,
             max_memory_bytes: DEFAULT_STATEMENT_MEMORY,
+            result_memory: None,
         }
     }
 }
@@ -240,6 +246,9 @@ pub enum SqlError {
     TooManyRows { max: usize },
     #[error("the statement returned more than {max} bytes (limits.max_sql_result_bytes)")]
     ResultTooLarge { max: usize },
+    /// The result would take the request over a memory limit.
+    #[error("{0}")]
+    OverMemory(cordon_memory::OverBudget),
     #[error("`{name}` is not a valid {what} name")]
     InvalidName { what: &'static str, name: String },
     #[error("{0}")]
@@ -900,6 +909,9 @@ impl Conn {
                         _ => 0,
                     };
                 budget = budget.checked_sub(cost).ok_or(SqlError::ResultTooLarge { max: limits.max_result_bytes })?;
+                if let Some(memory) = &limits.result_memory {
+                    memory.charge(cost as u64).map_err(SqlError::OverMemory)?;
+                }
                 values.push(read(value));
             }
             out.push(values);
@@ -1367,6 +1379,25 @@ mod tests {
         assert_eq!(db.execute(writes, &[], false, &limits), Err(SqlError::Timeout { ms: 100 }));
         assert_eq!(count(&db, "t"), 2);
         assert!(SqlError::Timeout { ms: 100 }.to_string().contains("limits.sql_statement_timeout_ms"));
+    }
+
+    #[test]
+    fn a_batchs_results_stop_at_the_requests_memory_limit_while_they_are_read() {
+        let (_dir, dbs) = setup();
+        let db = with_table(&dbs);
+        let budget = || cordon_memory::Budget::new(1 << 30);
+        let account = std::sync::Arc::new(cordon_memory::Account::new(3 << 20, budget(), budget()));
+        let limits = SqlLimits { result_memory: Some(account.clone()), ..SqlLimits::default() };
+        // Each statement is within max_result_bytes (4 MiB); together they
+        // are not within the request's 3 MiB.
+        let one = ("SELECT zeroblob(1048576)".to_string(), Vec::new());
+        let sets = db.batch(&[one.clone(), one.clone()], true, &limits).unwrap();
+        assert_eq!(sets.len(), 2);
+        assert!(account.used() >= 2 << 20, "the results are charged");
+        account.release(account.used());
+        let e = db.batch(&vec![one; 4], true, &limits).unwrap_err();
+        assert_eq!(e, (2, SqlError::OverMemory(cordon_memory::OverBudget::Request { limit: 3 << 20 })));
+        assert!(e.1.to_string().contains("more than its memory limit of 3 MiB"), "{}", e.1);
     }
 
     #[test]

@@ -85,12 +85,27 @@ pub struct RequestSql {
     worker: Arc<WorkerSql>,
     statements: u64,
     cpu: CpuCharge,
+    memory: Arc<cordon_memory::Account>,
 }
 
 impl RequestSql {
-    /// `cpu` collects the CPU time statements take on the pool's threads.
-    pub fn new(worker: Arc<WorkerSql>, cpu: CpuCharge) -> RequestSql {
-        RequestSql { worker, statements: 0, cpu }
+    /// `cpu` collects the CPU time statements take on the pool's threads;
+    /// `memory` is charged with the results while they are on the host.
+    pub fn new(worker: Arc<WorkerSql>, cpu: CpuCharge, memory: Arc<cordon_memory::Account>) -> RequestSql {
+        RequestSql { worker, statements: 0, cpu, memory }
+    }
+
+    /// The worker's limits, with the request's memory account to charge
+    /// the results to.
+    fn limits(&self) -> crate::database::SqlLimits {
+        crate::database::SqlLimits { result_memory: Some(self.memory.clone()), ..self.worker.limits.clone() }
+    }
+
+    /// Gives back what a call's results were charged once they are handed
+    /// to the guest (whose memory is charged as it takes them). The guest
+    /// waits in the call, so nothing else of its request charged meanwhile.
+    fn release_results(&self, charged_before: u64) {
+        self.memory.release(self.memory.used().saturating_sub(charged_before));
     }
 
     /// Runs `job` on the SQL pool as the worker's tenant and charges its
@@ -151,6 +166,7 @@ fn to_guest(e: SqlError) -> sql::Error {
         | SqlError::TooComplex
         | SqlError::TooManyRows { .. }
         | SqlError::ResultTooLarge { .. }
+        | SqlError::OverMemory(_)
         | SqlError::StatementTooLong { .. }
         | SqlError::TooManyParams { .. } => sql::Error::LimitExceeded(text),
         SqlError::Constraint(_) => sql::Error::Constraint(text),
@@ -227,10 +243,13 @@ impl sql::HostDatabase for SqlView<'_> {
         if let Err(e) = self.state.charge(1) {
             return Ok(Err(e));
         }
-        let limits = self.state.worker.limits.clone();
+        let limits = self.state.limits();
         let params: Vec<Value> = params.into_iter().map(value_in).collect();
+        let charged_before = self.state.memory.used();
         let run = self.state.run(move |job| database.execute_job(Some(job), &statement, &params, read_only, &limits)).await;
-        Ok(run.and_then(|r| r.map(rows_out).map_err(to_guest)))
+        let result = run.and_then(|r| r.map(rows_out).map_err(to_guest));
+        self.state.release_results(charged_before);
+        Ok(result)
     }
 
     async fn batch(
@@ -243,10 +262,12 @@ impl sql::HostDatabase for SqlView<'_> {
         if let Err(e) = self.state.charge(statements.len().max(1)) {
             return Ok(Err((0, e)));
         }
-        let limits = self.state.worker.limits.clone();
+        let limits = self.state.limits();
         let statements: Vec<(String, Vec<Value>)> =
             statements.into_iter().map(|s| (s.sql, s.params.into_iter().map(value_in).collect())).collect();
+        let charged_before = self.state.memory.used();
         let run = self.state.run(move |job| database.batch_job(Some(job), &statements, read_only, &limits)).await;
+        self.state.release_results(charged_before);
         Ok(match run {
             Ok(Ok(sets)) => Ok(sets.into_iter().map(rows_out).collect()),
             Ok(Err((i, e))) => Err((u32::try_from(i).unwrap_or(u32::MAX), to_guest(e))),
