@@ -19,6 +19,9 @@
 #   CORDON_BIN, HELLO_WASM
 #                       override the cordon binary / guest component to serve
 #                       (defaults: target/release/cordon, examples/hello/hello.wasm)
+#   BASELINE_BIN        a second cordon binary (an earlier build) served beside
+#                       the first with the same config, in the same rounds, to
+#                       give the cost of a change as cordon / baseline
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -196,10 +199,17 @@ CORDON_BIN=${CORDON_BIN:-"$TARGET_DIR/release/cordon"}
 RAW_HYPER_BIN="$TARGET_DIR/release/raw-hyper-hello"
 HELLO_WASM=${HELLO_WASM:-"$REPO_ROOT/examples/hello/hello.wasm"}
 [[ $CORDON_BIN == /* ]] || CORDON_BIN="$CALLER_DIR/$CORDON_BIN"
+BASELINE_BIN=${BASELINE_BIN:-}
+if [[ -n $BASELINE_BIN ]]; then
+    [[ $BASELINE_BIN == /* ]] || BASELINE_BIN="$CALLER_DIR/$BASELINE_BIN"
+    [[ $SKIP_CORDON != 1 ]] || die "BASELINE_BIN needs Cordon (SKIP_CORDON=0)"
+    [[ -x $BASELINE_BIN ]] || die "missing $BASELINE_BIN"
+fi
 [[ $HELLO_WASM == /* ]] || HELLO_WASM="$CALLER_DIR/$HELLO_WASM"
 
 SERVERS=()
 [[ $SKIP_CORDON == 1 ]] || SERVERS+=(cordon)
+[[ -z $BASELINE_BIN ]] || SERVERS+=(baseline)
 SERVERS+=(workerd raw-hyper)
 
 if [[ $SKIP_BUILD != 1 ]]; then
@@ -254,9 +264,10 @@ WORKERD_REPORTED=$("$WORKERD_BIN" --version 2>&1 | head -n 1 || true)
 # --------------------------------------------------------------------------
 # Start the servers.
 
-read -r CORDON_PORT CORDON_ADMIN_PORT WORKERD_PORT RAW_HYPER_PORT < <(free_ports 4)
+read -r CORDON_PORT CORDON_ADMIN_PORT WORKERD_PORT RAW_HYPER_PORT BASELINE_PORT BASELINE_ADMIN_PORT < <(free_ports 6)
 
 declare -A URLS=(
+    [baseline]="http://127.0.0.1:$BASELINE_PORT/"
     [cordon]="http://127.0.0.1:$CORDON_PORT/"
     [workerd]="http://127.0.0.1:$WORKERD_PORT/"
     [raw-hyper]="http://127.0.0.1:$RAW_HYPER_PORT/"
@@ -280,6 +291,14 @@ routes = ["localhost/"]
 EOF
     start cordon "$TMP_DIR/cordon.log" \
         env RUST_LOG="$CORDON_LOG" "$CORDON_BIN" serve --config "$TMP_DIR/cordon.toml"
+    if [[ -n $BASELINE_BIN ]]; then
+        mkdir -p -m 700 "$TMP_DIR/baseline-data"
+        sed -e "s|127.0.0.1:$CORDON_PORT|127.0.0.1:$BASELINE_PORT|" \
+            -e "s|127.0.0.1:$CORDON_ADMIN_PORT|127.0.0.1:$BASELINE_ADMIN_PORT|" \
+            -e "s|$TMP_DIR/data|$TMP_DIR/baseline-data|" "$TMP_DIR/cordon.toml" >"$TMP_DIR/baseline.toml"
+        start baseline "$TMP_DIR/baseline.log" \
+            env RUST_LOG="$CORDON_LOG" "$BASELINE_BIN" serve --config "$TMP_DIR/baseline.toml"
+    fi
 fi
 
 # The capnp file embeds worker.js by a relative path, so it is used in place;
@@ -293,6 +312,7 @@ start raw-hyper "$TMP_DIR/raw-hyper.log" "$RAW_HYPER_BIN" "127.0.0.1:$RAW_HYPER_
 if [[ $SKIP_CORDON != 1 ]]; then
     wait_http cordon "$HEALTH_URL"
     log "cordon admin ready: $HEALTH_URL"
+    [[ -z $BASELINE_BIN ]] || wait_http baseline "http://127.0.0.1:$BASELINE_ADMIN_PORT/health"
 fi
 wait_http workerd "${URLS[workerd]}"
 wait_http raw-hyper "${URLS[raw-hyper]}"
@@ -419,7 +439,8 @@ render() {
     echo "workerd:  $WORKERD_VERSION ($WORKERD_REPORTED)"
     echo
     printf '%-10s %14s %12s %12s  %s\n' "server" "req/s" "p99 ms" "errors" "req/s per round"
-    for s in cordon workerd raw-hyper; do
+    for s in cordon baseline workerd raw-hyper; do
+        [[ $s != baseline || -n $BASELINE_BIN ]] || continue
         if [[ -n ${MED_RPS[$s]:-} ]]; then
             printf '%-10s %14.0f %12.2f %12s  %s\n' \
                 "$s" "${MED_RPS[$s]}" "${MED_P99[$s]}" "${ERRS[$s]}" "${ROUND_RPS[$s]}"
@@ -430,6 +451,7 @@ render() {
     echo
     echo "errors = non-2xx responses / socket errors, summed over the rounds"
     echo
+    [[ -z $BASELINE_BIN ]] || echo "cordon / baseline  (req/s): $(ratio cordon baseline)  (baseline: $BASELINE_BIN)"
     echo "cordon / workerd   (req/s): $(ratio cordon workerd)"
     echo "cordon / raw-hyper (req/s): $(ratio cordon raw-hyper)"
     echo "workerd / raw-hyper (req/s): $(ratio workerd raw-hyper)"
