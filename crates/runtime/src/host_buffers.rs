@@ -42,6 +42,18 @@ fn charge(store: &StoreContextMut<'_, Host>, bytes: u64) -> wasmtime::Result<()>
     store.data().memory().charge(bytes).map_err(|over| HostMemoryExceeded(over).into())
 }
 
+/// A header call's result as the guest sees it: its error converted to the
+/// WIT `header-error`, or the trap it stands for.
+fn header_result<T>(
+    http: &mut wasmtime_wasi_http::WasiHttpCtxView<'_>,
+    result: wasmtime_wasi_http::p2::HeaderResult<T>,
+) -> wasmtime::Result<Result<T, wit::HeaderError>> {
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(e) => Ok(Err(wit::Host::convert_header_error(http, e)?)),
+    }
+}
+
 fn entries_bytes<'a>(entries: impl Iterator<Item = (usize, usize)> + 'a) -> u64 {
     entries.map(|(name, value)| name as u64 + value as u64 + FIELD_ENTRY_BYTES).sum()
 }
@@ -83,11 +95,8 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
         |mut store: StoreContextMut<'_, Host>, (fields, name, values): (Resource<FieldMap>, String, Vec<Vec<u8>>)| {
             charge(&store, entries_bytes(values.iter().map(|v| (name.len(), v.len()))))?;
             let mut http = store.data_mut().http();
-            let result = match HostFields::set(&mut http, fields, name, values) {
-                Ok(()) => Ok(()),
-                Err(e) => Err(wit::Host::convert_header_error(&mut http, e)?),
-            };
-            Ok((result,))
+            let result = HostFields::set(&mut http, fields, name, values);
+            Ok((header_result(&mut http, result)?,))
         },
     )?;
     types.func_wrap(
@@ -95,13 +104,12 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
         |mut store: StoreContextMut<'_, Host>, (fields, name, value): (Resource<FieldMap>, String, Vec<u8>)| {
             charge(&store, entries_bytes(std::iter::once((name.len(), value.len()))))?;
             let mut http = store.data_mut().http();
-            let result = match HostFields::append(&mut http, fields, name, value) {
-                Ok(()) => Ok(()),
-                Err(e) => Err(wit::Host::convert_header_error(&mut http, e)?),
-            };
-            Ok((result,))
+            let result = HostFields::append(&mut http, fields, name, value);
+            Ok((header_result(&mut http, result)?,))
         },
     )?;
+    // A clone shares its entries until either side changes, then copies
+    // them all: it is charged its full size, as the copy would be.
     types.func_wrap("[method]fields.clone", |mut store: StoreContextMut<'_, Host>, (fields,): (Resource<FieldMap>,)| {
         let bytes = {
             let map: &FieldMap = store.data_mut().http().table.get(&fields)?;

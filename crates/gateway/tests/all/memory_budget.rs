@@ -50,6 +50,21 @@ fn victim(s: Arc<TestServer>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<
     })
 }
 
+/// `n` requests for `path` on `host`, all sent at once.
+async fn at_once(s: &Arc<TestServer>, n: usize, host: &'static str, path: &'static str) -> Vec<Response> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.get(host, path).await })
+        })
+        .collect();
+    let mut responses = Vec::with_capacity(n);
+    for t in tasks {
+        responses.push(t.await.unwrap());
+    }
+    responses
+}
+
 fn hostile_worker(limits: &str) -> String {
     format!(
         "[[worker]]\nname = \"hello\"\ntenant = \"good\"\ncomponent = \"{}\"\nroutes = [\"hello.localhost/\"]\n\n[[worker]]\nname = \"hostile\"\ntenant = \"evil\"\ncomponent = \"{}\"\nroutes = [\"hostile.localhost/\"]\n[worker.limits]\n{limits}\n",
@@ -74,15 +89,8 @@ async fn a_tenant_at_its_memory_budget_is_refused_and_leaves_the_rest_to_others(
     let (peak, sampler) = sample_peak_rss(stop.clone());
     let victim = victim(s.clone(), stop.clone());
 
-    let attack: Vec<_> = (0..12)
-        .map(|_| {
-            let s = s.clone();
-            tokio::spawn(async move { s.get("hostile.localhost", "/hold?mb=100&ms=1500").await })
-        })
-        .collect();
     let (mut held, mut refused) = (0, 0);
-    for a in attack {
-        let r = a.await.unwrap();
+    for r in at_once(&s, 12, "hostile.localhost", "/hold?mb=100&ms=1500").await {
         match r.status {
             200 => held += 1,
             503 => {
@@ -127,14 +135,7 @@ async fn outgoing_body_buffers_count_against_the_requests_memory_limit() {
     let stop = Arc::new(AtomicBool::new(false));
     let (peak, sampler) = sample_peak_rss(stop.clone());
     let victim = victim(s.clone(), stop.clone());
-    let attack: Vec<_> = (0..8)
-        .map(|_| {
-            let s = s.clone();
-            tokio::spawn(async move { s.get("hostile.localhost", "/bodies?n=200").await })
-        })
-        .collect();
-    for a in attack {
-        let r = a.await.unwrap();
+    for r in at_once(&s, 8, "hostile.localhost", "/bodies?n=200").await {
         assert_eq!((r.status, r.error_code()), (500, "memory_limit_exceeded".to_string()), "{}", r.text());
     }
     stop.store(true, Ordering::Relaxed);
@@ -144,6 +145,16 @@ async fn outgoing_body_buffers_count_against_the_requests_memory_limit() {
     let growth = peak.load(Ordering::Relaxed).saturating_sub(baseline);
     assert!(growth < 160 * MIB, "8 requests of a 16 MiB worker grew the process by {} MiB", growth / MIB);
     assert_eq!(s.health().await["memory"]["tenants"]["evil"]["used_bytes"], 0);
+
+    // Header fields are host memory too: clones of a 64 KiB field set.
+    let r = s.get("hostile.localhost", "/fields?n=20&kb=64").await;
+    assert_eq!((r.status, r.text()), (200, "cloned 20 fields".to_string()));
+    let baseline = rss_bytes();
+    for r in at_once(&s, 8, "hostile.localhost", "/fields?n=2000&kb=64").await {
+        assert_eq!((r.status, r.error_code()), (500, "memory_limit_exceeded".to_string()), "{}", r.text());
+    }
+    let growth = rss_bytes().saturating_sub(baseline);
+    assert!(growth < 160 * MIB, "8 requests cloning header fields left the process {} MiB larger", growth / MIB);
 }
 
 /// Finding: `get-many` read every value into host memory before the guest
@@ -168,14 +179,7 @@ async fn a_batch_read_stops_at_the_memory_limit_while_it_reads() {
     let baseline = rss_bytes();
     let stop = Arc::new(AtomicBool::new(false));
     let (peak, sampler) = sample_peak_rss(stop.clone());
-    let attack: Vec<_> = (0..4)
-        .map(|_| {
-            let s = s.clone();
-            tokio::spawn(async move { s.get("evil.localhost", "/kv?binding=CACHE&op=get-many&key=v&n=40").await })
-        })
-        .collect();
-    for a in attack {
-        let r = a.await.unwrap();
+    for r in at_once(&s, 4, "evil.localhost", "/kv?binding=CACHE&op=get-many&key=v&n=40").await {
         assert_eq!(r.status, 500, "{}", r.text());
         assert!(r.text().contains("more than its memory limit of 16 MiB"), "the store stopped the read: {}", r.text());
     }

@@ -65,6 +65,7 @@ impl Guest for Hostile {
             "/fetch-n" => fetch_n(query, out),
             "/hold" => hold(query, out),
             "/bodies" => bodies(query, out),
+            "/fields" => fields(query, out),
             _ => respond(out, 200, &[], b"ok from hostile"),
         }
     }
@@ -337,6 +338,18 @@ fn bodies(query: &str, out: ResponseOutparam) {
     }
     black_box(&mut kept);
     respond(out, 200, &[], format!("filled {} bodies with {bytes} bytes", kept.len()).as_bytes());
+}
+
+/// Makes one header field set with a `K` KiB value, then `N` clones of it,
+/// keeps them all, then answers.
+fn fields(query: &str, out: ResponseOutparam) {
+    let n = param_u64(query, "n").unwrap_or(100);
+    let kib = param_u64(query, "kb").unwrap_or(64) as usize;
+    let first = Fields::new();
+    append(&first, "x-big", &vec![b'f'; kib * 1024]);
+    let kept: Vec<Fields> = (0..n).map(|_| first.clone()).collect();
+    black_box(&kept);
+    respond(out, 200, &[], format!("cloned {} fields", kept.len()).as_bytes());
 }
 
 /// Reports what the clocks say.
