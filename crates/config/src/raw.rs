@@ -35,6 +35,7 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawTenant {
     pub name: Spanned<String>,
     pub max_instances: Option<Spanned<i64>>,
+    pub storage_quota_mb: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -79,6 +80,8 @@ pub(crate) struct RawStorage {
     pub tenant_threads: Option<Spanned<i64>>,
     pub queue: Option<Spanned<i64>>,
     pub tenant_queue: Option<Spanned<i64>>,
+    pub tenant_quota_mb: Option<Spanned<i64>>,
+    pub free_space_reserve_mb: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
