@@ -18,4 +18,5 @@ mod lifecycle;
 mod log_flood;
 mod postgres_binding;
 mod routing;
+mod storage_quota;
 mod streaming;
