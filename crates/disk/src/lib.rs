@@ -35,8 +35,12 @@
 //! place or reuse free pages inside its file, but cannot grow the file.
 //! Removing a row can need a new page now and then (a b-tree rebalance), so
 //! writes that only delete ([`WriteKind::Shrink`]) may take the tenant up to
-//! [`DELETE_HEADROOM`] past its quota: a tenant over its quota can always
-//! delete, and deleting cannot be used to grow without bound.
+//! [`delete_headroom`] past its quota (1 MiB, or a 32nd of the quota): a
+//! tenant over its quota can delete, and deleting cannot be used to grow
+//! without bound. An index built so that most deletes need a page (long
+//! entries each followed by a short one) can use the headroom up; even
+//! then deleting the entries that take the space (or all rows at once)
+//! works, and frees the pages the other deletes need.
 //!
 //! # Giving space back
 //!
@@ -106,8 +110,16 @@ pub const DEFAULT_TENANT_QUOTA: u64 = 1024 << 20;
 /// `storage.free_space_reserve_mb` defaults).
 pub const DEFAULT_FREE_SPACE_RESERVE: u64 = 512 << 20;
 
-/// How far past its quota deletes may take a tenant, see the module docs.
+/// How far past its quota deletes may take a tenant at least, see the
+/// module docs and [`delete_headroom`].
 pub const DELETE_HEADROOM: u64 = 1 << 20;
+
+/// How far past a quota of `quota` bytes deletes may take a tenant:
+/// [`DELETE_HEADROOM`], or a 32nd of the quota when that is more, since
+/// the pages deletes can need grow with the size of the indexes.
+pub fn delete_headroom(quota: u64) -> u64 {
+    (quota / 32).max(DELETE_HEADROOM)
+}
 
 /// How long a `statvfs` reading is used before the next one.
 pub const FREE_SPACE_TTL: Duration = Duration::from_secs(1);
@@ -162,8 +174,8 @@ fn mib(bytes: u64) -> String {
 pub enum WriteKind {
     /// It may add data: bounded by the quota and the reserve.
     Grow,
-    /// It only removes data: bounded by the quota plus [`DELETE_HEADROOM`],
-    /// and never refused for the reserve.
+    /// It only removes data: bounded by the quota plus
+    /// [`delete_headroom`], and never refused for the reserve.
     Shrink,
 }
 
@@ -413,7 +425,7 @@ impl Account {
     fn allowance(&self, kind: WriteKind, used: u64) -> Result<Allowance, DiskError> {
         let cap = match kind {
             WriteKind::Grow => self.quota(),
-            WriteKind::Shrink => self.quota().saturating_add(DELETE_HEADROOM),
+            WriteKind::Shrink => self.quota().saturating_add(delete_headroom(self.quota())),
         };
         let quota_left = Allowance { bytes: cap.saturating_sub(used), bound: Bound::Quota };
         let reserve = self.free.reserve();

@@ -35,7 +35,7 @@ fn the_allowance_is_what_is_left_of_the_quota_and_above_the_reserve() {
 
     let turn = account.begin_write().unwrap();
     assert_eq!(turn.allowance(WriteKind::Grow), Ok(Allowance { bytes: 6 << 20, bound: Bound::Quota }));
-    assert_eq!(turn.allowance(WriteKind::Shrink), Ok(Allowance { bytes: (6 << 20) + DELETE_HEADROOM, bound: Bound::Quota }));
+    assert_eq!(turn.allowance(WriteKind::Shrink), Ok(Allowance { bytes: (6 << 20) + (1 << 20), bound: Bound::Quota }));
     drop(turn);
 
     // Over the quota: nothing to grow by, the headroom for deletes only.
@@ -248,4 +248,46 @@ fn writes_of_one_tenant_take_turns_and_a_stopped_job_stops_waiting() {
 
 fn tokio_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// Removing an index entry from an interior page puts its predecessor
+/// there instead, which can be longer and split the page: a delete that
+/// needs a new page. Long keys each followed by a short one make that
+/// happen often; without headroom such deletes fail at the limit.
+#[test]
+fn a_delete_can_need_a_page_and_the_headroom_lets_it_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_path, conn) = file(dir.path(), "acme", "db");
+    conn.execute_batch("CREATE TABLE kv (k BLOB PRIMARY KEY) WITHOUT ROWID").unwrap();
+    let fill = |conn: &Connection| {
+        conn.execute_batch("BEGIN").unwrap();
+        for i in 0..1000u32 {
+            conn.execute("INSERT INTO kv VALUES (?1)", [format!("{i:06}a{}", "x".repeat(900)).as_bytes()]).unwrap();
+            conn.execute("INSERT INTO kv VALUES (?1)", [format!("{i:06}b").as_bytes()]).unwrap();
+        }
+        conn.execute_batch("COMMIT").unwrap();
+        assert_eq!(sqlite::freelist_count(conn).unwrap(), 0);
+    };
+    let delete_short_keys = |conn: &Connection| {
+        (0..1000u32).filter(|i| conn.execute("DELETE FROM kv WHERE k = ?1", [format!("{i:06}b").as_bytes()]).is_err()).count()
+    };
+    fill(&conn);
+    sqlite::limit_growth(&conn, 0).unwrap();
+    let failed = delete_short_keys(&conn);
+    assert!(failed > 0, "no delete needed a page");
+    // Deleting the entries that take the space frees pages, and then the
+    // rest can go too.
+    let long_failed = (0..1000u32)
+        .filter(|i| conn.execute("DELETE FROM kv WHERE k = ?1", [format!("{i:06}a{}", "x".repeat(900)).as_bytes()]).is_err())
+        .count();
+    assert_eq!(long_failed, 0);
+    assert_eq!(delete_short_keys(&conn), 0);
+    let left: i64 = conn.query_row("SELECT count(*) FROM kv", [], |r| r.get(0)).unwrap();
+    assert_eq!(left, 0);
+
+    conn.execute("DELETE FROM kv", []).unwrap();
+    sqlite::reclaim(&conn, Duration::from_secs(5)).unwrap();
+    fill(&conn);
+    sqlite::limit_growth(&conn, delete_headroom(4 << 20)).unwrap();
+    assert_eq!(delete_short_keys(&conn), 0, "with the headroom every delete works ({failed} failed without)");
 }

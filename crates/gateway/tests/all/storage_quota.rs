@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use crate::harness::{Options, TestServer, guest, request, start_with};
 
 const QUOTA: u64 = 4 << 20;
-/// What deletes may add past the quota (`cordon_disk::DELETE_HEADROOM`).
-const HEADROOM: u64 = 1 << 20;
+/// What deletes may add past the quota (`cordon_disk::delete_headroom`).
+const HEADROOM: u64 = cordon_disk::DELETE_HEADROOM;
 
 /// One statement that would store 200 MB: 2000 rows of 100 kB.
 const FILL: &str =
