@@ -64,8 +64,10 @@ pub fn freelist_count(conn: &Connection) -> rusqlite::Result<u64> {
     pragma_u64(conn, "freelist_count")
 }
 
+/// Reads an integer pragma; the statement is cached, because writes ask
+/// for these every time.
 fn pragma_u64(conn: &Connection, name: &str) -> rusqlite::Result<u64> {
-    let n: i64 = conn.pragma_query_value(None, name, |r| r.get(0))?;
+    let n: i64 = conn.prepare_cached(&format!("PRAGMA {name}"))?.query_row([], |r| r.get(0))?;
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
@@ -90,18 +92,19 @@ pub fn limit_growth_from(conn: &Connection, pages: u64, allowance: u64) -> rusql
 /// with no transaction open: gives free pages back after a delete (or when
 /// many are left, [`RECLAIM_MIN_FREE_PAGES`]), and truncates a WAL larger
 /// than [`WAL_LIMIT`], or any WAL while the tenant is `near_quota`
-/// ([`crate::Account::near_quota`]).
-pub fn after_write(conn: &Connection, path: &Path, kind: WriteKind, near_quota: bool) -> rusqlite::Result<()> {
+/// ([`crate::Account::near_quota`]). Returns whether it changed the files.
+pub fn after_write(conn: &Connection, path: &Path, kind: WriteKind, near_quota: bool) -> rusqlite::Result<bool> {
     let free = freelist_count(conn)?;
     if free > 0 && (kind == WriteKind::Shrink || free >= RECLAIM_MIN_FREE_PAGES) {
         reclaim(conn, RECLAIM_TIME)?;
-        return Ok(());
+        return Ok(true);
     }
     let wal = sqlite_files(path).get(1).and_then(|wal| fs::metadata(wal).ok()).map_or(0, |m| m.len());
     if wal > WAL_LIMIT || (near_quota && wal > 0) {
         checkpoint_truncate(conn)?;
+        return Ok(true);
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Gives free pages back to the file system: `incremental_vacuum` in steps

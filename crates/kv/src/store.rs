@@ -582,10 +582,11 @@ impl Namespace {
                 other => other,
             };
             self.account.record(&self.files);
-            if let Err(e) = disk::after_write(conn, &self.path, kind, self.account.near_quota()) {
-                tracing::warn!(namespace = %self.label, error = %e, "giving free space back after a write failed");
+            match disk::after_write(conn, &self.path, kind, self.account.near_quota()) {
+                Ok(false) => {}
+                Ok(true) => self.account.record(&self.files),
+                Err(e) => tracing::warn!(namespace = %self.label, error = %e, "giving free space back after a write failed"),
             }
-            self.account.record(&self.files);
             result
         })
     }

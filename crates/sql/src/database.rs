@@ -503,10 +503,11 @@ impl Database {
         let Some(turn) = growth.turn else { return };
         self.account.record(&self.files);
         let near_quota = self.account.near_quota();
-        if let Err(e) = conn.as_host(|c| disk::after_write(c, &self.path, growth.kind, near_quota)) {
-            tracing::warn!(database = %self.label, error = %e, "giving free space back after a write failed");
+        match conn.as_host(|c| disk::after_write(c, &self.path, growth.kind, near_quota)) {
+            Ok(false) => {}
+            Ok(true) => self.account.record(&self.files),
+            Err(e) => tracing::warn!(database = %self.label, error = %e, "giving free space back after a write failed"),
         }
-        self.account.record(&self.files);
         drop(turn);
     }
 
