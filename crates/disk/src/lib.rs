@@ -200,7 +200,8 @@ pub struct Allowance {
 pub struct FreeSpace {
     path: PathBuf,
     reserve: AtomicU64,
-    last: Mutex<Option<(Instant, u64)>>,
+    /// The last reading and when it was taken (`None` inside: it failed).
+    last: Mutex<Option<(Instant, Option<u64>)>>,
 }
 
 impl FreeSpace {
@@ -214,24 +215,25 @@ impl FreeSpace {
 
     /// Free bytes, from a reading at most [`FREE_SPACE_TTL`] old; `None`
     /// when the file system cannot be read (then no reserve is enforced,
-    /// and SQLite's own `SQLITE_FULL` is what stops writes).
+    /// and SQLite's own `SQLITE_FULL` is what stops writes; the failure is
+    /// logged at most once per [`FREE_SPACE_TTL`]).
     pub fn free(&self) -> Option<u64> {
         let mut last = lock(&self.last);
         if let Some((at, free)) = *last
             && at.elapsed() < FREE_SPACE_TTL
         {
-            return Some(free);
+            return free;
         }
-        let free = self.read()?;
+        let free = self.read();
         *last = Some((Instant::now(), free));
-        Some(free)
+        free
     }
 
     /// A reading taken now, which also replaces the cached one.
     pub fn free_now(&self) -> Option<u64> {
-        let free = self.read()?;
+        let free = self.read();
         *lock(&self.last) = Some((Instant::now(), free));
-        Some(free)
+        free
     }
 
     fn read(&self) -> Option<u64> {
