@@ -53,6 +53,10 @@ pub struct TenantConfig {
     /// Bytes this tenant's instances may hold at once (linear memory and
     /// host-side buffers), in MiB; `None` for `sandbox.tenant_memory_budget_mb`.
     pub memory_budget_mb: Option<u64>,
+    /// Bytes this tenant may store across all its key-value namespaces and
+    /// SQL databases, in MiB: its `storage_quota_mb`, or
+    /// `storage.tenant_quota_mb`.
+    pub storage_quota_mb: u64,
 }
 
 /// `[server]`: listeners, the data directory and the gateway's input limits.
@@ -179,6 +183,15 @@ pub struct StorageConfig {
     pub queue: usize,
     /// Calls of one tenant that may wait for a thread, per pool.
     pub tenant_queue: usize,
+    /// Bytes one tenant may store across all its key-value namespaces and
+    /// SQL databases, in MiB, for a tenant without its own
+    /// `[[tenant]] storage_quota_mb`; past it writes fail with
+    /// `storage_quota_exceeded`, while reads and deletes still work.
+    pub tenant_quota_mb: u64,
+    /// Free space the data directory's file system keeps, in MiB; below it
+    /// key-value and SQL writes fail with `storage_disk_full`, before the
+    /// disk is actually full. 0 turns the check off.
+    pub free_space_reserve_mb: u64,
 }
 
 impl Default for StorageConfig {
@@ -191,7 +204,28 @@ impl Default for StorageConfig {
             tenant_threads: 2,
             queue: 4096,
             tenant_queue: 256,
+            tenant_quota_mb: 1024,
+            free_space_reserve_mb: 512,
         }
+    }
+}
+
+/// The disk bounds of a worker's key-value and SQL writes, resolved from
+/// `[storage]` and the `[[tenant]]` of its tenant when the config is loaded,
+/// so that the capability crates get them with the rest of the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageBounds {
+    /// Bytes the worker's tenant may store across all its key-value
+    /// namespaces and SQL databases.
+    pub tenant_quota_bytes: u64,
+    /// Free bytes the data directory's file system keeps; 0 = no check.
+    pub free_space_reserve_bytes: u64,
+}
+
+impl Default for StorageBounds {
+    fn default() -> Self {
+        let storage = StorageConfig::default();
+        Self { tenant_quota_bytes: storage.tenant_quota_mb << 20, free_space_reserve_bytes: storage.free_space_reserve_mb << 20 }
     }
 }
 
@@ -209,6 +243,8 @@ pub struct WorkerConfig {
     /// Key-value stores, SQL databases, variables and secrets.
     pub grants: Grants,
     pub limits: Limits,
+    /// Its tenant's storage quota and the free-space reserve.
+    pub storage: StorageBounds,
 }
 
 /// A route: requests whose `Host` (without port) equals `host` and whose path
@@ -361,6 +397,12 @@ impl Config {
     /// `sandbox.tenant_max_instances`.
     pub fn tenant_max_instances(&self, tenant: &str) -> u32 {
         self.tenants.iter().find(|t| t.name == tenant).map_or(self.sandbox.tenant_max_instances, |t| t.max_instances)
+    }
+
+    /// The storage quota of `tenant` in MiB: its `[[tenant]]
+    /// storage_quota_mb`, or `storage.tenant_quota_mb`.
+    pub fn tenant_storage_quota_mb(&self, tenant: &str) -> u64 {
+        self.tenants.iter().find(|t| t.name == tenant).map_or(self.storage.tenant_quota_mb, |t| t.storage_quota_mb)
     }
 
     /// The largest `memory_mb` of any worker, which sizes the allocator's

@@ -36,6 +36,7 @@ pub(crate) struct RawTenant {
     pub name: Spanned<String>,
     pub max_instances: Option<Spanned<i64>>,
     pub memory_budget_mb: Option<Spanned<i64>>,
+    pub storage_quota_mb: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -83,6 +84,8 @@ pub(crate) struct RawStorage {
     pub tenant_threads: Option<Spanned<i64>>,
     pub queue: Option<Spanned<i64>>,
     pub tenant_queue: Option<Spanned<i64>>,
+    pub tenant_quota_mb: Option<Spanned<i64>>,
+    pub free_space_reserve_mb: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,8 +11,12 @@ use toml::Spanned;
 use crate::raw::{RawConfig, RawLimits, RawTenant, RawWorker};
 use crate::{
     Config, ConfigError, ConfigErrors, Limits, Location, MemoryProtectionKeys, Route, SandboxConfig, SecurityConfig, ServerConfig,
-    StorageConfig, TenantConfig, WorkerConfig,
+    StorageBounds, StorageConfig, TenantConfig, WorkerConfig,
 };
+
+/// Largest storage quota or reserve, in MiB (1 EiB): only a guard against
+/// values that would overflow when turned into bytes.
+const MAX_STORAGE_MB: u64 = 1 << 40;
 
 /// Longest worker or tenant name.
 pub const NAME_MAX_LEN: usize = 63;
@@ -44,11 +48,15 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     }
     v.cross_database_checks(&raw.databases, &mut databases);
 
-    let tenants = v.tenants(&raw.tenants, &sandbox);
+    let tenants = v.tenants(&raw.tenants, &sandbox, &storage);
     let mut workers = Vec::with_capacity(raw.workers.len());
     for (i, w) in raw.workers.iter().enumerate() {
         let quota = tenants.iter().find(|t| t.name == *w.tenant.get_ref()).map_or(sandbox.tenant_max_instances, |t| t.max_instances);
-        workers.push(v.worker(i, w, &base, quota));
+        let mut worker = v.worker(i, w, &base, quota);
+        let storage_quota_mb = tenants.iter().find(|t| t.name == worker.tenant).map_or(storage.tenant_quota_mb, |t| t.storage_quota_mb);
+        worker.storage =
+            StorageBounds { tenant_quota_bytes: storage_quota_mb << 20, free_space_reserve_bytes: storage.free_space_reserve_mb << 20 };
+        workers.push(worker);
     }
     v.cross_worker_checks(&raw.workers, &workers);
     v.tenants_have_workers(&raw.tenants, &workers);
@@ -309,7 +317,7 @@ impl Validator<'_> {
         Some(n as u32)
     }
 
-    fn tenants(&mut self, raw: &[RawTenant], sandbox: &SandboxConfig) -> Vec<TenantConfig> {
+    fn tenants(&mut self, raw: &[RawTenant], sandbox: &SandboxConfig, storage: &StorageConfig) -> Vec<TenantConfig> {
         let mut tenants: Vec<TenantConfig> = Vec::with_capacity(raw.len());
         for (i, t) in raw.iter().enumerate() {
             let key = |k: &str| format!("tenant[{i}].{k}");
@@ -330,7 +338,15 @@ impl Validator<'_> {
             };
             let memory_budget_mb =
                 self.memory_mb(&t.memory_budget_mb, &key("memory_budget_mb"), "the MiB this tenant's instances may hold");
-            tenants.push(TenantConfig { name: t.name.get_ref().clone(), max_instances, memory_budget_mb });
+            let storage_quota_mb = self.int(
+                &t.storage_quota_mb,
+                &key("storage_quota_mb"),
+                storage.tenant_quota_mb,
+                1,
+                MAX_STORAGE_MB,
+                "the MiB this tenant may store across its key-value namespaces and SQL databases",
+            );
+            tenants.push(TenantConfig { name: t.name.get_ref().clone(), max_instances, memory_budget_mb, storage_quota_mb });
         }
         tenants
     }
@@ -403,6 +419,22 @@ impl Validator<'_> {
                 1_000_000,
                 "the calls of one tenant that may wait for a thread, per pool",
             ) as usize,
+            tenant_quota_mb: self.int(
+                &s.tenant_quota_mb,
+                "storage.tenant_quota_mb",
+                d.tenant_quota_mb,
+                1,
+                MAX_STORAGE_MB,
+                "the MiB one tenant may store across its key-value namespaces and SQL databases",
+            ),
+            free_space_reserve_mb: self.int(
+                &s.free_space_reserve_mb,
+                "storage.free_space_reserve_mb",
+                d.free_space_reserve_mb,
+                0,
+                MAX_STORAGE_MB,
+                "the MiB the data directory's file system keeps free (0 = no reserve)",
+            ),
         };
         if storage.tenant_threads > storage.kv_threads.min(storage.sql_threads) {
             self.error(
@@ -524,6 +556,7 @@ impl Validator<'_> {
             allowed_outbound,
             grants,
             limits,
+            storage: StorageBounds::default(),
         }
     }
 
@@ -1033,7 +1066,10 @@ max_name_lookups_per_tenant = 100000
             worker("c", "other", ""),
         );
         let c = parse(&file, &text).unwrap();
-        assert_eq!(c.tenants, vec![TenantConfig { name: "acme".into(), max_instances: 40, memory_budget_mb: None }]);
+        assert_eq!(
+            c.tenants,
+            vec![TenantConfig { name: "acme".into(), max_instances: 40, memory_budget_mb: None, storage_quota_mb: 1024 }]
+        );
         assert_eq!((c.tenant_max_instances("acme"), c.tenant_max_instances("other")), (40, 10));
         let limits: Vec<u32> = c.workers.iter().map(|w| w.limits.max_instances).collect();
         assert_eq!(limits, [40, 5, 10], "a worker defaults to its tenant's quota");
@@ -1082,6 +1118,45 @@ max_name_lookups_per_tenant = 100000
         let at = |key: &str| e.iter().find(|e| e.key.as_deref() == Some(key)).unwrap_or_else(|| panic!("no error for {key}: {e:?}"));
         assert_eq!(at("sandbox.memory_budget_mb").location.unwrap().line, 2);
         assert!(at("sandbox.memory_overcommit").message.contains("between 1.0 and 100.0"));
+    }
+
+    #[test]
+    fn storage_quotas_default_per_tenant_and_reach_the_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.wasm"), b"").unwrap();
+        let file = dir.path().join("cordon.toml");
+        let worker = |name: &str, tenant: &str| {
+            format!("[[worker]]\nname = \"{name}\"\ntenant = \"{tenant}\"\ncomponent = \"x.wasm\"\nroutes = [\"{name}/\"]\n")
+        };
+        let c = parse(&file, &worker("a", "acme")).unwrap();
+        assert_eq!((c.storage.tenant_quota_mb, c.storage.free_space_reserve_mb), (1024, 512));
+        assert_eq!(c.workers[0].storage, StorageBounds { tenant_quota_bytes: 1024 << 20, free_space_reserve_bytes: 512 << 20 });
+
+        let text = format!(
+            "[storage]\ntenant_quota_mb = 64\nfree_space_reserve_mb = 0\n[[tenant]]\nname = \"acme\"\nstorage_quota_mb = 4\n{}{}",
+            worker("a", "acme"),
+            worker("b", "other"),
+        );
+        let c = parse(&file, &text).unwrap();
+        assert_eq!((c.tenant_storage_quota_mb("acme"), c.tenant_storage_quota_mb("other")), (4, 64));
+        let bounds: Vec<(u64, u64)> =
+            c.workers.iter().map(|w| (w.storage.tenant_quota_bytes, w.storage.free_space_reserve_bytes)).collect();
+        assert_eq!(bounds, [(4 << 20, 0), (64 << 20, 0)]);
+
+        // Out of range, each at its line and column.
+        let text = format!(
+            "[storage]\ntenant_quota_mb = 0\nfree_space_reserve_mb = -1\n[[tenant]]\nname = \"acme\"\nstorage_quota_mb = 0\n{}",
+            worker("a", "acme"),
+        );
+        let e = parse(&file, &text).unwrap_err().0;
+        let at = |key: &str| e.iter().find(|e| e.key.as_deref() == Some(key)).unwrap_or_else(|| panic!("no error for {key}: {e:?}"));
+        assert_eq!(at("storage.tenant_quota_mb").location, Some(Location { line: 2, column: 19 }));
+        assert_eq!(at("storage.free_space_reserve_mb").location, Some(Location { line: 3, column: 25 }));
+        let tenant = at("tenant[0].storage_quota_mb");
+        assert_eq!(tenant.location, Some(Location { line: 6, column: 20 }));
+        assert!(tenant.to_string().starts_with(&format!("{}:6:20", file.display())), "{tenant}");
+        let e = errors("[storage]\ntenant_quota = 1\n");
+        assert!(e[0].message.contains("unknown field"), "{e:?}");
     }
 
     fn worker_with(extra: &str) -> String {

@@ -44,8 +44,12 @@ pub struct WorkerKv {
 }
 
 impl WorkerKv {
-    /// Opens every namespace the worker is granted.
+    /// Opens every namespace the worker is granted, and sets its tenant's
+    /// storage quota and the free-space reserve from its config.
     pub fn open(worker: &WorkerConfig, namespaces: &Namespaces) -> Result<WorkerKv, KvError> {
+        let ledger = namespaces.ledger();
+        ledger.set_tenant_quota(&worker.tenant, worker.storage.tenant_quota_bytes);
+        ledger.set_free_space_reserve(worker.storage.free_space_reserve_bytes);
         let buckets = worker
             .grants
             .kv

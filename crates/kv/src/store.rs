@@ -23,6 +23,21 @@
 //! new ones, so expired entries cannot pile up while a namespace is in use,
 //! and no single write stalls on a large purge.
 //!
+//! # Disk quota
+//!
+//! A namespace's file counts towards its tenant's storage quota, together
+//! with the tenant's other namespaces and its SQL databases (see
+//! `cordon-disk` for the scheme). Every write takes the tenant's write
+//! turn, runs with the file's `max_page_count` set to what the quota and
+//! the free-space reserve still allow, and fails with
+//! [`KvError::Disk`] (`storage_quota_exceeded` or `storage_disk_full`) when
+//! SQLite needs more; reads never check anything, and deletes may go a
+//! little past the quota ([`WriteKind::Shrink`]). After a delete the freed
+//! pages are given back to the file system, in the same job. A list page
+//! that writes a cursor may grow the file by [`LIST_CURSOR_HEADROOM`]
+//! whatever the quota, because listing is a read to the guest; cursors are
+//! bounded by [`MAX_CURSORS`].
+//!
 //! # Blocking work
 //!
 //! Every method blocks; the host runs them on the key-value pool
@@ -57,10 +72,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cordon_blocking::{BlockingPool, JobContext, PoolConfig, StopReason};
+use cordon_disk::{Account, DiskError, Ledger, WriteKind, sqlite as disk};
 use rusqlite::config::DbConfig;
 use rusqlite::limits::Limit;
 use rusqlite::types::Value;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params, params_from_iter};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params, params_from_iter};
 
 /// The key limit, which is not configurable; methods that take no
 /// [`KvLimits`] (the reads, `delete`, `increment`) check keys against it.
@@ -73,6 +89,11 @@ pub const CURSOR_TTL: Duration = Duration::from_secs(60 * 60);
 /// Cursors kept per namespace; past it the oldest are dropped, so a guest
 /// that lists in a loop cannot grow the file without bound.
 pub const MAX_CURSORS: i64 = 10_000;
+
+/// Bytes a list page may add to the file for its cursor, over the quota
+/// too (see the module docs): a cursor row is at most a key and two
+/// integers.
+pub const LIST_CURSOR_HEADROOM: u64 = 64 * 1024;
 
 /// Expired entries one write purges, see the module docs.
 pub const PURGE_PER_WRITE: i64 = 16;
@@ -166,6 +187,10 @@ pub enum KvError {
     Cancelled,
     #[error("the call was stopped because the server is shutting down")]
     ShuttingDown,
+    /// Over the tenant's storage quota, or the data directory's free-space
+    /// reserve: the message starts with the error code.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     #[error("key-value storage failed: {0}")]
     Storage(String),
     /// Reading the values would take the request over a memory limit.
@@ -194,6 +219,7 @@ pub struct Namespaces {
     clock: Clock,
     open: Mutex<HashMap<(String, String), Arc<Namespace>>>,
     pool: Arc<BlockingPool>,
+    ledger: Arc<Ledger>,
 }
 
 impl fmt::Debug for Namespaces {
@@ -211,12 +237,17 @@ impl Namespaces {
 
     /// [`Namespaces::new`], with the calls of all namespaces running on a
     /// pool of this size.
+    /// The storage quota is kept by the [`Ledger`] of `root`'s parent (the
+    /// data directory), shared with the SQL databases beside it.
     pub fn with_pool(root: impl Into<PathBuf>, pool: PoolConfig) -> Namespaces {
+        let root = root.into();
+        let ledger = Ledger::shared(root.parent().unwrap_or(Path::new("")));
         Namespaces {
-            root: root.into(),
+            root,
             clock: Arc::new(system_clock),
             open: Mutex::new(HashMap::new()),
             pool: Arc::new(BlockingPool::new(pool)),
+            ledger,
         }
     }
 
@@ -228,6 +259,11 @@ impl Namespaces {
     /// The pool the host runs key-value calls on.
     pub fn pool(&self) -> &Arc<BlockingPool> {
         &self.pool
+    }
+
+    /// The tenants' storage accounts, where quotas and the reserve are set.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
     }
 
     /// Opens (creating on first use) `<root>/<tenant>/<namespace>.sqlite3`;
@@ -246,7 +282,7 @@ impl Namespaces {
         if let Some(ns) = open.get(&id) {
             return Ok(Arc::clone(ns));
         }
-        let ns = Arc::new(Namespace::open(&self.root, tenant, namespace, Arc::clone(&self.clock))?);
+        let ns = Arc::new(Namespace::open(&self.root, tenant, namespace, Arc::clone(&self.clock), self.ledger.account(tenant))?);
         open.insert(id, Arc::clone(&ns));
         Ok(ns)
     }
@@ -264,6 +300,12 @@ pub struct Namespace {
     label: String,
     clock: Clock,
     conn: Mutex<Connection>,
+    /// The tenant's storage account.
+    account: Arc<Account>,
+    /// The database file.
+    path: PathBuf,
+    /// It and its WAL and shared-memory files, as the account measures them.
+    files: Vec<PathBuf>,
 }
 
 impl fmt::Debug for Namespace {
@@ -273,7 +315,7 @@ impl fmt::Debug for Namespace {
 }
 
 impl Namespace {
-    fn open(root: &Path, tenant: &str, namespace: &str, clock: Clock) -> Result<Namespace, KvError> {
+    fn open(root: &Path, tenant: &str, namespace: &str, clock: Clock, account: Arc<Account>) -> Result<Namespace, KvError> {
         let dir = root.join(tenant);
         create_private_dir(root, false)?;
         create_private_dir(&dir, true)?;
@@ -305,12 +347,14 @@ impl Namespace {
             .and_then(|n| {
                 conn.execute("DELETE FROM list_cursors WHERE created_at <= ?1", [now.saturating_sub(cursor_ttl_ms())])?;
                 // Gives the pages freed by the purge back to the file system.
-                conn.execute_batch("PRAGMA incremental_vacuum")?;
+                disk::incremental_vacuum(&conn, None)?;
                 Ok(n)
             })
             .map_err(at)?;
         tracing::debug!(path = %path.display(), purged, "opened key-value namespace");
-        Ok(Namespace { label: format!("{tenant}/{namespace}"), clock, conn: Mutex::new(conn) })
+        let files = cordon_disk::sqlite_files(&path);
+        account.record(&files);
+        Ok(Namespace { label: format!("{tenant}/{namespace}"), clock, conn: Mutex::new(conn), account, path, files })
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
@@ -331,7 +375,7 @@ impl Namespace {
         check_value(value, limits)?;
         let now = (self.clock)();
         let expires_at = ttl.map(|ttl| now.saturating_add(i64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(i64::MAX)));
-        self.write(now, |tx| upsert(tx, key, value, expires_at))
+        self.write(now, WriteKind::Grow, |tx| upsert(tx, key, value, expires_at))
     }
 
     /// Deleting a key that does not exist is not an error, so a retried
@@ -339,7 +383,7 @@ impl Namespace {
     pub fn delete(&self, key: &str) -> Result<(), KvError> {
         check_key(key, DEFAULT_MAX_KEY_BYTES)?;
         let now = (self.clock)();
-        self.write(now, |tx| delete(tx, key))
+        self.write(now, WriteKind::Shrink, |tx| delete(tx, key))
     }
 
     pub fn exists(&self, key: &str) -> Result<bool, KvError> {
@@ -368,6 +412,8 @@ impl Namespace {
         let page = limits.max_list_keys.max(1);
         let now = (self.clock)();
         self.with_conn(|conn| {
+            // The cursor is written whatever the quota, see the module docs.
+            disk::limit_growth(conn, LIST_CURSOR_HEADROOM)?;
             // IMMEDIATE because the page may end by writing a cursor, and a
             // read transaction cannot always be upgraded to a write one.
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -434,6 +480,9 @@ impl Namespace {
                 None
             };
             tx.commit()?;
+            if next.is_some() {
+                self.account.record(&self.files);
+            }
             Ok((keys, next))
         })
     }
@@ -447,7 +496,7 @@ impl Namespace {
     pub fn increment(&self, key: &str, delta: u64) -> Result<u64, KvError> {
         check_key(key, DEFAULT_MAX_KEY_BYTES)?;
         let now = (self.clock)();
-        self.write(now, |tx| {
+        self.write(now, WriteKind::Grow, |tx| {
             let sql = format!("SELECT value, expires_at FROM kv WHERE key = :key AND {LIVE}");
             let current: Option<(Vec<u8>, Option<i64>)> = tx
                 .prepare_cached(&sql)?
@@ -519,7 +568,7 @@ impl Namespace {
             check_value(value, limits)?;
         }
         let now = (self.clock)();
-        self.write(now, |tx| entries.iter().try_for_each(|(key, value)| upsert(tx, key, value, None)))
+        self.write(now, WriteKind::Grow, |tx| entries.iter().try_for_each(|(key, value)| upsert(tx, key, value, None)))
     }
 
     /// All or nothing, in one transaction; absent keys are not an error.
@@ -528,21 +577,40 @@ impl Namespace {
             check_key(key, DEFAULT_MAX_KEY_BYTES)?;
         }
         let now = (self.clock)();
-        self.write(now, |tx| keys.iter().try_for_each(|key| delete(tx, key)))
+        self.write(now, WriteKind::Shrink, |tx| keys.iter().try_for_each(|key| delete(tx, key)))
     }
 
     /// Runs `f` in an IMMEDIATE transaction (taking the write lock up front,
     /// so it cannot fail halfway on a lock upgrade), purges a few expired
     /// entries in the same commit, and returns only after the commit is
-    /// durable.
-    fn write<T>(&self, now: i64, f: impl FnOnce(&Transaction<'_>) -> Result<T, KvError>) -> Result<T, KvError> {
+    /// durable. The write holds its tenant's turn and may grow the file by
+    /// what the quota and the reserve allow a write of `kind`; afterwards
+    /// the freed pages are given back and the file is measured again (see
+    /// the module docs).
+    fn write<T>(&self, now: i64, kind: WriteKind, f: impl FnOnce(&Transaction<'_>) -> Result<T, KvError>) -> Result<T, KvError> {
         self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let out = f(&tx)?;
-            tx.prepare_cached("DELETE FROM kv WHERE key IN (SELECT key FROM kv WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)")?
-                .execute(params![now, PURGE_PER_WRITE])?;
-            tx.commit()?;
-            Ok(out)
+            let turn = self.account.begin_write().map_err(stopped)?;
+            let allowance = turn.allowance(kind)?;
+            disk::limit_growth(conn, allowance.bytes)?;
+            let result = (|| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let out = f(&tx)?;
+                tx.prepare_cached("DELETE FROM kv WHERE key IN (SELECT key FROM kv WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)")?
+                    .execute(params![now, PURGE_PER_WRITE])?;
+                tx.commit()?;
+                Ok(out)
+            })();
+            let result = match result {
+                Err(KvError::Disk(DiskError::Full)) => Err(KvError::Disk(turn.full_error(&allowance))),
+                other => other,
+            };
+            self.account.record(&self.files);
+            match disk::after_write(conn, &self.path, kind, self.account.near_quota()) {
+                Ok(false) => {}
+                Ok(true) => self.account.record(&self.files),
+                Err(e) => tracing::warn!(namespace = %self.label, error = %e, "giving free space back after a write failed"),
+            }
+            result
         })
     }
 
@@ -605,6 +673,10 @@ impl Namespace {
 /// `with_conn`, which adds the namespace to the message.
 impl From<rusqlite::Error> for KvError {
     fn from(e: rusqlite::Error) -> Self {
+        // Out of pages: `write` tells the quota from the reserve.
+        if e.sqlite_error_code() == Some(ErrorCode::DiskFull) {
+            return KvError::Disk(DiskError::Full);
+        }
         KvError::Storage(e.to_string())
     }
 }
@@ -677,6 +749,12 @@ fn cursor_ttl_ms() -> i64 {
 
 fn configure(conn: &Connection, path: &Path) -> rusqlite::Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // auto_vacuum=INCREMENTAL (before the first table exists, or with a
+    // one-time VACUUM for an older file, which needs to attach a database
+    // and so comes before the limits), so that the freed pages of deleted
+    // and purged entries can be given back; temporary storage in memory;
+    // the WAL limit.
+    disk::configure(conn, path)?;
     for &(limit, value) in CONNECTION_LIMITS {
         conn.set_limit(limit, value)?;
     }
@@ -684,9 +762,6 @@ fn configure(conn: &Connection, path: &Path) -> rusqlite::Result<()> {
     // must not run functions with side effects, or write to shadow tables.
     conn.pragma_update(None, "trusted_schema", false)?;
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
-    // Only takes effect before the first table exists, so new files get it
-    // and the freed pages of purged entries can be given back on open.
-    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
     let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         // Still durable with synchronous=FULL, just slower; happens on file
@@ -805,6 +880,112 @@ mod tests {
 
     fn rows_on_disk(ns: &Namespace) -> i64 {
         ns.lock_conn().query_row("SELECT count(*) FROM kv", [], |r| r.get(0)).expect("count")
+    }
+
+    /// Fills `ns` with 100 kB values until the quota refuses one; returns
+    /// how many were stored.
+    fn fill(ns: &Namespace, prefix: &str) -> usize {
+        let big = KvLimits { max_value_bytes: 1 << 20, ..limits() };
+        for i in 0..1000 {
+            match ns.set(&format!("{prefix}{i}"), &[7u8; 100_000], None, &big) {
+                Ok(()) => {}
+                Err(KvError::Disk(DiskError::QuotaExceeded { .. })) => return i,
+                Err(e) => panic!("set {i}: {e}"),
+            }
+        }
+        panic!("the quota never refused a write");
+    }
+
+    #[test]
+    fn a_quota_holds_across_namespaces_and_deleting_makes_room_again() {
+        let (dir, namespaces) = setup();
+        let ledger = namespaces.ledger();
+        ledger.set_free_space_reserve(0);
+        ledger.set_tenant_quota("acme", 2 << 20);
+        let a = namespaces.open("acme", "a").expect("open");
+        let b = namespaces.open("acme", "b").expect("open");
+        let other = namespaces.open("globex", "a").expect("open");
+        let account = ledger.account("acme");
+
+        let stored = fill(&a, "k");
+        assert!(stored >= 10, "only {stored} values fit in 2 MiB");
+        let tenant_bytes = |tenant: &str| -> u64 {
+            fs::read_dir(dir.path().join("kv").join(tenant)).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+        };
+        assert!(tenant_bytes("acme") <= 2 << 20, "{} bytes on disk", tenant_bytes("acme"));
+        assert_eq!(account.used(), tenant_bytes("acme"), "the account matches the disk");
+
+        // The same tenant's other namespace has nothing left either, with
+        // a message that names the code and the way out.
+        let refused = b.set("x", &[1u8; 100_000], None, &limits()).unwrap_err();
+        assert!(matches!(refused, KvError::Disk(DiskError::QuotaExceeded { quota, .. }) if quota == 2 << 20), "{refused:?}");
+        let message = refused.to_string();
+        assert!(message.starts_with("storage_quota_exceeded: ") && message.contains("delete keys or rows"), "{message}");
+        // Another tenant is not affected.
+        other.set("x", &[1u8; 100_000], None, &limits()).expect("another tenant writes");
+
+        // Reads work over the quota, and so does listing.
+        assert_eq!(a.get("k0"), Ok(Some(vec![7u8; 100_000])));
+        assert_eq!(a.get_many(&["k1".to_owned()]).expect("get_many")[0].as_ref().map(|e| e.1.len()), Some(100_000));
+        let (page, cursor) = a.list("k", None, &KvLimits { max_list_keys: 2, ..limits() }).expect("list");
+        assert_eq!(page.len(), 2);
+        a.list("k", cursor, &KvLimits { max_list_keys: 2, ..limits() }).expect("next page");
+
+        // Deletes work, and the space comes back to the file system.
+        a.delete("k0").expect("delete over the quota");
+        let keys: Vec<String> = (1..stored).map(|i| format!("k{i}")).collect();
+        a.delete_many(&keys).expect("delete_many over the quota");
+        assert!(account.used() < 1 << 20, "{} bytes still counted", account.used());
+        assert!(tenant_bytes("acme") < 1 << 20, "{} bytes on disk", tenant_bytes("acme"));
+        b.set("x", &[1u8; 100_000], None, &limits()).expect("room again");
+    }
+
+    #[test]
+    fn a_namespace_at_its_limit_can_delete_every_key() {
+        let (_dir, namespaces) = setup();
+        namespaces.ledger().set_free_space_reserve(0);
+        namespaces.ledger().set_tenant_quota("acme", 384 << 10);
+        let ns = namespaces.open("acme", "a").expect("open");
+        // Small values of many lengths fill the pages of the key index: in
+        // batches first, then one by one up to the last page.
+        let entry = |n: usize| (format!("key:{n:06}:{}", "x".repeat(n % 50)), vec![b'v'; 20 + (n * 37) % 400]);
+        let mut n = 0;
+        while ns.set_many(&(n..n + 50).map(entry).collect::<Vec<_>>(), &limits()).is_ok() {
+            n += 50;
+        }
+        loop {
+            let (key, value) = entry(n);
+            match ns.set(&key, &value, None, &limits()) {
+                Ok(()) => n += 1,
+                Err(KvError::Disk(DiskError::QuotaExceeded { .. })) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(n > 300, "{n}");
+        let (keys, _) = ns.list("", None, &KvLimits { max_list_keys: 100_000, ..limits() }).expect("list");
+        assert_eq!(keys.len(), n);
+        for key in keys.iter().step_by(3) {
+            ns.delete(key).expect("every delete works at the limit");
+        }
+        ns.delete_many(&keys).expect("and the rest at once");
+        assert_eq!(ns.list("", None, &limits()).expect("list").0, Vec::<String>::new());
+    }
+
+    #[test]
+    fn below_the_free_space_reserve_writes_fail_and_reads_and_deletes_work() {
+        let (dir, namespaces) = setup();
+        let ns = namespaces.open("acme", "a").expect("open");
+        ns.set("k", b"v", None, &limits()).expect("set");
+        let free = cordon_disk::statvfs_available(dir.path()).expect("statvfs");
+        namespaces.ledger().set_free_space_reserve(free + (1 << 30));
+        let refused = ns.set("k2", b"v", None, &limits()).unwrap_err();
+        assert!(matches!(refused, KvError::Disk(DiskError::ReserveReached { .. })), "{refused:?}");
+        assert!(refused.to_string().starts_with("storage_disk_full: "), "{refused}");
+        assert!(refused.to_string().contains("storage.free_space_reserve_mb"), "{refused}");
+        assert_eq!(ns.get("k"), Ok(Some(b"v".to_vec())));
+        ns.delete("k").expect("a delete below the reserve");
+        namespaces.ledger().set_free_space_reserve(0);
+        ns.set("k2", b"v", None, &limits()).expect("set");
     }
 
     #[test]

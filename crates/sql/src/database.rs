@@ -46,6 +46,21 @@
 //!    per call ([`SqlLimits::max_memory_bytes`]) and for the whole process
 //!    ([`crate::memory`]).
 //!
+//! 8. **Disk**: a database counts towards its tenant's storage quota,
+//!    together with the tenant's other databases and its key-value
+//!    namespaces (see `cordon-disk` for the scheme). A statement that writes
+//!    takes the tenant's write turn once it is prepared, and runs with the
+//!    file's `max_page_count` at what the quota and the free-space reserve
+//!    still allow the call; past it SQLite fails the statement, reported as
+//!    [`SqlError::Disk`] (`storage_quota_exceeded` or `storage_disk_full`).
+//!    A statement whose only writes are deletes and drops may go a little
+//!    past the quota, so that a tenant over it can always delete. After a
+//!    call that wrote, the host gives freed pages back (incremental vacuum,
+//!    bounded in time, in the same job) and measures the file again. Temporary
+//!    storage is in memory (`temp_store = MEMORY`), so sorts and
+//!    materialised subqueries are bounded by the memory limits of layer 7,
+//!    not written to disk.
+//!
 //! Direct writes to `sqlite_schema` are refused by SQLite itself unless
 //! `writable_schema` is on, which the authorizer and `DEFENSIVE` both
 //! prevent; the error is reported as [`SqlError::Denied`]. They cannot be
@@ -61,6 +76,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use cordon_blocking::{BlockingPool, JobContext, PoolConfig, StopReason};
+use cordon_disk::{Account, Allowance, DiskError, Ledger, WriteKind, WriteTurn, sqlite as disk};
 
 use rusqlite::config::DbConfig;
 use rusqlite::fallible_iterator::FallibleIterator;
@@ -251,6 +267,10 @@ pub enum SqlError {
     OverMemory(cordon_memory::OverBudget),
     #[error("`{name}` is not a valid {what} name")]
     InvalidName { what: &'static str, name: String },
+    /// Over the tenant's storage quota, or the data directory's free-space
+    /// reserve: the message starts with the error code.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     #[error("{0}")]
     Constraint(String),
     #[error("{0}")]
@@ -271,6 +291,7 @@ pub struct Databases {
     open: Mutex<HashMap<(String, String), Arc<Database>>>,
     pool: Arc<BlockingPool>,
     statement_memory: usize,
+    ledger: Arc<Ledger>,
 }
 
 /// The SQL pool's default size: statements of one database run one at a
@@ -292,14 +313,24 @@ impl Databases {
     }
 
     /// [`Databases::new`] with the statements of all databases running on
-    /// a pool of this size.
+    /// a pool of this size. The storage quota is kept by the [`Ledger`] of
+    /// `root`'s parent (the data directory), shared with the key-value
+    /// namespaces beside it.
     pub fn with_pool(root: impl Into<PathBuf>, pool: PoolConfig) -> Databases {
+        let root = root.into();
+        let ledger = Ledger::shared(root.parent().unwrap_or(Path::new("")));
         Databases {
-            root: root.into(),
+            root,
             open: Mutex::new(HashMap::new()),
             pool: Arc::new(BlockingPool::new(pool)),
             statement_memory: DEFAULT_STATEMENT_MEMORY,
+            ledger,
         }
+    }
+
+    /// The tenants' storage accounts, where quotas and the reserve are set.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
     }
 
     /// Sets [`SqlLimits::max_memory_bytes`] for the workers that open
@@ -345,7 +376,10 @@ impl Databases {
             tracing::error!(database = %label, path = %path.display(), error = %e, "cannot open SQL database");
             e
         })?;
-        let db = Arc::new(Database { label, conn: Mutex::new(conn) });
+        let files = cordon_disk::sqlite_files(&path);
+        let account = self.ledger.account(tenant);
+        account.record(&files);
+        let db = Arc::new(Database { label, conn: Mutex::new(conn), account, path, files });
         open.insert(key, Arc::clone(&db));
         Ok(db)
     }
@@ -356,6 +390,12 @@ impl Databases {
 pub struct Database {
     label: String,
     conn: Mutex<Conn>,
+    /// The tenant's storage account.
+    account: Arc<Account>,
+    /// The database file.
+    path: PathBuf,
+    /// It and its WAL and shared-memory files, as the account measures them.
+    files: Vec<PathBuf>,
 }
 
 impl fmt::Debug for Database {
@@ -390,21 +430,21 @@ impl Database {
         conn.apply_limits(limits)?;
         conn.begin(read_only)?;
         let armed = conn.arm(job);
-        let result = conn.run(sql, params, read_only, limits, job);
+        let mut growth = Growth::new(&self.account);
+        let result = conn.run(sql, params, read_only, limits, job, &mut growth);
         // Before COMMIT: the host's own statements are never interrupted,
         // and do not count against the tenant's memory budget.
         drop(armed);
         drop(budget);
-        match result {
-            Ok(rows) => {
-                conn.finish(read_only)?;
-                Ok(rows)
-            }
+        let result = match result {
+            Ok(rows) => conn.finish(read_only).map(|()| rows).map_err(|e| growth.explain(e)),
             Err(e) => {
                 conn.rollback();
                 Err(e)
             }
-        }
+        };
+        self.after_write(&conn, growth);
+        result
     }
 
     /// Runs the statements in order in one transaction. The first error
@@ -439,22 +479,45 @@ impl Database {
         conn.apply_limits(limits).map_err(|e| (0, e))?;
         conn.begin(read_only).map_err(|e| (0, e))?;
         let armed = conn.arm(job);
+        let mut growth = Growth::new(&self.account);
         let mut results = Vec::with_capacity(statements.len());
+        let mut failed = None;
         for (i, (sql, params)) in statements.iter().enumerate() {
-            match precheck(sql, params, limits).and_then(|()| conn.run(sql, params, read_only, limits, job)) {
+            match precheck(sql, params, limits).and_then(|()| conn.run(sql, params, read_only, limits, job, &mut growth)) {
                 Ok(rows) => results.push(rows),
                 Err(e) => {
-                    drop(armed);
-                    drop(budget);
-                    conn.rollback();
-                    return Err((i, e));
+                    failed = Some((i, e));
+                    break;
                 }
             }
         }
         drop(armed);
         drop(budget);
-        conn.finish(read_only).map_err(|e| (statements.len() - 1, e))?;
-        Ok(results)
+        let result = match failed {
+            Some(failed) => {
+                conn.rollback();
+                Err(failed)
+            }
+            None => conn.finish(read_only).map(|()| results).map_err(|e| (statements.len() - 1, growth.explain(e))),
+        };
+        self.after_write(&conn, growth);
+        result
+    }
+
+    /// After a call that wrote, while the tenant's turn is still held:
+    /// gives freed pages back and measures the file again (see the module
+    /// docs). Not interrupted by the job, and bounded in time by
+    /// `cordon_disk::RECLAIM_TIME`.
+    fn after_write(&self, conn: &Conn, growth: Growth<'_>) {
+        let Some(turn) = growth.turn else { return };
+        self.account.record(&self.files);
+        let near_quota = self.account.near_quota();
+        match conn.as_host(|c| disk::after_write(c, &self.path, growth.kind, near_quota)) {
+            Ok(false) => {}
+            Ok(true) => self.account.record(&self.files),
+            Err(e) => tracing::warn!(database = %self.label, error = %e, "giving free space back after a write failed"),
+        }
+        drop(turn);
     }
 
     /// Locks the connection. A panic while it was held (there should be
@@ -501,6 +564,9 @@ struct AuthState {
     /// The statement inserts into a table at top level, so its
     /// `last_insert_rowid` means something.
     inserts: bool,
+    /// The statement may add data (anything that writes but a delete or a
+    /// drop), so it is held to the quota without the headroom for deletes.
+    grows: bool,
 }
 
 /// The authorizer's verdict on one action, before the mode is applied.
@@ -594,6 +660,9 @@ fn authorize(state: &Mutex<AuthState>, ctx: &AuthContext<'_>) -> Authorization {
             {
                 state.inserts = true;
             }
+            if !only_removes(&ctx.action) {
+                state.grows = true;
+            }
             return Authorization::Allow;
         }
         Verdict::Write => Denial::ReadOnly,
@@ -601,6 +670,27 @@ fn authorize(state: &Mutex<AuthState>, ctx: &AuthContext<'_>) -> Authorization {
     };
     state.denial.get_or_insert(denial);
     Authorization::Deny
+}
+
+/// Write actions that only take data away: a statement made of these (and
+/// reads) is a [`WriteKind::Shrink`]. A trigger or a foreign key action
+/// that inserts or updates shows up as its own action, and makes the
+/// statement a [`WriteKind::Grow`].
+fn only_removes(action: &AuthAction<'_>) -> bool {
+    use AuthAction as A;
+    matches!(
+        *action,
+        A::Delete { .. }
+            | A::DropTable { .. }
+            | A::DropIndex { .. }
+            | A::DropView { .. }
+            | A::DropTrigger { .. }
+            | A::DropTempTable { .. }
+            | A::DropTempIndex { .. }
+            | A::DropTempView { .. }
+            | A::DropTempTrigger { .. }
+            | A::DropVtable { .. }
+    )
 }
 
 fn is_schema_table(name: &str) -> bool {
@@ -667,19 +757,22 @@ impl Conn {
         let conn = Connection::open_with_flags(path, flags).map_err(|e| map_error(e, None))?;
         let conn = Conn {
             conn,
-            auth: Arc::new(Mutex::new(AuthState { mode: Mode::DenyAll, denial: None, inserts: false })),
+            auth: Arc::new(Mutex::new(AuthState { mode: Mode::DenyAll, denial: None, inserts: false, grows: false })),
             stop: StopSignal::new(),
         };
-        conn.configure().map_err(|e| match e {
+        conn.configure(path).map_err(|e| match e {
             SqlError::Storage(_) => e,
             other => SqlError::Storage(other.to_string()),
         })?;
         Ok(conn)
     }
 
-    fn configure(&self) -> Result<(), SqlError> {
+    fn configure(&self, path: &Path) -> Result<(), SqlError> {
         let conn = &self.conn;
         let sqlite = |e| map_error(e, None);
+        // First: an older file's one-time VACUUM attaches a database, which
+        // the limits below forbid. See `cordon_disk::sqlite::configure`.
+        disk::configure(conn, path).map_err(sqlite)?;
         for (config, on) in [
             (DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true),
             (DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false),
@@ -735,6 +828,16 @@ impl Conn {
         self.conn.progress_handler(0, None::<fn() -> bool>);
         self.set_mode(Mode::DenyAll);
         self.rollback();
+    }
+
+    /// Runs `f` with the authorizer letting everything through and no
+    /// progress handler: for the host's own statements between calls.
+    fn as_host<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
+        self.conn.progress_handler(0, None::<fn() -> bool>);
+        self.set_mode(Mode::Host);
+        let result = f(&self.conn);
+        self.set_mode(Mode::DenyAll);
+        result
     }
 
     /// Runs one of the host's fixed statements, which the authorizer lets
@@ -809,7 +912,15 @@ impl Conn {
     }
 
     /// Runs one worker statement inside the transaction the caller opened.
-    fn run(&self, sql: &str, params: &[Value], read_only: bool, limits: &SqlLimits, job: Option<&JobContext>) -> Result<RowSet, SqlError> {
+    fn run(
+        &self,
+        sql: &str,
+        params: &[Value],
+        read_only: bool,
+        limits: &SqlLimits,
+        job: Option<&JobContext>,
+        growth: &mut Growth<'_>,
+    ) -> Result<RowSet, SqlError> {
         if let Some(reason) = job.and_then(JobContext::stop_reason) {
             return Err(stopped(reason, limits));
         }
@@ -831,8 +942,9 @@ impl Conn {
             state.mode = Mode::Tenant { read_only };
             state.denial = None;
             state.inserts = false;
+            state.grows = false;
         }
-        let result = self.run_statement(sql, params, read_only, limits);
+        let result = self.run_statement(sql, params, read_only, limits, growth).map_err(|e| growth.explain(e));
         self.conn.progress_handler(0, None::<fn() -> bool>);
         self.set_mode(Mode::DenyAll);
         // Whatever SQLite made of the interrupt (an interrupted prepare can
@@ -843,7 +955,14 @@ impl Conn {
         }
     }
 
-    fn run_statement(&self, sql: &str, params: &[Value], read_only: bool, limits: &SqlLimits) -> Result<RowSet, SqlError> {
+    fn run_statement(
+        &self,
+        sql: &str,
+        params: &[Value],
+        read_only: bool,
+        limits: &SqlLimits,
+        growth: &mut Growth<'_>,
+    ) -> Result<RowSet, SqlError> {
         // `Connection::prepare` would also prepare the tail, with the worker's
         // authorizer mode, and report a denial or a syntax error in the tail
         // instead of "several statements". `Batch` prepares one statement at a
@@ -870,6 +989,17 @@ impl Conn {
         // whatever writes without one.
         if read_only && !stmt.readonly() {
             return Err(SqlError::ReadOnly);
+        }
+        if !stmt.readonly() {
+            let kind = if self.state().grows { WriteKind::Grow } else { WriteKind::Shrink };
+            self.set_mode(Mode::Host);
+            let limited = growth.before_statement(&self.conn, kind);
+            self.set_mode(Mode::Tenant { read_only });
+            limited.map_err(|e| match e {
+                GrowthError::Stopped(reason) => stopped(reason, limits),
+                GrowthError::Disk(e) => SqlError::Disk(e),
+                GrowthError::Sqlite(e) => map_error(e, None),
+            })?;
         }
         let expected = stmt.parameter_count();
         for i in 1..=expected {
@@ -937,6 +1067,59 @@ impl Conn {
     }
 }
 
+/// What one call may add to its database: it takes the tenant's write turn
+/// at its first statement that writes and keeps it until the call is over;
+/// every writing statement runs with the file's `max_page_count` at the
+/// size the call started at plus what the quota and the reserve allow a
+/// statement of its kind.
+struct Growth<'a> {
+    account: &'a Account,
+    turn: Option<WriteTurn<'a>>,
+    /// The pages of the database when the turn was taken.
+    start_pages: u64,
+    /// The allowance of the last writing statement.
+    allowance: Option<Allowance>,
+    /// `Grow` once any statement of the call may add data.
+    kind: WriteKind,
+}
+
+enum GrowthError {
+    Stopped(StopReason),
+    Disk(DiskError),
+    Sqlite(rusqlite::Error),
+}
+
+impl<'a> Growth<'a> {
+    fn new(account: &'a Account) -> Growth<'a> {
+        Growth { account, turn: None, start_pages: 0, allowance: None, kind: WriteKind::Shrink }
+    }
+
+    /// Before a statement that writes: waits for the turn (the first time)
+    /// and sets the file's limit. Runs the host's own pragmas on `conn`.
+    fn before_statement(&mut self, conn: &Connection, kind: WriteKind) -> Result<(), GrowthError> {
+        if self.turn.is_none() {
+            self.turn = Some(self.account.begin_write().map_err(GrowthError::Stopped)?);
+            self.start_pages = disk::page_count(conn).map_err(GrowthError::Sqlite)?;
+        }
+        let Some(turn) = &self.turn else { unreachable!("the turn was taken above") };
+        let allowance = turn.allowance(kind).map_err(GrowthError::Disk)?;
+        disk::limit_growth_from(conn, self.start_pages, allowance.bytes).map_err(GrowthError::Sqlite)?;
+        self.allowance = Some(allowance);
+        if kind == WriteKind::Grow {
+            self.kind = WriteKind::Grow;
+        }
+        Ok(())
+    }
+
+    /// Says which bound a `SQLITE_FULL` of this call hit.
+    fn explain(&self, e: SqlError) -> SqlError {
+        match (e, &self.turn, &self.allowance) {
+            (SqlError::Disk(DiskError::Full), Some(turn), Some(allowance)) => SqlError::Disk(turn.full_error(allowance)),
+            (e, _, _) => e,
+        }
+    }
+}
+
 /// The error of a statement stopped by its job.
 fn stopped(reason: StopReason, limits: &SqlLimits) -> SqlError {
     match reason {
@@ -967,7 +1150,7 @@ fn precheck(sql: &str, params: &[Value], limits: &SqlLimits) -> Result<(), SqlEr
     // anywhere. It would also fail on the ATTACH it runs internally and
     // inside our transaction; this gives the reason.
     if first_keyword(sql).eq_ignore_ascii_case("vacuum") {
-        return Err(SqlError::denied("VACUUM is not allowed"));
+        return Err(SqlError::denied("VACUUM is not allowed: the host gives the space of deleted rows back after each delete"));
     }
     Ok(())
 }
@@ -1030,6 +1213,9 @@ fn map_error(e: rusqlite::Error, limits: Option<&SqlLimits>) -> SqlError {
         // reached a bound: the program size (SQLITE_LIMIT_VDBE_OP fails as
         // out of memory) or the process's heap limit.
         ErrorCode::OutOfMemory if limits.is_some() => SqlError::TooComplex,
+        // Out of pages: the statement's `Growth` tells the quota from the
+        // reserve.
+        ErrorCode::DiskFull => SqlError::Disk(DiskError::Full),
         ErrorCode::ConstraintViolation => SqlError::Constraint(message),
         ErrorCode::AuthorizationForStatementDenied => SqlError::denied(format!("not allowed: {message}")),
         ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
@@ -1038,7 +1224,6 @@ fn map_error(e: rusqlite::Error, limits: Option<&SqlLimits>) -> SqlError {
         ErrorCode::SystemIoFailure
         | ErrorCode::DatabaseCorrupt
         | ErrorCode::NotADatabase
-        | ErrorCode::DiskFull
         | ErrorCode::CannotOpen
         | ErrorCode::PermissionDenied
         | ErrorCode::ReadOnly
@@ -1101,6 +1286,152 @@ mod tests {
             Err(SqlError::Denied { what }) => assert!(what.contains(needle), "`{what}` does not mention `{needle}`"),
             other => panic!("expected Denied mentioning `{needle}`, got {other:?}"),
         }
+    }
+
+    fn quota_exceeded(result: Result<RowSet, SqlError>) {
+        match result {
+            Err(SqlError::Disk(e @ DiskError::QuotaExceeded { .. })) => {
+                assert!(e.to_string().starts_with("storage_quota_exceeded: "), "{e}")
+            }
+            other => panic!("expected storage_quota_exceeded, got {other:?}"),
+        }
+    }
+
+    /// A tenant with a 2 MiB quota and no reserve, with a table `t`.
+    fn quota_setup() -> (tempfile::TempDir, Databases, Arc<Database>) {
+        let (dir, dbs) = setup();
+        dbs.ledger().set_free_space_reserve(0);
+        dbs.ledger().set_tenant_quota("acme", 2 << 20);
+        let db = dbs.open("acme", "main").unwrap();
+        exec(&db, "CREATE TABLE t (id INTEGER PRIMARY KEY, b BLOB, s TEXT)", &[]).unwrap();
+        (dir, dbs, db)
+    }
+
+    fn tenant_bytes(dir: &tempfile::TempDir) -> u64 {
+        fs::read_dir(dir.path().join("sql/acme")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+    }
+
+    #[test]
+    fn writes_stop_at_the_tenant_quota_whatever_their_shape() {
+        let (dir, dbs, db) = quota_setup();
+        let other = dbs.open("globex", "main").unwrap();
+        let many_rows = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50000) INSERT INTO t (s) SELECT printf('%.100c', 'x') FROM n";
+        // Big values, one statement at a time.
+        let mut stored = 0;
+        loop {
+            match exec(&db, "INSERT INTO t (b) VALUES (zeroblob(200000))", &[]) {
+                Ok(_) => stored += 1,
+                Err(e) => {
+                    quota_exceeded(Err(e));
+                    break;
+                }
+            }
+            assert!(stored < 100);
+        }
+        assert!(stored >= 5, "{stored}");
+        assert!(tenant_bytes(&dir) <= 2 << 20, "{} bytes", tenant_bytes(&dir));
+        // Many small rows, an index, a batch, a second database: all
+        // stopped, nothing they wrote kept.
+        quota_exceeded(exec(&db, many_rows, &[]));
+        exec(&db, "DELETE FROM t WHERE id > 2", &[]).unwrap();
+        exec(&db, "INSERT INTO t (s) SELECT printf('%.1000c', 'y') FROM t, t AS u, t AS v", &[]).unwrap();
+        quota_exceeded(exec(&db, many_rows, &[]));
+        let second = dbs.open("acme", "second").unwrap();
+        quota_exceeded(second.execute(
+            "CREATE TABLE big AS WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50000) SELECT printf('%.100c', 'x') AS s FROM n",
+            &[],
+            false,
+            &limits(),
+        ));
+        quota_exceeded(exec(&db, "CREATE INDEX t_s ON t (s, b)", &[]).and_then(|_| exec(&db, many_rows, &[])));
+        let batch: Vec<(String, Vec<Value>)> =
+            (0..20).map(|_| ("INSERT INTO t (b) VALUES (zeroblob(200000))".to_owned(), Vec::new())).collect();
+        match db.batch(&batch, false, &limits()) {
+            Err((_, SqlError::Disk(DiskError::QuotaExceeded { .. }))) => {}
+            other => panic!("expected the batch to reach the quota, got {other:?}"),
+        }
+        assert!(tenant_bytes(&dir) <= 2 << 20, "{} bytes", tenant_bytes(&dir));
+        // Another tenant is not affected.
+        other.execute("CREATE TABLE t (b BLOB)", &[], false, &limits()).unwrap();
+        other.execute("INSERT INTO t VALUES (zeroblob(1000000))", &[], false, &limits()).unwrap();
+    }
+
+    #[test]
+    fn over_the_quota_reads_and_deletes_work_and_deleting_makes_room() {
+        let (dir, _dbs, db) = quota_setup();
+        exec(&db, "CREATE INDEX t_s ON t (s)", &[]).unwrap();
+        let mut n = 0;
+        loop {
+            // Rows of many lengths, so that deletes rebalance the index.
+            let row = exec(
+                &db,
+                "INSERT INTO t (s, b) VALUES (printf('%.*c', ?1, 's'), randomblob(?2))",
+                &[Value::Integer(20 + (n * 37) % 700), Value::Integer(100 + (n * 53) % 3000)],
+            );
+            match row {
+                Ok(_) => n += 1,
+                Err(e) => {
+                    quota_exceeded(Err(e));
+                    break;
+                }
+            }
+        }
+        assert!(n > 100, "{n}");
+        assert_eq!(count(&db, "t"), n);
+        assert_eq!(ro(&db, "SELECT count(*) FROM t WHERE length(s) > 0").unwrap().rows[0][0], Value::Integer(n));
+        // Every delete works at the limit, one row at a time.
+        let ids: Vec<i64> = exec(&db, "SELECT id FROM t ORDER BY s", &[])
+            .unwrap()
+            .rows
+            .iter()
+            .map(|r| match r[0] {
+                Value::Integer(i) => i,
+                _ => 0,
+            })
+            .collect();
+        for id in ids.iter().step_by(2) {
+            exec(&db, "DELETE FROM t WHERE id = ?", &[Value::Integer(*id)]).expect("a delete over the quota");
+        }
+        let before = tenant_bytes(&dir);
+        exec(&db, "DELETE FROM t", &[]).expect("a bulk delete");
+        exec(&db, "DROP INDEX t_s", &[]).expect("a drop");
+        // The host gave the pages back: the file shrank, and there is room.
+        let after = tenant_bytes(&dir);
+        assert!(after < before / 2, "{before} -> {after}");
+        exec(&db, "INSERT INTO t (b) VALUES (zeroblob(1000000))", &[]).expect("room again");
+    }
+
+    #[test]
+    fn temporary_storage_is_in_memory_and_the_wal_is_bounded() {
+        let memory = crate::memory::limit_memory(512 << 20);
+        let (dir, _dbs, db) = quota_setup();
+        let conn = db.lock();
+        let get = |name: &str| -> i64 { conn.as_host(|c| c.pragma_query_value(None, name, |r| r.get(0)).unwrap()) };
+        assert_eq!(get("temp_store"), 2, "MEMORY");
+        assert_eq!(get("auto_vacuum"), 2, "INCREMENTAL");
+        assert_eq!(get("journal_size_limit"), cordon_disk::WAL_LIMIT as i64);
+        drop(conn);
+        // A statement whose temporary index is larger than its memory
+        // budget fails instead of spilling to a temporary file.
+        let small = SqlLimits { max_memory_bytes: 4 << 20, ..limits() };
+        let distinct = db.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200000) SELECT count(DISTINCT printf('%.200c', 'x') || i) FROM n",
+            &[],
+            true,
+            &small,
+        );
+        if memory.budgets {
+            assert!(matches!(distinct, Err(SqlError::TooComplex)), "{distinct:?}");
+        }
+        // Rewriting every row of a full database leaves no large WAL behind.
+        let mut stored = 0;
+        while exec(&db, "INSERT INTO t (b) VALUES (randomblob(100000))", &[]).is_ok() {
+            stored += 1;
+        }
+        assert!(stored > 5);
+        exec(&db, "UPDATE t SET b = randomblob(length(b))", &[]).unwrap();
+        let wal = fs::metadata(dir.path().join("sql/acme/main.sqlite3-wal")).map_or(0, |m| m.len());
+        assert_eq!(wal, 0, "the WAL was truncated near the quota");
     }
 
     fn with_table(dbs: &Databases) -> Arc<Database> {

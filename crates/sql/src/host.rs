@@ -48,7 +48,12 @@ pub struct WorkerSql {
 }
 
 impl WorkerSql {
+    /// Opens every database the worker is granted, and sets its tenant's
+    /// storage quota and the free-space reserve from its config.
     pub fn open(worker: &WorkerConfig, databases: &Databases) -> Result<WorkerSql, SqlError> {
+        let ledger = databases.ledger();
+        ledger.set_tenant_quota(&worker.tenant, worker.storage.tenant_quota_bytes);
+        ledger.set_free_space_reserve(worker.storage.free_space_reserve_bytes);
         let grants = worker
             .grants
             .sql
@@ -168,7 +173,8 @@ fn to_guest(e: SqlError) -> sql::Error {
         | SqlError::ResultTooLarge { .. }
         | SqlError::OverMemory(_)
         | SqlError::StatementTooLong { .. }
-        | SqlError::TooManyParams { .. } => sql::Error::LimitExceeded(text),
+        | SqlError::TooManyParams { .. }
+        | SqlError::Disk(_) => sql::Error::LimitExceeded(text),
         SqlError::Constraint(_) => sql::Error::Constraint(text),
         SqlError::Empty
         | SqlError::MultipleStatements

@@ -20,4 +20,5 @@ mod log_flood;
 mod memory_budget;
 mod postgres_binding;
 mod routing;
+mod storage_quota;
 mod streaming;
