@@ -9,12 +9,23 @@ mod secret;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use cordon_config::Config;
 use cordon_gateway::Gateway;
 use cordon_runtime::{Posture, Runtime};
+
+/// How long the last log lines get to reach stderr before the process
+/// exits; a stalled stderr (a full pipe, a stalled journal) costs them
+/// rather than holding the exit, and the data directory's lock, longer.
+const LOG_DRAIN: Duration = Duration::from_millis(300);
+
+/// How long the async runtimes get to stop once the gateway has returned:
+/// tasks still there are dropped, and nothing started with
+/// `spawn_blocking` is waited for past it.
+const RUNTIME_STOP: Duration = Duration::from_millis(200);
 
 #[derive(Parser)]
 #[command(name = "cordon", version, about = "Run untrusted WebAssembly workers in hardened sandboxes")]
@@ -67,7 +78,7 @@ fn main() -> ExitCode {
         Command::Secret { command } => secret::run(command),
     };
     if let Some(w) = log_writer {
-        w.drain(std::time::Duration::from_secs(2));
+        w.drain(LOG_DRAIN);
     }
     match result {
         Ok(code) => code,
@@ -149,7 +160,7 @@ fn serve(
     }
 
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
-    tokio.block_on(async {
+    let served = tokio.block_on(async {
         let gateway = Gateway::bind(&config, runtime.clone()).await?;
         // Handlers first: a signal after the "serving" line must never find
         // the default disposition, which would kill requests in flight.
@@ -166,10 +177,17 @@ fn serve(
         });
         gateway.run(until_stopped(stopped)).await;
         if let Some(proxy) = proxy {
-            let _ = tokio::task::spawn_blocking(move || proxy.join()).await;
+            // It stopped accepting at the signal, long before the gateway's
+            // grace period ended; its runtime is stopped within RUNTIME_STOP.
+            let _ = tokio::time::timeout(RUNTIME_STOP * 2, tokio::task::spawn_blocking(move || proxy.join())).await;
         }
         anyhow::Ok(())
-    })?;
+    });
+    // Dropping the runtime would wait for every blocking task without bound.
+    tokio.shutdown_timeout(RUNTIME_STOP);
+    served?;
+    // Dropping `runtime` shuts the storage pools down: queued calls are
+    // dropped and running ones interrupted; their threads are not waited for.
     Ok(ExitCode::SUCCESS)
 }
 

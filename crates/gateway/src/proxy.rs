@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use cordon_runtime::{InstanceSlot, Invocation, Outcome, Report, Worker};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use tokio::sync::watch;
 
 use crate::error::{error_response, invoke_status};
 use crate::http1::parse::{Framing, Rejection, RequestHead};
@@ -21,6 +22,9 @@ pub(crate) struct Proxy {
     router: Router,
     filter: Option<Arc<dyn RequestFilter>>,
     log: RequestLog,
+    /// Turns true when the shutdown grace period ends: `finish` stops
+    /// waiting for guests that still run, which aborts them.
+    grace_over: watch::Receiver<bool>,
 }
 
 /// What `finish` needs to know about a request.
@@ -37,8 +41,13 @@ pub(crate) struct Exchange {
 }
 
 impl Proxy {
-    pub fn new(workers: &[Arc<Worker>], filter: Option<Arc<dyn RequestFilter>>, worker_log_bytes_per_second: u64) -> Self {
-        Self { router: Router::new(workers), filter, log: RequestLog::new(worker_log_bytes_per_second) }
+    pub fn new(
+        workers: &[Arc<Worker>],
+        filter: Option<Arc<dyn RequestFilter>>,
+        worker_log_bytes_per_second: u64,
+        grace_over: watch::Receiver<bool>,
+    ) -> Self {
+        Self { router: Router::new(workers), filter, log: RequestLog::new(worker_log_bytes_per_second), grace_over }
     }
 
     fn exchange(head: &RequestHead, request_id: &str, received: Instant, worker: Option<Arc<Worker>>) -> Exchange {
@@ -150,17 +159,33 @@ impl Service for Proxy {
 
     async fn finish(self: Arc<Self>, exchange: Exchange, written: Written) {
         let duration = exchange.received.elapsed();
+        let mut cut_at_shutdown = false;
         let report = match exchange.invocation {
             Some(invocation) => {
                 if !written.complete {
                     invocation.abort();
                 }
-                Some(invocation.finish().await)
+                let mut grace_over = self.grace_over.clone();
+                let grace_ends = async move {
+                    // A dropped sender means no shutdown is coming.
+                    if grace_over.wait_for(|over| *over).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! {
+                    report = invocation.finish() => Some(report),
+                    // Dropping the invocation aborts its guest.
+                    () = grace_ends => {
+                        cut_at_shutdown = true;
+                        None
+                    }
+                }
             }
             None => None,
         };
         let outcome = match (&report, exchange.error) {
             (_, Some(code)) => code.to_string(),
+            _ if cut_at_shutdown => "aborted_at_shutdown".to_string(),
             (Some(Report { outcome: Outcome::Failed(e), .. }), None) => invoke_status(e).1.to_string(),
             _ if written.error.is_some() => "response_incomplete".to_string(),
             _ => "ok".to_string(),
