@@ -50,6 +50,10 @@ pub struct TenantConfig {
     /// Instances of this tenant's workers that may exist at once; always
     /// less than `sandbox.max_instances`.
     pub max_instances: u32,
+    /// Its own `max_idle_connections`, in place of
+    /// `server.max_idle_connections_per_tenant`; see
+    /// [`Config::tenant_max_idle_connections`].
+    pub max_idle_connections: Option<usize>,
 }
 
 /// `[server]`: listeners, the data directory and the gateway's input limits.
@@ -72,6 +76,12 @@ pub struct ServerConfig {
     /// Connections served at once from one client address (IP); further
     /// ones from that address are closed as soon as they are accepted.
     pub max_connections_per_address: usize,
+    /// Keep-alive connections that one tenant's responses may hold open,
+    /// for a tenant without its own `[[tenant]] max_idle_connections`: a
+    /// connection counts against the tenant whose worker it last carried a
+    /// response of, until its next request arrives or it closes. A
+    /// response beyond it closes its connection. At most `max_connections`.
+    pub max_idle_connections_per_tenant: usize,
     /// Outbound connections one tenant holds open at once, over all its
     /// workers and requests; a subrequest beyond it fails at once.
     pub max_outbound_connections_per_tenant: u32,
@@ -129,6 +139,18 @@ pub struct SandboxConfig {
     /// Maximum native stack that wasm code may use, in KiB. Deeper recursion
     /// traps with a stack overflow.
     pub max_wasm_stack_kb: u32,
+}
+
+impl ServerConfig {
+    /// The default of `max_idle_connections_per_tenant` is `max_connections`
+    /// divided by this: a tenant at its cap leaves three quarters of the
+    /// connection slots to the others.
+    pub const IDLE_CONNECTIONS_SHARE_DIVISOR: usize = 4;
+
+    /// The default for `max_idle_connections_per_tenant`.
+    pub fn default_max_idle_connections_per_tenant(max_connections: usize) -> usize {
+        (max_connections / Self::IDLE_CONNECTIONS_SHARE_DIVISOR).max(1)
+    }
 }
 
 impl SandboxConfig {
@@ -348,6 +370,17 @@ impl Config {
     /// `sandbox.tenant_max_instances`.
     pub fn tenant_max_instances(&self, tenant: &str) -> u32 {
         self.tenants.iter().find(|t| t.name == tenant).map_or(self.sandbox.tenant_max_instances, |t| t.max_instances)
+    }
+
+    /// The keep-alive connections `tenant`'s responses may hold open: its
+    /// `[[tenant]] max_idle_connections`, or
+    /// `server.max_idle_connections_per_tenant`.
+    pub fn tenant_max_idle_connections(&self, tenant: &str) -> usize {
+        self.tenants
+            .iter()
+            .find(|t| t.name == tenant)
+            .and_then(|t| t.max_idle_connections)
+            .unwrap_or(self.server.max_idle_connections_per_tenant)
     }
 
     /// The largest `memory_mb` of any worker, which sizes the allocator's

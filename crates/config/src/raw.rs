@@ -35,6 +35,7 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawTenant {
     pub name: Spanned<String>,
     pub max_instances: Option<Spanned<i64>>,
+    pub max_idle_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -49,6 +50,7 @@ pub(crate) struct RawServer {
     pub shutdown_grace_ms: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
     pub max_connections_per_address: Option<Spanned<i64>>,
+    pub max_idle_connections_per_tenant: Option<Spanned<i64>>,
     pub max_outbound_connections_per_tenant: Option<Spanned<i64>>,
     pub max_name_lookups: Option<Spanned<i64>>,
     pub max_name_lookups_per_tenant: Option<Spanned<i64>>,

@@ -44,7 +44,7 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     }
     v.cross_database_checks(&raw.databases, &mut databases);
 
-    let tenants = v.tenants(&raw.tenants, &sandbox);
+    let tenants = v.tenants(&raw.tenants, &sandbox, &server);
     let mut workers = Vec::with_capacity(raw.workers.len());
     for (i, w) in raw.workers.iter().enumerate() {
         let quota = tenants.iter().find(|t| t.name == *w.tenant.get_ref()).map_or(sandbox.tenant_max_instances, |t| t.max_instances);
@@ -135,6 +135,9 @@ impl Validator<'_> {
             Some(d) => base.join(d.get_ref()),
             None => base.join(".cordon"),
         };
+        let max_connections =
+            self.int(&s.max_connections, "server.max_connections", 10_000, 1, 1_000_000, "the number of connections served at once")
+                as usize;
         ServerConfig {
             listen,
             admin_listen,
@@ -171,14 +174,7 @@ impl Validator<'_> {
                 600_000,
                 "the time requests in flight get to finish on shutdown, in ms",
             ),
-            max_connections: self.int(
-                &s.max_connections,
-                "server.max_connections",
-                10_000,
-                1,
-                1_000_000,
-                "the number of connections served at once",
-            ) as usize,
+            max_connections,
             max_connections_per_address: self.int(
                 &s.max_connections_per_address,
                 "server.max_connections_per_address",
@@ -187,6 +183,11 @@ impl Validator<'_> {
                 1_000_000,
                 "the number of connections served at once from one client address",
             ) as usize,
+            max_idle_connections_per_tenant: self.idle_connections(
+                &s.max_idle_connections_per_tenant,
+                "server.max_idle_connections_per_tenant",
+                max_connections,
+            ),
             max_outbound_connections_per_tenant: self.int(
                 &s.max_outbound_connections_per_tenant,
                 "server.max_outbound_connections_per_tenant",
@@ -270,7 +271,15 @@ impl Validator<'_> {
         Some(n as u32)
     }
 
-    fn tenants(&mut self, raw: &[RawTenant], sandbox: &SandboxConfig) -> Vec<TenantConfig> {
+    /// A tenant's cap on kept-alive connections: at least 1 and at most
+    /// `server.max_connections`; its default is a quarter of them.
+    fn idle_connections(&mut self, value: &Option<Spanned<i64>>, key: &str, max_connections: usize) -> usize {
+        let default = ServerConfig::default_max_idle_connections_per_tenant(max_connections);
+        self.int(value, key, default as u64, 1, max_connections as u64, "the keep-alive connections one tenant's responses may hold open")
+            as usize
+    }
+
+    fn tenants(&mut self, raw: &[RawTenant], sandbox: &SandboxConfig, server: &ServerConfig) -> Vec<TenantConfig> {
         let mut tenants: Vec<TenantConfig> = Vec::with_capacity(raw.len());
         for (i, t) in raw.iter().enumerate() {
             let key = |k: &str| format!("tenant[{i}].{k}");
@@ -289,7 +298,11 @@ impl Validator<'_> {
                     self.tenant_share(value, &key("max_instances"), sandbox.max_instances).unwrap_or(sandbox.tenant_max_instances)
                 }
             };
-            tenants.push(TenantConfig { name: t.name.get_ref().clone(), max_instances });
+            let max_idle_connections = t
+                .max_idle_connections
+                .is_some()
+                .then(|| self.idle_connections(&t.max_idle_connections, &key("max_idle_connections"), server.max_connections));
+            tenants.push(TenantConfig { name: t.name.get_ref().clone(), max_instances, max_idle_connections });
         }
         tenants
     }
@@ -992,7 +1005,7 @@ max_name_lookups_per_tenant = 100000
             worker("c", "other", ""),
         );
         let c = parse(&file, &text).unwrap();
-        assert_eq!(c.tenants, vec![TenantConfig { name: "acme".into(), max_instances: 40 }]);
+        assert_eq!(c.tenants, vec![TenantConfig { name: "acme".into(), max_instances: 40, max_idle_connections: None }]);
         assert_eq!((c.tenant_max_instances("acme"), c.tenant_max_instances("other")), (40, 10));
         let limits: Vec<u32> = c.workers.iter().map(|w| w.limits.max_instances).collect();
         assert_eq!(limits, [40, 5, 10], "a worker defaults to its tenant's quota");
@@ -1024,6 +1037,34 @@ max_name_lookups_per_tenant = 100000
         format!("[[worker]]\nname = \"a\"\ntenant = \"t\"\ncomponent = \"x.wasm\"\nroutes = [\"h/\"]\n{extra}")
     }
 
+    #[test]
+    fn idle_connection_caps_default_to_a_quarter_of_the_slots_and_tenants_override_them() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.wasm"), b"").unwrap();
+        let file = dir.path().join("cordon.toml");
+        let workers = "[[worker]]\nname = \"a\"\ntenant = \"acme\"\ncomponent = \"x.wasm\"\nroutes = [\"a/\"]\n\
+                       [[worker]]\nname = \"b\"\ntenant = \"other\"\ncomponent = \"x.wasm\"\nroutes = [\"b/\"]\n";
+        let c = parse(&file, workers).unwrap();
+        assert_eq!(c.server.max_idle_connections_per_tenant, 2500);
+        let c =
+            parse(&file, &format!("[server]\nmax_connections = 400\n[[tenant]]\nname = \"acme\"\nmax_idle_connections = 50\n{workers}"))
+                .unwrap();
+        assert_eq!((c.tenant_max_idle_connections("acme"), c.tenant_max_idle_connections("other")), (50, 100));
+        let c = parse(&file, &format!("[server]\nmax_idle_connections_per_tenant = 7\n{workers}")).unwrap();
+        assert_eq!(c.tenant_max_idle_connections("acme"), 7);
+
+        // Above the connection slots, or zero: refused at the value.
+        let text = format!(
+            "[server]\nmax_connections = 400\nmax_idle_connections_per_tenant = 401\n[[tenant]]\nname = \"acme\"\nmax_idle_connections = 0\n{workers}"
+        );
+        let e = parse(&file, &text).unwrap_err().0;
+        let at = |key: &str| e.iter().find(|e| e.key.as_deref() == Some(key)).unwrap_or_else(|| panic!("no error for {key}: {e:?}"));
+        assert_eq!(
+            at("server.max_idle_connections_per_tenant").to_string().lines().next().unwrap(),
+            format!("{}:3:35: `server.max_idle_connections_per_tenant`: must be between 1 and 400, got 401", file.display())
+        );
+        assert_eq!(at("tenant[0].max_idle_connections").location.unwrap().line, 6);
+    }
     #[test]
     fn outbound_entries_are_checked_one_by_one() {
         let e = errors(&worker_with("allowed_outbound = [\"https://api.example.com\", \"http://2130706433:80\", \"ftp://x.example\"]\n"));

@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use http1::{ConnLimits, ConnSlots, Service, TaskTracker, serve_connection};
+use http1::{ConnLimits, ConnSlots, KeptAlive, Service, TaskTracker, serve_connection};
 
 /// Connections the admin listener serves at once.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
@@ -76,6 +76,8 @@ pub struct Gateway {
     max_connections_per_address: usize,
     shutdown_grace: Duration,
     worker_log_bytes_per_second: u64,
+    /// Each tenant's cap on the keep-alive connections its responses hold.
+    max_idle_connections: std::collections::HashMap<String, usize>,
     filter: Option<Arc<dyn RequestFilter>>,
     gateway_report: serde_json::Value,
 }
@@ -99,8 +101,11 @@ impl Gateway {
             "keep_alive_timeout_ms": s.keep_alive_timeout_ms,
             "max_connections": s.max_connections,
             "max_connections_per_address": s.max_connections_per_address,
+            "max_idle_connections_per_tenant": s.max_idle_connections_per_tenant,
             "shutdown_grace_ms": s.shutdown_grace_ms,
         });
+        let max_idle_connections =
+            config.workers.iter().map(|w| (w.tenant.clone(), config.tenant_max_idle_connections(&w.tenant))).collect();
         Ok(Gateway {
             listener,
             admin_listener,
@@ -110,6 +115,7 @@ impl Gateway {
             max_connections_per_address: s.max_connections_per_address,
             shutdown_grace: Duration::from_millis(s.shutdown_grace_ms),
             worker_log_bytes_per_second: s.worker_log_bytes_per_second,
+            max_idle_connections,
             filter: None,
             gateway_report,
         })
@@ -137,7 +143,21 @@ impl Gateway {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let (tx, rx) = watch::channel(false);
         let (grace_over_tx, grace_over) = watch::channel(false);
-        let proxy = Arc::new(proxy::Proxy::new(self.runtime.workers(), self.filter.clone(), self.worker_log_bytes_per_second, grace_over));
+        // One count per tenant, shared by its workers' routes.
+        let kept_alive: std::collections::HashMap<&str, Arc<KeptAlive>> =
+            self.max_idle_connections.iter().map(|(tenant, max)| (tenant.as_str(), Arc::new(KeptAlive::new(*max)))).collect();
+        let kept_alive_of = |tenant: &str| match kept_alive.get(tenant) {
+            Some(count) => count.clone(),
+            // A worker the config did not list (not in `cordon serve`): no cap beyond the slots.
+            None => Arc::new(KeptAlive::new(self.max_connections)),
+        };
+        let proxy = Arc::new(proxy::Proxy::new(
+            self.runtime.workers(),
+            kept_alive_of,
+            self.filter.clone(),
+            self.worker_log_bytes_per_second,
+            grace_over,
+        ));
         let admin = Arc::new(admin::Admin::new(self.runtime.clone(), self.gateway_report.clone()));
         let grace = self.shutdown_grace;
         let main_slots = (self.max_connections, self.max_connections_per_address);
