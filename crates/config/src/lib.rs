@@ -54,6 +54,12 @@ pub struct TenantConfig {
     /// `server.max_idle_connections_per_tenant`; see
     /// [`Config::tenant_max_idle_connections`].
     pub max_idle_connections: Option<usize>,
+    /// Its own `worker_log_bytes_per_second`, in place of
+    /// `server.worker_log_bytes_per_second`.
+    pub worker_log_bytes_per_second: Option<u64>,
+    /// Its own `max_outbound_connections`, in place of
+    /// `server.max_outbound_connections_per_tenant`.
+    pub max_outbound_connections: Option<u32>,
 }
 
 /// `[server]`: listeners, the data directory and the gateway's input limits.
@@ -381,6 +387,28 @@ impl Config {
             .find(|t| t.name == tenant)
             .and_then(|t| t.max_idle_connections)
             .unwrap_or(self.server.max_idle_connections_per_tenant)
+    }
+
+    /// The bytes of worker output `tenant` may have logged per second: its
+    /// `[[tenant]] worker_log_bytes_per_second`, or
+    /// `server.worker_log_bytes_per_second`.
+    pub fn tenant_worker_log_bytes_per_second(&self, tenant: &str) -> u64 {
+        self.tenants
+            .iter()
+            .find(|t| t.name == tenant)
+            .and_then(|t| t.worker_log_bytes_per_second)
+            .unwrap_or(self.server.worker_log_bytes_per_second)
+    }
+
+    /// The outbound connections `tenant` may hold open at once: its
+    /// `[[tenant]] max_outbound_connections`, or
+    /// `server.max_outbound_connections_per_tenant`.
+    pub fn tenant_max_outbound_connections(&self, tenant: &str) -> u32 {
+        self.tenants
+            .iter()
+            .find(|t| t.name == tenant)
+            .and_then(|t| t.max_outbound_connections)
+            .unwrap_or(self.server.max_outbound_connections_per_tenant)
     }
 
     /// The largest `memory_mb` of any worker, which sizes the allocator's

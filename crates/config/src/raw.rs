@@ -36,6 +36,8 @@ pub(crate) struct RawTenant {
     pub name: Spanned<String>,
     pub max_instances: Option<Spanned<i64>>,
     pub max_idle_connections: Option<Spanned<i64>>,
+    pub worker_log_bytes_per_second: Option<Spanned<i64>>,
+    pub max_outbound_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

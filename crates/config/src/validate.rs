@@ -188,14 +188,8 @@ impl Validator<'_> {
                 "server.max_idle_connections_per_tenant",
                 max_connections,
             ),
-            max_outbound_connections_per_tenant: self.int(
-                &s.max_outbound_connections_per_tenant,
-                "server.max_outbound_connections_per_tenant",
-                256,
-                1,
-                65_536,
-                "the number of outbound connections one tenant may hold open at once",
-            ) as u32,
+            max_outbound_connections_per_tenant: self
+                .outbound_connections(&s.max_outbound_connections_per_tenant, "server.max_outbound_connections_per_tenant"),
             max_name_lookups: self.int(
                 &s.max_name_lookups,
                 "server.max_name_lookups",
@@ -212,14 +206,7 @@ impl Validator<'_> {
                 65_536,
                 "the number of name lookups one tenant may have in flight at once",
             ) as u32,
-            worker_log_bytes_per_second: self.int(
-                &s.worker_log_bytes_per_second,
-                "server.worker_log_bytes_per_second",
-                262_144,
-                1024,
-                1 << 30,
-                "the bytes of worker output one tenant may have logged per second",
-            ),
+            worker_log_bytes_per_second: self.log_rate(&s.worker_log_bytes_per_second, "server.worker_log_bytes_per_second"),
         }
     }
 
@@ -271,6 +258,16 @@ impl Validator<'_> {
         Some(n as u32)
     }
 
+    /// A tenant's cap on outbound connections held open at once.
+    fn outbound_connections(&mut self, value: &Option<Spanned<i64>>, key: &str) -> u32 {
+        self.int(value, key, 256, 1, 65_536, "the number of outbound connections one tenant may hold open at once") as u32
+    }
+
+    /// A tenant's rate of logged worker output, in bytes per second.
+    fn log_rate(&mut self, value: &Option<Spanned<i64>>, key: &str) -> u64 {
+        self.int(value, key, 262_144, 1024, 1 << 30, "the bytes of worker output one tenant may have logged per second")
+    }
+
     /// A tenant's cap on kept-alive connections: at least 1 and at most
     /// `server.max_connections`; its default is a quarter of them.
     fn idle_connections(&mut self, value: &Option<Spanned<i64>>, key: &str, max_connections: usize) -> usize {
@@ -302,7 +299,21 @@ impl Validator<'_> {
                 .max_idle_connections
                 .is_some()
                 .then(|| self.idle_connections(&t.max_idle_connections, &key("max_idle_connections"), server.max_connections));
-            tenants.push(TenantConfig { name: t.name.get_ref().clone(), max_instances, max_idle_connections });
+            let worker_log_bytes_per_second = t
+                .worker_log_bytes_per_second
+                .is_some()
+                .then(|| self.log_rate(&t.worker_log_bytes_per_second, &key("worker_log_bytes_per_second")));
+            let max_outbound_connections = t
+                .max_outbound_connections
+                .is_some()
+                .then(|| self.outbound_connections(&t.max_outbound_connections, &key("max_outbound_connections")));
+            tenants.push(TenantConfig {
+                name: t.name.get_ref().clone(),
+                max_instances,
+                max_idle_connections,
+                worker_log_bytes_per_second,
+                max_outbound_connections,
+            });
         }
         tenants
     }
@@ -1005,7 +1016,14 @@ max_name_lookups_per_tenant = 100000
             worker("c", "other", ""),
         );
         let c = parse(&file, &text).unwrap();
-        assert_eq!(c.tenants, vec![TenantConfig { name: "acme".into(), max_instances: 40, max_idle_connections: None }]);
+        let acme = TenantConfig {
+            name: "acme".into(),
+            max_instances: 40,
+            max_idle_connections: None,
+            worker_log_bytes_per_second: None,
+            max_outbound_connections: None,
+        };
+        assert_eq!(c.tenants, vec![acme]);
         assert_eq!((c.tenant_max_instances("acme"), c.tenant_max_instances("other")), (40, 10));
         let limits: Vec<u32> = c.workers.iter().map(|w| w.limits.max_instances).collect();
         assert_eq!(limits, [40, 5, 10], "a worker defaults to its tenant's quota");
@@ -1064,6 +1082,32 @@ max_name_lookups_per_tenant = 100000
             format!("{}:3:35: `server.max_idle_connections_per_tenant`: must be between 1 and 400, got 401", file.display())
         );
         assert_eq!(at("tenant[0].max_idle_connections").location.unwrap().line, 6);
+    }
+
+    #[test]
+    fn tenants_override_their_log_rate_and_outbound_connections_and_only_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.wasm"), b"").unwrap();
+        let file = dir.path().join("cordon.toml");
+        let workers = "[[worker]]\nname = \"a\"\ntenant = \"acme\"\ncomponent = \"x.wasm\"\nroutes = [\"a/\"]\n\
+                       [[worker]]\nname = \"b\"\ntenant = \"other\"\ncomponent = \"x.wasm\"\nroutes = [\"b/\"]\n";
+        let text = format!(
+            "[server]\nworker_log_bytes_per_second = 4096\nmax_outbound_connections_per_tenant = 32\n\
+             [[tenant]]\nname = \"acme\"\nworker_log_bytes_per_second = 1048576\nmax_outbound_connections = 8\n{workers}"
+        );
+        let c = parse(&file, &text).unwrap();
+        assert_eq!((c.tenant_worker_log_bytes_per_second("acme"), c.tenant_worker_log_bytes_per_second("other")), (1 << 20, 4096));
+        assert_eq!((c.tenant_max_outbound_connections("acme"), c.tenant_max_outbound_connections("other")), (8, 32));
+        let c = parse(&file, workers).unwrap();
+        assert_eq!((c.tenant_worker_log_bytes_per_second("acme"), c.tenant_max_outbound_connections("acme")), (262_144, 256));
+
+        let text = format!("[[tenant]]\nname = \"acme\"\nworker_log_bytes_per_second = 10\nmax_outbound_connections = 0\n{workers}");
+        let e = parse(&file, &text).unwrap_err().0;
+        let at = |key: &str| e.iter().find(|e| e.key.as_deref() == Some(key)).unwrap_or_else(|| panic!("no error for {key}: {e:?}"));
+        let rate = at("tenant[0].worker_log_bytes_per_second");
+        assert_eq!(rate.location.unwrap().line, 3);
+        assert!(rate.message.contains("between 1024 and 1073741824, got 10"), "{}", rate.message);
+        assert_eq!(at("tenant[0].max_outbound_connections").location.unwrap().line, 4);
     }
     #[test]
     fn outbound_entries_are_checked_one_by_one() {

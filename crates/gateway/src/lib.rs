@@ -75,7 +75,7 @@ pub struct Gateway {
     max_connections: usize,
     max_connections_per_address: usize,
     shutdown_grace: Duration,
-    worker_log_bytes_per_second: u64,
+    log_rates: request_log::LogRates,
     /// Each tenant's cap on the keep-alive connections its responses hold.
     max_idle_connections: std::collections::HashMap<String, usize>,
     filter: Option<Arc<dyn RequestFilter>>,
@@ -106,6 +106,10 @@ impl Gateway {
         });
         let max_idle_connections =
             config.workers.iter().map(|w| (w.tenant.clone(), config.tenant_max_idle_connections(&w.tenant))).collect();
+        let log_rates = request_log::LogRates {
+            default: s.worker_log_bytes_per_second,
+            tenants: config.tenants.iter().map(|t| (t.name.clone(), config.tenant_worker_log_bytes_per_second(&t.name))).collect(),
+        };
         Ok(Gateway {
             listener,
             admin_listener,
@@ -114,7 +118,7 @@ impl Gateway {
             max_connections: s.max_connections,
             max_connections_per_address: s.max_connections_per_address,
             shutdown_grace: Duration::from_millis(s.shutdown_grace_ms),
-            worker_log_bytes_per_second: s.worker_log_bytes_per_second,
+            log_rates,
             max_idle_connections,
             filter: None,
             gateway_report,
@@ -151,13 +155,8 @@ impl Gateway {
             // A worker the config did not list (not in `cordon serve`): no cap beyond the slots.
             None => Arc::new(KeptAlive::new(self.max_connections)),
         };
-        let proxy = Arc::new(proxy::Proxy::new(
-            self.runtime.workers(),
-            kept_alive_of,
-            self.filter.clone(),
-            self.worker_log_bytes_per_second,
-            grace_over,
-        ));
+        let proxy =
+            Arc::new(proxy::Proxy::new(self.runtime.workers(), kept_alive_of, self.filter.clone(), self.log_rates.clone(), grace_over));
         let admin = Arc::new(admin::Admin::new(self.runtime.clone(), self.gateway_report.clone()));
         let grace = self.shutdown_grace;
         let main_slots = (self.max_connections, self.max_connections_per_address);

@@ -14,7 +14,7 @@ use crate::error::{error_response, invoke_status};
 use crate::http1::parse::{Framing, Rejection, RequestHead};
 use crate::http1::write::Written;
 use crate::http1::{Incoming, KeptAlive, OutBody, Outgoing, Service};
-use crate::request_log::{RequestLine, RequestLog};
+use crate::request_log::{LogRates, RequestLine, RequestLog};
 use crate::router::{Router, Target};
 use crate::{RequestFilter, RequestSummary};
 
@@ -48,10 +48,10 @@ impl Proxy {
         workers: &[Arc<Worker>],
         kept_alive: impl Fn(&str) -> Arc<KeptAlive>,
         filter: Option<Arc<dyn RequestFilter>>,
-        worker_log_bytes_per_second: u64,
+        log_rates: LogRates,
         grace_over: watch::Receiver<bool>,
     ) -> Self {
-        Self { router: Router::new(workers, kept_alive), filter, log: RequestLog::new(worker_log_bytes_per_second), grace_over }
+        Self { router: Router::new(workers, kept_alive), filter, log: RequestLog::new(log_rates), grace_over }
     }
 
     fn exchange(head: &RequestHead, request_id: &str, received: Instant, target: Option<&Target>) -> Exchange {
