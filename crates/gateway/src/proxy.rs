@@ -186,7 +186,10 @@ impl Service for Proxy {
                         std::future::pending::<()>().await;
                     }
                 };
+                // Biased: a guest already done is joined without ever
+                // registering on the signal.
                 tokio::select! {
+                    biased;
                     report = invocation.finish() => Some(report),
                     // Dropping the invocation aborts its guest.
                     () = grace_ends => {
