@@ -44,7 +44,7 @@ impl DescriptorBudget {
         tenants.sort_unstable();
         tenants.dedup();
         let by_instances = u64::from(config.sandbox.max_instances) * max_subrequests;
-        let by_tenants = tenants.len() as u64 * u64::from(s.max_outbound_connections_per_tenant);
+        let by_tenants: u64 = tenants.iter().map(|t| u64::from(config.tenant_max_outbound_connections(t))).sum();
         let postgres = config.databases.iter().map(|d| u64::from(d.pool_size) + u64::from(d.max_client_connections)).sum::<u64>()
             + config.postgres_proxy.as_ref().map_or(0, |p| u64::from(p.max_handshakes) + 1);
         DescriptorBudget {
@@ -68,7 +68,7 @@ impl DescriptorBudget {
         anyhow::bail!(
             "the configured limits may need {} file descriptors, but the process may open only {limit} (RLIMIT_NOFILE, hard limit {hard}): \
              {} for client connections (server.max_connections, plus the admin listener), \
-             {} outbound (sandbox.max_instances × limits.max_subrequests, or tenants × server.max_outbound_connections_per_tenant, whichever is smaller), \
+             {} outbound (sandbox.max_instances × limits.max_subrequests, or the sum over tenants of server.max_outbound_connections_per_tenant or their [[tenant]] max_outbound_connections, whichever is smaller), \
              {} for name lookups (server.max_name_lookups), {} for Postgres (pool_size, max_client_connections, max_handshakes), \
              {} reserved for the data directory and storage; \
              raise the hard limit (LimitNOFILE= in a systemd unit, `ulimit -Hn` in a shell) or lower these limits",
@@ -134,6 +134,10 @@ mod tests {
         assert_eq!(budget.reserve, 256 + 3 * 16);
         let budget = DescriptorBudget::of(&config("[sandbox]\nmax_instances = 2", &[("a", "t1"), ("c", "t2")]));
         assert_eq!(budget.outbound, 2 * 50);
+        // A tenant's own cap counts for that tenant.
+        let budget =
+            DescriptorBudget::of(&config("[[tenant]]\nname = \"t1\"\nmax_outbound_connections = 1000", &[("a", "t1"), ("c", "t2")]));
+        assert_eq!(budget.outbound, 1000 + 256);
     }
 
     #[test]

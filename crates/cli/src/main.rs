@@ -9,12 +9,24 @@ mod secret;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use cordon_config::Config;
+use cordon_egress::{LookupLimits, Network, NetworkError};
 use cordon_gateway::Gateway;
 use cordon_runtime::{Posture, Runtime};
+
+/// How long the last log lines get to reach stderr before the process
+/// exits; a stalled stderr (a full pipe, a stalled journal) costs them
+/// rather than holding the exit, and the data directory's lock, longer.
+const LOG_DRAIN: Duration = Duration::from_millis(300);
+
+/// How long the async runtimes get to stop once the gateway has returned:
+/// tasks still there are dropped, and nothing started with
+/// `spawn_blocking` is waited for past it.
+const RUNTIME_STOP: Duration = Duration::from_millis(200);
 
 #[derive(Parser)]
 #[command(name = "cordon", version, about = "Run untrusted WebAssembly workers in hardened sandboxes")]
@@ -67,7 +79,7 @@ fn main() -> ExitCode {
         Command::Secret { command } => secret::run(command),
     };
     if let Some(w) = log_writer {
-        w.drain(std::time::Duration::from_secs(2));
+        w.drain(LOG_DRAIN);
     }
     match result {
         Ok(code) => code,
@@ -140,7 +152,8 @@ fn serve(
     let budget = descriptors::DescriptorBudget::of(&config);
     budget.check(soft, hard)?;
     tracing::info!(limit = soft, hard, needed_at_most = budget.total(), "file descriptors");
-    let runtime = Arc::new(Runtime::start(&config).context("cannot start the sandbox")?);
+    let network = network(&config).context("cannot start the sandbox")?;
+    let runtime = Arc::new(Runtime::start_with_network(&config, Arc::new(network)).context("cannot start the sandbox")?);
     // The same pools and caches serve the worker binding and the wire-protocol proxy.
     let accelerator = runtime.accelerator();
     log_posture(runtime.posture());
@@ -149,7 +162,7 @@ fn serve(
     }
 
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
-    tokio.block_on(async {
+    let served = tokio.block_on(async {
         let gateway = Gateway::bind(&config, runtime.clone()).await?;
         // Handlers first: a signal after the "serving" line must never find
         // the default disposition, which would kill requests in flight.
@@ -166,11 +179,34 @@ fn serve(
         });
         gateway.run(until_stopped(stopped)).await;
         if let Some(proxy) = proxy {
-            let _ = tokio::task::spawn_blocking(move || proxy.join()).await;
+            // It stopped accepting at the signal, long before the gateway's
+            // grace period ended; its runtime is stopped within RUNTIME_STOP.
+            let _ = tokio::time::timeout(RUNTIME_STOP * 2, tokio::task::spawn_blocking(move || proxy.join())).await;
         }
         anyhow::Ok(())
-    })?;
+    });
+    // Dropping the runtime would wait for every blocking task without bound.
+    tokio.shutdown_timeout(RUNTIME_STOP);
+    served?;
+    // Dropping `runtime` shuts the storage pools down: queued calls are
+    // dropped and running ones interrupted; their threads are not waited for.
     Ok(ExitCode::SUCCESS)
+}
+
+/// The outbound network: the system's resolver and the `[server]` limits on
+/// name lookups and outbound connections, with each `[[tenant]]`'s own
+/// outbound connection limit.
+fn network(config: &Config) -> Result<Network, NetworkError> {
+    let s = &config.server;
+    let mut builder = Network::builder()
+        .lookup_limits(LookupLimits { per_tenant: s.max_name_lookups_per_tenant, total: s.max_name_lookups })
+        .outbound_connections_per_tenant(s.max_outbound_connections_per_tenant);
+    for tenant in &config.tenants {
+        if let Some(limit) = tenant.max_outbound_connections {
+            builder = builder.outbound_connections_of_tenant(&tenant.name, limit);
+        }
+    }
+    builder.build()
 }
 
 /// Installs the SIGTERM and SIGINT handlers now; the future resolves on
@@ -241,4 +277,29 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     }
     println!("\n{}: ok ({} worker(s), {} warning(s))", path.display(), config.workers.len(), warnings.len());
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_network_takes_each_tenants_own_outbound_connection_limit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::write(dir.join("x.wasm"), b"").unwrap();
+        let worker = |name: &str, tenant: &str| {
+            format!("[[worker]]\nname = \"{name}\"\ntenant = \"{tenant}\"\ncomponent = \"x.wasm\"\nroutes = [\"{name}/\"]\n")
+        };
+        let text = format!(
+            "[server]\nmax_outbound_connections_per_tenant = 16\nmax_name_lookups = 40\nmax_name_lookups_per_tenant = 3\n\
+             [[tenant]]\nname = \"big\"\nmax_outbound_connections = 64\n{}{}",
+            worker("a", "big"),
+            worker("b", "small")
+        );
+        let config = Config::parse(&dir.join("cordon.toml"), &text).unwrap();
+        let network = network(&config).unwrap();
+        assert_eq!((network.outbound_connections_of("big"), network.outbound_connections_of("small")), (64, 16));
+        assert_eq!(network.lookup_limits(), LookupLimits { per_tenant: 3, total: 40 });
+    }
 }

@@ -48,6 +48,8 @@ pub fn start(
                 Err(error) => tracing::error!(error = %error, "the Postgres proxy cannot use its listener"),
             }
         });
+        // Sessions still open are dropped; nothing blocking is waited for.
+        runtime.shutdown_timeout(crate::RUNTIME_STOP);
     })?;
     Ok(Some(thread))
 }

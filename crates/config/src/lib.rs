@@ -57,6 +57,16 @@ pub struct TenantConfig {
     /// SQL databases, in MiB: its `storage_quota_mb`, or
     /// `storage.tenant_quota_mb`.
     pub storage_quota_mb: u64,
+    /// Its own `max_idle_connections`, in place of
+    /// `server.max_idle_connections_per_tenant`; see
+    /// [`Config::tenant_max_idle_connections`].
+    pub max_idle_connections: Option<usize>,
+    /// Its own `worker_log_bytes_per_second`, in place of
+    /// `server.worker_log_bytes_per_second`.
+    pub worker_log_bytes_per_second: Option<u64>,
+    /// Its own `max_outbound_connections`, in place of
+    /// `server.max_outbound_connections_per_tenant`.
+    pub max_outbound_connections: Option<u32>,
 }
 
 /// `[server]`: listeners, the data directory and the gateway's input limits.
@@ -79,6 +89,12 @@ pub struct ServerConfig {
     /// Connections served at once from one client address (IP); further
     /// ones from that address are closed as soon as they are accepted.
     pub max_connections_per_address: usize,
+    /// Keep-alive connections that one tenant's responses may hold open,
+    /// for a tenant without its own `[[tenant]] max_idle_connections`: a
+    /// connection counts against the tenant whose worker it last carried a
+    /// response of, until its next request arrives or it closes. A
+    /// response beyond it closes its connection. At most `max_connections`.
+    pub max_idle_connections_per_tenant: usize,
     /// Outbound connections one tenant holds open at once, over all its
     /// workers and requests; a subrequest beyond it fails at once.
     pub max_outbound_connections_per_tenant: u32,
@@ -146,6 +162,18 @@ pub struct SandboxConfig {
     /// How many times the host's memory the worst case of the configured
     /// limits may be; above it the configuration is refused at start.
     pub memory_overcommit: f64,
+}
+
+impl ServerConfig {
+    /// The default of `max_idle_connections_per_tenant` is `max_connections`
+    /// divided by this: a tenant at its cap leaves three quarters of the
+    /// connection slots to the others.
+    pub const IDLE_CONNECTIONS_SHARE_DIVISOR: usize = 4;
+
+    /// The default for `max_idle_connections_per_tenant`.
+    pub fn default_max_idle_connections_per_tenant(max_connections: usize) -> usize {
+        (max_connections / Self::IDLE_CONNECTIONS_SHARE_DIVISOR).max(1)
+    }
 }
 
 impl SandboxConfig {
@@ -403,6 +431,39 @@ impl Config {
     /// storage_quota_mb`, or `storage.tenant_quota_mb`.
     pub fn tenant_storage_quota_mb(&self, tenant: &str) -> u64 {
         self.tenants.iter().find(|t| t.name == tenant).map_or(self.storage.tenant_quota_mb, |t| t.storage_quota_mb)
+    }
+
+    /// The keep-alive connections `tenant`'s responses may hold open: its
+    /// `[[tenant]] max_idle_connections`, or
+    /// `server.max_idle_connections_per_tenant`.
+    pub fn tenant_max_idle_connections(&self, tenant: &str) -> usize {
+        self.tenants
+            .iter()
+            .find(|t| t.name == tenant)
+            .and_then(|t| t.max_idle_connections)
+            .unwrap_or(self.server.max_idle_connections_per_tenant)
+    }
+
+    /// The bytes of worker output `tenant` may have logged per second: its
+    /// `[[tenant]] worker_log_bytes_per_second`, or
+    /// `server.worker_log_bytes_per_second`.
+    pub fn tenant_worker_log_bytes_per_second(&self, tenant: &str) -> u64 {
+        self.tenants
+            .iter()
+            .find(|t| t.name == tenant)
+            .and_then(|t| t.worker_log_bytes_per_second)
+            .unwrap_or(self.server.worker_log_bytes_per_second)
+    }
+
+    /// The outbound connections `tenant` may hold open at once: its
+    /// `[[tenant]] max_outbound_connections`, or
+    /// `server.max_outbound_connections_per_tenant`.
+    pub fn tenant_max_outbound_connections(&self, tenant: &str) -> u32 {
+        self.tenants
+            .iter()
+            .find(|t| t.name == tenant)
+            .and_then(|t| t.max_outbound_connections)
+            .unwrap_or(self.server.max_outbound_connections_per_tenant)
     }
 
     /// The largest `memory_mb` of any worker, which sizes the allocator's

@@ -37,6 +37,9 @@ pub(crate) struct RawTenant {
     pub max_instances: Option<Spanned<i64>>,
     pub memory_budget_mb: Option<Spanned<i64>>,
     pub storage_quota_mb: Option<Spanned<i64>>,
+    pub max_idle_connections: Option<Spanned<i64>>,
+    pub worker_log_bytes_per_second: Option<Spanned<i64>>,
+    pub max_outbound_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -51,6 +54,7 @@ pub(crate) struct RawServer {
     pub shutdown_grace_ms: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
     pub max_connections_per_address: Option<Spanned<i64>>,
+    pub max_idle_connections_per_tenant: Option<Spanned<i64>>,
     pub max_outbound_connections_per_tenant: Option<Spanned<i64>>,
     pub max_name_lookups: Option<Spanned<i64>>,
     pub max_name_lookups_per_tenant: Option<Spanned<i64>>,

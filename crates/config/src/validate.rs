@@ -48,7 +48,7 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     }
     v.cross_database_checks(&raw.databases, &mut databases);
 
-    let tenants = v.tenants(&raw.tenants, &sandbox, &storage);
+    let tenants = v.tenants(&raw.tenants, &sandbox, &storage, &server);
     let mut workers = Vec::with_capacity(raw.workers.len());
     for (i, w) in raw.workers.iter().enumerate() {
         let quota = tenants.iter().find(|t| t.name == *w.tenant.get_ref()).map_or(sandbox.tenant_max_instances, |t| t.max_instances);
@@ -143,6 +143,9 @@ impl Validator<'_> {
             Some(d) => base.join(d.get_ref()),
             None => base.join(".cordon"),
         };
+        let max_connections =
+            self.int(&s.max_connections, "server.max_connections", 10_000, 1, 1_000_000, "the number of connections served at once")
+                as usize;
         ServerConfig {
             listen,
             admin_listen,
@@ -179,14 +182,7 @@ impl Validator<'_> {
                 600_000,
                 "the time requests in flight get to finish on shutdown, in ms",
             ),
-            max_connections: self.int(
-                &s.max_connections,
-                "server.max_connections",
-                10_000,
-                1,
-                1_000_000,
-                "the number of connections served at once",
-            ) as usize,
+            max_connections,
             max_connections_per_address: self.int(
                 &s.max_connections_per_address,
                 "server.max_connections_per_address",
@@ -195,14 +191,13 @@ impl Validator<'_> {
                 1_000_000,
                 "the number of connections served at once from one client address",
             ) as usize,
-            max_outbound_connections_per_tenant: self.int(
-                &s.max_outbound_connections_per_tenant,
-                "server.max_outbound_connections_per_tenant",
-                256,
-                1,
-                65_536,
-                "the number of outbound connections one tenant may hold open at once",
-            ) as u32,
+            max_idle_connections_per_tenant: self.idle_connections(
+                &s.max_idle_connections_per_tenant,
+                "server.max_idle_connections_per_tenant",
+                max_connections,
+            ),
+            max_outbound_connections_per_tenant: self
+                .outbound_connections(&s.max_outbound_connections_per_tenant, "server.max_outbound_connections_per_tenant"),
             max_name_lookups: self.int(
                 &s.max_name_lookups,
                 "server.max_name_lookups",
@@ -219,14 +214,7 @@ impl Validator<'_> {
                 65_536,
                 "the number of name lookups one tenant may have in flight at once",
             ) as u32,
-            worker_log_bytes_per_second: self.int(
-                &s.worker_log_bytes_per_second,
-                "server.worker_log_bytes_per_second",
-                262_144,
-                1024,
-                1 << 30,
-                "the bytes of worker output one tenant may have logged per second",
-            ),
+            worker_log_bytes_per_second: self.log_rate(&s.worker_log_bytes_per_second, "server.worker_log_bytes_per_second"),
         }
     }
 
@@ -317,7 +305,25 @@ impl Validator<'_> {
         Some(n as u32)
     }
 
-    fn tenants(&mut self, raw: &[RawTenant], sandbox: &SandboxConfig, storage: &StorageConfig) -> Vec<TenantConfig> {
+    /// A tenant's cap on outbound connections held open at once.
+    fn outbound_connections(&mut self, value: &Option<Spanned<i64>>, key: &str) -> u32 {
+        self.int(value, key, 256, 1, 65_536, "the number of outbound connections one tenant may hold open at once") as u32
+    }
+
+    /// A tenant's rate of logged worker output, in bytes per second.
+    fn log_rate(&mut self, value: &Option<Spanned<i64>>, key: &str) -> u64 {
+        self.int(value, key, 262_144, 1024, 1 << 30, "the bytes of worker output one tenant may have logged per second")
+    }
+
+    /// A tenant's cap on kept-alive connections: at least 1 and at most
+    /// `server.max_connections`; its default is a quarter of them.
+    fn idle_connections(&mut self, value: &Option<Spanned<i64>>, key: &str, max_connections: usize) -> usize {
+        let default = ServerConfig::default_max_idle_connections_per_tenant(max_connections);
+        self.int(value, key, default as u64, 1, max_connections as u64, "the keep-alive connections one tenant's responses may hold open")
+            as usize
+    }
+
+    fn tenants(&mut self, raw: &[RawTenant], sandbox: &SandboxConfig, storage: &StorageConfig, server: &ServerConfig) -> Vec<TenantConfig> {
         let mut tenants: Vec<TenantConfig> = Vec::with_capacity(raw.len());
         for (i, t) in raw.iter().enumerate() {
             let key = |k: &str| format!("tenant[{i}].{k}");
@@ -346,7 +352,27 @@ impl Validator<'_> {
                 MAX_STORAGE_MB,
                 "the MiB this tenant may store across its key-value namespaces and SQL databases",
             );
-            tenants.push(TenantConfig { name: t.name.get_ref().clone(), max_instances, memory_budget_mb, storage_quota_mb });
+            let max_idle_connections = t
+                .max_idle_connections
+                .is_some()
+                .then(|| self.idle_connections(&t.max_idle_connections, &key("max_idle_connections"), server.max_connections));
+            let worker_log_bytes_per_second = t
+                .worker_log_bytes_per_second
+                .is_some()
+                .then(|| self.log_rate(&t.worker_log_bytes_per_second, &key("worker_log_bytes_per_second")));
+            let max_outbound_connections = t
+                .max_outbound_connections
+                .is_some()
+                .then(|| self.outbound_connections(&t.max_outbound_connections, &key("max_outbound_connections")));
+            tenants.push(TenantConfig {
+                name: t.name.get_ref().clone(),
+                max_instances,
+                memory_budget_mb,
+                storage_quota_mb,
+                max_idle_connections,
+                worker_log_bytes_per_second,
+                max_outbound_connections,
+            });
         }
         tenants
     }
@@ -1066,10 +1092,16 @@ max_name_lookups_per_tenant = 100000
             worker("c", "other", ""),
         );
         let c = parse(&file, &text).unwrap();
-        assert_eq!(
-            c.tenants,
-            vec![TenantConfig { name: "acme".into(), max_instances: 40, memory_budget_mb: None, storage_quota_mb: 1024 }]
-        );
+        let acme = TenantConfig {
+            name: "acme".into(),
+            max_instances: 40,
+            memory_budget_mb: None,
+            storage_quota_mb: 1024,
+            max_idle_connections: None,
+            worker_log_bytes_per_second: None,
+            max_outbound_connections: None,
+        };
+        assert_eq!(c.tenants, vec![acme]);
         assert_eq!((c.tenant_max_instances("acme"), c.tenant_max_instances("other")), (40, 10));
         let limits: Vec<u32> = c.workers.iter().map(|w| w.limits.max_instances).collect();
         assert_eq!(limits, [40, 5, 10], "a worker defaults to its tenant's quota");
@@ -1163,6 +1195,60 @@ max_name_lookups_per_tenant = 100000
         format!("[[worker]]\nname = \"a\"\ntenant = \"t\"\ncomponent = \"x.wasm\"\nroutes = [\"h/\"]\n{extra}")
     }
 
+    #[test]
+    fn idle_connection_caps_default_to_a_quarter_of_the_slots_and_tenants_override_them() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.wasm"), b"").unwrap();
+        let file = dir.path().join("cordon.toml");
+        let workers = "[[worker]]\nname = \"a\"\ntenant = \"acme\"\ncomponent = \"x.wasm\"\nroutes = [\"a/\"]\n\
+                       [[worker]]\nname = \"b\"\ntenant = \"other\"\ncomponent = \"x.wasm\"\nroutes = [\"b/\"]\n";
+        let c = parse(&file, workers).unwrap();
+        assert_eq!(c.server.max_idle_connections_per_tenant, 2500);
+        let c =
+            parse(&file, &format!("[server]\nmax_connections = 400\n[[tenant]]\nname = \"acme\"\nmax_idle_connections = 50\n{workers}"))
+                .unwrap();
+        assert_eq!((c.tenant_max_idle_connections("acme"), c.tenant_max_idle_connections("other")), (50, 100));
+        let c = parse(&file, &format!("[server]\nmax_idle_connections_per_tenant = 7\n{workers}")).unwrap();
+        assert_eq!(c.tenant_max_idle_connections("acme"), 7);
+
+        // Above the connection slots, or zero: refused at the value.
+        let text = format!(
+            "[server]\nmax_connections = 400\nmax_idle_connections_per_tenant = 401\n[[tenant]]\nname = \"acme\"\nmax_idle_connections = 0\n{workers}"
+        );
+        let e = parse(&file, &text).unwrap_err().0;
+        let at = |key: &str| e.iter().find(|e| e.key.as_deref() == Some(key)).unwrap_or_else(|| panic!("no error for {key}: {e:?}"));
+        assert_eq!(
+            at("server.max_idle_connections_per_tenant").to_string().lines().next().unwrap(),
+            format!("{}:3:35: `server.max_idle_connections_per_tenant`: must be between 1 and 400, got 401", file.display())
+        );
+        assert_eq!(at("tenant[0].max_idle_connections").location.unwrap().line, 6);
+    }
+
+    #[test]
+    fn tenants_override_their_log_rate_and_outbound_connections_and_only_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.wasm"), b"").unwrap();
+        let file = dir.path().join("cordon.toml");
+        let workers = "[[worker]]\nname = \"a\"\ntenant = \"acme\"\ncomponent = \"x.wasm\"\nroutes = [\"a/\"]\n\
+                       [[worker]]\nname = \"b\"\ntenant = \"other\"\ncomponent = \"x.wasm\"\nroutes = [\"b/\"]\n";
+        let text = format!(
+            "[server]\nworker_log_bytes_per_second = 4096\nmax_outbound_connections_per_tenant = 32\n\
+             [[tenant]]\nname = \"acme\"\nworker_log_bytes_per_second = 1048576\nmax_outbound_connections = 8\n{workers}"
+        );
+        let c = parse(&file, &text).unwrap();
+        assert_eq!((c.tenant_worker_log_bytes_per_second("acme"), c.tenant_worker_log_bytes_per_second("other")), (1 << 20, 4096));
+        assert_eq!((c.tenant_max_outbound_connections("acme"), c.tenant_max_outbound_connections("other")), (8, 32));
+        let c = parse(&file, workers).unwrap();
+        assert_eq!((c.tenant_worker_log_bytes_per_second("acme"), c.tenant_max_outbound_connections("acme")), (262_144, 256));
+
+        let text = format!("[[tenant]]\nname = \"acme\"\nworker_log_bytes_per_second = 10\nmax_outbound_connections = 0\n{workers}");
+        let e = parse(&file, &text).unwrap_err().0;
+        let at = |key: &str| e.iter().find(|e| e.key.as_deref() == Some(key)).unwrap_or_else(|| panic!("no error for {key}: {e:?}"));
+        let rate = at("tenant[0].worker_log_bytes_per_second");
+        assert_eq!(rate.location.unwrap().line, 3);
+        assert!(rate.message.contains("between 1024 and 1073741824, got 10"), "{}", rate.message);
+        assert_eq!(at("tenant[0].max_outbound_connections").location.unwrap().line, 4);
+    }
     #[test]
     fn outbound_entries_are_checked_one_by_one() {
         let e = errors(&worker_with("allowed_outbound = [\"https://api.example.com\", \"http://2130706433:80\", \"ftp://x.example\"]\n"));

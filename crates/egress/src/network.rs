@@ -297,20 +297,36 @@ pub(crate) enum LookupError {
     Failed(io::Error),
 }
 
-/// One semaphore of `per_tenant` permits for each tenant, made on first use.
+/// One semaphore for each tenant, made on first use: of `per_tenant`
+/// permits, or of the tenant's own number in `overrides`.
 struct TenantSemaphores {
     per_tenant: u32,
+    overrides: HashMap<String, u32>,
     tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
 impl TenantSemaphores {
     fn new(per_tenant: u32) -> TenantSemaphores {
-        TenantSemaphores { per_tenant, tenants: Mutex::default() }
+        Self::with_overrides(per_tenant, HashMap::new())
+    }
+
+    fn with_overrides(per_tenant: u32, overrides: HashMap<String, u32>) -> TenantSemaphores {
+        TenantSemaphores { per_tenant, overrides, tenants: Mutex::default() }
+    }
+
+    /// The permits of `tenant`'s semaphore.
+    fn limit(&self, tenant: &str) -> u32 {
+        self.overrides.get(tenant).copied().unwrap_or(self.per_tenant)
     }
 
     fn tenant(&self, tenant: &str) -> Arc<Semaphore> {
         let mut tenants = self.tenants.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        tenants.entry(tenant.to_string()).or_insert_with(|| Arc::new(Semaphore::new(self.per_tenant as usize))).clone()
+        if let Some(semaphore) = tenants.get(tenant) {
+            return semaphore.clone();
+        }
+        let semaphore = Arc::new(Semaphore::new(self.limit(tenant) as usize));
+        tenants.insert(tenant.to_string(), semaphore.clone());
+        semaphore
     }
 }
 
@@ -378,9 +394,15 @@ impl Network {
         self.lookup_timeout
     }
 
-    /// The most outbound connections one tenant holds open at once.
+    /// The most outbound connections one tenant holds open at once, for a
+    /// tenant without a limit of its own.
     pub fn outbound_connections_per_tenant(&self) -> u32 {
         self.connections.tenants.per_tenant
+    }
+
+    /// The most outbound connections `tenant` holds open at once.
+    pub fn outbound_connections_of(&self, tenant: &str) -> u32 {
+        self.connections.tenants.limit(tenant)
     }
 
     pub fn lookup_limits(&self) -> LookupLimits {
@@ -419,6 +441,7 @@ pub struct NetworkBuilder {
     lookup_timeout: Option<Duration>,
     lookup_limits: LookupLimits,
     outbound_connections_per_tenant: Option<u32>,
+    outbound_connections_of_tenants: HashMap<String, u32>,
     dialer: Option<Arc<dyn Dial>>,
     extra_roots: Vec<CertificateDer<'static>>,
 }
@@ -456,6 +479,13 @@ impl NetworkBuilder {
     /// [`DEFAULT_OUTBOUND_CONNECTIONS_PER_TENANT`]).
     pub fn outbound_connections_per_tenant(mut self, limit: u32) -> Self {
         self.outbound_connections_per_tenant = Some(limit);
+        self
+    }
+
+    /// The most outbound connections `tenant` holds open at once, in place
+    /// of [`NetworkBuilder::outbound_connections_per_tenant`].
+    pub fn outbound_connections_of_tenant(mut self, tenant: &str, limit: u32) -> Self {
+        self.outbound_connections_of_tenants.insert(tenant.to_string(), limit);
         self
     }
 
@@ -507,7 +537,7 @@ impl NetworkBuilder {
             return Err(NetworkError::Dns("lookup limits must be at least 1".into()));
         }
         let per_tenant = self.outbound_connections_per_tenant.unwrap_or(DEFAULT_OUTBOUND_CONNECTIONS_PER_TENANT);
-        if per_tenant == 0 {
+        if per_tenant == 0 || self.outbound_connections_of_tenants.values().any(|&limit| limit == 0) {
             return Err(NetworkError::Dns("the outbound connection limit must be at least 1".into()));
         }
         Ok(Network {
@@ -518,7 +548,7 @@ impl NetworkBuilder {
                 total: Semaphore::new(limits.total as usize),
                 tenants: TenantSemaphores::new(limits.per_tenant),
             },
-            connections: ConnectionSlots { tenants: TenantSemaphores::new(per_tenant) },
+            connections: ConnectionSlots { tenants: TenantSemaphores::with_overrides(per_tenant, self.outbound_connections_of_tenants) },
             dialer: self.dialer.unwrap_or_else(|| Arc::new(TcpDialer)),
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
             denied_total: AtomicU64::new(0),

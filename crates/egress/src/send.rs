@@ -67,7 +67,7 @@ pub enum EgressError {
     )]
     TooManyLookups { name: String, limit: u32, scope: &'static str },
     #[error(
-        "outbound connection limit reached: this tenant already holds {limit} outbound connections open (server.max_outbound_connections_per_tenant); close finished responses or lower the concurrency of subrequests"
+        "outbound connection limit reached: this tenant already holds {limit} outbound connections open (server.max_outbound_connections_per_tenant, or its [[tenant]] max_outbound_connections); close finished responses or lower the concurrency of subrequests"
     )]
     TooManyConnections { limit: u32 },
     #[error("no address found for {name}")]
@@ -418,7 +418,7 @@ impl Shared {
         // Held from before the socket exists until the connection task ends
         // (or the exchange fails): one slot per open outbound socket.
         let Some(connection_slot) = self.network.connections.try_acquire(&self.worker.tenant) else {
-            let limit = self.network.outbound_connections_per_tenant();
+            let limit = self.network.outbound_connections_of(&self.worker.tenant);
             return Err(self.limited(EgressError::TooManyConnections { limit }, &target.origin()));
         };
         self.worker.stats.subrequests.fetch_add(1, Ordering::Relaxed);
@@ -819,6 +819,35 @@ mod connection_slot_tests {
         }
         for _ in 0..5 {
             fetch_fast(&attacker, origin).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tenants_own_outbound_connection_limit_applies_to_that_tenant_only() {
+        let (origin, mut held) = origin().await;
+        let network =
+            Arc::new(Network::builder().outbound_connections_per_tenant(2).outbound_connections_of_tenant("big", 5).build().unwrap());
+        assert_eq!((network.outbound_connections_of("big"), network.outbound_connections_of("small")), (5, 2));
+        // The tenant with its own limit holds five hanging subrequests; a sixth is refused.
+        let big = egress(&network, "big", origin);
+        let hanging: Vec<_> = (0..5).map(|_| tokio::spawn(big.send(get(origin, "/slow"), Timeouts::default()))).collect();
+        for _ in 0..5 {
+            tokio::time::timeout(Duration::from_secs(5), held.recv()).await.expect("the slow subrequests reach the origin");
+        }
+        let refused =
+            tokio::time::timeout(Duration::from_secs(1), fetch_fast(&big, origin)).await.expect("refused without waiting").unwrap_err();
+        assert_eq!(refused, EgressError::TooManyConnections { limit: 5 });
+        // Another tenant has the default of two, not five.
+        let small = egress(&network, "small", origin);
+        let small_hanging: Vec<_> = (0..2).map(|_| tokio::spawn(small.send(get(origin, "/slow"), Timeouts::default()))).collect();
+        for _ in 0..2 {
+            tokio::time::timeout(Duration::from_secs(5), held.recv()).await.expect("the slow subrequests reach the origin");
+        }
+        let refused =
+            tokio::time::timeout(Duration::from_secs(1), fetch_fast(&small, origin)).await.expect("refused without waiting").unwrap_err();
+        assert_eq!(refused, EgressError::TooManyConnections { limit: 2 });
+        for task in hanging.iter().chain(&small_hanging) {
+            task.abort();
         }
     }
 }

@@ -90,7 +90,7 @@ impl Service for Admin {
             (_, "/health") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET", id),
             (_, path) => error_response(StatusCode::NOT_FOUND, "not_found", &format!("no admin endpoint at `{path}`; try GET /health"), id),
         };
-        Outgoing { response, close: false, pending: () }
+        Outgoing { response, close: false, pending: (), kept_alive: None }
     }
 
     async fn finish(self: Arc<Self>, _: (), written: Written) {

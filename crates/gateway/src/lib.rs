@@ -28,10 +28,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use http1::{ConnLimits, ConnSlots, Service, TaskTracker, serve_connection};
+use http1::{ConnLimits, ConnSlots, KeptAlive, Service, TaskTracker, serve_connection};
 
 /// Connections the admin listener serves at once.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// After the grace period, how long the requests that were cut off get to
+/// hand their log lines to the request log. Their guests are aborted when
+/// the grace period ends, so this is only the time to queue a line.
+const LOGGING_AFTER_GRACE: Duration = Duration::from_millis(200);
 
 /// A request as a [`RequestFilter`] sees it, after routing.
 pub struct RequestSummary<'a> {
@@ -70,7 +75,9 @@ pub struct Gateway {
     max_connections: usize,
     max_connections_per_address: usize,
     shutdown_grace: Duration,
-    worker_log_bytes_per_second: u64,
+    log_rates: request_log::LogRates,
+    /// Each tenant's cap on the keep-alive connections its responses hold.
+    max_idle_connections: std::collections::HashMap<String, usize>,
     filter: Option<Arc<dyn RequestFilter>>,
     gateway_report: serde_json::Value,
 }
@@ -94,8 +101,15 @@ impl Gateway {
             "keep_alive_timeout_ms": s.keep_alive_timeout_ms,
             "max_connections": s.max_connections,
             "max_connections_per_address": s.max_connections_per_address,
+            "max_idle_connections_per_tenant": s.max_idle_connections_per_tenant,
             "shutdown_grace_ms": s.shutdown_grace_ms,
         });
+        let max_idle_connections =
+            config.workers.iter().map(|w| (w.tenant.clone(), config.tenant_max_idle_connections(&w.tenant))).collect();
+        let log_rates = request_log::LogRates {
+            default: s.worker_log_bytes_per_second,
+            tenants: config.tenants.iter().map(|t| (t.name.clone(), config.tenant_worker_log_bytes_per_second(&t.name))).collect(),
+        };
         Ok(Gateway {
             listener,
             admin_listener,
@@ -104,7 +118,8 @@ impl Gateway {
             max_connections: s.max_connections,
             max_connections_per_address: s.max_connections_per_address,
             shutdown_grace: Duration::from_millis(s.shutdown_grace_ms),
-            worker_log_bytes_per_second: s.worker_log_bytes_per_second,
+            log_rates,
+            max_idle_connections,
             filter: None,
             gateway_report,
         })
@@ -125,10 +140,23 @@ impl Gateway {
     }
 
     /// Serves until `shutdown` resolves; then stops accepting, lets requests
-    /// in flight finish within the grace period, and returns.
+    /// in flight finish within the grace period, and returns at most
+    /// [`LOGGING_AFTER_GRACE`] after the grace period: every connection and
+    /// every guest still running then is aborted, which drops the storage
+    /// calls they queued and interrupts the ones running.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let (tx, rx) = watch::channel(false);
-        let proxy = Arc::new(proxy::Proxy::new(self.runtime.workers(), self.filter.clone(), self.worker_log_bytes_per_second));
+        let (grace_over_tx, grace_over) = watch::channel(false);
+        // One count per tenant, shared by its workers' routes.
+        let kept_alive: std::collections::HashMap<&str, Arc<KeptAlive>> =
+            self.max_idle_connections.iter().map(|(tenant, max)| (tenant.as_str(), Arc::new(KeptAlive::new(*max)))).collect();
+        let kept_alive_of = |tenant: &str| match kept_alive.get(tenant) {
+            Some(count) => count.clone(),
+            // A worker the config did not list (not in `cordon serve`): no cap beyond the slots.
+            None => Arc::new(KeptAlive::new(self.max_connections)),
+        };
+        let proxy =
+            Arc::new(proxy::Proxy::new(self.runtime.workers(), kept_alive_of, self.filter.clone(), self.log_rates.clone(), grace_over));
         let admin = Arc::new(admin::Admin::new(self.runtime.clone(), self.gateway_report.clone()));
         let grace = self.shutdown_grace;
         let main_slots = (self.max_connections, self.max_connections_per_address);
@@ -138,8 +166,16 @@ impl Gateway {
         shutdown.await;
         let _ = tx.send(true);
         tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: no new connections; requests in flight may finish");
+        // Guests still running after their response (they may until their
+        // wall_ms) are aborted with the connections when the grace ends.
+        let grace_ends = tokio::time::Instant::now() + grace;
+        let abort_guests = tokio::spawn(async move {
+            tokio::time::sleep_until(grace_ends).await;
+            let _ = grace_over_tx.send(true);
+        });
         let _ = main.await;
         let _ = admin.await;
+        abort_guests.abort();
         tracing::info!("shut down");
     }
 }
@@ -206,8 +242,9 @@ async fn accept_loop<S: Service>(
         tracing::warn!(open = connections.len(), "grace period over; closing the remaining connections");
         connections.abort_all();
     }
-    // The last requests' log lines and statistics.
-    if tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)), finishing.idle()).await.is_err() {
+    // The last requests' log lines and statistics: their guests may run
+    // until the grace period ends, and are aborted then.
+    if tokio::time::timeout_at(deadline + LOGGING_AFTER_GRACE, finishing.idle()).await.is_err() {
         tracing::warn!("grace period over before every request was logged");
     }
 }

@@ -8,19 +8,23 @@ use std::time::Instant;
 
 use cordon_runtime::{InstanceSlot, Invocation, Outcome, Report, Worker};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use tokio::sync::watch;
 
 use crate::error::{error_response, invoke_status};
 use crate::http1::parse::{Framing, Rejection, RequestHead};
 use crate::http1::write::Written;
-use crate::http1::{Incoming, OutBody, Outgoing, Service};
-use crate::request_log::{RequestLine, RequestLog};
-use crate::router::Router;
+use crate::http1::{Incoming, KeptAlive, OutBody, Outgoing, Service};
+use crate::request_log::{LogRates, RequestLine, RequestLog};
+use crate::router::{Router, Target};
 use crate::{RequestFilter, RequestSummary};
 
 pub(crate) struct Proxy {
     router: Router,
     filter: Option<Arc<dyn RequestFilter>>,
     log: RequestLog,
+    /// Turns true when the shutdown grace period ends: `finish` stops
+    /// waiting for guests that still run, which aborts them.
+    grace_over: watch::Receiver<bool>,
 }
 
 /// What `finish` needs to know about a request.
@@ -31,39 +35,53 @@ pub(crate) struct Exchange {
     path: String,
     received: Instant,
     worker: Option<Arc<Worker>>,
+    /// The count of keep-alive connections of the worker's tenant.
+    kept_alive: Option<Arc<KeptAlive>>,
     invocation: Option<Invocation>,
     /// The error code sent, when the gateway answered instead of the worker.
     error: Option<&'static str>,
 }
 
 impl Proxy {
-    pub fn new(workers: &[Arc<Worker>], filter: Option<Arc<dyn RequestFilter>>, worker_log_bytes_per_second: u64) -> Self {
-        Self { router: Router::new(workers), filter, log: RequestLog::new(worker_log_bytes_per_second) }
+    /// `kept_alive` gives each tenant its count of keep-alive connections.
+    pub fn new(
+        workers: &[Arc<Worker>],
+        kept_alive: impl Fn(&str) -> Arc<KeptAlive>,
+        filter: Option<Arc<dyn RequestFilter>>,
+        log_rates: LogRates,
+        grace_over: watch::Receiver<bool>,
+    ) -> Self {
+        Self { router: Router::new(workers, kept_alive), filter, log: RequestLog::new(log_rates), grace_over }
     }
 
-    fn exchange(head: &RequestHead, request_id: &str, received: Instant, worker: Option<Arc<Worker>>) -> Exchange {
+    fn exchange(head: &RequestHead, request_id: &str, received: Instant, target: Option<&Target>) -> Exchange {
         Exchange {
             request_id: request_id.to_string(),
             method: head.method.clone(),
             host: head.host.clone(),
             path: head.path().to_string(),
             received,
-            worker,
+            worker: target.map(|t| t.worker.clone()),
+            kept_alive: target.map(|t| t.kept_alive.clone()),
             invocation: None,
             error: None,
         }
     }
 
+    /// A response of the gateway's own. One to a request routed to a worker
+    /// counts against its tenant like the worker's would: a refusal must
+    /// not be a way around the cap.
     fn refuse(mut exchange: Exchange, status: StatusCode, code: &'static str, message: &str, close: bool) -> Outgoing<Exchange> {
         exchange.error = Some(code);
-        Outgoing { response: error_response(status, code, message, &exchange.request_id), close, pending: exchange }
+        let kept_alive = exchange.kept_alive.clone();
+        Outgoing { response: error_response(status, code, message, &exchange.request_id), close, pending: exchange, kept_alive }
     }
 }
 
 /// A request admitted to its worker, holding the instance slot that its
 /// instance will hold until it is dropped.
 pub(crate) struct Admitted {
-    worker: Arc<Worker>,
+    target: Target,
     slot: InstanceSlot,
 }
 
@@ -72,7 +90,7 @@ impl Service for Proxy {
     type Pending = Exchange;
 
     fn admit(&self, head: &RequestHead, request_id: &str, received: Instant) -> Result<Admitted, Box<Outgoing<Exchange>>> {
-        let Some(worker) = self.router.find(&head.host, head.path()).cloned() else {
+        let Some(target) = self.router.find(&head.host, head.path()) else {
             let message = format!("no worker is routed at `{}{}`", head.host, head.path());
             return Err(Box::new(Self::refuse(
                 Self::exchange(head, request_id, received, None),
@@ -82,7 +100,8 @@ impl Service for Proxy {
                 false,
             )));
         };
-        let exchange = || Self::exchange(head, request_id, received, Some(worker.clone()));
+        let worker = &target.worker;
+        let exchange = || Self::exchange(head, request_id, received, Some(target));
         if let Framing::Length(n) = head.framing
             && n > worker.limits.max_request_body_bytes
         {
@@ -100,7 +119,7 @@ impl Service for Proxy {
         // Last, so that a request refused above holds no slot even briefly;
         // decided before any instance exists.
         match worker.admit() {
-            Ok(slot) => Ok(Admitted { worker, slot }),
+            Ok(slot) => Ok(Admitted { target: target.clone(), slot }),
             Err(refusal) => {
                 Err(Box::new(Self::refuse(exchange(), StatusCode::SERVICE_UNAVAILABLE, refusal.code(), &refusal.to_string(), false)))
             }
@@ -108,9 +127,10 @@ impl Service for Proxy {
     }
 
     async fn call(&self, admitted: Admitted, incoming: Incoming) -> Outgoing<Exchange> {
-        let Admitted { worker, slot } = admitted;
+        let Admitted { target, slot } = admitted;
         let Incoming { head, body, request_id, received } = incoming;
-        let mut exchange = Self::exchange(&head, &request_id, received, Some(worker.clone()));
+        let mut exchange = Self::exchange(&head, &request_id, received, Some(&target));
+        let worker = target.worker;
         let mut request = http::Request::new(body);
         *request.method_mut() = head.method;
         *request.uri_mut() = match head.target.parse() {
@@ -136,7 +156,10 @@ impl Service for Proxy {
                     format!("the worker answered with the interim status {}; a final response needs 200-599", response.status().as_u16());
                 Self::refuse(exchange, StatusCode::INTERNAL_SERVER_ERROR, "invalid_response", &message, false)
             }
-            Ok(response) => Outgoing { response: response.map(OutBody::Worker), close: false, pending: exchange },
+            Ok(response) => {
+                let kept_alive = exchange.kept_alive.clone();
+                Outgoing { response: response.map(OutBody::Worker), close: false, pending: exchange, kept_alive }
+            }
             Err(e) => {
                 let (status, code) = invoke_status(&e);
                 let message = match &e {
@@ -150,17 +173,36 @@ impl Service for Proxy {
 
     async fn finish(self: Arc<Self>, exchange: Exchange, written: Written) {
         let duration = exchange.received.elapsed();
+        let mut cut_at_shutdown = false;
         let report = match exchange.invocation {
             Some(invocation) => {
                 if !written.complete {
                     invocation.abort();
                 }
-                Some(invocation.finish().await)
+                let mut grace_over = self.grace_over.clone();
+                let grace_ends = async move {
+                    // A dropped sender means no shutdown is coming.
+                    if grace_over.wait_for(|over| *over).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                // Biased: a guest already done is joined without ever
+                // registering on the signal.
+                tokio::select! {
+                    biased;
+                    report = invocation.finish() => Some(report),
+                    // Dropping the invocation aborts its guest.
+                    () = grace_ends => {
+                        cut_at_shutdown = true;
+                        None
+                    }
+                }
             }
             None => None,
         };
         let outcome = match (&report, exchange.error) {
             (_, Some(code)) => code.to_string(),
+            _ if cut_at_shutdown => "aborted_at_shutdown".to_string(),
             (Some(Report { outcome: Outcome::Failed(e), .. }), None) => invoke_status(e).1.to_string(),
             _ if written.error.is_some() => "response_incomplete".to_string(),
             _ => "ok".to_string(),

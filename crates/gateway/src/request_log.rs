@@ -77,6 +77,9 @@ struct Record {
 /// second's worth of bytes, and at least [`MIN_BURST`], and refills at the
 /// configured rate.
 struct Bucket {
+    /// The tenant's rate, in bytes per second, and what the bucket holds.
+    rate: f64,
+    burst: f64,
     tokens: f64,
     at: Instant,
     /// Bytes refused since output last got through; nonzero means the
@@ -84,24 +87,44 @@ struct Bucket {
     refused: u64,
 }
 
+/// The log byte rate of each tenant: `[[tenant]] worker_log_bytes_per_second`
+/// where set, `server.worker_log_bytes_per_second` for the others.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LogRates {
+    pub default: u64,
+    pub tenants: HashMap<String, u64>,
+}
+
+impl LogRates {
+    /// The same rate for every tenant.
+    #[cfg(test)]
+    fn uniform(bytes_per_second: u64) -> LogRates {
+        LogRates { default: bytes_per_second, tenants: HashMap::new() }
+    }
+
+    fn of(&self, tenant: &str) -> u64 {
+        self.tenants.get(tenant).copied().unwrap_or(self.default)
+    }
+}
+
 pub(crate) struct RequestLog {
     queue: Option<SyncSender<Record>>,
     dropped: Arc<AtomicU64>,
     buckets: Mutex<HashMap<String, Bucket>>,
-    bytes_per_second: u64,
+    rates: LogRates,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl RequestLog {
-    pub fn new(bytes_per_second: u64) -> Self {
-        Self::with_capacity(bytes_per_second, QUEUE_RECORDS)
+    pub fn new(rates: LogRates) -> Self {
+        Self::with_capacity(rates, QUEUE_RECORDS)
     }
 
-    fn with_capacity(bytes_per_second: u64, records: usize) -> Self {
-        Self::with_emitter(bytes_per_second, records, Box::new(emit))
+    fn with_capacity(rates: LogRates, records: usize) -> Self {
+        Self::with_emitter(rates, records, Box::new(emit))
     }
 
-    fn with_emitter(bytes_per_second: u64, records: usize, emit: Box<dyn Fn(Record) + Send>) -> Self {
+    fn with_emitter(rates: LogRates, records: usize, emit: Box<dyn Fn(Record) + Send>) -> Self {
         let (queue, rx) = sync_channel(records);
         let dropped = Arc::new(AtomicU64::new(0));
         let counter = dropped.clone();
@@ -110,7 +133,7 @@ impl RequestLog {
             .spawn(move || run(rx, &counter, emit))
             .map_err(|e| tracing::error!(error = %e, "cannot start the request log thread; request lines will not be logged"))
             .ok();
-        Self { queue: Some(queue), dropped, buckets: Mutex::default(), bytes_per_second, thread }
+        Self { queue: Some(queue), dropped, buckets: Mutex::default(), rates, thread }
     }
 
     /// Takes what is logged of the request's output, charges it to the
@@ -140,15 +163,17 @@ impl RequestLog {
     /// Either carries a notice when the tenant's output starts being
     /// refused, or gets through again after being refused.
     fn charge(&self, tenant: &str, cost: u64) -> Result<Option<RateNotice>, Option<RateNotice>> {
-        let rate = self.bytes_per_second as f64;
-        let burst = self.bytes_per_second.max(MIN_BURST) as f64;
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let bucket = match buckets.get_mut(tenant) {
             Some(b) => b,
-            None => buckets.entry(tenant.to_string()).or_insert(Bucket { tokens: burst, at: now, refused: 0 }),
+            None => {
+                let rate = self.rates.of(tenant);
+                let burst = rate.max(MIN_BURST) as f64;
+                buckets.entry(tenant.to_string()).or_insert(Bucket { rate: rate as f64, burst, tokens: burst, at: now, refused: 0 })
+            }
         };
-        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(burst);
+        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * bucket.rate).min(bucket.burst);
         bucket.at = now;
         if bucket.tokens >= cost as f64 {
             bucket.tokens -= cost as f64;
@@ -238,7 +263,7 @@ fn emit(record: Record) {
             tenant = %l.tenant,
             worker = %l.worker,
             dropped_bytes,
-            "the tenant's worker output is over its log rate (server.worker_log_bytes_per_second); its output is dropped until the rate allows it again"
+            "the tenant's worker output is over its log rate (worker_log_bytes_per_second, of its [[tenant]] or [server]); its output is dropped until the rate allows it again"
         ),
         Some(RateNotice { dropped_bytes, started: false }) => tracing::warn!(
             target: "cordon::worker",
@@ -347,7 +372,7 @@ mod tests {
 
     #[test]
     fn a_tenant_over_its_rate_is_dropped_counted_and_noticed_once() {
-        let log = RequestLog::with_capacity(10_000, 16);
+        let log = RequestLog::with_capacity(LogRates::uniform(10_000), 16);
         assert!(matches!(log.charge("a", 8_000), Ok(None)));
         assert!(matches!(log.charge("a", 8_000), Ok(None)));
         // Over the rate: the first refusal carries the notice, the next do not.
@@ -364,12 +389,31 @@ mod tests {
     }
 
     #[test]
+    fn a_tenants_own_rate_applies_to_that_tenant_only() {
+        let rates = LogRates { default: 10_000, tenants: HashMap::from([("loud".to_string(), 100_000)]) };
+        let log = RequestLog::with_capacity(rates, 16);
+        // The default: 10,000 bytes a second, with the 16 KiB least burst.
+        assert!(matches!(log.charge("quiet", 8_000), Ok(None)));
+        assert!(matches!(log.charge("quiet", 8_000), Ok(None)));
+        assert!(matches!(log.charge("quiet", 8_000), Err(Some(_))));
+        // Its own: a burst of 100,000 bytes, twelve times the same output.
+        for i in 0..12 {
+            assert!(matches!(log.charge("loud", 8_000), Ok(None)), "charge {i} of the tenant with its own rate");
+        }
+        assert!(matches!(log.charge("loud", 8_000), Err(Some(_))));
+        // A third tenant gets the default, not the override.
+        assert!(matches!(log.charge("other", 8_000), Ok(None)));
+        assert!(matches!(log.charge("other", 8_000), Ok(None)));
+        assert!(matches!(log.charge("other", 8_000), Err(Some(_))));
+    }
+
+    #[test]
     fn a_full_queue_drops_and_counts_instead_of_waiting() {
         // A log thread that cannot keep up: each record blocks it until released.
         let (release, wait) = std::sync::mpsc::channel::<()>();
         let wait = Mutex::new(wait);
         let log = RequestLog::with_emitter(
-            1 << 30,
+            LogRates::uniform(1 << 30),
             4,
             Box::new(move |_| {
                 let _ = wait.lock().unwrap().recv();

@@ -7,17 +7,30 @@ use std::sync::Arc;
 
 use cordon_runtime::Worker;
 
+use crate::http1::KeptAlive;
+
+/// Where a route leads: the worker, and the count of keep-alive
+/// connections its tenant's responses hold, found here so that a request
+/// looks up nothing more.
+#[derive(Clone)]
+pub(crate) struct Target {
+    pub worker: Arc<Worker>,
+    pub kept_alive: Arc<KeptAlive>,
+}
+
 pub(crate) struct Router {
     /// Per host, the prefixes longest first.
-    hosts: HashMap<String, Vec<(String, Arc<Worker>)>>,
+    hosts: HashMap<String, Vec<(String, Target)>>,
 }
 
 impl Router {
-    pub fn new(workers: &[Arc<Worker>]) -> Self {
-        let mut hosts: HashMap<String, Vec<(String, Arc<Worker>)>> = HashMap::new();
+    /// `kept_alive` gives each worker's tenant its count.
+    pub fn new(workers: &[Arc<Worker>], kept_alive: impl Fn(&str) -> Arc<KeptAlive>) -> Self {
+        let mut hosts: HashMap<String, Vec<(String, Target)>> = HashMap::new();
         for w in workers {
             for r in &w.routes {
-                hosts.entry(r.host.clone()).or_default().push((r.path_prefix.clone(), w.clone()));
+                let target = Target { worker: w.clone(), kept_alive: kept_alive(&w.tenant) };
+                hosts.entry(r.host.clone()).or_default().push((r.path_prefix.clone(), target));
             }
         }
         for routes in hosts.values_mut() {
@@ -26,8 +39,8 @@ impl Router {
         Self { hosts }
     }
 
-    pub fn find(&self, host: &str, path: &str) -> Option<&Arc<Worker>> {
-        self.hosts.get(host)?.iter().find(|(prefix, _)| prefix_matches(prefix, path)).map(|(_, w)| w)
+    pub fn find(&self, host: &str, path: &str) -> Option<&Target> {
+        self.hosts.get(host)?.iter().find(|(prefix, _)| prefix_matches(prefix, path)).map(|(_, t)| t)
     }
 }
 

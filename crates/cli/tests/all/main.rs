@@ -4,6 +4,7 @@ mod check;
 mod durability;
 mod secret;
 mod serve;
+mod shutdown;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -7,6 +7,7 @@ pub(crate) mod parse;
 pub(crate) mod write;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -134,6 +135,51 @@ impl Drop for IdleGuard {
     }
 }
 
+/// The keep-alive connections one tenant's responses hold open. A
+/// connection counts against the tenant whose worker's response it carried
+/// last, from that response until its next request head has arrived or it
+/// closes; a response that would take the count past `max` closes its
+/// connection instead (`connection: close`). So one tenant's clients cannot
+/// keep the connection slots that other tenants' clients need, whoever
+/// opens them. Only atomics: the count is taken and given back on every
+/// kept-alive response.
+#[derive(Debug)]
+pub(crate) struct KeptAlive {
+    max: usize,
+    held: AtomicUsize,
+}
+
+impl KeptAlive {
+    pub fn new(max: usize) -> KeptAlive {
+        KeptAlive { max, held: AtomicUsize::new(0) }
+    }
+
+    /// Counts one more connection, or `None` at the cap.
+    fn hold(self: &Arc<Self>) -> Option<KeptAliveGuard> {
+        // Over the cap only for the instant before the undo, and never granted.
+        if self.held.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.held.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(KeptAliveGuard(self.clone()))
+    }
+
+    /// Connections counted now.
+    #[cfg(test)]
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+}
+
+/// One connection counted in a [`KeptAlive`] until dropped.
+struct KeptAliveGuard(Arc<KeptAlive>);
+
+impl Drop for KeptAliveGuard {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A request as handed to a service.
 pub(crate) struct Incoming {
     pub head: RequestHead,
@@ -143,11 +189,13 @@ pub(crate) struct Incoming {
 }
 
 /// A service's answer: the response, whether to close the connection after
-/// it, and state that the service wants back in [`Service::finish`].
+/// it, state that the service wants back in [`Service::finish`], and the
+/// tenant (if any) whose count a kept-alive connection joins after it.
 pub(crate) struct Outgoing<P> {
     pub response: http::Response<OutBody>,
     pub close: bool,
     pub pending: P,
+    pub kept_alive: Option<Arc<KeptAlive>>,
 }
 
 /// What the gateway and the admin listener plug into the connection loop.
@@ -264,9 +312,14 @@ pub(crate) async fn serve_connection<S: Service>(
     let reader: SharedReader = Arc::new(Mutex::new(ConnReader::new(read, limits.max_header_bytes)));
     let mut writer = BufWriter::with_capacity(16 * 1024, write);
     let mut first = true;
+    // The count of the tenant whose response this connection carried last.
+    let mut kept_alive_for: Option<KeptAliveGuard> = None;
 
     loop {
-        let head = match read_head(&reader, &limits, first, &mut shutdown).await {
+        let head = read_head(&reader, &limits, first, &mut shutdown).await;
+        // In use again (or closing): no longer held open by that response.
+        drop(kept_alive_for.take());
+        let head = match head {
             HeadOutcome::Head(head) => head,
             HeadOutcome::Closed => return,
             HeadOutcome::Reject(rejection) => {
@@ -329,7 +382,12 @@ pub(crate) async fn serve_connection<S: Service>(
             None => (outgoing.response, outgoing.close),
         };
         // Decided now rather than at the head: shutdown may have begun meanwhile.
-        let keep_alive = keep_alive && !close && !*shutdown.borrow();
+        let mut keep_alive = keep_alive && !close && !*shutdown.borrow();
+        if keep_alive && let Some(count) = &outgoing.kept_alive {
+            // Over its tenant's cap, the connection closes after this response.
+            kept_alive_for = count.hold();
+            keep_alive = kept_alive_for.is_some();
+        }
         let cx = ResponseContext { method: &method, http10, keep_alive, request_id: &request_id, write_timeout: limits.keep_alive_timeout };
         let written = write_response(&mut writer, response, &cx).await;
         let reusable = written.reusable;
@@ -452,4 +510,37 @@ async fn drain_body(reader: &SharedReader) -> bool {
         }
     };
     tokio::time::timeout(DRAIN_TIME, drain).await.unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenant_holds_at_most_its_cap_of_kept_alive_connections_across_threads() {
+        let count = Arc::new(KeptAlive::new(8));
+        // Places granted and not yet given back, and the most seen at once.
+        let live = AtomicUsize::new(0);
+        let peak = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..5_000 {
+                        // Each thread tries for three at once: twelve wanted, eight places.
+                        let guards: Vec<_> = (0..3).filter_map(|_| count.hold()).collect();
+                        let now = live.fetch_add(guards.len(), Ordering::SeqCst) + guards.len();
+                        peak.fetch_max(now, Ordering::SeqCst);
+                        live.fetch_sub(guards.len(), Ordering::SeqCst);
+                        drop(guards);
+                    }
+                });
+            }
+        });
+        assert!(peak.load(Ordering::SeqCst) <= 8, "{} places held at once", peak.load(Ordering::SeqCst));
+        assert_eq!(count.held(), 0, "every guard gave its place back");
+        let held: Vec<_> = (0..8).map(|_| count.hold().expect("under the cap")).collect();
+        assert!(count.hold().is_none(), "the ninth is refused");
+        drop(held);
+        assert!(count.hold().is_some(), "a place given back is taken again");
+    }
 }

@@ -304,3 +304,107 @@ async fn hanging_subrequests_of_one_tenant_cannot_exhaust_descriptors() {
     assert!(event.to_string().contains("server.max_outbound_connections_per_tenant"), "{event}");
     assert_eq!(refused, 142, "every attack request beyond the 8 hanging ones got the cap's error");
 }
+
+/// Sends one request on `stream` and reads the response head; the status
+/// and whether the server said it closes the connection after it.
+async fn exchange_closing(stream: &mut TcpStream, host: &str) -> Option<(u16, bool)> {
+    let request = format!("GET / HTTP/1.1\r\nhost: {host}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let head = &text[..end];
+                let complete = match head.lines().find_map(|l| l.strip_prefix("content-length:")) {
+                    Some(length) => text.len() >= end + 4 + length.trim().parse::<usize>().ok()?,
+                    None => text.ends_with("0\r\n\r\n"),
+                };
+                if complete {
+                    let status = head.split(' ').nth(1)?.parse().ok()?;
+                    return Some((status, head.lines().any(|l| l == "connection: close")));
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read).await.ok().flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_responses_cannot_hold_more_than_its_cap_of_keep_alive_connections() {
+    set_descriptor_limit(hard_descriptor_limit());
+    let workers = format!(
+        "{}\n[[worker]]\nname = \"attacker\"\ntenant = \"evil\"\ncomponent = \"{}\"\nroutes = [\"attacker.localhost/\"]\n\n\
+         [[tenant]]\nname = \"evil\"\nmax_idle_connections = 50\n",
+        hello_worker(),
+        guest("hello").display()
+    );
+    let s = start_with(
+        &workers,
+        Options {
+            server: "max_connections = 400\nmax_connections_per_address = 100000\nkeep_alive_timeout_ms = 60000",
+            ..Default::default()
+        },
+    )
+    .await;
+    let rss_before = rss_kib();
+    // Tenant `evil`'s clients: 300 connections, each kept after one of its
+    // worker's responses. Only its cap of 50 is kept alive; the responses
+    // past it close their connections.
+    let mut attacker = Vec::new();
+    let mut closing = 0;
+    for i in 0..300 {
+        let mut stream = connect_from("127.0.0.1", s.addr).await.unwrap();
+        let (status, closes) = exchange_closing(&mut stream, "attacker.localhost").await.unwrap_or_else(|| panic!("attacker request {i}"));
+        assert_eq!(status, 200, "attacker request {i} was served");
+        closing += usize::from(closes);
+        attacker.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut held = 0;
+    for stream in &mut attacker {
+        held += usize::from(!closed_by_server(stream).await);
+    }
+    eprintln!("the attacker's responses: {closing} closed their connection, {held} connections kept");
+    assert_eq!((held, closing), (50, 250), "tenant evil holds at most its 50 kept-alive connections");
+
+    // Tenant `good`'s clients, meanwhile: 80 kept-alive connections, each
+    // served at once and all still open afterwards (with 300 of the
+    // attacker's held, the slots would run low and these would be closed).
+    let mut victim = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for i in 0..80 {
+        let started = Instant::now();
+        let mut stream = connect_from("127.0.0.2", s.addr).await.unwrap();
+        let answer = exchange_closing(&mut stream, "hello.localhost").await;
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(answer, Some((200, false)), "victim request {i} was served and kept alive");
+        victim.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut kept = 0;
+    for stream in &mut victim {
+        kept += usize::from(!closed_by_server(stream).await);
+    }
+    let grown = rss_kib().saturating_sub(rss_before);
+    eprintln!("victim: slowest {slowest:?}, {kept} of 80 connections kept; RSS grew {grown} KiB");
+    assert!(slowest < VICTIM_BOUND, "the victim waited {slowest:?}");
+    assert_eq!(kept, 80, "the victim's kept-alive connections stay open");
+    assert!(grown < RSS_BOUND_KIB, "RSS grew {grown} KiB");
+
+    // A connection counts until it is used again: a second request on one
+    // of the attacker's kept connections is served and kept again; and one
+    // closed makes room for another.
+    // (The first 50 connections are the kept ones.)
+    assert_eq!(exchange_closing(&mut attacker[0], "attacker.localhost").await, Some((200, false)));
+    drop(attacker.remove(0));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut again = connect_from("127.0.0.1", s.addr).await.unwrap();
+    assert_eq!(exchange_closing(&mut again, "attacker.localhost").await, Some((200, false)), "a freed place is taken again");
+}
