@@ -14,7 +14,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use cordon_config::Config;
-use cordon_egress::{LookupLimits, Network, NetworkError};
 use cordon_gateway::Gateway;
 use cordon_runtime::{Posture, Runtime};
 
@@ -152,7 +151,7 @@ fn serve(
     let budget = descriptors::DescriptorBudget::of(&config);
     budget.check(soft, hard)?;
     tracing::info!(limit = soft, hard, needed_at_most = budget.total(), "file descriptors");
-    let network = network(&config).context("cannot start the sandbox")?;
+    let network = cordon_runtime::network(&config).context("cannot start the sandbox")?;
     let runtime = Arc::new(Runtime::start_with_network(&config, Arc::new(network)).context("cannot start the sandbox")?);
     // The same pools and caches serve the worker binding and the wire-protocol proxy.
     let accelerator = runtime.accelerator();
@@ -191,22 +190,6 @@ fn serve(
     // Dropping `runtime` shuts the storage pools down: queued calls are
     // dropped and running ones interrupted; their threads are not waited for.
     Ok(ExitCode::SUCCESS)
-}
-
-/// The outbound network: the system's resolver and the `[server]` limits on
-/// name lookups and outbound connections, with each `[[tenant]]`'s own
-/// outbound connection limit.
-fn network(config: &Config) -> Result<Network, NetworkError> {
-    let s = &config.server;
-    let mut builder = Network::builder()
-        .lookup_limits(LookupLimits { per_tenant: s.max_name_lookups_per_tenant, total: s.max_name_lookups })
-        .outbound_connections_per_tenant(s.max_outbound_connections_per_tenant);
-    for tenant in &config.tenants {
-        if let Some(limit) = tenant.max_outbound_connections {
-            builder = builder.outbound_connections_of_tenant(&tenant.name, limit);
-        }
-    }
-    builder.build()
 }
 
 /// Installs the SIGTERM and SIGINT handlers now; the future resolves on
@@ -282,6 +265,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cordon_egress::LookupLimits;
 
     #[test]
     fn the_network_takes_each_tenants_own_outbound_connection_limit() {
@@ -298,7 +282,7 @@ mod tests {
             worker("b", "small")
         );
         let config = Config::parse(&dir.join("cordon.toml"), &text).unwrap();
-        let network = network(&config).unwrap();
+        let network = cordon_runtime::network(&config).unwrap();
         assert_eq!((network.outbound_connections_of("big"), network.outbound_connections_of("small")), (64, 16));
         assert_eq!(network.lookup_limits(), LookupLimits { per_tenant: 3, total: 40 });
     }

@@ -149,13 +149,7 @@ impl Runtime {
     /// from the cache under `data_dir`) every worker's component, in parallel.
     /// Any worker that fails to load fails the start.
     pub fn start(config: &Config) -> Result<Runtime, StartError> {
-        let lookups =
-            cordon_egress::LookupLimits { per_tenant: config.server.max_name_lookups_per_tenant, total: config.server.max_name_lookups };
-        let network = Network::builder()
-            .lookup_limits(lookups)
-            .outbound_connections_per_tenant(config.server.max_outbound_connections_per_tenant)
-            .build()?;
-        Self::start_with_network(config, Arc::new(network))
+        Self::start_with_network(config, Arc::new(network(config)?))
     }
 
     /// [`Runtime::start`], with outbound requests going through `network`
@@ -246,6 +240,22 @@ impl Runtime {
     pub fn egress_denied_total(&self) -> u64 {
         self.network.denied_total()
     }
+}
+
+/// The network outbound requests go through, with the config's lookup
+/// limits and every tenant's outbound connection cap (its `[[tenant]]
+/// max_outbound_connections`, or the `[server]` default).
+pub fn network(config: &Config) -> Result<Network, cordon_egress::NetworkError> {
+    let s = &config.server;
+    let mut builder = Network::builder()
+        .lookup_limits(cordon_egress::LookupLimits { per_tenant: s.max_name_lookups_per_tenant, total: s.max_name_lookups })
+        .outbound_connections_per_tenant(s.max_outbound_connections_per_tenant);
+    for tenant in &config.tenants {
+        if let Some(limit) = tenant.max_outbound_connections {
+            builder = builder.outbound_connections_of_tenant(&tenant.name, limit);
+        }
+    }
+    builder.build()
 }
 
 fn build_engine(config: &Config) -> Result<(Engine, Posture), PolicyError> {
