@@ -97,15 +97,29 @@ fn write_lines<W: Write>(rx: Receiver<Vec<u8>>, mut sink: W, format: NoticeForma
         }
         match next {
             Ok(line) => {
-                let _ = sink.write_all(&line);
-                // Only now: `drain` waits for the bytes to be written, not just taken.
-                queued_bytes.fetch_sub(line.len(), Ordering::Relaxed);
+                let mut write = |line: Vec<u8>| {
+                    let _ = sink.write_all(&line);
+                    // Only now: `drain` waits for the bytes to be written, not just taken.
+                    queued_bytes.fetch_sub(line.len(), Ordering::Relaxed);
+                };
+                write(line);
+                // Take what else is queued, then let lines gather for a
+                // moment, so that logging threads wake this one once per
+                // batch rather than once per line.
+                while let Ok(line) = rx.try_recv() {
+                    write(line);
+                }
+                std::thread::sleep(BATCH_INTERVAL);
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
     }
 }
+
+/// How long the writer lets lines gather after a batch: the most a line is
+/// delayed, and the most often the writer is woken.
+const BATCH_INTERVAL: Duration = Duration::from_millis(2);
 
 fn notice(format: NoticeFormat, dropped: u64, total: u64) -> String {
     let message = "the log writer fell behind; log lines were dropped";
