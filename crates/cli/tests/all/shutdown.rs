@@ -8,8 +8,8 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
@@ -28,30 +28,6 @@ const FLOOD: usize = 600;
 /// A statement that takes a few hundred ms of CPU.
 const SLOW: &str =
     "SELECT count(*) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1500000) SELECT x FROM c)";
-
-/// A component of `tests/guests` (`bindings`, `hostile`); all are built
-/// once per test process.
-fn test_guest(name: &str) -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let root = repo_root();
-        for guest in ["bindings", "hostile"] {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
-                .arg(root.join(format!("tests/guests/{guest}/Cargo.toml")))
-                .arg("--target-dir")
-                .arg(root.join("target/guests"))
-                .env_remove("RUSTFLAGS")
-                .env_remove("CARGO_ENCODED_RUSTFLAGS")
-                .status()
-                .unwrap();
-            assert!(status.success(), "building tests/guests/{guest} failed");
-        }
-        root.join("target/guests/wasm32-wasip2/release")
-    });
-    dir.join(format!("{name}.wasm"))
-}
 
 /// A `bindings` worker of `tenant` (it imports every capability, so it is
 /// granted each), with its own SQL database.
@@ -87,7 +63,7 @@ name = "{name}"
 tenant = "{tenant}"
 origin = "postgres://app@127.0.0.1:1/app"
 "#,
-        component = test_guest("bindings").display(),
+        component = crate::test_guest_wasm("bindings").display(),
     )
 }
 
@@ -136,7 +112,7 @@ fn serve(dir: &Path) -> Serving {
         grace = GRACE.as_millis(),
         flood = worker("flood", "evil", long),
         victim = worker("victim", "good", ""),
-        hostile = test_guest("hostile").display(),
+        hostile = crate::test_guest_wasm("hostile").display(),
     );
     let path = dir.join("cordon.toml");
     std::fs::write(&path, toml).unwrap();
