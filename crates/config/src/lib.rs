@@ -67,6 +67,12 @@ pub struct TenantConfig {
     /// Its own `max_outbound_connections`, in place of
     /// `server.max_outbound_connections_per_tenant`.
     pub max_outbound_connections: Option<u32>,
+    /// Requests that may wait for one of its instance slots at once: its
+    /// `max_queued`, or `sandbox.tenant_max_queued`.
+    pub max_queued: u32,
+    /// Its share of the guest threads relative to other tenants: its
+    /// `cpu_weight`, or `sandbox.tenant_cpu_weight`.
+    pub cpu_weight: u32,
 }
 
 /// `[server]`: listeners, the data directory and the gateway's input limits.
@@ -162,6 +168,16 @@ pub struct SandboxConfig {
     /// How many times the host's memory the worst case of the configured
     /// limits may be; above it the configuration is refused at start.
     pub memory_overcommit: f64,
+    /// Threads that run guest code, apart from the network's; `None` for
+    /// one per core.
+    pub guest_threads: Option<usize>,
+    /// Requests of a tenant without its own `[[tenant]] max_queued` that may
+    /// wait for an instance slot when the tenant has all its instances in
+    /// flight. Past it requests get 503 `tenant_overloaded`.
+    pub tenant_max_queued: u32,
+    /// The CPU weight of a tenant without its own `[[tenant]] cpu_weight`:
+    /// busy tenants share the guest threads in proportion to their weights.
+    pub tenant_cpu_weight: u32,
 }
 
 impl ServerConfig {
@@ -187,6 +203,10 @@ impl SandboxConfig {
     pub fn default_tenant_max_instances(max_instances: u32) -> u32 {
         (max_instances / Self::TENANT_SHARE_DIVISOR).max(1)
     }
+
+    pub const DEFAULT_TENANT_MAX_QUEUED: u32 = 128;
+    pub const DEFAULT_CPU_WEIGHT: u32 = 100;
+    pub const MAX_CPU_WEIGHT: u32 = 10_000;
 }
 
 /// `[storage]`: the threads and memory the host spends on the tenants'
@@ -425,6 +445,18 @@ impl Config {
     /// `sandbox.tenant_max_instances`.
     pub fn tenant_max_instances(&self, tenant: &str) -> u32 {
         self.tenants.iter().find(|t| t.name == tenant).map_or(self.sandbox.tenant_max_instances, |t| t.max_instances)
+    }
+
+    /// The requests that may wait for an instance slot of `tenant`: its
+    /// `[[tenant]] max_queued`, or `sandbox.tenant_max_queued`.
+    pub fn tenant_max_queued(&self, tenant: &str) -> u32 {
+        self.tenants.iter().find(|t| t.name == tenant).map_or(self.sandbox.tenant_max_queued, |t| t.max_queued)
+    }
+
+    /// The CPU weight of `tenant`: its `[[tenant]] cpu_weight`, or
+    /// `sandbox.tenant_cpu_weight`.
+    pub fn tenant_cpu_weight(&self, tenant: &str) -> u32 {
+        self.tenants.iter().find(|t| t.name == tenant).map_or(self.sandbox.tenant_cpu_weight, |t| t.cpu_weight)
     }
 
     /// The storage quota of `tenant` in MiB: its `[[tenant]]

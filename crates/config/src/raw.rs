@@ -40,6 +40,8 @@ pub(crate) struct RawTenant {
     pub max_idle_connections: Option<Spanned<i64>>,
     pub worker_log_bytes_per_second: Option<Spanned<i64>>,
     pub max_outbound_connections: Option<Spanned<i64>>,
+    pub max_queued: Option<Spanned<i64>>,
+    pub cpu_weight: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -76,6 +78,9 @@ pub(crate) struct RawSandbox {
     pub memory_budget_mb: Option<Spanned<i64>>,
     pub tenant_memory_budget_mb: Option<Spanned<i64>>,
     pub memory_overcommit: Option<Spanned<f64>>,
+    pub guest_threads: Option<Spanned<i64>>,
+    pub tenant_max_queued: Option<Spanned<i64>>,
+    pub tenant_cpu_weight: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -251,7 +251,28 @@ impl Validator<'_> {
                 "the MiB one tenant's instances may hold",
             ),
             memory_overcommit: self.overcommit(&s.memory_overcommit),
+            guest_threads: s.guest_threads.is_some().then(|| {
+                self.int(&s.guest_threads, "sandbox.guest_threads", 1, 1, 1024, "the threads that run guest code (default: one per core)")
+                    as usize
+            }),
+            tenant_max_queued: self.max_queued(&s.tenant_max_queued, "sandbox.tenant_max_queued", SandboxConfig::DEFAULT_TENANT_MAX_QUEUED),
+            tenant_cpu_weight: self.cpu_weight(&s.tenant_cpu_weight, "sandbox.tenant_cpu_weight", SandboxConfig::DEFAULT_CPU_WEIGHT),
         }
+    }
+
+    fn max_queued(&mut self, value: &Option<Spanned<i64>>, key: &str, default: u32) -> u32 {
+        self.int(value, key, default.into(), 0, 100_000, "the requests that may wait for an instance slot of a tenant at its limit") as u32
+    }
+
+    fn cpu_weight(&mut self, value: &Option<Spanned<i64>>, key: &str, default: u32) -> u32 {
+        self.int(
+            value,
+            key,
+            default.into(),
+            1,
+            SandboxConfig::MAX_CPU_WEIGHT.into(),
+            "the tenant's share of the guest threads relative to other tenants",
+        ) as u32
     }
 
     /// An optional memory budget in MiB: unset means derived at start from
@@ -372,6 +393,8 @@ impl Validator<'_> {
                 max_idle_connections,
                 worker_log_bytes_per_second,
                 max_outbound_connections,
+                max_queued: self.max_queued(&t.max_queued, &key("max_queued"), sandbox.tenant_max_queued),
+                cpu_weight: self.cpu_weight(&t.cpu_weight, &key("cpu_weight"), sandbox.tenant_cpu_weight),
             });
         }
         tenants
@@ -1100,6 +1123,8 @@ max_name_lookups_per_tenant = 100000
             max_idle_connections: None,
             worker_log_bytes_per_second: None,
             max_outbound_connections: None,
+            max_queued: SandboxConfig::DEFAULT_TENANT_MAX_QUEUED,
+            cpu_weight: SandboxConfig::DEFAULT_CPU_WEIGHT,
         };
         assert_eq!(c.tenants, vec![acme]);
         assert_eq!((c.tenant_max_instances("acme"), c.tenant_max_instances("other")), (40, 10));
@@ -1193,6 +1218,31 @@ max_name_lookups_per_tenant = 100000
 
     fn worker_with(extra: &str) -> String {
         format!("[[worker]]\nname = \"a\"\ntenant = \"t\"\ncomponent = \"x.wasm\"\nroutes = [\"h/\"]\n{extra}")
+    }
+
+    #[test]
+    fn cpu_weights_queues_and_guest_threads_have_defaults_bounds_and_tenant_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.wasm"), b"").unwrap();
+        let file = dir.path().join("cordon.toml");
+        let c = parse(&file, &worker_with("")).unwrap();
+        assert_eq!((c.sandbox.guest_threads, c.tenant_cpu_weight("t"), c.tenant_max_queued("t")), (None, 100, 128));
+        let text = format!(
+            "[sandbox]\nguest_threads = 3\ntenant_cpu_weight = 50\ntenant_max_queued = 7\n[[tenant]]\nname = \"t\"\ncpu_weight = 300\nmax_queued = 0\n{}{}",
+            worker_with(""),
+            "[[worker]]\nname = \"b\"\ntenant = \"u\"\ncomponent = \"x.wasm\"\nroutes = [\"u/\"]\n"
+        );
+        let c = parse(&file, &text).unwrap();
+        assert_eq!(c.sandbox.guest_threads, Some(3));
+        assert_eq!((c.tenant_cpu_weight("t"), c.tenant_max_queued("t")), (300, 0));
+        assert_eq!((c.tenant_cpu_weight("u"), c.tenant_max_queued("u")), (50, 7), "a tenant without a table gets the defaults");
+        let e = errors(&format!(
+            "[sandbox]\nguest_threads = 0\ntenant_cpu_weight = 0\n[[tenant]]\nname = \"t\"\ncpu_weight = 10001\nmax_queued = -1\n{}",
+            worker_with("")
+        ));
+        for key in ["sandbox.guest_threads", "sandbox.tenant_cpu_weight", "tenant[0].cpu_weight", "tenant[0].max_queued"] {
+            assert!(e.iter().any(|e| e.key.as_deref() == Some(key)), "no error for {key}: {e:?}");
+        }
     }
 
     #[test]

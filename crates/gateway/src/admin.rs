@@ -55,8 +55,15 @@ impl Admin {
             // and metering.
             "postgres": self.runtime.accelerator().map(|a| a.stats()).unwrap_or_default(),
             // Per tenant: instances in flight (admitted, until their store is dropped), the
-            // quota, and requests refused with tenant_over_capacity.
+            // quota, requests waiting for a slot and its limit, and requests refused with
+            // tenant_overloaded.
             "tenants": self.runtime.admission().snapshot(),
+            // Per tenant: its weight, the guest CPU it used, and its guests running or
+            // waiting for one of the guest threads.
+            "cpu": {
+                "guest_threads": self.runtime.guest_threads(),
+                "tenants": self.runtime.cpu_shares(),
+            },
             // The bytes all instances hold (linear memory, tables, stacks and host-side
             // buffers) against the process's budget, and each tenant's against its own.
             "memory": {

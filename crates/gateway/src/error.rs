@@ -24,20 +24,23 @@ pub(crate) fn error_response(status: StatusCode, code: &str, message: &str, requ
 }
 
 /// Seconds a client is asked to wait after a 503 for want of an instance
-/// slot: slots come free as instances end, within a wall-clock limit.
+/// slot or a place in its tenant's queue: slots come free as instances end,
+/// within a wall-clock limit.
 pub(crate) const RETRY_AFTER_SECONDS: &str = "1";
 
 /// Whether `code` says that no instance slot was free, so that the
 /// response carries `Retry-After`.
 pub(crate) fn is_capacity_code(code: &str) -> bool {
-    matches!(code, "over_capacity" | "tenant_over_capacity" | "worker_over_capacity")
+    matches!(code, "over_capacity" | "tenant_over_capacity" | "tenant_overloaded" | "worker_over_capacity")
 }
 
 /// The status and code for a worker that produced no response.
 pub(crate) fn invoke_status(e: &InvokeError) -> (StatusCode, &'static str) {
     match e {
         InvokeError::CpuLimitExceeded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "cpu_limit_exceeded"),
-        InvokeError::WallTimeExceeded { .. } => (StatusCode::GATEWAY_TIMEOUT, "wall_time_exceeded"),
+        InvokeError::WallTimeExceeded { .. } | InvokeError::QueuedPastWallTime { .. } => {
+            (StatusCode::GATEWAY_TIMEOUT, "wall_time_exceeded")
+        }
         InvokeError::MemoryLimitExceeded { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "memory_limit_exceeded"),
         InvokeError::Trapped(_) => (StatusCode::INTERNAL_SERVER_ERROR, "worker_crashed"),
         InvokeError::NoResponse => (StatusCode::INTERNAL_SERVER_ERROR, "no_response"),

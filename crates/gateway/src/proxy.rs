@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cordon_runtime::{InstanceSlot, Invocation, Outcome, Report, Worker};
+use cordon_runtime::{Admit, Invocation, Outcome, Report, Worker};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use tokio::sync::watch;
 
@@ -79,10 +79,11 @@ impl Proxy {
 }
 
 /// A request admitted to its worker, holding the instance slot that its
-/// instance will hold until it is dropped.
+/// instance will hold until it is dropped, or its place in the tenant's
+/// queue for one.
 pub(crate) struct Admitted {
     target: Target,
-    slot: InstanceSlot,
+    admit: Admit,
 }
 
 impl Service for Proxy {
@@ -119,7 +120,7 @@ impl Service for Proxy {
         // Last, so that a request refused above holds no slot even briefly;
         // decided before any instance exists.
         match worker.admit() {
-            Ok(slot) => Ok(Admitted { target: target.clone(), slot }),
+            Ok(admit) => Ok(Admitted { target: target.clone(), admit }),
             Err(refusal) => {
                 Err(Box::new(Self::refuse(exchange(), StatusCode::SERVICE_UNAVAILABLE, refusal.code(), &refusal.to_string(), false)))
             }
@@ -127,7 +128,7 @@ impl Service for Proxy {
     }
 
     async fn call(&self, admitted: Admitted, incoming: Incoming) -> Outgoing<Exchange> {
-        let Admitted { target, slot } = admitted;
+        let Admitted { target, admit } = admitted;
         let Incoming { head, body, request_id, received } = incoming;
         let mut exchange = Self::exchange(&head, &request_id, received, Some(&target));
         let worker = target.worker;
@@ -140,6 +141,13 @@ impl Service for Proxy {
         *request.headers_mut() = forwarded_headers(head.headers, &request_id);
         request.extensions_mut().insert(cordon_runtime::RequestId(request_id.clone()));
 
+        let slot = match worker.slot(admit).await {
+            Ok(slot) => slot,
+            Err(e) => {
+                let (status, code) = invoke_status(&e);
+                return Self::refuse(exchange, status, code, &e.to_string(), false);
+            }
+        };
         let mut invocation = worker.invoke_admitted(slot, request).await;
         let response = std::mem::replace(&mut invocation.response, Err(cordon_runtime::InvokeError::NoResponse));
         let body_exceeded = invocation.request_body_exceeded();

@@ -15,6 +15,7 @@ mod host_buffers;
 mod meter;
 mod outbound;
 pub mod policy;
+pub mod scheduler;
 mod stdio;
 mod worker;
 
@@ -27,7 +28,7 @@ use cordon_pgaccel::accel::Accelerator;
 use wasmtime::Engine;
 use wasmtime::component::Linker;
 
-pub use admission::{Admission, InstanceSlot, MemoryBudgets, MemoryConfigError, Refusal, SlotsSnapshot};
+pub use admission::{Admission, Admit, InstanceSlot, MemoryBudgets, MemoryConfigError, QueuedRequest, Refusal, SlotsSnapshot};
 pub use body::{ResponseBody, ResponseBodyError};
 pub use cache::{CacheError, CodeCache, CodeSource, DataDirLock, LoadError};
 pub use cordon_egress::Network;
@@ -138,6 +139,9 @@ pub struct Runtime {
     admission: Admission,
     network: Arc<Network>,
     accel: Option<Arc<Accelerator>>,
+    scheduler: Arc<scheduler::Scheduler>,
+    /// Every tenant's share of the guest threads, by name.
+    shares: std::collections::BTreeMap<String, Arc<scheduler::TenantShare>>,
     _ticker: EpochTicker,
     /// Held while the runtime lives; it holds the data directory's lock, so
     /// one process owns a data directory at a time.
@@ -173,7 +177,17 @@ impl Runtime {
         let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
         let stores = Stores::open(config, env)?;
         let mut admission = Admission::from_config(config, memory);
-        let results = load_workers(&engine, &linker, &config.workers, Some(&cache), &mut admission, &|w| stores.capabilities(w, &network));
+        let threads = config.sandbox.guest_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let scheduler = Arc::new(scheduler::Scheduler::start(threads));
+        tracing::info!(guest_threads = threads, "guest threads started");
+        let mut shares = std::collections::BTreeMap::new();
+        for w in &config.workers {
+            shares.entry(w.tenant.clone()).or_insert_with(|| scheduler.tenant(config.tenant_cpu_weight(&w.tenant)));
+        }
+        let placement = Placement { scheduler: &scheduler, shares: &shares };
+        let results = load_workers(&engine, &linker, &config.workers, Some(&cache), &mut admission, &placement, &|w| {
+            stores.capabilities(w, &network)
+        });
         let mut workers = Vec::new();
         let mut errors = Vec::new();
         for r in results {
@@ -186,7 +200,7 @@ impl Runtime {
             return Err(StartError::Workers(errors));
         }
         let ticker = EpochTicker::start(&engine);
-        Ok(Runtime { engine, posture, workers, admission, network, accel: stores.accel, _ticker: ticker, _cache: cache })
+        Ok(Runtime { engine, posture, workers, admission, network, accel: stores.accel, scheduler, shares, _ticker: ticker, _cache: cache })
     }
 
     /// Validates the policy and every component without writing anything:
@@ -199,10 +213,16 @@ impl Runtime {
         let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
         let network = Arc::new(Network::system()?);
         let mut admission = Admission::from_config(config, memory);
-        let results = load_workers(&engine, &linker, &config.workers, None, &mut admission, &|_| Ok(Capabilities::none(&network)))
-            .into_iter()
-            .map(|r| r.map(drop))
-            .collect();
+        // Nothing runs: one thread, and every tenant shares one entry.
+        let scheduler = Arc::new(scheduler::Scheduler::start(1));
+        let share = scheduler.tenant(scheduler::DEFAULT_WEIGHT);
+        let shares = config.workers.iter().map(|w| (w.tenant.clone(), share.clone())).collect();
+        let placement = Placement { scheduler: &scheduler, shares: &shares };
+        let results =
+            load_workers(&engine, &linker, &config.workers, None, &mut admission, &placement, &|_| Ok(Capabilities::none(&network)))
+                .into_iter()
+                .map(|r| r.map(drop))
+                .collect();
         Ok((posture, results))
     }
 
@@ -227,6 +247,17 @@ impl Runtime {
     /// Every tenant's instance quota and what it holds now.
     pub fn admission(&self) -> &Admission {
         &self.admission
+    }
+
+    /// The number of threads that run guest code.
+    pub fn guest_threads(&self) -> usize {
+        self.scheduler.threads()
+    }
+
+    /// Every tenant's share of the guest threads: its weight, the guest CPU
+    /// it used and its guests waiting for a thread.
+    pub fn cpu_shares(&self) -> std::collections::BTreeMap<String, scheduler::ShareSnapshot> {
+        self.shares.iter().map(|(name, share)| (name.clone(), share.snapshot())).collect()
     }
 
     /// The Postgres accelerator, when the config has a `[[database]]`. The
@@ -274,6 +305,7 @@ fn load_workers(
     workers: &[WorkerConfig],
     cache: Option<&CodeCache>,
     admission: &mut Admission,
+    placement: &Placement<'_>,
     capabilities: &dyn Fn(&WorkerConfig) -> Result<Capabilities, LoadError>,
 ) -> Vec<Result<Worker, WorkerLoadError>> {
     let err = |w: &WorkerConfig, error| WorkerLoadError { worker: w.name.clone(), component: w.component.clone(), error };
@@ -318,6 +350,8 @@ fn load_workers(
         .iter()
         .map(|w| worker::TenantQuotas {
             slots: admission.tenant(&w.tenant, w.limits.max_instances),
+            share: placement.shares[&w.tenant].clone(),
+            scheduler: placement.scheduler.clone(),
             memory: admission.memory_mut().tenant(&w.tenant),
             process_memory: admission.memory().process.clone(),
             instance_overhead_bytes: admission.memory().instance_overhead_bytes,
@@ -341,6 +375,13 @@ fn load_workers(
             Ok(worker)
         })
         .collect()
+}
+
+/// Where the workers' guests run: the guest threads, and each tenant's share
+/// of them.
+struct Placement<'a> {
+    scheduler: &'a Arc<scheduler::Scheduler>,
+    shares: &'a std::collections::BTreeMap<String, Arc<scheduler::TenantShare>>,
 }
 
 /// `f` over `items` on up to one thread per core, results in order.

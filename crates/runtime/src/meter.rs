@@ -2,23 +2,21 @@
 //!
 //! Guest code runs only inside `poll` of the request's future (wasmtime runs
 //! it on a fiber that the poll resumes), so the CPU time of a request is the
-//! thread CPU time spent inside those polls. Time spent waiting for I/O is
-//! outside any poll and is not counted. The epoch callback reads the meter
-//! while the guest runs and stops it once the limit is passed.
+//! thread CPU time spent inside those polls, which the scheduler's guest
+//! threads measure (see `scheduler`). Time spent waiting for I/O or for a
+//! guest thread is outside any poll and is not counted. The epoch callback
+//! reads the meter while the guest runs and stops it once the limit is
+//! passed.
 //!
 //! Host work done for the request on a blocking pool's thread (key-value and
 //! SQL calls) is measured there and added through [`CpuMeter::host`], so it
 //! counts against the same limit.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// CPU time of the calling thread.
-fn thread_cpu_time() -> Duration {
+pub(crate) fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec, and CLOCK_THREAD_CPUTIME_ID
     // is supported on every Linux kernel Cordon runs on.
@@ -60,38 +58,20 @@ impl CpuMeter {
         u64::try_from(self.host.total().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn enter(&self) {
+    /// Starts charging the calling thread's CPU time: a poll of the guest
+    /// begins.
+    pub(crate) fn enter(&self) {
         // `max(1)` keeps 0 free to mean "no poll in progress".
         self.poll_started_ns.store((thread_cpu_time().as_nanos() as u64).max(1), Ordering::Relaxed);
     }
 
-    fn exit(&self) {
+    /// Ends the poll begun by [`CpuMeter::enter`] on this thread and
+    /// returns its CPU nanoseconds.
+    pub(crate) fn exit(&self) -> u64 {
         let started = self.poll_started_ns.swap(0, Ordering::Relaxed);
         let spent = (thread_cpu_time().as_nanos() as u64).saturating_sub(started);
         self.finished_ns.fetch_add(spent, Ordering::Relaxed);
-    }
-}
-
-/// A future whose polls are charged to a [`CpuMeter`].
-pub(crate) struct Metered<F> {
-    inner: Pin<Box<F>>,
-    meter: Arc<CpuMeter>,
-}
-
-impl<F> Metered<F> {
-    pub(crate) fn new(inner: F, meter: Arc<CpuMeter>) -> Self {
-        Self { inner: Box::pin(inner), meter }
-    }
-}
-
-impl<F: Future> Future for Metered<F> {
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.meter.enter();
-        let result = self.inner.as_mut().poll(cx);
-        self.meter.exit();
-        result
+        spent
     }
 }
 

@@ -10,18 +10,18 @@ use cordon_config::{Limits, Route, WorkerConfig};
 use cordon_egress::{EgressStats, EgressUsage, Network, RequestEgress, WorkerEgress};
 use serde::Serialize;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use wasmtime::component::Linker;
 use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
-use crate::admission::{InstanceSlot, Refusal, Slots, SlotsSnapshot};
+use crate::admission::{Admit, InstanceSlot, QueueWaitError, Refusal, Slots, SlotsSnapshot};
 use crate::body::{LimitedRequestBody, ResponseBody};
 use crate::cache::CodeSource;
 use crate::host::{Host, HostParts};
-use crate::meter::{CpuMeter, Metered};
+use crate::meter::CpuMeter;
+use crate::scheduler::{Ended, GuestHandle, Scheduler, TenantShare};
 use crate::stdio::{CapturedOutput, CapturedText};
 
 /// A worker ready to serve: its config and its pre-linked component.
@@ -58,9 +58,12 @@ pub(crate) struct Capabilities {
 }
 
 /// What a worker's instances are counted against besides the worker's own
-/// limits.
+/// limits, and where its guests run.
 pub(crate) struct TenantQuotas {
     pub slots: Arc<Slots>,
+    /// The tenant's share of the guest threads.
+    pub share: Arc<TenantShare>,
+    pub scheduler: Arc<Scheduler>,
     pub memory: Arc<cordon_memory::Budget>,
     pub process_memory: Arc<cordon_memory::Budget>,
     /// Charged to every instance at admission: its fiber stack and store.
@@ -80,6 +83,10 @@ pub enum InvokeError {
     CpuLimitExceeded { limit_ms: u64 },
     #[error("the worker did not finish within its wall-clock limit of {limit_ms} ms")]
     WallTimeExceeded { limit_ms: u64 },
+    /// The request waited in its tenant's queue for an instance slot until
+    /// its wall-clock limit ran out; no instance was created.
+    #[error("the request waited for an instance of its tenant for its whole wall-clock limit of {limit_ms} ms; the tenant is overloaded")]
+    QueuedPastWallTime { limit_ms: u64 },
     #[error("the worker exceeded its memory limit of {limit_mb} MiB")]
     MemoryLimitExceeded { limit_mb: u64 },
     #[error("the worker crashed: {0}")]
@@ -194,18 +201,16 @@ impl Usage {
 
 /// The guest's task. Aborts the guest if the gateway gives up on the request
 /// (client gone).
-struct AbortOnDrop(Option<JoinHandle<Outcome>>, Usage);
+struct AbortOnDrop(Option<GuestHandle>, Usage);
 
 impl AbortOnDrop {
     async fn join(mut self) -> Report {
         let handle = self.0.take().expect("joined once");
-        let outcome = handle.await.unwrap_or_else(|e| {
-            Outcome::Failed(if e.is_cancelled() {
-                InvokeError::Cancelled
-            } else {
-                InvokeError::Internal(format!("request task failed: {e}"))
-            })
-        });
+        let outcome = match handle.ended().await {
+            Ended::Finished(outcome) => outcome,
+            Ended::Cancelled => Outcome::Failed(InvokeError::Cancelled),
+            Ended::Panicked(message) => Outcome::Failed(InvokeError::Internal(format!("request task failed: {message}"))),
+        };
         self.1.report(outcome)
     }
 
@@ -295,10 +300,26 @@ impl Worker {
     }
 
     /// Takes a slot of this worker's tenant quota and of its own, before any
-    /// instance exists: the slot is given back when the instance that
-    /// [`Worker::invoke_admitted`] creates with it is dropped.
-    pub fn admit(&self) -> Result<InstanceSlot, Refusal> {
+    /// instance exists, or a place in the tenant's queue for one: the slot
+    /// is given back when the instance that [`Worker::invoke_admitted`]
+    /// creates with it is dropped.
+    pub fn admit(&self) -> Result<Admit, Refusal> {
         crate::admission::admit(&self.quotas.slots, &self.slots)
+    }
+
+    /// The slot of an admitted request: at once, or once its place in the
+    /// tenant's queue comes up, within its wall-clock limit.
+    pub async fn slot(&self, admitted: Admit) -> Result<InstanceSlot, InvokeError> {
+        match admitted {
+            Admit::Now(slot) => Ok(slot),
+            Admit::Queued(queued) => {
+                let deadline = queued.since() + Duration::from_millis(self.limits.wall_ms);
+                queued.wait(deadline).await.map_err(|e| match e {
+                    QueueWaitError::Timeout(_) => InvokeError::QueuedPastWallTime { limit_ms: self.limits.wall_ms },
+                    QueueWaitError::Refused(refusal) => InvokeError::OverQuota(refusal),
+                })
+            }
+        }
     }
 
     /// This worker's instances in flight against its own quota, and its
@@ -314,10 +335,13 @@ impl Worker {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: std::fmt::Display,
     {
-        match self.admit() {
+        let slot = match self.admit() {
+            Ok(admitted) => self.slot(admitted).await,
+            Err(refusal) => Err(InvokeError::OverQuota(refusal)),
+        };
+        match slot {
             Ok(slot) => self.invoke_admitted(slot, request).await,
-            Err(refusal) => {
-                let error = InvokeError::OverQuota(refusal);
+            Err(error) => {
                 let usage = Usage::new(&self.limits, RequestEgress::new(self.caps.network.clone(), self.egress.clone(), "-"));
                 let report = usage.report(Outcome::Failed(error.clone()));
                 self.done(Err(error), Arc::default(), report)
@@ -328,16 +352,18 @@ impl Worker {
     /// Runs `request` in a fresh instance of this worker, which holds `slot`
     /// until it is dropped.
     ///
-    /// The guest runs in its own task, so that it can keep streaming the body
-    /// after the response head is returned here. The task is bounded by the
-    /// wall-clock limit and aborted if the returned [`Invocation`] is dropped.
+    /// The guest runs in its own task on the guest threads, so that it can
+    /// keep streaming the body after the response head is returned here.
+    /// The task is bounded by the wall-clock limit, which started when the
+    /// request was admitted or queued, and aborted if the returned
+    /// [`Invocation`] is dropped.
     pub async fn invoke_admitted<B>(&self, slot: InstanceSlot, request: http::Request<B>) -> Invocation
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: std::fmt::Display,
     {
         let limits = &self.limits;
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(limits.wall_ms);
+        let deadline = slot.since() + Duration::from_millis(limits.wall_ms);
         let request_body_exceeded = Arc::new(AtomicBool::new(false));
         let memory =
             Arc::new(cordon_memory::Account::new(limits.memory_mb << 20, self.quotas.memory.clone(), self.quotas.process_memory.clone()));
@@ -416,14 +442,14 @@ impl Worker {
             result
         };
         let limits_in_task = limits.clone();
-        let meter = usage.meter.clone();
-        let task = tokio::spawn(async move {
-            match Metered::new(guest, meter).await {
+        let guest = Box::pin(async move {
+            match guest.await {
                 Ok(Ok(())) => Outcome::Completed,
                 Ok(Err(e)) => Outcome::Failed(classify(&e, &limits_in_task, memory.refused())),
                 Err(_) => Outcome::Failed(InvokeError::WallTimeExceeded { limit_ms: limits_in_task.wall_ms }),
             }
         });
+        let task = self.quotas.scheduler.spawn(&self.quotas.share, usage.meter.clone(), guest);
         let task = AbortOnDrop(Some(task), usage);
 
         match head_rx.await {
@@ -482,7 +508,7 @@ impl WorkerStats {
         let counter = match &report.outcome {
             Outcome::Completed => return,
             Outcome::Failed(InvokeError::CpuLimitExceeded { .. }) => &s.cpu_limit_exceeded,
-            Outcome::Failed(InvokeError::WallTimeExceeded { .. }) => &s.wall_time_exceeded,
+            Outcome::Failed(InvokeError::WallTimeExceeded { .. } | InvokeError::QueuedPastWallTime { .. }) => &s.wall_time_exceeded,
             Outcome::Failed(InvokeError::MemoryLimitExceeded { .. }) => &s.memory_limit_exceeded,
             Outcome::Failed(InvokeError::Trapped(_)) => &s.traps,
             Outcome::Failed(_) => &s.other_errors,

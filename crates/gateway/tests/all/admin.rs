@@ -37,8 +37,16 @@ async fn health_reports_the_posture_and_the_workers() {
     // Instance quotas: a quarter of the 64 slots per tenant, nothing held
     // once the request's instance is gone.
     assert_eq!(hello["limits"]["max_instances"], 16);
-    assert_eq!(hello["instances"], serde_json::json!({"max_instances": 16, "in_flight": 0, "refused": 0}));
-    assert_eq!(h["tenants"]["good"], serde_json::json!({"max_instances": 16, "in_flight": 0, "refused": 0}));
+    assert_eq!(hello["instances"], serde_json::json!({"max_instances": 16, "in_flight": 0, "refused": 0, "max_queued": 0, "queued": 0}));
+    assert_eq!(
+        h["tenants"]["good"],
+        serde_json::json!({"max_instances": 16, "in_flight": 0, "refused": 0, "max_queued": 128, "queued": 0})
+    );
+    // Guest threads, and each tenant's weight and guest CPU.
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(h["cpu"]["guest_threads"], cores, "one guest thread per core by default");
+    assert_eq!(h["cpu"]["tenants"]["good"]["cpu_weight"], 100);
+    assert!(h["cpu"]["tenants"]["good"]["guest_cpu_us"].as_u64() > Some(0), "{}", h["cpu"]);
     assert_eq!(h["tenants"]["evil"]["max_instances"], 16);
 }
 

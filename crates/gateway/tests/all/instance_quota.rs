@@ -50,7 +50,9 @@ async fn pipelined(addr: std::net::SocketAddr, host: &str, path: &str, n: usize)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_long_running_requests_on_one_connection_leave_other_tenants_served() {
-    let s = Arc::new(start(&standard_workers()).await);
+    // No queue: past its quota the tenant is refused at once (the queue has
+    // its tests in `fair_cpu`).
+    let s = Arc::new(start(&(standard_workers() + "[[tenant]]\nname = \"evil\"\nmax_queued = 0\n")).await);
     assert_eq!(s.get("hello.localhost", "/").await.status, 200);
     let baseline = rss_bytes();
 
@@ -83,7 +85,7 @@ async fn a_thousand_long_running_requests_on_one_connection_leave_other_tenants_
     let ok = replies.matches("http/1.1 200").count();
     let refused = replies.matches("http/1.1 503").count();
     assert_eq!(ok + refused, ATTACK_REQUESTS, "only 200 and 503 are expected:\n{}", &replies[..replies.len().min(4000)]);
-    assert_eq!(replies.matches("\"code\":\"tenant_over_capacity\"").count(), refused, "every 503 is the tenant's quota");
+    assert_eq!(replies.matches("\"code\":\"tenant_overloaded\"").count(), refused, "every 503 is the tenant's quota");
     assert_eq!(replies.matches("retry-after: 1\r\n").count(), refused, "every 503 says when to retry");
     // Slots come back only when an instance ends, after its 2 s wall-clock
     // limit; the attack is answered well within that.
@@ -121,7 +123,7 @@ async fn a_thousand_long_running_requests_on_one_connection_leave_other_tenants_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_went_away_still_counts_until_its_instance_is_dropped() {
-    let workers = standard_workers() + "[[tenant]]\nname = \"evil\"\nmax_instances = 2\n";
+    let workers = standard_workers() + "[[tenant]]\nname = \"evil\"\nmax_instances = 2\nmax_queued = 0\n";
     let s = start(&workers).await;
     // Two clients take their early answer and hang up; their guests keep
     // running until wall_ms (2 s).
@@ -134,7 +136,7 @@ async fn a_client_that_went_away_still_counts_until_its_instance_is_dropped() {
     let started = Instant::now();
     let r = s.get("hostile.localhost", "/").await;
     assert_eq!(r.status, 503);
-    assert_eq!(r.error_code(), "tenant_over_capacity");
+    assert_eq!(r.error_code(), "tenant_overloaded");
     assert_eq!(r.header("retry-after"), Some("1"));
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("2 instances in flight"), "{}", r.text());
     let health = s.health().await;
@@ -152,7 +154,7 @@ async fn a_client_that_went_away_still_counts_until_its_instance_is_dropped() {
         if r.status == 200 {
             break;
         }
-        assert_eq!(r.error_code(), "tenant_over_capacity");
+        assert_eq!(r.error_code(), "tenant_overloaded");
         assert!(started.elapsed() < Duration::from_secs(4), "the slots never came back");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

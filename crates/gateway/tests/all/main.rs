@@ -9,6 +9,7 @@ mod cache;
 mod connections;
 mod egress;
 mod egress_dns;
+mod fair_cpu;
 mod host_work_sql;
 mod hostile_requests;
 mod hostile_workers;
