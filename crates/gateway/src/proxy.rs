@@ -227,6 +227,7 @@ impl Service for Proxy {
             status: written.status.as_u16(),
             outcome,
             cpu_us: report.as_ref().map_or(0, |r| r.cpu_time.as_micros() as u64),
+            thread_wait_us: report.as_ref().map_or(0, |r| r.thread_wait.as_micros() as u64),
             duration_us: duration.as_micros() as u64,
             bytes_out: written.body_bytes,
             subrequests: report.as_ref().map_or(0, |r| r.egress.subrequests),

@@ -178,7 +178,8 @@ impl Runtime {
         let stores = Stores::open(config, env)?;
         let mut admission = Admission::from_config(config, memory);
         let threads = config.sandbox.guest_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-        let scheduler = Arc::new(scheduler::Scheduler::start(threads));
+        let epoch = engine.clone();
+        let scheduler = Arc::new(scheduler::Scheduler::start(threads, Some(Box::new(move || epoch.increment_epoch()))));
         tracing::info!(guest_threads = threads, "guest threads started");
         let mut shares = std::collections::BTreeMap::new();
         for w in &config.workers {
@@ -214,7 +215,7 @@ impl Runtime {
         let network = Arc::new(Network::system()?);
         let mut admission = Admission::from_config(config, memory);
         // Nothing runs: one thread, and every tenant shares one entry.
-        let scheduler = Arc::new(scheduler::Scheduler::start(1));
+        let scheduler = Arc::new(scheduler::Scheduler::start(1, None));
         let share = scheduler.tenant(scheduler::DEFAULT_WEIGHT);
         let shares = config.workers.iter().map(|w| (w.tenant.clone(), share.clone())).collect();
         let placement = Placement { scheduler: &scheduler, shares: &shares };

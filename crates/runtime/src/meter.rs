@@ -35,6 +35,10 @@ pub(crate) struct CpuMeter {
     host: cordon_blocking::CpuCharge,
     /// Thread CPU time (ns) when the poll in progress started; 0 when idle.
     poll_started_ns: AtomicU64,
+    /// When the guest was first queued for a guest thread.
+    queued_at: std::sync::OnceLock<std::time::Instant>,
+    /// Wall time from then to its first run, in ns; 0 until it ran.
+    first_run_after_ns: AtomicU64,
 }
 
 impl CpuMeter {
@@ -58,9 +62,24 @@ impl CpuMeter {
         u64::try_from(self.host.total().as_nanos()).unwrap_or(u64::MAX)
     }
 
+    /// The guest is queued for a guest thread for the first time.
+    pub(crate) fn queued(&self) {
+        let _ = self.queued_at.set(std::time::Instant::now());
+    }
+
+    /// How long the guest waited for a guest thread before it first ran.
+    pub(crate) fn first_run_after(&self) -> Duration {
+        Duration::from_nanos(self.first_run_after_ns.load(Ordering::Relaxed))
+    }
+
     /// Starts charging the calling thread's CPU time: a poll of the guest
     /// begins.
     pub(crate) fn enter(&self) {
+        if self.first_run_after_ns.load(Ordering::Relaxed) == 0
+            && let Some(queued) = self.queued_at.get()
+        {
+            self.first_run_after_ns.store((queued.elapsed().as_nanos() as u64).max(1), Ordering::Relaxed);
+        }
         // `max(1)` keeps 0 free to mean "no poll in progress".
         self.poll_started_ns.store((thread_cpu_time().as_nanos() as u64).max(1), Ordering::Relaxed);
     }

@@ -22,6 +22,13 @@
 //! others out later. The scheduler is work-conserving: a thread never idles
 //! while any guest waits.
 //!
+//! A tenant that arrives while every guest thread runs another tenant that
+//! is ahead of it does not wait for the next tick: the scheduler preempts
+//! (it advances the engine's epoch, so every running guest yields at its
+//! next check, within microseconds) and the newcomer runs next. This is
+//! rate-limited to once per [`PREEMPT_INTERVAL`], so that a tenant cannot
+//! make the others yield at will.
+//!
 //! The CPU time of each run is measured here, on the guest thread, and
 //! charged both to the tenant (for the next decision) and to the request's
 //! [`CpuMeter`] (for its `cpu_ms` limit), so queueing costs a request wall
@@ -49,7 +56,14 @@ pub const DEFAULT_WEIGHT: u32 = 100;
 /// enough to run next, too little to bank idle time.
 pub const RETURN_CREDIT: Duration = Duration::from_millis(2);
 
+/// The least time between two preemptions.
+pub const PREEMPT_INTERVAL: Duration = Duration::from_micros(250);
+
 type GuestFuture = Pin<Box<dyn Future<Output = crate::worker::Outcome> + Send>>;
+
+/// Makes every running guest yield at its next check: advances the engine's
+/// epoch.
+pub type Preempt = Box<dyn Fn() + Send + Sync>;
 
 /// The guest threads and their run queues.
 pub struct Scheduler {
@@ -61,6 +75,7 @@ struct Shared {
     state: Mutex<State>,
     /// Signalled when a guest is queued and a thread is idle.
     work: Condvar,
+    preempt: Option<Preempt>,
 }
 
 #[derive(Default)]
@@ -74,6 +89,9 @@ struct State {
     /// Guests to drop (aborted while waiting): before any other work.
     aborted: VecDeque<Arc<Task>>,
     idle_threads: usize,
+    /// The tenant each guest thread is running, by thread.
+    running: Vec<Option<usize>>,
+    last_preempt: Option<std::time::Instant>,
     stopping: bool,
 }
 
@@ -170,15 +188,18 @@ impl GuestHandle {
 }
 
 impl Scheduler {
-    /// Starts `threads` guest threads.
-    pub fn start(threads: usize) -> Scheduler {
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), work: Condvar::new() });
-        let threads = (0..threads.max(1))
+    /// Starts `threads` guest threads; `preempt`, when given, makes running
+    /// guests yield early for a tenant that arrives behind them.
+    pub fn start(threads: usize, preempt: Option<Preempt>) -> Scheduler {
+        let threads = threads.max(1);
+        let state = State { running: vec![None; threads], ..State::default() };
+        let shared = Arc::new(Shared { state: Mutex::new(state), work: Condvar::new(), preempt });
+        let threads = (0..threads)
             .map(|i| {
                 let shared = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("cordon-guest-{i}"))
-                    .spawn(move || shared.run_guests())
+                    .spawn(move || shared.run_guests(i))
                     .expect("spawning a guest thread")
             })
             .collect();
@@ -202,6 +223,7 @@ impl Scheduler {
     /// runs in its context.
     pub(crate) fn spawn(&self, tenant: &Arc<TenantShare>, meter: Arc<CpuMeter>, guest: GuestFuture) -> GuestHandle {
         let (tx, rx) = oneshot::channel();
+        meter.queued();
         let task = Arc::new(Task {
             state: AtomicU8::new(IDLE),
             aborted: std::sync::atomic::AtomicBool::new(false),
@@ -268,12 +290,32 @@ impl Shared {
             task.tenant.waiting.fetch_add(1, Ordering::Relaxed);
             if was_empty {
                 state.ready.insert(key);
+                self.preempt_for(&mut state, i);
             }
         }
         if state.idle_threads > 0 {
             drop(state);
             self.work.notify_one();
         }
+    }
+
+    /// Preempts the running guests if tenant `i`, newly waiting, is behind
+    /// none of the tenants that hold every guest thread.
+    fn preempt_for(&self, state: &mut State, i: usize) {
+        let Some(preempt) = &self.preempt else { return };
+        if state.idle_threads > 0 || state.running.contains(&Some(i)) {
+            return;
+        }
+        let vruntime = state.tenants[i].vruntime;
+        if !state.running.iter().flatten().any(|&r| state.tenants[r].vruntime > vruntime) {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if state.last_preempt.is_some_and(|at| now.duration_since(at) < PREEMPT_INTERVAL) {
+            return;
+        }
+        state.last_preempt = Some(now);
+        preempt();
     }
 
     /// The next task to run: an aborted one, or the oldest waiting guest of
@@ -307,15 +349,16 @@ impl Shared {
     }
 
     /// A guest thread's loop: take the next task, run it once, charge it.
-    fn run_guests(self: Arc<Self>) {
+    fn run_guests(self: Arc<Self>, thread: usize) {
         let mut charge: Option<(usize, u64)> = None;
         loop {
             let task = {
                 let mut state = self.lock();
+                state.running[thread] = None;
                 if let Some((i, ns)) = charge.take() {
                     Self::charge(&mut state, i, ns);
                 }
-                loop {
+                let task = loop {
                     // Once stopping, only aborted guests are taken (to be
                     // dropped): a guest that always yields would otherwise
                     // keep its thread to its limits.
@@ -335,7 +378,9 @@ impl Shared {
                     state.idle_threads += 1;
                     state = self.work.wait(state).unwrap_or_else(|p| p.into_inner());
                     state.idle_threads -= 1;
-                }
+                };
+                state.running[thread] = Some(task.tenant.index);
+                task
             };
             if let Some(spent) = task.run() {
                 charge = Some((task.tenant.index, spent));
@@ -486,7 +531,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn busy_tenants_get_cpu_by_weight_not_by_guests() {
         for (weights, expected) in [((100, 100), 0.5), ((300, 100), 0.75)] {
-            let scheduler = Scheduler::start(2);
+            let scheduler = Scheduler::start(2, None);
             let (a, b) = (scheduler.tenant(weights.0), scheduler.tenant(weights.1));
             let stop = Arc::new(AtomicBool::new(false));
             // Two guests of `a` against twelve of `b`.
@@ -507,7 +552,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_tenant_back_from_idle_runs_next_but_cannot_bank_its_idle_time() {
-        let scheduler = Scheduler::start(1);
+        let scheduler = Scheduler::start(1, None);
         let (busy, idle) = (scheduler.tenant(DEFAULT_WEIGHT), scheduler.tenant(DEFAULT_WEIGHT));
         let stop = Arc::new(AtomicBool::new(false));
         let hog = scheduler.spawn(&busy, Arc::default(), spinner(stop.clone(), Duration::from_micros(500)));
@@ -530,6 +575,49 @@ mod tests {
         late.ended().await;
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_tenant_arriving_behind_a_busy_one_preempts_its_slice() {
+        // The epoch as a counter that the busy guest watches, as wasm code
+        // checks the engine's.
+        let epoch = Arc::new(AtomicU64::new(0));
+        let bump = epoch.clone();
+        let scheduler = Scheduler::start(
+            1,
+            Some(Box::new(move || {
+                bump.fetch_add(1, Ordering::Relaxed);
+            })),
+        );
+        let (busy, victim) = (scheduler.tenant(DEFAULT_WEIGHT), scheduler.tenant(DEFAULT_WEIGHT));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop_in_guest, epoch_in_guest) = (stop.clone(), epoch.clone());
+        // Slices of 20 ms, unless the epoch moves.
+        let hog = std::future::poll_fn(move |cx| {
+            if stop_in_guest.load(Ordering::Relaxed) {
+                return Poll::Ready(Outcome::Completed);
+            }
+            let (started, at) = (Instant::now(), epoch_in_guest.load(Ordering::Relaxed));
+            while started.elapsed() < Duration::from_millis(20) && epoch_in_guest.load(Ordering::Relaxed) == at {
+                std::hint::black_box(0u64);
+            }
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        });
+        let hog = scheduler.spawn(&busy, Arc::default(), Box::pin(hog));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            let queued = Instant::now();
+            scheduler.spawn(&victim, Arc::default(), Box::pin(async { Outcome::Completed })).ended().await;
+            waits.push(queued.elapsed());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        hog.ended().await;
+        waits.sort();
+        assert!(waits[5] < Duration::from_millis(5), "the newcomer waited {waits:?} behind 20 ms slices");
+        assert!(epoch.load(Ordering::Relaxed) >= 5, "preempted {} times", epoch.load(Ordering::Relaxed));
+    }
+
     /// A guest whose drop is recorded.
     struct DropFlag(Arc<AtomicBool>);
 
@@ -541,7 +629,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn an_aborted_guest_is_dropped_whether_waiting_running_or_queued() {
-        let scheduler = Scheduler::start(1);
+        let scheduler = Scheduler::start(1, None);
         let tenant = scheduler.tenant(DEFAULT_WEIGHT);
         // Waiting on something that never comes.
         let dropped = Arc::new(AtomicBool::new(false));
@@ -569,7 +657,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_panic_fails_its_guest_and_the_thread_serves_on() {
-        let scheduler = Scheduler::start(1);
+        let scheduler = Scheduler::start(1, None);
         let tenant = scheduler.tenant(DEFAULT_WEIGHT);
         let panicking = scheduler.spawn(&tenant, Arc::default(), Box::pin(async { panic!("host bug") }));
         assert!(matches!(panicking.ended().await, Ended::Panicked(m) if m == "host bug"));
@@ -579,7 +667,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn stopping_drops_guests_that_would_run_forever() {
-        let scheduler = Scheduler::start(2);
+        let scheduler = Scheduler::start(2, None);
         let tenant = scheduler.tenant(DEFAULT_WEIGHT);
         let stop = Arc::new(AtomicBool::new(false));
         let handles: Vec<_> =
@@ -595,7 +683,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn run_time_is_charged_to_the_requests_meter() {
-        let scheduler = Scheduler::start(1);
+        let scheduler = Scheduler::start(1, None);
         let tenant = scheduler.tenant(DEFAULT_WEIGHT);
         let meter = Arc::new(CpuMeter::default());
         // The guest measures its own CPU time, slice by slice.

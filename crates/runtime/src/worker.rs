@@ -122,6 +122,8 @@ pub struct Report {
     pub outcome: Outcome,
     pub cpu_time: Duration,
     pub instantiate_time: Duration,
+    /// How long the guest waited for a guest thread before it first ran.
+    pub thread_wait: Duration,
     pub stdout: CapturedText,
     pub stderr: CapturedText,
     /// Subrequests and their body bytes.
@@ -192,6 +194,7 @@ impl Usage {
             outcome,
             cpu_time: self.meter.used_after_finish(),
             instantiate_time: Duration::from_nanos(self.instantiate_ns.load(Ordering::Relaxed)),
+            thread_wait: self.meter.first_run_after(),
             stdout: self.stdout.take(),
             stderr: self.stderr.take(),
             egress: self.egress.usage(),

@@ -96,29 +96,30 @@ fn share(cpu: &BTreeMap<String, u64>, of: &str, and: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_tenants_share_the_guest_threads_equally_whatever_their_requests_in_flight() {
     let s = start(&tenants(100, 100, "")).await;
-    // Work conservation: beta alone gets every guest thread.
+    // Work conservation: beta alone has a guest on every guest thread, in
+    // (almost) every sample, whatever else the machine runs.
     let beta = Load::start(&s, "beta.localhost", "/loop", 16);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let alone = cpu_over(&s, Duration::from_secs(2)).await;
+    let threads = s.health().await["cpu"]["guest_threads"].as_u64().unwrap();
+    let mut full = 0;
+    for _ in 0..50 {
+        let h = s.health().await;
+        full += u32::from(h["cpu"]["tenants"]["beta"]["running"].as_u64() == Some(threads));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(full >= 45, "beta alone ran on all {threads} guest threads in only {full} of 50 samples");
     // Two requests of alpha in flight against sixteen of beta.
     let alpha = Load::start(&s, "alpha.localhost", "/loop", 2);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let both = cpu_over(&s, Duration::from_secs(5)).await;
     let (a, b) = (alpha.finish().await, beta.finish().await);
     let alpha_share = share(&both, "alpha", "beta");
-    let total_both = both["alpha"] + both["beta"];
     eprintln!(
-        "beta alone: {} ms of guest CPU in 2 s; together in 5 s: alpha {} ms, beta {} ms, alpha's share {alpha_share:.3}; alpha {a:?}, beta {b:?}",
-        alone["beta"] / 1000,
+        "beta alone on all guest threads in {full} of 50 samples; together in 5 s: alpha {} ms, beta {} ms, alpha's share {alpha_share:.3}; alpha {a:?}, beta {b:?}",
         both["alpha"] / 1000,
         both["beta"] / 1000
     );
     assert!((0.40..=0.60).contains(&alpha_share), "alpha got {alpha_share:.3} of the guest CPU with 2 requests against 16");
-    // Per second, beta alone used about what both used together: nothing
-    // was held back for a tenant that was not there.
-    let alone_rate = alone["beta"] as f64 / 2.0;
-    let both_rate = total_both as f64 / 5.0;
-    assert!(alone_rate >= 0.9 * both_rate, "beta alone used {alone_rate:.0} us/s of guest CPU, both together {both_rate:.0} us/s");
     // Every request ran to its CPU limit, none was refused or timed out.
     for outcomes in [&a, &b] {
         assert_eq!(outcomes.keys().collect::<Vec<_>>(), ["503 cpu_limit_exceeded"], "{outcomes:?}");
