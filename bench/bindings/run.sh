@@ -64,10 +64,10 @@ SQL_BINDING="DB"
 GET_KEY="bench-get"
 PUT_KEY="bench-put"
 
-log() { printf '[bindings] %s\n' "$*" >&2; }
-die() { printf '[bindings] error: %s\n' "$*" >&2; exit 1; }
+BENCH_NAME=bindings
+# shellcheck source=../lib.sh
+source "$REPO_ROOT/bench/lib.sh"
 
-is_uint() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 is_uint "$ROUNDS" || die "ROUNDS must be a positive integer (got '$ROUNDS')"
 is_uint "$CONNECTIONS" || die "CONNECTIONS must be a positive integer (got '$CONNECTIONS')"
 is_uint "$THREADS" || die "THREADS must be a positive integer (got '$THREADS')"
@@ -90,14 +90,12 @@ for w in "${WORKLOAD_LIST[@]}"; do
     esac
 done
 
-for tool in cargo curl python3 wrk; do
-    command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found in PATH (Debian: apt-get install -y $tool)"
-done
+require_tools cargo curl python3 wrk
 
 # --------------------------------------------------------------------------
 # Process bookkeeping: everything started here is stopped on exit.
 
-TMP_DIR=$(mktemp -d "${TMPDIR:-/tmp}/bindings.XXXXXX")
+make_tmp_dir
 if [[ -n $DATA_PARENT ]]; then
     [[ $DATA_PARENT == /* ]] || DATA_PARENT="$CALLER_DIR/$DATA_PARENT"
     [[ -d $DATA_PARENT ]] || die "DATA_PARENT '$DATA_PARENT' is not a directory"
@@ -105,90 +103,16 @@ if [[ -n $DATA_PARENT ]]; then
 else
     DATA_ROOT="$TMP_DIR/data"
 fi
-declare -A PIDS=()
+track_processes
 
-stop_pid() {
-    local pid=$1
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    for name in "${!PIDS[@]}"; do
-        stop_pid "${PIDS[$name]}"
-    done
-    if [[ $KEEP_TMP == 1 || $rc != 0 ]]; then
-        log "temp dir kept: $TMP_DIR"
+# With DATA_PARENT the data dir is not inside the temp dir: it is kept or
+# removed with it.
+on_cleanup() {
+    if [[ $1 == 1 ]]; then
         [[ $DATA_ROOT == "$TMP_DIR"/* ]] || log "data dir kept: $DATA_ROOT"
     else
-        rm -rf -- "$TMP_DIR"
         [[ $DATA_ROOT == "$TMP_DIR"/* ]] || rm -rf -- "$DATA_ROOT"
     fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# N distinct free loopback ports, all held open at once while choosing.
-free_ports() {
-    python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-for s in socks:
-    s.close()
-EOF
-}
-
-show_log() {
-    local file=$1
-    if [[ -s $file ]]; then
-        log "last lines of $file:"
-        tail -n 30 "$file" >&2
-    fi
-}
-
-# start NAME LOGFILE CMD...: run CMD in the background, remember its pid.
-start() {
-    local name=$1 logfile=$2
-    shift 2
-    "$@" >"$logfile" 2>&1 &
-    PIDS[$name]=$!
-    log "started $name (pid ${PIDS[$name]}): $*"
-}
-
-# wait_http NAME URL: poll URL until it answers 200, or fail.
-wait_http() {
-    local name=$1 url=$2
-    local deadline=$((SECONDS + READY_TIMEOUT))
-    while (( SECONDS < deadline )); do
-        if ! kill -0 "${PIDS[$name]}" 2>/dev/null; then
-            show_log "$TMP_DIR/$name.log"
-            die "$name exited before becoming ready"
-        fi
-        if [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 \
-                -H "Host: $HOST_HEADER" "$url" 2>/dev/null || true) == 200 ]]; then
-            return 0
-        fi
-        sleep 0.2
-    done
-    show_log "$TMP_DIR/$name.log"
-    die "$name did not answer 200 on $url within ${READY_TIMEOUT}s"
 }
 
 # call NAME TARGET [JSON-BODY]: one request (GET, or POST with the body) to
@@ -216,23 +140,6 @@ call() {
 # expect NAME WHAT ACTUAL EXPECTED
 expect() {
     [[ $3 == "$4" ]] || die "$1: $2 answered '$(head -c 300 <<<"$3")', expected '$(head -c 300 <<<"$4")'"
-}
-
-# run_wrk OUTFILE URL DURATION [LUA-SCRIPT]
-run_wrk() {
-    local out=$1 url=$2 duration=$3 script=${4-} rc=0
-    local args=(--latency -t"$THREADS" -c"$CONNECTIONS" -d"$duration" -H "Host: $HOST_HEADER")
-    [[ -z $script ]] || args+=(-s "$script")
-    # In the background so that a signal reaches the trap without waiting
-    # for wrk to finish its run.
-    wrk "${args[@]}" "$url" >"$out" 2>&1 &
-    PIDS[wrk]=$!
-    wait "${PIDS[wrk]}" || rc=$?
-    unset 'PIDS[wrk]'
-    if (( rc != 0 )); then
-        cat "$out" >&2
-        die "wrk failed against $url (exit $rc)"
-    fi
 }
 
 # --------------------------------------------------------------------------
@@ -331,10 +238,10 @@ fi
 start native "$TMP_DIR/native.log" "$NATIVE_BIN" "127.0.0.1:$NATIVE_PORT" "$DATA_ROOT/native"
 
 if [[ $SKIP_CORDON != 1 ]]; then
-    wait_http cordon "$HEALTH_URL"
+    wait_http cordon "$HEALTH_URL" "$HOST_HEADER"
     log "cordon admin ready: $HEALTH_URL"
 fi
-wait_http native "${BASE[native]}/"
+wait_http native "${BASE[native]}/" "$HOST_HEADER"
 
 # --------------------------------------------------------------------------
 # Pre-populate and check: the same requests to both servers.
@@ -463,10 +370,7 @@ print(f"{statistics.median(times) * 1e6:.0f}")
 EOF
 )
 
-LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo "n/a")
-if awk -v l="${LOAD_BEFORE%% *}" -v n="$(nproc)" 'BEGIN { exit !(l + 0 > n * 0.5) }'; then
-    log "warning: load average is $LOAD_BEFORE on $(nproc) CPUs; results will be noisy"
-fi
+note_load
 
 log "warm-up: $WARMUP per server and workload"
 for w in "${WORKLOAD_LIST[@]}"; do
@@ -493,10 +397,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
             read -r rps p99 non2xx sockerr < <("$PARSE" "$out") \
                 || die "could not parse wrk output $out"
             log "  $rps ops/s, p99 $p99 ms, non-2xx $non2xx, socket errors $sockerr"
-            if ! kill -0 "${PIDS[$s]}" 2>/dev/null; then
-                show_log "$TMP_DIR/$s.log"
-                die "$s died during the benchmark"
-            fi
+            alive "$s"
         done
     done
 done
@@ -586,16 +487,7 @@ render() {
     fi
 }
 
-mkdir -p "$RESULTS_DIR"
-RESULT_FILE="$RESULTS_DIR/bindings-$(date '+%Y-%m-%d').txt"
-if [[ -e $RESULT_FILE ]]; then
-    RESULT_FILE="$RESULTS_DIR/bindings-$(date '+%Y-%m-%d-%H%M%S').txt"
-fi
-
-echo
-render | tee "$RESULT_FILE"
-echo
-log "written to ${RESULT_FILE#"$REPO_ROOT"/}"
+save_report render
 
 for w in "${WORKLOAD_LIST[@]}"; do
     for s in "${SERVERS[@]}"; do

@@ -49,107 +49,23 @@ PARSE="$SCRIPT_DIR/parse_wrk.py"
 HOST_HEADER="localhost"
 EXPECTED_PREFIX="Hello from Cordon"
 
-log() { printf '[http-hello] %s\n' "$*" >&2; }
-die() { printf '[http-hello] error: %s\n' "$*" >&2; exit 1; }
+BENCH_NAME=http-hello
+# shellcheck source=../lib.sh
+source "$BENCH_DIR/lib.sh"
 
-is_uint() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 is_uint "$ROUNDS" || die "ROUNDS must be a positive integer (got '$ROUNDS')"
 is_uint "$CONNECTIONS" || die "CONNECTIONS must be a positive integer (got '$CONNECTIONS')"
 is_uint "$THREADS" || die "THREADS must be a positive integer (got '$THREADS')"
 is_uint "$READY_TIMEOUT" || die "READY_TIMEOUT must be a positive integer (got '$READY_TIMEOUT')"
 (( THREADS <= CONNECTIONS )) || die "THREADS ($THREADS) must not exceed CONNECTIONS ($CONNECTIONS)"
 
-for tool in cargo curl python3 wrk; do
-    command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found in PATH (Debian: apt-get install -y $tool)"
-done
+require_tools cargo curl python3 wrk
 
 # --------------------------------------------------------------------------
 # Process bookkeeping: everything started here is stopped on exit.
 
-TMP_DIR=$(mktemp -d "${TMPDIR:-/tmp}/http-hello.XXXXXX")
-declare -A PIDS=()
-
-stop_pid() {
-    local pid=$1
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    for name in "${!PIDS[@]}"; do
-        stop_pid "${PIDS[$name]}"
-    done
-    if [[ $KEEP_TMP == 1 || $rc != 0 ]]; then
-        log "temp dir kept: $TMP_DIR"
-    else
-        rm -rf -- "$TMP_DIR"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# N distinct free loopback ports, all held open at once while choosing.
-free_ports() {
-    python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-for s in socks:
-    s.close()
-EOF
-}
-
-show_log() {
-    local file=$1
-    if [[ -s $file ]]; then
-        log "last lines of $file:"
-        tail -n 30 "$file" >&2
-    fi
-}
-
-# start NAME LOGFILE CMD...: run CMD in the background, remember its pid.
-start() {
-    local name=$1 logfile=$2
-    shift 2
-    "$@" >"$logfile" 2>&1 &
-    PIDS[$name]=$!
-    log "started $name (pid ${PIDS[$name]}): $*"
-}
-
-# wait_http NAME URL: poll URL until it answers 200, or fail.
-wait_http() {
-    local name=$1 url=$2
-    local deadline=$((SECONDS + READY_TIMEOUT))
-    while (( SECONDS < deadline )); do
-        if ! kill -0 "${PIDS[$name]}" 2>/dev/null; then
-            show_log "$TMP_DIR/$name.log"
-            die "$name exited before becoming ready"
-        fi
-        if [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 \
-                -H "Host: $HOST_HEADER" "$url" 2>/dev/null || true) == 200 ]]; then
-            return 0
-        fi
-        sleep 0.2
-    done
-    show_log "$TMP_DIR/$name.log"
-    die "$name did not answer 200 on $url within ${READY_TIMEOUT}s"
-}
+make_tmp_dir
+track_processes
 
 # check_hello NAME URL: one GET must return 200 with the hello body.
 check_hello() {
@@ -170,22 +86,6 @@ check_hello() {
         head -c 500 "$body" >&2 || true
     fi
     log "$name OK: 200 from $url"
-}
-
-# run_wrk OUTFILE URL DURATION
-run_wrk() {
-    local out=$1 url=$2 duration=$3 rc=0
-    # In the background so that a signal reaches the trap without waiting
-    # for wrk to finish its run.
-    wrk --latency -t"$THREADS" -c"$CONNECTIONS" -d"$duration" \
-        -H "Host: $HOST_HEADER" "$url" >"$out" 2>&1 &
-    PIDS[wrk]=$!
-    wait "${PIDS[wrk]}" || rc=$?
-    unset 'PIDS[wrk]'
-    if (( rc != 0 )); then
-        cat "$out" >&2
-        die "wrk failed against $url (exit $rc)"
-    fi
 }
 
 # --------------------------------------------------------------------------
@@ -310,12 +210,12 @@ start workerd "$TMP_DIR/workerd.log" \
 start raw-hyper "$TMP_DIR/raw-hyper.log" "$RAW_HYPER_BIN" "127.0.0.1:$RAW_HYPER_PORT"
 
 if [[ $SKIP_CORDON != 1 ]]; then
-    wait_http cordon "$HEALTH_URL"
+    wait_http cordon "$HEALTH_URL" "$HOST_HEADER"
     log "cordon admin ready: $HEALTH_URL"
-    [[ -z $BASELINE_BIN ]] || wait_http baseline "http://127.0.0.1:$BASELINE_ADMIN_PORT/health"
+    [[ -z $BASELINE_BIN ]] || wait_http baseline "http://127.0.0.1:$BASELINE_ADMIN_PORT/health" "$HOST_HEADER"
 fi
-wait_http workerd "${URLS[workerd]}"
-wait_http raw-hyper "${URLS[raw-hyper]}"
+wait_http workerd "${URLS[workerd]}" "$HOST_HEADER"
+wait_http raw-hyper "${URLS[raw-hyper]}" "$HOST_HEADER"
 
 for s in "${SERVERS[@]}"; do
     check_hello "$s" "${URLS[$s]}"
@@ -324,12 +224,7 @@ done
 # --------------------------------------------------------------------------
 # Measure.
 
-# A busy machine (a parallel cargo build, say) makes every number here
-# meaningless, so say so up front and in the result file.
-LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo "n/a")
-if awk -v l="${LOAD_BEFORE%% *}" -v n="$(nproc)" 'BEGIN { exit !(l + 0 > n * 0.5) }'; then
-    log "warning: load average is $LOAD_BEFORE on $(nproc) CPUs; results will be noisy"
-fi
+note_load
 
 log "warm-up: $WARMUP per server"
 for s in "${SERVERS[@]}"; do
@@ -349,10 +244,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
         read -r rps p99 non2xx sockerr < <("$PARSE" "$out") \
             || die "could not parse wrk output $out"
         log "  $rps req/s, p99 $p99 ms, non-2xx $non2xx, socket errors $sockerr"
-        if ! kill -0 "${PIDS[$s]}" 2>/dev/null; then
-            show_log "$TMP_DIR/$s.log"
-            die "$s died during the benchmark"
-        fi
+        alive "$s"
     done
 done
 
@@ -462,16 +354,7 @@ render() {
     fi
 }
 
-mkdir -p "$RESULTS_DIR"
-RESULT_FILE="$RESULTS_DIR/http-hello-$(date '+%Y-%m-%d').txt"
-if [[ -e $RESULT_FILE ]]; then
-    RESULT_FILE="$RESULTS_DIR/http-hello-$(date '+%Y-%m-%d-%H%M%S').txt"
-fi
-
-echo
-render | tee "$RESULT_FILE"
-echo
-log "written to ${RESULT_FILE#"$REPO_ROOT"/}"
+save_report render
 
 for s in "${SERVERS[@]}"; do
     if [[ ${ERRS[$s]} != "0/0" ]]; then

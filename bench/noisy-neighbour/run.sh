@@ -65,10 +65,13 @@ B_HOST="hog.localhost"
 # B's CPU limit: every /loop request spins until it is stopped here.
 B_CPU_MS=50
 
-log() { printf '[noisy-neighbour] %s\n' "$*" >&2; }
-die() { printf '[noisy-neighbour] error: %s\n' "$*" >&2; exit 1; }
+BENCH_NAME=noisy-neighbour
+# shellcheck source=../lib.sh
+source "$REPO_ROOT/bench/lib.sh"
+# This script's wait_http has always reported a server that exits while
+# starting like one that exits during the measurement.
+EXITED_BEFORE_READY="died during the benchmark"
 
-is_uint() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 # to_secs VALUE: "10", "10s" or "1m" in whole seconds (as wrk takes them).
 to_secs() {
     [[ $1 =~ ^([0-9]+)(s|m)?$ ]] || return 1
@@ -87,103 +90,14 @@ done
 (( THREADS <= ATTACK_CONNECTIONS && THREADS <= HELLO_CONNECTIONS )) \
     || die "THREADS ($THREADS) must not exceed ATTACK_CONNECTIONS or HELLO_CONNECTIONS"
 
-for tool in cargo curl python3 wrk; do
-    command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found in PATH (Debian: apt-get install -y $tool)"
-done
+require_tools cargo curl python3 wrk
 
 # --------------------------------------------------------------------------
 # Process bookkeeping: everything started here is stopped on exit.
 
-TMP_DIR=$(mktemp -d "${TMPDIR:-/tmp}/noisy-neighbour.XXXXXX")
-declare -A PIDS=()
-
-stop_pid() {
-    local pid=$1
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    # Load generators first, so that the servers are not stopped under load.
-    for name in wrk rate "${!PIDS[@]}"; do
-        [[ -z ${PIDS[$name]:-} ]] || stop_pid "${PIDS[$name]}"
-        unset "PIDS[$name]"
-    done
-    if [[ $KEEP_TMP == 1 || $rc != 0 ]]; then
-        log "temp dir kept: $TMP_DIR"
-    else
-        rm -rf -- "$TMP_DIR"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# N distinct free loopback ports, all held open at once while choosing.
-free_ports() {
-    python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-for s in socks:
-    s.close()
-EOF
-}
-
-show_log() {
-    local file=$1
-    if [[ -s $file ]]; then
-        log "last lines of $file:"
-        tail -n 30 "$file" >&2
-    fi
-}
-
-# start NAME LOGFILE CMD...: run CMD in the background, remember its pid.
-start() {
-    local name=$1 logfile=$2
-    shift 2
-    "$@" >"$logfile" 2>&1 &
-    PIDS[$name]=$!
-    log "started $name (pid ${PIDS[$name]}): $*"
-}
-
-# alive NAME: die with its log if the server NAME has exited.
-alive() {
-    if ! kill -0 "${PIDS[$1]}" 2>/dev/null; then
-        show_log "$TMP_DIR/$1.log"
-        die "$1 died during the benchmark"
-    fi
-}
-
-# wait_http NAME URL: poll URL until it answers 200, or fail.
-wait_http() {
-    local name=$1 url=$2
-    local deadline=$((SECONDS + READY_TIMEOUT))
-    while (( SECONDS < deadline )); do
-        alive "$name"
-        if [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url" 2>/dev/null || true) == 200 ]]; then
-            return 0
-        fi
-        sleep 0.2
-    done
-    show_log "$TMP_DIR/$name.log"
-    die "$name did not answer 200 on $url within ${READY_TIMEOUT}s"
-}
+make_tmp_dir
+# Load generators first, so that the servers are not stopped under load.
+track_processes wrk rate
 
 # check NAME HOST PATH CODE: one GET must answer CODE.
 check() {
@@ -224,14 +138,6 @@ settle() {
         sleep 0.2
     done
     log "warning: $name still had B's requests in flight 60 s after the attack"
-}
-
-# bg_wait NAME: wait for the background job PIDS[NAME]; returns its status.
-bg_wait() {
-    local rc=0
-    wait "${PIDS[$1]}" || rc=$?
-    unset "PIDS[$1]"
-    return "$rc"
 }
 
 # rate_a NAME OUT: A's open-loop run against server NAME (in the background
@@ -389,12 +295,7 @@ done
 # Measure. Within a phase the servers take turns, the first one rotating
 # from phase to phase, so that drift of the machine does not favour one.
 
-# A busy machine (a parallel cargo build, say) makes every number here
-# meaningless, so say so up front and in the result file.
-LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo "n/a")
-if awk -v l="${LOAD_BEFORE%% *}" -v n="$(nproc)" 'BEGIN { exit !(l + 0 > n * 0.5) }'; then
-    log "warning: load average is $LOAD_BEFORE on $(nproc) CPUs; results will be noisy"
-fi
+note_load
 
 n=${#SERVERS[@]}
 turn=0
@@ -524,16 +425,7 @@ render() {
     echo "B's requests all end as 503 cpu_limit_exceeded, so its req/s is its rate of 50 ms CPU slices."
 }
 
-mkdir -p "$RESULTS_DIR"
-RESULT_FILE="$RESULTS_DIR/noisy-neighbour-$(date '+%Y-%m-%d').txt"
-if [[ -e $RESULT_FILE ]]; then
-    RESULT_FILE="$RESULTS_DIR/noisy-neighbour-$(date '+%Y-%m-%d-%H%M%S').txt"
-fi
-
-echo
-render | tee "$RESULT_FILE"
-echo
-log "written to ${RESULT_FILE#"$REPO_ROOT"/}"
+save_report render
 
 for s in "${SERVERS[@]}"; do
     for p in idle together; do

@@ -57,9 +57,9 @@ REPO_ROOT=$(cd -- "$SCRIPT_DIR/../.." && pwd)
 RESULTS_DIR="$REPO_ROOT/bench/results"
 # shellcheck source=../../scripts/lib.sh
 source "$REPO_ROOT/scripts/lib.sh"
-
-log() { printf '[postgres] %s\n' "$*" >&2; }
-die() { printf '[postgres] error: %s\n' "$*" >&2; exit 1; }
+BENCH_NAME=postgres
+# shellcheck source=../lib.sh
+source "$REPO_ROOT/bench/lib.sh"
 
 ensure_postgres
 if ! command -v pgbouncer >/dev/null 2>&1 && [[ ! -x /usr/sbin/pgbouncer ]]; then
@@ -118,14 +118,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-read -r PG_PORT BOUNCER_PORT PROXY_PORT HTTP_PORT ADMIN_PORT < <(python3 - <<'EOF'
-import socket
-socks = [socket.socket() for _ in range(5)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-)
+read -r PG_PORT BOUNCER_PORT PROXY_PORT HTTP_PORT ADMIN_PORT < <(free_ports 5)
 ORIGIN_PASSWORD="origin-$RANDOM$RANDOM"
 CLIENT_PASSWORD="client-$RANDOM$RANDOM"
 
