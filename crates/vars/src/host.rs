@@ -44,17 +44,19 @@ pub enum VarsError {
 }
 
 impl WorkerVars {
-    /// Checks that every granted secret has a value, so that a missing one
-    /// stops the start rather than surprising the worker later.
+    /// Decrypts every granted secret once and drops it, so that a missing
+    /// value or a record that cannot be decrypted stops the start, with its
+    /// fix, rather than failing the worker's requests later.
     pub fn new(worker: &WorkerConfig, vault: Option<Arc<Vault>>) -> Result<WorkerVars, VarsError> {
         let secrets = worker.grants.secrets.clone();
-        if !secrets.is_empty() {
-            let stored = match &vault {
-                Some(v) => v.list(&worker.tenant, &worker.name)?,
-                None => Vec::new(),
+        for name in &secrets {
+            let value = match &vault {
+                Some(v) => v.get(&worker.tenant, &worker.name, name)?,
+                None => None,
             };
-            if let Some(missing) = secrets.iter().find(|s| !stored.contains(s)) {
-                return Err(VarsError::MissingSecret { worker: worker.name.clone(), name: missing.clone() });
+            // Zeroed as it is dropped.
+            if value.is_none() {
+                return Err(VarsError::MissingSecret { worker: worker.name.clone(), name: name.clone() });
             }
         }
         Ok(WorkerVars { tenant: worker.tenant.clone(), worker: worker.name.clone(), vars: worker.grants.vars.clone(), secrets, vault })
@@ -124,5 +126,43 @@ impl store::Host for VarsView<'_> {
             }
         }
         Ok(Ok(all))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::vault::{MasterKey, SecretValue};
+
+    const KEY: &str = "0101010101010101010101010101010101010101010101010101010101010101";
+
+    fn app_granted_api_key(dir: &Path) -> WorkerConfig {
+        std::fs::write(dir.join("x.wasm"), b"").unwrap();
+        let text = "[[worker]]\nname = \"app\"\ntenant = \"acme\"\ncomponent = \"x.wasm\"\nroutes = [\"h/\"]\nsecrets = [\"API_KEY\"]\n";
+        cordon_config::Config::parse(&dir.join("cordon.toml"), text).unwrap().workers.remove(0)
+    }
+
+    #[test]
+    fn a_granted_secret_that_cannot_be_decrypted_stops_the_start_with_its_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let worker = app_granted_api_key(dir.path());
+        let data = dir.path().join("data");
+        let vault = Arc::new(Vault::open(&data, MasterKey::from_env_value(KEY).unwrap()).unwrap());
+        // Stored for another worker, then moved to this one: it exists, but
+        // its associated data says it is not this worker's.
+        vault.put("acme", "other", "API_KEY", &SecretValue::new("v".into())).unwrap();
+        rusqlite::Connection::open(Vault::database_path(&data))
+            .unwrap()
+            .execute("UPDATE secrets SET worker = 'app' WHERE worker = 'other'", [])
+            .unwrap();
+        let err = WorkerVars::new(&worker, Some(vault.clone())).err().expect("the start is refused");
+        assert!(matches!(err, VarsError::Vault(VaultError::Undecryptable { .. })), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("cannot be decrypted") && msg.contains("cordon secret put"), "{msg}");
+        // Stored again, it starts.
+        vault.put("acme", "app", "API_KEY", &SecretValue::new("v".into())).unwrap();
+        assert!(WorkerVars::new(&worker, Some(vault)).is_ok());
     }
 }

@@ -11,6 +11,10 @@
 //!   worker or name fails to decrypt (`a_row_moved_to_another_worker_or_name_fails_to_decrypt`).
 //! - A wrong master key is reported as such, on open, instead of as a pile of
 //!   undecryptable rows (`a_wrong_master_key_is_refused_with_a_clear_message`).
+//!   A store whose key-check record is missing is checked against a stored
+//!   secret instead, and only `put` writes a key check, after checking the
+//!   key: reading, listing or deleting with any key never makes that key
+//!   the store's (`a_missing_key_check_never_lets_a_wrong_key_in`).
 //! - The key file is created 0600 exactly once, and a key file that others
 //!   could read is refused (`the_key_file_is_created_0600_and_a_0644_one_is_refused`).
 //! - Secret values are never printed: `Debug` and `Display` are redacted and
@@ -19,7 +23,7 @@
 //! On-disk format (`PRAGMA user_version = 1`):
 //! - `meta(key TEXT PRIMARY KEY, value BLOB)`: the row `key_check` holds
 //!   `nonce (24 bytes) || XChaCha20-Poly1305(KEY_CHECK_PLAINTEXT)` with
-//!   associated data `KEY_CHECK_AAD`, written by the first open.
+//!   associated data `KEY_CHECK_AAD`, written by the first `put`.
 //! - `secrets(tenant, worker, name, nonce, ciphertext)`, primary key
 //!   `(tenant, worker, name)`: names are plain text (they are in the config
 //!   anyway), `nonce` is 24 fresh random bytes per write and `ciphertext` is
@@ -285,6 +289,9 @@ fn create_private_dir(dir: &Path) -> Result<(), VaultError> {
 pub struct Vault {
     conn: Mutex<Connection>,
     cipher: XChaCha20Poly1305,
+    /// Where the key came from, for the error when a writer finds that the
+    /// store was keyed with another one meanwhile.
+    key_source: KeySource,
     path: PathBuf,
     /// Started on first use, so `cordon secret` starts no threads.
     reads: OnceLock<Arc<BlockingPool>>,
@@ -313,9 +320,10 @@ impl Vault {
     }
 
     /// Opens `<data_dir>/secrets.sqlite3`, creating it (mode 0600, and the
-    /// data directory 0700) if needed. The first open stores a key-check
-    /// record; a later open with a different key fails with
-    /// [`VaultError::WrongMasterKey`] instead of failing on every secret.
+    /// data directory 0700) if needed. An open with a key other than the
+    /// store's fails with [`VaultError::WrongMasterKey`] instead of failing
+    /// on every secret. Opening writes no key check: the first `put` does,
+    /// once it has checked the key against what is stored.
     pub fn open(data_dir: &Path, key: MasterKey) -> Result<Vault, VaultError> {
         create_private_dir(data_dir)?;
         let path = Self::database_path(data_dir);
@@ -353,30 +361,9 @@ impl Vault {
             )
             .map_err(db_err)?;
         }
-        let check: Option<Vec<u8>> =
-            tx.query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| r.get(0)).optional().map_err(db_err)?;
-        match check {
-            Some(record) => {
-                let opened = (record.len() > NONCE_LEN)
-                    .then(|| {
-                        let (nonce, sealed) = record.split_at(NONCE_LEN);
-                        cipher.decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: KEY_CHECK_AAD }).ok()
-                    })
-                    .flatten();
-                if opened.as_deref() != Some(KEY_CHECK_PLAINTEXT) {
-                    return Err(VaultError::WrongMasterKey { database: path, key: key.source });
-                }
-            }
-            None => {
-                let nonce = random_nonce()?;
-                let sealed =
-                    cipher.encrypt(&nonce, Payload { msg: KEY_CHECK_PLAINTEXT, aad: KEY_CHECK_AAD }).map_err(|_| VaultError::Encrypt)?;
-                let record = [nonce.as_slice(), &sealed].concat();
-                tx.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?1)", [record]).map_err(db_err)?;
-            }
-        }
+        check_key(&tx, &cipher, &path, &key.source)?;
         tx.commit().map_err(db_err)?;
-        Ok(Vault { conn: Mutex::new(conn), cipher, path, reads: OnceLock::new() })
+        Ok(Vault { conn: Mutex::new(conn), cipher, key_source: key.source, path, reads: OnceLock::new() })
     }
 
     /// Stores `value`, replacing any previous value; durable when it returns.
@@ -389,13 +376,24 @@ impl Vault {
         let nonce = random_nonce()?;
         let aad = secret_aad(tenant, worker, name);
         let sealed = self.cipher.encrypt(&nonce, Payload { msg: value.expose().as_bytes(), aad: &aad }).map_err(|_| VaultError::Encrypt)?;
-        self.conn()
-            .execute(
-                "INSERT INTO secrets (tenant, worker, name, nonce, ciphertext) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (tenant, worker, name) DO UPDATE SET nonce = excluded.nonce, ciphertext = excluded.ciphertext",
-                params![tenant, worker, name, nonce.as_slice(), sealed],
-            )
-            .map_err(|e| self.db_err(e))?;
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| self.db_err(e))?;
+        // Checked again inside the write: another process may have keyed
+        // the store since this one opened it.
+        if check_key(&tx, &self.cipher, &self.path, &self.key_source)? == KeyCheck::Missing {
+            let nonce = random_nonce()?;
+            let sealed =
+                self.cipher.encrypt(&nonce, Payload { msg: KEY_CHECK_PLAINTEXT, aad: KEY_CHECK_AAD }).map_err(|_| VaultError::Encrypt)?;
+            let record = [nonce.as_slice(), &sealed].concat();
+            tx.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?1)", [record]).map_err(|e| self.db_err(e))?;
+        }
+        tx.execute(
+            "INSERT INTO secrets (tenant, worker, name, nonce, ciphertext) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (tenant, worker, name) DO UPDATE SET nonce = excluded.nonce, ciphertext = excluded.ciphertext",
+            params![tenant, worker, name, nonce.as_slice(), sealed],
+        )
+        .map_err(|e| self.db_err(e))?;
+        tx.commit().map_err(|e| self.db_err(e))?;
         Ok(())
     }
 
@@ -456,6 +454,52 @@ impl Vault {
 
     fn db_err(&self, source: rusqlite::Error) -> VaultError {
         VaultError::Database { path: self.path.clone(), source }
+    }
+}
+
+/// What [`check_key`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum KeyCheck {
+    /// The key-check record opens with this key.
+    Matches,
+    /// There is no key-check record, and no stored secret refuses the key:
+    /// the store is empty, or its record was lost and a secret opened.
+    Missing,
+}
+
+/// Whether `cipher` holds the key of the store behind `conn`: by its
+/// key-check record, or, when the record is missing, by one stored secret.
+/// A store with secrets but no record is damaged or was edited; a key that
+/// cannot open its secrets is refused rather than made the store's.
+fn check_key(conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path, source: &KeySource) -> Result<KeyCheck, VaultError> {
+    let db_err = |source| VaultError::Database { path: path.to_path_buf(), source };
+    let wrong = || VaultError::WrongMasterKey { database: path.to_path_buf(), key: source.clone() };
+    let check: Option<Vec<u8>> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| r.get(0)).optional().map_err(db_err)?;
+    if let Some(record) = check {
+        let opened = (record.len() > NONCE_LEN)
+            .then(|| {
+                let (nonce, sealed) = record.split_at(NONCE_LEN);
+                cipher.decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: KEY_CHECK_AAD }).ok()
+            })
+            .flatten();
+        return if opened.as_deref() == Some(KEY_CHECK_PLAINTEXT) { Ok(KeyCheck::Matches) } else { Err(wrong()) };
+    }
+    let row: Option<(String, String, String, Vec<u8>, Vec<u8>)> = conn
+        .query_row("SELECT tenant, worker, name, nonce, ciphertext FROM secrets LIMIT 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .optional()
+        .map_err(db_err)?;
+    let Some((tenant, worker, name, nonce, sealed)) = row else { return Ok(KeyCheck::Missing) };
+    let aad = secret_aad(&tenant, &worker, &name);
+    let opened = (nonce.len() == NONCE_LEN)
+        .then(|| cipher.decrypt(XNonce::from_slice(&nonce), Payload { msg: &sealed, aad: &aad }).ok())
+        .flatten()
+        .map(Zeroizing::new);
+    match opened {
+        Some(_) => Ok(KeyCheck::Missing),
+        None => Err(VaultError::KeyCheckLost { database: path.to_path_buf(), key: source.clone() }),
     }
 }
 
@@ -541,6 +585,16 @@ pub enum VaultError {
         wrong_key_help(key)
     )]
     WrongMasterKey { database: PathBuf, key: KeySource },
+    /// The store holds secrets but lost its key-check record, and its
+    /// secrets do not open with the key given.
+    #[error(
+        "the secrets database {} has lost its key-check record (it was damaged or edited), and its secrets do not decrypt \
+         with the master key from {key}, so that key is refused and nothing was written. Use the key the secrets were \
+         stored with ({}); the next `cordon secret put` with it writes the record again",
+        database.display(),
+        wrong_key_help(key)
+    )]
+    KeyCheckLost { database: PathBuf, key: KeySource },
     #[error("cannot create {}: {source}", path.display())]
     DataDir { path: PathBuf, source: std::io::Error },
     #[error("the secrets database {}: {source}", path.display())]
@@ -721,6 +775,63 @@ mod tests {
         // The right key still works.
         let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
         assert_eq!(vault.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "v");
+    }
+
+    /// The key-check record of the store in `dir`, if any.
+    fn key_check_of(dir: &Path) -> Option<Vec<u8>> {
+        let conn = Connection::open(dir.join(DATABASE_FILE)).unwrap();
+        conn.query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| r.get(0)).optional().unwrap()
+    }
+
+    #[test]
+    fn a_missing_key_check_never_lets_a_wrong_key_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
+        vault.put("acme", "notes", "API_KEY", &secret("v")).unwrap();
+        drop(vault);
+        // The record is lost (damage, or an edit).
+        Connection::open(dir.path().join(DATABASE_FILE)).unwrap().execute("DELETE FROM meta WHERE key = 'key_check'", []).unwrap();
+
+        // Another key is refused, whatever the command: it cannot open the
+        // stored secret, and it writes nothing.
+        let err = Vault::open(dir.path(), key(KEY_B)).unwrap_err();
+        assert!(matches!(err, VaultError::KeyCheckLost { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("lost its key-check record") && msg.contains("nothing was written"), "{msg}");
+        assert!(msg.contains(MASTER_KEY_ENV), "the message says which key to use: {msg}");
+        assert_eq!(key_check_of(dir.path()), None);
+
+        // The right key opens it; reading, listing and deleting write no record.
+        let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
+        assert_eq!(vault.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "v");
+        assert_eq!(vault.list("acme", "notes").unwrap(), ["API_KEY"]);
+        assert!(!vault.delete("acme", "notes", "OTHER").unwrap());
+        assert_eq!(key_check_of(dir.path()), None);
+        // A put with the right key writes it again, and then a wrong key is
+        // refused by the record.
+        vault.put("acme", "notes", "SECOND", &secret("w")).unwrap();
+        assert!(key_check_of(dir.path()).is_some());
+        drop(vault);
+        assert!(matches!(Vault::open(dir.path(), key(KEY_B)).unwrap_err(), VaultError::WrongMasterKey { .. }));
+    }
+
+    #[test]
+    fn an_empty_store_takes_the_key_of_its_first_put_not_of_a_read() {
+        let dir = tempfile::tempdir().unwrap();
+        // `cordon secret list` with some key on a new store writes nothing.
+        let reader = Vault::open(dir.path(), key(KEY_B)).unwrap();
+        assert!(reader.list("acme", "notes").unwrap().is_empty());
+        assert_eq!(key_check_of(dir.path()), None);
+        // The first put keys the store.
+        let writer = Vault::open(dir.path(), key(KEY_A)).unwrap();
+        writer.put("acme", "notes", "API_KEY", &secret("v")).unwrap();
+        // A writer with another key that opened the store before then is
+        // refused at its own put: two keys never mix in one store.
+        let err = reader.put("acme", "notes", "OTHER", &secret("x")).unwrap_err();
+        assert!(matches!(err, VaultError::WrongMasterKey { .. }), "{err:?}");
+        assert_eq!(writer.list("acme", "notes").unwrap(), ["API_KEY"]);
+        drop((reader, writer));
+        assert!(matches!(Vault::open(dir.path(), key(KEY_B)).unwrap_err(), VaultError::WrongMasterKey { .. }));
     }
 
     #[test]
