@@ -485,13 +485,16 @@ fn check_key(conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path, source:
             .flatten();
         return if opened.as_deref() == Some(KEY_CHECK_PLAINTEXT) { Ok(KeyCheck::Matches) } else { Err(wrong()) };
     }
-    let row: Option<(String, String, String, Vec<u8>, Vec<u8>)> = conn
+    // One stored secret: its identity (the associated data), nonce and
+    // ciphertext.
+    type Stored = ([String; 3], Vec<u8>, Vec<u8>);
+    let row: Option<Stored> = conn
         .query_row("SELECT tenant, worker, name, nonce, ciphertext FROM secrets LIMIT 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            Ok(([r.get(0)?, r.get(1)?, r.get(2)?], r.get(3)?, r.get(4)?))
         })
         .optional()
         .map_err(db_err)?;
-    let Some((tenant, worker, name, nonce, sealed)) = row else { return Ok(KeyCheck::Missing) };
+    let Some(([tenant, worker, name], nonce, sealed)) = row else { return Ok(KeyCheck::Missing) };
     let aad = secret_aad(&tenant, &worker, &name);
     let opened = (nonce.len() == NONCE_LEN)
         .then(|| cipher.decrypt(XNonce::from_slice(&nonce), Payload { msg: &sealed, aad: &aad }).ok())
