@@ -5,6 +5,7 @@ mod descriptors;
 mod log_writer;
 mod postgres;
 mod secret;
+mod secret_env;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -147,12 +148,23 @@ fn serve(
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
+    // Before any thread that could read the environment starts (the log
+    // writer never does).
+    // SAFETY: the only other thread now is the log writer, which does not
+    // read or change the environment.
+    let secrets = unsafe { secret_env::SecretEnv::take(&secret_env::SecretEnv::names(&config)) };
+    let failed = secret_env::forbid_core_dumps();
+    if !failed.is_empty() {
+        tracing::warn!(failed = ?failed, "cannot forbid core dumps; a crash may write keys and passwords to disk");
+    }
     let (soft, hard) = descriptors::raise_limit()?;
     let budget = descriptors::DescriptorBudget::of(&config);
     budget.check(soft, hard)?;
     tracing::info!(limit = soft, hard, needed_at_most = budget.total(), "file descriptors");
     let network = cordon_runtime::network(&config).context("cannot start the sandbox")?;
-    let runtime = Arc::new(Runtime::start_with_network(&config, Arc::new(network)).context("cannot start the sandbox")?);
+    let runtime =
+        Arc::new(Runtime::start_with_env(&config, Arc::new(network), &|name| secrets.get(name)).context("cannot start the sandbox")?);
+    drop(secrets);
     // The same pools and caches serve the worker binding and the wire-protocol proxy.
     let accelerator = runtime.accelerator();
     log_posture(runtime.posture());

@@ -60,7 +60,9 @@ impl Stores {
         // The vault (and the master key it needs) only when a worker is
         // granted a secret; otherwise no key is read or created.
         let vault = if config.workers.iter().any(|w| !w.grants.secrets.is_empty()) {
-            let (key, source) = cordon_vars::vault::MasterKey::load(data).map_err(|e| StartError::Secrets(e.to_string()))?;
+            let from_env = env(cordon_vars::vault::MASTER_KEY_ENV).map(std::ffi::OsString::from);
+            let (key, source) =
+                cordon_vars::vault::MasterKey::load_with_env(from_env, data).map_err(|e| StartError::Secrets(e.to_string()))?;
             tracing::info!(source = ?source, "secret vault master key loaded");
             Some(Arc::new(cordon_vars::vault::Vault::open(data, key).map_err(|e| StartError::Secrets(e.to_string()))?))
         } else {
@@ -163,8 +165,9 @@ impl Runtime {
     }
 
     /// [`Runtime::start_with_network`], with the environment variables that
-    /// hold the `[[database]]` passwords read through `env` instead of the
-    /// process environment (tests give theirs).
+    /// hold secrets (the master key and the `[[database]]` passwords) read
+    /// through `env` instead of the process environment: `serve` gives the
+    /// values it took out of it, tests give theirs.
     pub fn start_with_env(config: &Config, network: Arc<Network>, env: &dyn Fn(&str) -> Option<String>) -> Result<Runtime, StartError> {
         let memory = MemoryBudgets::from_config(config, cordon_memory::host::HostMemory::detect())?;
         tracing::info!(

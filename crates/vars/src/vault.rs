@@ -157,9 +157,10 @@ impl MasterKey {
         &self.source
     }
 
-    /// [`MasterKey::load`] with the environment variable's value passed in,
-    /// so tests need not change the process environment.
-    fn load_with_env(env: Option<std::ffi::OsString>, data_dir: &Path) -> Result<(MasterKey, KeySource), VaultError> {
+    /// [`MasterKey::load`] with the environment variable's value passed in:
+    /// for a process that has taken its secrets out of the environment, and
+    /// for tests.
+    pub fn load_with_env(env: Option<std::ffi::OsString>, data_dir: &Path) -> Result<(MasterKey, KeySource), VaultError> {
         if let Some(value) = env {
             let value = Zeroizing::new(value.into_encoded_bytes());
             let key = MasterKey { bytes: parse_hex_key(&value)?, source: KeySource::Environment };

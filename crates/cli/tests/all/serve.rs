@@ -240,3 +240,66 @@ fn serve_raises_its_descriptor_limit_and_refuses_limits_that_do_not_fit() {
     let s = serve_with_descriptor_limit("max_connections = 2000", 1024, 4096);
     s.wait_for("serving");
 }
+
+/// The environment block of process `pid`, as other processes see it.
+fn environ_of(pid: u32) -> Vec<u8> {
+    std::fs::read(format!("/proc/{pid}/environ")).unwrap()
+}
+
+#[test]
+fn serve_takes_its_secrets_out_of_its_environment_and_cannot_dump_core() {
+    let key: String = (0..32).map(|i| format!("{:02x}", 0xa0 + i)).collect();
+    let (pg_port, origin_password, proxy_password) = (free_port(), "origin-pw-0ffb7a", "proxy-pw-5c1e2d");
+    let (port, admin) = (free_port(), free_port());
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+         [postgres_proxy]\nlisten = \"127.0.0.1:{pg_port}\"\n\
+         [[database]]\nname = \"app\"\ntenant = \"acme\"\norigin = \"postgres://app@127.0.0.1:1/app\"\norigin_password_env = \"CORDON_TEST_ORIGIN_PW\"\n\
+         [[database.users]]\nname = \"reader\"\npassword_env = \"CORDON_TEST_PROXY_PW\"\n\
+         {}secrets = [\"API_KEY\"]\n",
+        worker_toml("hello", &hello_wasm())
+    );
+    let (dir, path) = config(&toml);
+    let data = path.parent().unwrap().join(".cordon");
+    let vault = cordon_vars::vault::Vault::open(&data, cordon_vars::vault::MasterKey::from_env_value(&key).unwrap()).unwrap();
+    vault.put("acme", "hello", "API_KEY", &cordon_vars::vault::SecretValue::new("v".into())).unwrap();
+    drop(vault);
+
+    let mut child = cordon()
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&path)
+        .env("CORDON_MASTER_KEY", &key)
+        .env("CORDON_TEST_ORIGIN_PW", origin_password)
+        .env("CORDON_TEST_PROXY_PW", proxy_password)
+        .env("CORDON_TEST_HARMLESS", "stays")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let server = Server { child, port, log, _dir: Some(dir) };
+    server.wait_for("cordon is serving");
+    // It started with the key from the environment: the worker's secret
+    // was decrypted at start.
+    let environ = environ_of(server.child.id());
+    let text = String::from_utf8_lossy(&environ);
+    assert!(text.contains("CORDON_TEST_HARMLESS=stays"), "other variables are left alone");
+    for secret in [key.as_str(), origin_password, proxy_password] {
+        assert!(!text.contains(secret), "a secret is still in /proc/PID/environ");
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap();
+    let core = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
+    assert!(core.split_whitespace().filter(|w| *w == "0").count() == 2, "{core}");
+    // Not dumpable: /proc/PID/environ and mem are root's, not the user's.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        let meta = std::fs::metadata(format!("/proc/{}/environ", server.child.id())).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 0, "a non-dumpable process's /proc files belong to root");
+    }
+}
