@@ -75,6 +75,8 @@ struct Shared {
     state: Mutex<State>,
     /// Signalled when a guest is queued and a thread is idle.
     work: Condvar,
+    /// Signalled when a guest thread ends.
+    stopped: Condvar,
     preempt: Option<Preempt>,
 }
 
@@ -93,6 +95,8 @@ struct State {
     running: Vec<Option<usize>>,
     last_preempt: Option<std::time::Instant>,
     stopping: bool,
+    /// Guest threads that have not ended.
+    threads_running: usize,
 }
 
 struct TenantQueue {
@@ -192,8 +196,8 @@ impl Scheduler {
     /// guests yield early for a tenant that arrives behind them.
     pub fn start(threads: usize, preempt: Option<Preempt>) -> Scheduler {
         let threads = threads.max(1);
-        let state = State { running: vec![None; threads], ..State::default() };
-        let shared = Arc::new(Shared { state: Mutex::new(state), work: Condvar::new(), preempt });
+        let state = State { running: vec![None; threads], threads_running: threads, ..State::default() };
+        let shared = Arc::new(Shared { state: Mutex::new(state), work: Condvar::new(), stopped: Condvar::new(), preempt });
         let threads = (0..threads)
             .map(|i| {
                 let shared = shared.clone();
@@ -244,17 +248,46 @@ impl Scheduler {
     }
 }
 
-impl Drop for Scheduler {
-    fn drop(&mut self) {
-        self.shared.lock().stopping = true;
+impl Scheduler {
+    /// Stops the guest threads: queued guests are dropped, a guest woken
+    /// from now on is dropped where it is woken, and each thread ends once
+    /// its current run does. Waits up to `within` for that; a thread still
+    /// running then (a host call that does not return) is left to the
+    /// process's exit.
+    ///
+    /// Call it while the network's runtime still runs: a guest must not be
+    /// run after the runtime that its timers and sockets live on is gone,
+    /// which wakes them all.
+    pub fn stop(&self, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        let mut state = self.shared.lock();
+        state.stopping = true;
         self.shared.work.notify_all();
-        // The threads drop what is still queued; a guest thread never waits
-        // for the scheduler's owner, so this join ends.
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        while state.threads_running > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!(threads = state.threads_running, "guest threads still running at shutdown; leaving them");
+                return;
+            }
+            state = self.shared.stopped.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.stop(STOP_WAIT);
+        // Joined if they ended; otherwise detached (see `stop`).
+        for t in self.threads.drain(..) {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// How long dropping the scheduler waits for its threads.
+const STOP_WAIT: Duration = Duration::from_secs(1);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -373,6 +406,8 @@ impl Shared {
                         for task in left {
                             task.drop_future();
                         }
+                        self.lock().threads_running -= 1;
+                        self.stopped.notify_all();
                         return;
                     }
                     state.idle_threads += 1;
@@ -679,6 +714,35 @@ mod tests {
         for h in handles {
             assert!(matches!(h.ended().await, Ended::Cancelled));
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_guest_woken_after_stop_is_dropped_not_run() {
+        let scheduler = Scheduler::start(1, None);
+        let tenant = scheduler.tenant(DEFAULT_WEIGHT);
+        let (wake, woken) = tokio::sync::oneshot::channel::<()>();
+        let (polls, dropped) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let (counter, flag) = (polls.clone(), DropFlag(dropped.clone()));
+        let mut woken = Box::pin(woken);
+        let guest = std::future::poll_fn(move |cx| {
+            let _flag = &flag;
+            counter.fetch_add(1, Ordering::Relaxed);
+            match woken.as_mut().poll(cx) {
+                Poll::Ready(_) => Poll::Ready(Outcome::Completed),
+                Poll::Pending => Poll::Pending,
+            }
+        });
+        let handle = scheduler.spawn(&tenant, Arc::default(), Box::pin(guest));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(polls.load(Ordering::Relaxed), 1);
+        let started = Instant::now();
+        scheduler.stop(Duration::from_secs(1));
+        assert!(started.elapsed() < Duration::from_millis(100), "idle threads stop at once");
+        // As the network's runtime does when it shuts down: every waiter is woken.
+        wake.send(()).unwrap();
+        assert!(matches!(handle.ended().await, Ended::Cancelled));
+        assert_eq!(polls.load(Ordering::Relaxed), 1, "a guest is never run after stop");
+        assert!(dropped.load(Ordering::Relaxed));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
