@@ -189,6 +189,9 @@ fn serve(
             let _ = stop.send(true);
         });
         gateway.run(until_stopped(stopped)).await;
+        // Every request has ended or been cut; the guests that outlived them
+        // go now, while their timers and sockets still exist.
+        runtime.stop_guests(RUNTIME_STOP);
         if let Some(proxy) = proxy {
             // It stopped accepting at the signal, long before the gateway's
             // grace period ended; its runtime is stopped within RUNTIME_STOP.

@@ -86,6 +86,7 @@
 //! directory (their common parent) the same [`Ledger`], for as long as any
 //! of them lives.
 
+pub mod private_dir;
 pub mod sqlite;
 
 use std::collections::HashMap;

@@ -129,6 +129,8 @@ pub enum StartError {
     Postgres(String),
     #[error(transparent)]
     Memory(#[from] MemoryConfigError),
+    #[error(transparent)]
+    DataDir(#[from] cordon_disk::private_dir::NotPrivate),
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Workers(Vec<WorkerLoadError>),
 }
@@ -175,6 +177,7 @@ impl Runtime {
             instance_overhead_bytes = memory.instance_overhead_bytes,
             "memory budgets set"
         );
+        cordon_disk::private_dir::check_data_dir(&config.server.data_dir)?;
         let (engine, posture) = build_engine(config)?;
         let cache = CodeCache::open(&config.server.data_dir)?;
         let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
@@ -212,6 +215,7 @@ impl Runtime {
     /// worker.
     pub fn check(config: &Config) -> Result<(Posture, Vec<Result<(), WorkerLoadError>>), StartError> {
         CodeCache::check_existing(&config.server.data_dir)?;
+        cordon_disk::private_dir::check_data_dir(&config.server.data_dir)?;
         let memory = MemoryBudgets::from_config(config, cordon_memory::host::HostMemory::detect())?;
         let (engine, posture) = build_engine(config)?;
         let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
@@ -251,6 +255,14 @@ impl Runtime {
     /// Every tenant's instance quota and what it holds now.
     pub fn admission(&self) -> &Admission {
         &self.admission
+    }
+
+    /// Stops running guests: queued and waiting ones are dropped, running
+    /// ones at the end of their current run (within `within`). Call it
+    /// before stopping the async runtime that serves the network, whose
+    /// shutdown wakes every guest waiting on a timer or a socket.
+    pub fn stop_guests(&self, within: std::time::Duration) {
+        self.scheduler.stop(within);
     }
 
     /// The number of threads that run guest code.

@@ -17,6 +17,9 @@
 //!   the store's (`a_missing_key_check_never_lets_a_wrong_key_in`).
 //! - The key file is created 0600 exactly once, and a key file that others
 //!   could read is refused (`the_key_file_is_created_0600_and_a_0644_one_is_refused`).
+//! - A data directory that another user could write is refused, with the
+//!   fix, by every command that opens the key or the store
+//!   (`a_data_directory_that_others_can_write_is_refused`).
 //! - Secret values are never printed: `Debug` and `Display` are redacted and
 //!   the memory is zeroed on drop (`debug_and_display_never_show_a_value`).
 //!
@@ -273,6 +276,9 @@ fn parse_hex_key(hex: &[u8]) -> Result<Zeroizing<[u8; KEY_LEN]>, VaultError> {
     Ok(bytes)
 }
 
+/// Creates `dir` 0700 if it does not exist, and refuses one that another
+/// user could write (and so delete the key or roll rows back), with the
+/// `chmod` that fixes it; the stores beside the vault are checked too.
 fn create_private_dir(dir: &Path) -> Result<(), VaultError> {
     if !dir.exists() {
         fs::DirBuilder::new()
@@ -281,6 +287,7 @@ fn create_private_dir(dir: &Path) -> Result<(), VaultError> {
             .create(dir)
             .map_err(|source| VaultError::DataDir { path: dir.to_path_buf(), source })?;
     }
+    cordon_disk::private_dir::check_data_dir(dir)?;
     Ok(())
 }
 
@@ -601,6 +608,8 @@ pub enum VaultError {
     KeyCheckLost { database: PathBuf, key: KeySource },
     #[error("cannot create {}: {source}", path.display())]
     DataDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    NotPrivate(#[from] cordon_disk::private_dir::NotPrivate),
     #[error("the secrets database {}: {source}", path.display())]
     Database { path: PathBuf, source: rusqlite::Error },
     #[error("the secrets database {} has format version {version}, newer than this Cordon understands (1); upgrade Cordon", path.display())]
@@ -836,6 +845,21 @@ mod tests {
         assert_eq!(writer.list("acme", "notes").unwrap(), ["API_KEY"]);
         drop((reader, writer));
         assert!(matches!(Vault::open(dir.path(), key(KEY_B)).unwrap_err(), VaultError::WrongMasterKey { .. }));
+    }
+
+    #[test]
+    fn a_data_directory_that_others_can_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        Vault::open(&data, key(KEY_A)).unwrap().put("acme", "notes", "API_KEY", &secret("v")).unwrap();
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o777)).unwrap();
+        for err in [Vault::open(&data, key(KEY_A)).unwrap_err(), MasterKey::load_with_env(None, &data).unwrap_err()] {
+            let msg = err.to_string();
+            assert!(matches!(err, VaultError::NotPrivate(_)), "{msg}");
+            assert!(msg.contains("mode 0777") && msg.contains(&format!("chmod 700 {}", data.display())), "{msg}");
+        }
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(Vault::open(&data, key(KEY_A)).is_ok());
     }
 
     #[test]

@@ -192,3 +192,25 @@ fn secret_commands_run_beside_a_server_holding_the_lock() {
     stdout(&secret(&path, &["delete", "--worker", "notes", "API_KEY"], b"", None));
     drop(lock);
 }
+
+#[test]
+fn a_data_directory_that_others_can_write_is_refused_by_secret_commands_and_serve() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (_dir, config) = setup("\"API_KEY\"");
+    assert!(put(&config, "API_KEY", VALUE).status.success());
+    let data = data_dir(&config);
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let fix = format!("chmod 700 {}", data.display());
+    failed_with(&secret(&config, &["list", "--worker", "notes"], b"", None), &fix);
+    failed_with(&put(&config, "API_KEY", OTHER_VALUE), &fix);
+    let out = cordon().args(["serve", "--config"]).arg(&config).env_remove("CORDON_MASTER_KEY").output().unwrap();
+    assert!(!out.status.success() && text(&out).contains(&fix), "{}", text(&out));
+    // A store directory beside it is checked as well.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::create_dir_all(data.join("sql")).unwrap();
+    std::fs::set_permissions(data.join("sql"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    failed_with(&secret(&config, &["list", "--worker", "notes"], b"", None), &format!("chmod 700 {}", data.join("sql").display()));
+    std::fs::set_permissions(data.join("sql"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(secret(&config, &["list", "--worker", "notes"], b"", None).status.success());
+    assert_eq!(stored(&config, "API_KEY").as_deref(), Some(VALUE));
+}
