@@ -36,11 +36,11 @@
 //! Entries are weighed in bytes (sealed value, key digest, table names and a per-entry overhead
 //! estimate) and the least recently used ones are evicted to keep the total within `max_bytes`.
 //!
-//! The map is keyed by a keyed SHA-256 digest of the [`CacheKey`], so neither SQL text nor parameter
+//! The map is keyed by an HMAC-SHA256 of the [`CacheKey`], so neither SQL text nor parameter
 //! values are kept in the clear. Every value is sealed with XChaCha20-Poly1305 under a key derived
-//! from a per-process random secret and the tenant and database names, with the key digest as
-//! associated data: an entry moved to another key, or into another tenant's cache, fails to open
-//! and is dropped, never served.
+//! with HKDF-SHA256 (RFC 5869) from a per-process random secret, with the tenant and database names
+//! in its `info`, and with the key digest as associated data: an entry moved to another key, or
+//! into another tenant's cache, fails to open and is dropped, never served.
 
 /// Written anywhere in a statement's text (usually in a comment, `/* cordon:no-cache */`), keeps
 /// that statement out of the cache: it is neither served from nor stored in it.
@@ -62,8 +62,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hmac::{Hmac, Mac};
 use rand::TryRngCore;
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
@@ -196,18 +197,37 @@ fn master_secret() -> Option<&'static [u8; 32]> {
         .as_ref()
 }
 
-fn update_len_prefixed(hasher: &mut Sha256, data: &[u8]) {
-    hasher.update((data.len() as u64).to_be_bytes());
-    hasher.update(data);
+type HmacSha256 = Hmac<Sha256>;
+
+fn hmac_sha256(key: &[u8]) -> HmacSha256 {
+    <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes a key of any length")
 }
 
+fn update_len_prefixed(mac: &mut HmacSha256, data: &[u8]) {
+    mac.update(&(data.len() as u64).to_be_bytes());
+    mac.update(data);
+}
+
+/// HKDF-SHA256 (RFC 5869) with an empty salt, for one 32-byte output: `PRK = HMAC(0^32, ikm)`,
+/// `OKM = HMAC(PRK, info || 0x01)`.
+fn hkdf_sha256(ikm: &[u8], info: &[&[u8]]) -> Zeroizing<[u8; 32]> {
+    let mut extract = hmac_sha256(&[0u8; 32]);
+    extract.update(ikm);
+    let prk = Zeroizing::new(<[u8; 32]>::from(extract.finalize().into_bytes()));
+    let mut expand = hmac_sha256(prk.as_slice());
+    for part in info {
+        expand.update(part);
+    }
+    expand.update(&[1]);
+    Zeroizing::new(expand.finalize().into_bytes().into())
+}
+
+/// The key for `purpose` of one tenant's database: HKDF of the process secret, with the purpose,
+/// tenant and database (each length-prefixed) as `info`.
 fn derive(purpose: &[u8], master: &[u8; 32], tenant: &str, database: &str) -> Zeroizing<[u8; 32]> {
-    let mut hasher = Sha256::new();
-    update_len_prefixed(&mut hasher, purpose);
-    hasher.update(master);
-    update_len_prefixed(&mut hasher, tenant.as_bytes());
-    update_len_prefixed(&mut hasher, database.as_bytes());
-    Zeroizing::new(hasher.finalize().into())
+    let len = |data: &[u8]| (data.len() as u64).to_be_bytes();
+    let (p, t, d) = (len(purpose), len(tenant.as_bytes()), len(database.as_bytes()));
+    hkdf_sha256(master, &[&p, purpose, &t, tenant.as_bytes(), &d, database.as_bytes()])
 }
 
 /// Schema dropped and case folded; see the module documentation.
@@ -568,28 +588,27 @@ impl Inner {
     }
 
     fn digest(&self, key: &CacheKey) -> KeyDigest {
-        let mut hasher = Sha256::new();
-        update_len_prefixed(&mut hasher, b"cordon-pgaccel cache key v1");
-        hasher.update(*self.index_key);
-        hasher.update([key.protocol]);
+        let mut hasher = hmac_sha256(self.index_key.as_slice());
+        update_len_prefixed(&mut hasher, b"cordon-pgaccel cache key v2");
+        hasher.update(&[key.protocol]);
         update_len_prefixed(&mut hasher, key.role.as_bytes());
         update_len_prefixed(&mut hasher, key.session.as_bytes());
         update_len_prefixed(&mut hasher, key.query.as_bytes());
-        hasher.update((key.params.len() as u64).to_be_bytes());
+        hasher.update(&(key.params.len() as u64).to_be_bytes());
         for param in &key.params {
             match param {
-                None => hasher.update([0u8]),
+                None => hasher.update(&[0u8]),
                 Some(value) => {
-                    hasher.update([1u8]);
+                    hasher.update(&[1u8]);
                     update_len_prefixed(&mut hasher, value);
                 }
             }
         }
-        hasher.update((key.formats.len() as u64).to_be_bytes());
+        hasher.update(&(key.formats.len() as u64).to_be_bytes());
         for format in &key.formats {
-            hasher.update(format.to_be_bytes());
+            hasher.update(&format.to_be_bytes());
         }
-        hasher.finalize().into()
+        hasher.finalize().into_bytes().into()
     }
 
     fn seal(&self, digest: &KeyDigest, plaintext: &[u8]) -> Option<Bytes> {
@@ -729,6 +748,22 @@ mod tests {
     use tokio::task::JoinSet;
 
     use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn key_derivation_is_rfc_5869_hkdf_sha256() {
+        // RFC 5869 A.3 (test case 3: no salt, no info), the form derive() uses.
+        let okm = hkdf_sha256(&[0x0b; 22], &[]);
+        assert_eq!(hex(okm.as_slice()), "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d");
+        // Tenants, databases and purposes get different keys, with no
+        // ambiguity in how the names are joined.
+        let master = [7u8; 32];
+        let keys = [derive(b"p", &master, "ab", "c"), derive(b"p", &master, "a", "bc"), derive(b"q", &master, "ab", "c")];
+        assert!(keys[0] != keys[1] && keys[0] != keys[2] && keys[1] != keys[2]);
+    }
 
     const MAX_AGE: Duration = Duration::from_millis(100);
     const SWR: Duration = Duration::from_millis(100);
