@@ -23,16 +23,27 @@
 //! - Secret values are never printed: `Debug` and `Display` are redacted and
 //!   the memory is zeroed on drop (`debug_and_display_never_show_a_value`).
 //!
-//! On-disk format (`PRAGMA user_version = 1`):
+//! - A rotated secret cannot be rolled back by putting an older copy of its
+//!   row back: every write is a new version, in the associated data and in
+//!   a sealed record of the latest versions
+//!   (`an_older_copy_of_a_row_put_back_is_refused`). Whoever can replace
+//!   the whole database file can still roll every secret back together.
+//!
+//! On-disk format (`PRAGMA user_version = 2`; format 1 is upgraded on open):
 //! - `meta(key TEXT PRIMARY KEY, value BLOB)`: the row `key_check` holds
 //!   `nonce (24 bytes) || XChaCha20-Poly1305(KEY_CHECK_PLAINTEXT)` with
 //!   associated data `KEY_CHECK_AAD`, written by the first `put`.
-//! - `secrets(tenant, worker, name, nonce, ciphertext)`, primary key
+//! - `secrets(tenant, worker, name, nonce, ciphertext, version)`, primary key
 //!   `(tenant, worker, name)`: names are plain text (they are in the config
 //!   anyway), `nonce` is 24 fresh random bytes per write and `ciphertext` is
 //!   the sealed UTF-8 value followed by its 16-byte tag, with associated data
-//!   `"cordon-secret-v1\0" tenant "\0" worker "\0" name`.
+//!   `"cordon-secret-v2\0" tenant "\0" worker "\0" name "\0" version`
+//!   (8 bytes, big-endian); each write of a secret adds one to its version.
+//! - `meta` row `versions`: `nonce || sealed(lines of tenant \0 worker \0
+//!   name \0 version)` with associated data `VERSIONS_AAD`: the latest
+//!   version of every stored secret.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
 use std::io::{Read as _, Write as _};
@@ -60,8 +71,11 @@ pub const DATABASE_FILE: &str = "secrets.sqlite3";
 
 const KEY_LEN: usize = 32;
 const NONCE_LEN: usize = 24;
-const FORMAT_VERSION: i64 = 1;
-const SECRET_AAD_PREFIX: &[u8] = b"cordon-secret-v1\0";
+const FORMAT_VERSION: i64 = 2;
+/// The associated data of format 1, read only to upgrade a store.
+const SECRET_AAD_PREFIX_V1: &[u8] = b"cordon-secret-v1\0";
+const SECRET_AAD_PREFIX: &[u8] = b"cordon-secret-v2\0";
+const VERSIONS_AAD: &[u8] = b"cordon-secret-versions-v1\0";
 const KEY_CHECK_AAD: &[u8] = b"cordon-key-check-v1\0";
 const KEY_CHECK_PLAINTEXT: &[u8] = b"cordon master key check";
 /// How long a reader waits for a key file that another process has just
@@ -363,13 +377,18 @@ impl Vault {
                      name TEXT NOT NULL,
                      nonce BLOB NOT NULL,
                      ciphertext BLOB NOT NULL,
+                     version INTEGER NOT NULL,
                      PRIMARY KEY (tenant, worker, name)
                  ) STRICT;
-                 PRAGMA user_version = 1;",
+                 PRAGMA user_version = 2;",
             )
             .map_err(db_err)?;
         }
-        check_key(&tx, &cipher, &path, &key.source)?;
+        let format = if version == 0 { FORMAT_VERSION } else { version };
+        check_key(&tx, &cipher, &path, &key.source, format)?;
+        if version == 1 {
+            upgrade_from_v1(&tx, &cipher, &path)?;
+        }
         tx.commit().map_err(db_err)?;
         Ok(Vault { conn: Mutex::new(conn), cipher, key_source: key.source, path, reads: OnceLock::new() })
     }
@@ -381,50 +400,69 @@ impl Vault {
         if len > MAX_SECRET_BYTES {
             return Err(VaultError::TooLarge { len, max: MAX_SECRET_BYTES });
         }
-        let nonce = random_nonce()?;
-        let aad = secret_aad(tenant, worker, name);
-        let sealed = self.cipher.encrypt(&nonce, Payload { msg: value.expose().as_bytes(), aad: &aad }).map_err(|_| VaultError::Encrypt)?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| self.db_err(e))?;
         // Checked again inside the write: another process may have keyed
         // the store since this one opened it.
-        if check_key(&tx, &self.cipher, &self.path, &self.key_source)? == KeyCheck::Missing {
+        if check_key(&tx, &self.cipher, &self.path, &self.key_source, FORMAT_VERSION)? == KeyCheck::Missing {
             let nonce = random_nonce()?;
             let sealed =
                 self.cipher.encrypt(&nonce, Payload { msg: KEY_CHECK_PLAINTEXT, aad: KEY_CHECK_AAD }).map_err(|_| VaultError::Encrypt)?;
             let record = [nonce.as_slice(), &sealed].concat();
             tx.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?1)", [record]).map_err(|e| self.db_err(e))?;
         }
+        // Each write of a secret is a new version, sealed into its
+        // ciphertext and recorded, sealed, in the store's list of versions.
+        let mut versions = Versions::load(&tx, &self.cipher, &self.path)?;
+        let id = (tenant.to_string(), worker.to_string(), name.to_string());
+        let version = versions.0.get(&id).map_or(1, |v| v + 1);
+        let nonce = random_nonce()?;
+        let aad = secret_aad(tenant, worker, name, version);
+        let sealed = self.cipher.encrypt(&nonce, Payload { msg: value.expose().as_bytes(), aad: &aad }).map_err(|_| VaultError::Encrypt)?;
         tx.execute(
-            "INSERT INTO secrets (tenant, worker, name, nonce, ciphertext) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (tenant, worker, name) DO UPDATE SET nonce = excluded.nonce, ciphertext = excluded.ciphertext",
-            params![tenant, worker, name, nonce.as_slice(), sealed],
+            "INSERT INTO secrets (tenant, worker, name, nonce, ciphertext, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (tenant, worker, name) DO UPDATE SET nonce = excluded.nonce, ciphertext = excluded.ciphertext, version = excluded.version",
+            params![tenant, worker, name, nonce.as_slice(), sealed, version as i64],
         )
         .map_err(|e| self.db_err(e))?;
+        versions.0.insert(id, version);
+        versions.save(&tx, &self.cipher, &self.path)?;
         tx.commit().map_err(|e| self.db_err(e))?;
         Ok(())
     }
 
     /// The value of a secret, or `None` if it is not stored. A stored value
-    /// that does not decrypt under this identity is an error, never `None`.
+    /// that does not decrypt under this identity is an error, never `None`,
+    /// and so is one that is not the latest version written (an older copy
+    /// of the row put back).
     pub fn get(&self, tenant: &str, worker: &str, name: &str) -> Result<Option<SecretValue>, VaultError> {
         check_identity(tenant, worker, name)?;
-        let row: Option<(Vec<u8>, Vec<u8>)> = self
-            .conn()
+        let conn = self.conn();
+        let row: Option<(Vec<u8>, Vec<u8>, i64)> = conn
             .query_row(
-                "SELECT nonce, ciphertext FROM secrets WHERE tenant = ?1 AND worker = ?2 AND name = ?3",
+                "SELECT nonce, ciphertext, version FROM secrets WHERE tenant = ?1 AND worker = ?2 AND name = ?3",
                 params![tenant, worker, name],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()
             .map_err(|e| self.db_err(e))?;
-        let Some((nonce, sealed)) = row else { return Ok(None) };
+        let Some((nonce, sealed, version)) = row else { return Ok(None) };
         let undecryptable = || VaultError::Undecryptable { tenant: tenant.into(), worker: worker.into(), name: name.into() };
         if nonce.len() != NONCE_LEN {
             return Err(undecryptable());
         }
-        let aad = secret_aad(tenant, worker, name);
-        let plain = self.cipher.decrypt(XNonce::from_slice(&nonce), Payload { msg: &sealed, aad: &aad }).map_err(|_| undecryptable())?;
+        let version = version as u64;
+        let aad = secret_aad(tenant, worker, name, version);
+        let plain = Zeroizing::new(
+            self.cipher.decrypt(XNonce::from_slice(&nonce), Payload { msg: &sealed, aad: &aad }).map_err(|_| undecryptable())?,
+        );
+        // It is this secret's, sealed as `version`: is that the latest?
+        let latest = Versions::load(&conn, &self.cipher, &self.path)?.0.get(&(tenant.into(), worker.into(), name.into())).copied();
+        drop(conn);
+        if latest != Some(version) {
+            return Err(VaultError::RolledBack { tenant: tenant.into(), worker: worker.into(), name: name.into(), version, latest });
+        }
+        let plain = plain.to_vec();
         match String::from_utf8(plain) {
             Ok(s) => Ok(Some(SecretValue::new(s))),
             Err(e) => {
@@ -444,13 +482,24 @@ impl Vault {
         Ok(names)
     }
 
-    /// Deletes a secret; `false` if it was not stored.
+    /// Deletes a secret; `false` if it was not stored. Its version record
+    /// goes too, so an old copy of the row put back is refused.
     pub fn delete(&self, tenant: &str, worker: &str, name: &str) -> Result<bool, VaultError> {
         check_identity(tenant, worker, name)?;
-        let n = self
-            .conn()
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| self.db_err(e))?;
+        let n = tx
             .execute("DELETE FROM secrets WHERE tenant = ?1 AND worker = ?2 AND name = ?3", params![tenant, worker, name])
             .map_err(|e| self.db_err(e))?;
+        // Only when a row went: the key was then checked against the store
+        // (opening checks it against a stored secret at least), so the list
+        // is never sealed with a key that is not the store's.
+        if n > 0 {
+            let mut versions = Versions::load(&tx, &self.cipher, &self.path)?;
+            versions.0.remove(&(tenant.into(), worker.into(), name.into()));
+            versions.save(&tx, &self.cipher, &self.path)?;
+        }
+        tx.commit().map_err(|e| self.db_err(e))?;
         Ok(n > 0)
     }
 
@@ -479,7 +528,7 @@ enum KeyCheck {
 /// key-check record, or, when the record is missing, by one stored secret.
 /// A store with secrets but no record is damaged or was edited; a key that
 /// cannot open its secrets is refused rather than made the store's.
-fn check_key(conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path, source: &KeySource) -> Result<KeyCheck, VaultError> {
+fn check_key(conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path, source: &KeySource, format: i64) -> Result<KeyCheck, VaultError> {
     let db_err = |source| VaultError::Database { path: path.to_path_buf(), source };
     let wrong = || VaultError::WrongMasterKey { database: path.to_path_buf(), key: source.clone() };
     let check: Option<Vec<u8>> =
@@ -493,17 +542,18 @@ fn check_key(conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path, source:
             .flatten();
         return if opened.as_deref() == Some(KEY_CHECK_PLAINTEXT) { Ok(KeyCheck::Matches) } else { Err(wrong()) };
     }
-    // One stored secret: its identity (the associated data), nonce and
-    // ciphertext.
-    type Stored = ([String; 3], Vec<u8>, Vec<u8>);
+    // One stored secret: its identity and version (the associated data),
+    // nonce and ciphertext.
+    type Stored = ([String; 3], i64, Vec<u8>, Vec<u8>);
+    let version_column = if format >= 2 { "version" } else { "0" };
     let row: Option<Stored> = conn
-        .query_row("SELECT tenant, worker, name, nonce, ciphertext FROM secrets LIMIT 1", [], |r| {
-            Ok(([r.get(0)?, r.get(1)?, r.get(2)?], r.get(3)?, r.get(4)?))
+        .query_row(&format!("SELECT tenant, worker, name, {version_column}, nonce, ciphertext FROM secrets LIMIT 1"), [], |r| {
+            Ok(([r.get(0)?, r.get(1)?, r.get(2)?], r.get(3)?, r.get(4)?, r.get(5)?))
         })
         .optional()
         .map_err(db_err)?;
-    let Some(([tenant, worker, name], nonce, sealed)) = row else { return Ok(KeyCheck::Missing) };
-    let aad = secret_aad(&tenant, &worker, &name);
+    let Some(([tenant, worker, name], version, nonce, sealed)) = row else { return Ok(KeyCheck::Missing) };
+    let aad = if format >= 2 { secret_aad(&tenant, &worker, &name, version as u64) } else { secret_aad_v1(&tenant, &worker, &name) };
     let opened = (nonce.len() == NONCE_LEN)
         .then(|| cipher.decrypt(XNonce::from_slice(&nonce), Payload { msg: &sealed, aad: &aad }).ok())
         .flatten()
@@ -539,10 +589,103 @@ fn os_random(buf: &mut [u8]) -> std::io::Result<()> {
     OsRng.try_fill_bytes(buf).map_err(|e| std::io::Error::other(e.to_string()))
 }
 
-/// Binds a ciphertext to its identity. Names never contain NUL (they are
-/// validated), so the encoding is unambiguous.
-fn secret_aad(tenant: &str, worker: &str, name: &str) -> Vec<u8> {
-    [SECRET_AAD_PREFIX, tenant.as_bytes(), b"\0", worker.as_bytes(), b"\0", name.as_bytes()].concat()
+/// Binds a ciphertext to its identity and version. Names never contain NUL
+/// (they are validated), so the encoding is unambiguous.
+fn secret_aad(tenant: &str, worker: &str, name: &str, version: u64) -> Vec<u8> {
+    [SECRET_AAD_PREFIX, tenant.as_bytes(), b"\0", worker.as_bytes(), b"\0", name.as_bytes(), b"\0", &version.to_be_bytes()].concat()
+}
+
+/// The associated data of format 1: identity only.
+fn secret_aad_v1(tenant: &str, worker: &str, name: &str) -> Vec<u8> {
+    [SECRET_AAD_PREFIX_V1, tenant.as_bytes(), b"\0", worker.as_bytes(), b"\0", name.as_bytes()].concat()
+}
+
+/// The latest version of every stored secret, kept sealed in the `meta` row
+/// `versions` and rewritten in the same transaction as every `put` and
+/// `delete`. A row whose version is not the one recorded here (an older copy
+/// put back after a rotation, or a deleted one) is refused. Only replacing
+/// the whole database file, this record with it, can roll secrets back.
+#[derive(Default)]
+struct Versions(BTreeMap<(String, String, String), u64>);
+
+impl Versions {
+    fn load(conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path) -> Result<Versions, VaultError> {
+        let db_err = |source| VaultError::Database { path: path.to_path_buf(), source };
+        let damaged = || VaultError::VersionsDamaged { database: path.to_path_buf() };
+        let record: Option<Vec<u8>> =
+            conn.query_row("SELECT value FROM meta WHERE key = 'versions'", [], |r| r.get(0)).optional().map_err(db_err)?;
+        let Some(record) = record else { return Ok(Versions::default()) };
+        if record.len() <= NONCE_LEN {
+            return Err(damaged());
+        }
+        let (nonce, sealed) = record.split_at(NONCE_LEN);
+        let plain = cipher.decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: VERSIONS_AAD }).map_err(|_| damaged())?;
+        let text = String::from_utf8(plain).map_err(|_| damaged())?;
+        let mut map = BTreeMap::new();
+        for line in text.lines() {
+            let mut fields = line.split('\0');
+            let (Some(t), Some(w), Some(n), Some(v), None) = (fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
+            else {
+                return Err(damaged());
+            };
+            map.insert((t.to_string(), w.to_string(), n.to_string()), v.parse().map_err(|_| damaged())?);
+        }
+        Ok(Versions(map))
+    }
+
+    fn save(&self, conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path) -> Result<(), VaultError> {
+        let text: String = self.0.iter().map(|((t, w, n), v)| format!("{t}\0{w}\0{n}\0{v}\n")).collect();
+        let nonce = random_nonce()?;
+        let sealed = cipher.encrypt(&nonce, Payload { msg: text.as_bytes(), aad: VERSIONS_AAD }).map_err(|_| VaultError::Encrypt)?;
+        let record = [nonce.as_slice(), &sealed].concat();
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('versions', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [record],
+        )
+        .map_err(|source| VaultError::Database { path: path.to_path_buf(), source })?;
+        Ok(())
+    }
+}
+
+/// Moves a format-1 store to format 2 inside the caller's transaction: each
+/// secret is decrypted with its format-1 associated data and sealed again
+/// as version 1, and the versions record is written. The key was checked
+/// before; a secret that does not decrypt stops the upgrade, which then
+/// changes nothing.
+fn upgrade_from_v1(conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path) -> Result<(), VaultError> {
+    let db_err = |source| VaultError::Database { path: path.to_path_buf(), source };
+    conn.execute_batch("ALTER TABLE secrets ADD COLUMN version INTEGER NOT NULL DEFAULT 1").map_err(db_err)?;
+    // Each row's identity, nonce and ciphertext.
+    type Row = ([String; 3], Vec<u8>, Vec<u8>);
+    let rows: Vec<Row> = conn
+        .prepare("SELECT tenant, worker, name, nonce, ciphertext FROM secrets")
+        .and_then(|mut stmt| stmt.query_map([], |r| Ok(([r.get(0)?, r.get(1)?, r.get(2)?], r.get(3)?, r.get(4)?)))?.collect())
+        .map_err(db_err)?;
+    let mut versions = Versions::default();
+    for ([tenant, worker, name], nonce, sealed) in rows {
+        let undecryptable = || VaultError::Undecryptable { tenant: tenant.clone(), worker: worker.clone(), name: name.clone() };
+        if nonce.len() != NONCE_LEN {
+            return Err(undecryptable());
+        }
+        let aad = secret_aad_v1(&tenant, &worker, &name);
+        let plain =
+            Zeroizing::new(cipher.decrypt(XNonce::from_slice(&nonce), Payload { msg: &sealed, aad: &aad }).map_err(|_| undecryptable())?);
+        let new_nonce = random_nonce()?;
+        let aad = secret_aad(&tenant, &worker, &name, 1);
+        let resealed = cipher.encrypt(&new_nonce, Payload { msg: &plain, aad: &aad }).map_err(|_| VaultError::Encrypt)?;
+        conn.execute(
+            "UPDATE secrets SET nonce = ?4, ciphertext = ?5, version = 1 WHERE tenant = ?1 AND worker = ?2 AND name = ?3",
+            params![tenant, worker, name, new_nonce.as_slice(), resealed],
+        )
+        .map_err(db_err)?;
+        versions.0.insert((tenant, worker, name), 1);
+    }
+    if !versions.0.is_empty() {
+        versions.save(conn, cipher, path)?;
+    }
+    conn.execute_batch("PRAGMA user_version = 2").map_err(db_err)?;
+    tracing::info!(path = %path.display(), secrets = versions.0.len(), "the secrets database was upgraded to format 2 (versioned secrets)");
+    Ok(())
 }
 
 fn check_worker(tenant: &str, worker: &str) -> Result<(), VaultError> {
@@ -596,6 +739,22 @@ pub enum VaultError {
         wrong_key_help(key)
     )]
     WrongMasterKey { database: PathBuf, key: KeySource },
+    /// A stored secret is not the latest version written: an older copy of
+    /// its row was put back, or it was deleted and put back.
+    #[error(
+        "the stored secret `{name}` of worker `{worker}` (tenant `{tenant}`) is version {version}, but {}: \
+         an older copy of it was put back into the store. Store it again with `cordon secret put`, and find out \
+         who could write the data directory",
+        match latest { Some(v) => format!("the latest version written is {v}"), None => "no version of it is recorded".to_string() }
+    )]
+    RolledBack { tenant: String, worker: String, name: String, version: u64, latest: Option<u64> },
+    /// The sealed record of the secrets' versions does not open.
+    #[error(
+        "the record of secret versions in {} cannot be decrypted: the store was damaged or edited; restore it from a \
+         backup, or remove it and store the secrets again",
+        database.display()
+    )]
+    VersionsDamaged { database: PathBuf },
     /// The store holds secrets but lost its key-check record, and its
     /// secrets do not open with the key given.
     #[error(
@@ -863,6 +1022,76 @@ mod tests {
     }
 
     #[test]
+    fn an_older_copy_of_a_row_put_back_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
+        vault.put("acme", "notes", "API_KEY", &secret("old")).unwrap();
+        let db = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+        let old: (Vec<u8>, Vec<u8>, i64) =
+            db.query_row("SELECT nonce, ciphertext, version FROM secrets", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+        vault.put("acme", "notes", "API_KEY", &secret("new")).unwrap();
+        let put_back = |version: i64| {
+            db.execute(
+                "INSERT OR REPLACE INTO secrets (tenant, worker, name, nonce, ciphertext, version) VALUES ('acme', 'notes', 'API_KEY', ?1, ?2, ?3)",
+                params![old.0, old.1, version],
+            )
+            .unwrap()
+        };
+        // The old row as it was: its version is not the latest.
+        put_back(old.2);
+        let err = vault.get("acme", "notes", "API_KEY").unwrap_err();
+        assert!(matches!(err, VaultError::RolledBack { version: 1, latest: Some(2), .. }), "{err:?}");
+        assert!(err.to_string().contains("older copy") && err.to_string().contains("cordon secret put"), "{err}");
+        // With its version column raised: it no longer decrypts.
+        put_back(2);
+        assert!(matches!(vault.get("acme", "notes", "API_KEY").unwrap_err(), VaultError::Undecryptable { .. }));
+        // Stored again, it is served; deleted, an old copy put back is refused.
+        vault.put("acme", "notes", "API_KEY", &secret("newest")).unwrap();
+        assert_eq!(vault.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "newest");
+        assert!(vault.delete("acme", "notes", "API_KEY").unwrap());
+        put_back(old.2);
+        assert!(matches!(vault.get("acme", "notes", "API_KEY").unwrap_err(), VaultError::RolledBack { latest: None, .. }));
+    }
+
+    #[test]
+    fn a_format_1_store_is_upgraded_and_keeps_its_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        // A store as format 1 wrote it.
+        let cipher = XChaCha20Poly1305::new(key(KEY_A).bytes.as_slice().into());
+        let db = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+        db.execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) STRICT;
+             CREATE TABLE secrets (tenant TEXT NOT NULL, worker TEXT NOT NULL, name TEXT NOT NULL, nonce BLOB NOT NULL,
+                                   ciphertext BLOB NOT NULL, PRIMARY KEY (tenant, worker, name)) STRICT;
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        let seal = |msg: &[u8], aad: &[u8]| {
+            let nonce = random_nonce().unwrap();
+            (nonce.to_vec(), cipher.encrypt(&nonce, Payload { msg, aad }).unwrap())
+        };
+        let (n, c) = seal(KEY_CHECK_PLAINTEXT, KEY_CHECK_AAD);
+        db.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?1)", [[n, c].concat()]).unwrap();
+        for (name, value) in [("API_KEY", "v1-a"), ("TOKEN", "v1-b")] {
+            let (n, c) = seal(value.as_bytes(), &secret_aad_v1("acme", "notes", name));
+            db.execute("INSERT INTO secrets VALUES ('acme', 'notes', ?1, ?2, ?3)", params![name, n, c]).unwrap();
+        }
+        drop(db);
+        // A wrong key neither opens nor upgrades it.
+        assert!(matches!(Vault::open(dir.path(), key(KEY_B)).unwrap_err(), VaultError::WrongMasterKey { .. }));
+        let version = |dir: &Path| -> i64 {
+            Connection::open(dir.join(DATABASE_FILE)).unwrap().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap()
+        };
+        assert_eq!(version(dir.path()), 1);
+        let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
+        assert_eq!(version(dir.path()), 2);
+        assert_eq!(vault.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "v1-a");
+        assert_eq!(vault.get("acme", "notes", "TOKEN").unwrap().unwrap().expose(), "v1-b");
+        vault.put("acme", "notes", "TOKEN", &secret("v2")).unwrap();
+        assert_eq!(vault.get("acme", "notes", "TOKEN").unwrap().unwrap().expose(), "v2");
+    }
+
+    #[test]
     fn the_key_file_is_created_0600_and_a_0644_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
@@ -955,9 +1184,9 @@ mod tests {
         let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
         vault.put("acme", "notes", "API_KEY", &secret("v")).unwrap();
         vault.conn().execute_batch(
-            "INSERT INTO secrets SELECT tenant, 'thief', name, nonce, ciphertext FROM secrets WHERE worker = 'notes';
-             INSERT INTO secrets SELECT tenant, worker, 'OTHER', nonce, ciphertext FROM secrets WHERE worker = 'notes';
-             INSERT INTO secrets SELECT 'globex', worker, name, nonce, ciphertext FROM secrets WHERE worker = 'notes' AND name = 'API_KEY';",
+            "INSERT INTO secrets SELECT tenant, 'thief', name, nonce, ciphertext, version FROM secrets WHERE worker = 'notes';
+             INSERT INTO secrets SELECT tenant, worker, 'OTHER', nonce, ciphertext, version FROM secrets WHERE worker = 'notes';
+             INSERT INTO secrets SELECT 'globex', worker, name, nonce, ciphertext, version FROM secrets WHERE worker = 'notes' AND name = 'API_KEY';",
         )
         .unwrap();
         for (tenant, worker, name) in [("acme", "thief", "API_KEY"), ("acme", "notes", "OTHER"), ("globex", "notes", "API_KEY")] {
