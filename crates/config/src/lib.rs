@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 pub use grants::{BINDING_MAX_LEN, Grants, KvGrant, PostgresGrant, SqlGrant, is_valid_binding};
 pub use postgres::{
     DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_ADDRESS, DEFAULT_TENANT_ORIGIN_CONNECTIONS,
-    DatabaseCache, DatabaseConfig, DatabaseUser, ENV_NAME_MAX_LEN, OriginTlsMode, OriginUrl, PostgresProxyConfig, ProxyTls,
-    is_valid_env_name,
+    DatabaseCache, DatabaseConfig, DatabaseUser, ENV_NAME_MAX_LEN, OriginAuthMethods, OriginTlsMode, OriginUrl, PostgresProxyConfig,
+    ProxyTls, is_valid_env_name,
 };
 pub use validate::{NAME_MAX_LEN, is_valid_name};
 
@@ -121,6 +121,10 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct SecurityConfig {
     pub memory_protection_keys: MemoryProtectionKeys,
+    /// Refuse a `[[database]]` whose origin URL has `sslmode=disable` and a
+    /// host that is not loopback. When `false`, such an origin is allowed
+    /// and named in [`Config::warnings`].
+    pub require_postgres_origin_tls: bool,
 }
 
 /// Whether linear memories are additionally isolated with the CPU's memory
@@ -421,19 +425,23 @@ impl Config {
         validate::parse(path, text)
     }
 
-    /// Settings that are valid but weaken confinement: `cordon check` prints
-    /// them and `cordon serve` logs them at startup.
+    /// Settings that are valid but weaken confinement or expose traffic:
+    /// `cordon check` prints them and `cordon serve` logs them once at
+    /// startup. None of them carries a secret.
     pub fn warnings(&self) -> Vec<String> {
-        self.workers
-            .iter()
-            .filter(|w| w.allowed_outbound.allows_any())
-            .map(|w| {
-                format!(
-                    "worker `{}` (tenant `{}`) has `*` in allowed_outbound (allow_any_outbound_dangerously = true): it may send requests to any public host; list the origins it needs instead",
-                    w.name, w.tenant
-                )
-            })
-            .collect()
+        let any_outbound = self.workers.iter().filter(|w| w.allowed_outbound.allows_any()).map(|w| {
+            format!(
+                "worker `{}` (tenant `{}`) has `*` in allowed_outbound (allow_any_outbound_dangerously = true): it may send requests to any public host; list the origins it needs instead",
+                w.name, w.tenant
+            )
+        });
+        let plain_origins = self.databases.iter().filter(|d| d.origin.tls == OriginTlsMode::Disable && !d.origin.is_loopback()).map(|d| {
+            format!(
+                "database `{}` (tenant `{}`) reaches its origin host `{}` without TLS (sslmode=disable): anyone on the network path can read its traffic and pose as the origin; add sslmode=verify-full to its origin URL, or set security.require_postgres_origin_tls = true to refuse such origins",
+                d.name, d.tenant, d.origin.host
+            )
+        });
+        any_outbound.chain(plain_origins).collect()
     }
 
     /// The `[[database]]` named `name` of `tenant`.

@@ -5,7 +5,7 @@
 //! worker's own tenant.
 
 use std::fmt;
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -13,7 +13,7 @@ use toml::Spanned;
 
 use crate::raw::RawWorker;
 use crate::validate::Validator;
-use crate::{ServerConfig, WorkerConfig};
+use crate::{SecurityConfig, ServerConfig, WorkerConfig};
 
 /// Longest name of an environment variable that holds a password.
 pub const ENV_NAME_MAX_LEN: usize = 128;
@@ -79,8 +79,12 @@ pub struct DatabaseConfig {
     pub tenant: String,
     pub origin: OriginUrl,
     /// Name of the environment variable that holds the origin password;
-    /// `None` connects without one (trust or certificate authentication).
+    /// `None` connects without one, to an origin that trusts this role.
     pub origin_password_env: Option<String>,
+    /// How the accelerator may prove to the origin that it knows the
+    /// password. Only SCRAM-SHA-256 unless the file opts in, and MD5 or
+    /// cleartext only with `sslmode=verify-full`.
+    pub origin_auth_methods: OriginAuthMethods,
     /// Origin connections kept open and shared between clients.
     pub pool_size: u32,
     /// Origin connections of this database's tenant on this origin server
@@ -107,6 +111,31 @@ pub struct DatabaseConfig {
     /// Who may connect through the proxy (SCRAM-SHA-256).
     pub users: Vec<DatabaseUser>,
     pub cache: DatabaseCache,
+}
+
+/// `origin_auth_methods` of a `[[database]]`: the methods the accelerator
+/// answers when the origin asks for the password, named as libpq's
+/// `require_auth` names them.
+///
+/// SCRAM-SHA-256 is the only one in which the server proves that it knows
+/// the password too. MD5 hands the server a salted hash that can be cracked
+/// offline, and `password` hands it the password itself; neither proves
+/// anything about the server, so the config allows them only when TLS
+/// verifies the origin's certificate and host name (`sslmode=verify-full`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OriginAuthMethods {
+    /// `"scram-sha-256"`.
+    pub scram_sha_256: bool,
+    /// `"md5"`.
+    pub md5: bool,
+    /// `"password"`: the cleartext password.
+    pub password: bool,
+}
+
+impl Default for OriginAuthMethods {
+    fn default() -> Self {
+        Self { scram_sha_256: true, md5: false, password: false }
+    }
 }
 
 /// `[[database.users]]`: a login that the proxy accepts for this database.
@@ -169,6 +198,14 @@ pub enum OriginTlsMode {
     },
 }
 
+impl OriginUrl {
+    /// Whether `host` is this machine: `localhost`, 127.0.0.0/8 or `::1`.
+    /// Traffic to it never crosses a network that someone else could be on.
+    pub fn is_loopback(&self) -> bool {
+        self.host == "localhost" || self.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
 impl fmt::Display for OriginUrl {
     /// The URL for logs, in a form that parses back to the same value.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -221,6 +258,7 @@ pub(crate) struct RawDatabase {
     pub tenant: Spanned<String>,
     pub origin: Spanned<String>,
     pub origin_password_env: Option<Spanned<String>>,
+    pub origin_auth_methods: Option<Spanned<Vec<Spanned<String>>>>,
     pub pool_size: Option<Spanned<i64>>,
     pub tenant_origin_connections: Option<Spanned<i64>>,
     pub max_client_connections: Option<Spanned<i64>>,
@@ -252,6 +290,11 @@ pub(crate) struct RawDatabaseCache {
     pub max_entry_bytes: Option<Spanned<i64>>,
     pub max_bytes: Option<Spanned<i64>>,
 }
+
+/// The names of `origin_auth_methods`, as libpq's `require_auth` spells them.
+const SCRAM_SHA_256: &str = "scram-sha-256";
+const MD5: &str = "md5";
+const PASSWORD: &str = "password";
 
 const ENV_HELP: &str = "name an environment variable: a letter or `_`, then letters, digits or `_`, up to 128 characters";
 
@@ -356,10 +399,11 @@ impl Validator<'_> {
         self.name(&raw.name, &key("name"));
         self.name(&raw.tenant, &key("tenant"));
 
-        let origin = match parse_origin(raw.origin.get_ref(), base) {
-            Ok(origin) => origin,
+        let parsed = parse_origin(raw.origin.get_ref(), base);
+        let origin = match &parsed {
+            Ok(origin) => origin.clone(),
             Err(e) => {
-                self.error(Some(raw.origin.span()), key("origin"), e.message, e.help);
+                self.error(Some(raw.origin.span()), key("origin"), e.message.clone(), e.help.clone());
                 OriginUrl { host: String::new(), port: 5432, user: String::new(), database: String::new(), tls: OriginTlsMode::Disable }
             }
         };
@@ -367,6 +411,9 @@ impl Validator<'_> {
             self.env_name(env, key("origin_password_env"));
             env.get_ref().clone()
         });
+        // An origin that did not parse has its own error; judging the methods against its
+        // placeholder TLS mode would add a second, misleading one.
+        let origin_auth_methods = self.origin_auth_methods(i, raw, parsed.as_ref().ok());
 
         let max_client_connections = self.int(
             &raw.max_client_connections,
@@ -381,6 +428,7 @@ impl Validator<'_> {
             tenant: raw.tenant.get_ref().clone(),
             origin,
             origin_password_env,
+            origin_auth_methods,
             pool_size: self.int(&raw.pool_size, &key("pool_size"), 10, 1, 1000, "the number of origin connections kept open") as u32,
             // Resolved across the tenant's databases on the same origin in `cross_database_checks`.
             tenant_origin_connections: self.int(
@@ -443,6 +491,71 @@ impl Validator<'_> {
             users: self.database_users(i, raw),
             cache: self.database_cache(i, raw),
         }
+    }
+
+    /// `origin_auth_methods`: known names, each once, with a password to send, and MD5 or
+    /// cleartext only where TLS has verified whom the password goes to.
+    fn origin_auth_methods(&mut self, i: usize, raw: &RawDatabase, origin: Option<&OriginUrl>) -> OriginAuthMethods {
+        let key = format!("database[{i}].origin_auth_methods");
+        let Some(list) = &raw.origin_auth_methods else {
+            return OriginAuthMethods::default();
+        };
+        if raw.origin_password_env.is_none() {
+            self.error(
+                Some(list.span()),
+                &key,
+                "is set, but origin_password_env is not, so there is no password for these methods to send",
+                "set origin_password_env to the environment variable that holds the origin password, or remove origin_auth_methods",
+            );
+        }
+        if list.get_ref().is_empty() {
+            self.error(
+                Some(list.span()),
+                &key,
+                "is empty, so no login to the origin could succeed",
+                format!("list at least one method, for example [\"{SCRAM_SHA_256}\"] (the default), or remove the key"),
+            );
+            return OriginAuthMethods::default();
+        }
+        let mut methods = OriginAuthMethods { scram_sha_256: false, md5: false, password: false };
+        for (j, entry) in list.get_ref().iter().enumerate() {
+            let name = entry.get_ref().as_str();
+            let (flag, sends) = match name {
+                SCRAM_SHA_256 => (&mut methods.scram_sha_256, None),
+                MD5 => (&mut methods.md5, Some("an MD5 hash of the password, which can be cracked offline")),
+                PASSWORD => (&mut methods.password, Some("the password itself")),
+                other => {
+                    self.error(
+                        Some(entry.span()),
+                        format!("{key}[{j}]"),
+                        format!("`{}` is not an authentication method that Cordon answers", other.escape_debug()),
+                        format!(
+                            "use \"{SCRAM_SHA_256}\", \"{MD5}\" or \"{PASSWORD}\" (lowercase); for an origin that trusts this role without a password, leave out origin_password_env and origin_auth_methods"
+                        ),
+                    );
+                    continue;
+                }
+            };
+            if *flag {
+                self.error(Some(entry.span()), format!("{key}[{j}]"), format!("lists `{name}` twice"), "list each method once");
+                continue;
+            }
+            *flag = true;
+            let Some(sends) = sends else { continue };
+            if let Some(origin) = origin
+                && origin.tls == OriginTlsMode::Disable
+            {
+                self.error(
+                    Some(entry.span()),
+                    format!("{key}[{j}]"),
+                    format!("allows `{name}`, but the origin URL has sslmode=disable"),
+                    format!(
+                        "`{name}` gives the server {sends} without the server proving who it is, so it is allowed only over TLS that verifies the origin: add sslmode=verify-full to origin (and sslrootcert for a private CA), or remove \"{name}\" and have the origin store the role's password as SCRAM-SHA-256"
+                    ),
+                );
+            }
+        }
+        methods
     }
 
     fn database_users(&mut self, i: usize, raw: &RawDatabase) -> Vec<DatabaseUser> {
@@ -585,6 +698,30 @@ impl Validator<'_> {
                 );
             }
             databases[i].tenant_origin_connections = limit;
+        }
+    }
+
+    /// `security.require_postgres_origin_tls`: refuses every origin reached in plain TCP over a
+    /// network, where anyone on the path could read the traffic or pose as the origin. Loopback
+    /// never leaves the machine, so it is allowed.
+    pub(crate) fn origin_tls_policy(&mut self, raw: &[RawDatabase], databases: &[DatabaseConfig], security: &SecurityConfig) {
+        if !security.require_postgres_origin_tls {
+            return;
+        }
+        for (i, d) in databases.iter().enumerate() {
+            // An origin that did not parse is already an error, with an empty host.
+            if d.origin.tls != OriginTlsMode::Disable || d.origin.is_loopback() || d.origin.host.is_empty() {
+                continue;
+            }
+            self.error(
+                Some(raw[i].origin.span()),
+                format!("database[{i}].origin"),
+                format!(
+                    "reaches the host `{}` without TLS (sslmode=disable), and security.require_postgres_origin_tls is true",
+                    d.origin.host
+                ),
+                "add sslmode=verify-full to the origin URL (and sslrootcert for a private CA), or set security.require_postgres_origin_tls = false to allow plain TCP to a host that is not loopback",
+            );
         }
     }
 
@@ -854,6 +991,7 @@ name = "main"
 tenant = "acme"
 origin = "postgresql://app@127.0.0.1:5433/app?sslmode=verify-full&sslrootcert=ca.pem"
 origin_password_env = "APP_DB_PASSWORD"
+origin_auth_methods = ["scram-sha-256", "md5"]
 pool_size = 20
 max_client_connections = 5000
 max_waiting_clients = 100
@@ -904,6 +1042,7 @@ origin = "postgres://u@[::1]/d"
                     tls: OriginTlsMode::VerifyFull { root_cert: Some("/srv/cordon/ca.pem".into()) },
                 },
                 origin_password_env: Some("APP_DB_PASSWORD".into()),
+                origin_auth_methods: OriginAuthMethods { scram_sha_256: true, md5: true, password: false },
                 pool_size: 20,
                 tenant_origin_connections: 20,
                 max_client_connections: 5000,
@@ -939,6 +1078,8 @@ origin = "postgres://u@[::1]/d"
         assert_eq!(d.origin.port, 5432);
         assert_eq!(d.origin.tls, OriginTlsMode::Disable);
         assert_eq!(d.origin_password_env, None);
+        assert_eq!(d.origin_auth_methods, OriginAuthMethods { scram_sha_256: true, md5: false, password: false });
+        assert!(!c.security.require_postgres_origin_tls);
         assert_eq!((d.pool_size, d.max_client_connections, d.max_waiting_clients), (10, 1000, 1000));
         assert_eq!((d.acquire_timeout_ms, d.statement_timeout_ms, d.connect_timeout_ms), (5000, 30_000, 5000));
         assert_eq!((d.idle_client_timeout_ms, d.idle_in_transaction_timeout_ms), (600_000, 60_000));
@@ -1140,6 +1281,115 @@ origin = "postgres://u@[::1]/d"
         assert!(e.help.contains("larger than the whole cache"), "{e:?}");
         let e = errors(&db("[database.cache]\nttl = 5\n"));
         assert!(e[0].message.contains("unknown field `ttl`"), "{e:?}");
+    }
+
+    /// A database with a password, whose origin URL ends with `query`.
+    fn db_with_password(query: &str, extra: &str) -> String {
+        format!(
+            "[[database]]\nname = \"main\"\ntenant = \"acme\"\norigin = \"postgres://app@db.internal/app{query}\"\n\
+             origin_password_env = \"APP_DB_PASSWORD\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn md5_and_cleartext_are_allowed_only_by_opt_in_and_only_with_verify_full() {
+        let methods = |text: &str| Config::parse(Path::new(FILE), text).unwrap().databases[0].origin_auth_methods;
+        assert_eq!(methods(&db_with_password("", "")), OriginAuthMethods::default());
+        assert_eq!(
+            methods(&db_with_password("?sslmode=verify-full", "origin_auth_methods = [\"scram-sha-256\", \"md5\", \"password\"]\n")),
+            OriginAuthMethods { scram_sha_256: true, md5: true, password: true }
+        );
+        assert_eq!(
+            methods(&db_with_password("?sslmode=verify-full", "origin_auth_methods = [\"md5\"]\n")),
+            OriginAuthMethods { scram_sha_256: false, md5: true, password: false }
+        );
+        assert_eq!(
+            methods(&db_with_password("?sslmode=disable", "origin_auth_methods = [\"scram-sha-256\"]\n")),
+            OriginAuthMethods::default()
+        );
+
+        // Over plain TCP an impostor would collect the hash or the password: refused at load.
+        for (query, list, index, method) in
+            [("", "[\"scram-sha-256\", \"md5\"]", 1, "md5"), ("?sslmode=disable", "[\"password\"]", 0, "password")]
+        {
+            let text = db_with_password(query, &format!("origin_auth_methods = {list}\n"));
+            let e = error_at(&text, &format!("database[0].origin_auth_methods[{index}]"));
+            assert_eq!(e.location.unwrap().line, 6, "{e:?}");
+            assert!(e.message.contains(&format!("allows `{method}`, but the origin URL has sslmode=disable")), "{e:?}");
+            assert!(e.help.contains("add sslmode=verify-full to origin") && e.help.contains(&format!("remove \"{method}\"")), "{e:?}");
+            assert_eq!(errors(&text).len(), 1);
+        }
+        let e = error_at(&db_with_password("", "origin_auth_methods = [\"md5\"]\n"), "database[0].origin_auth_methods[0]");
+        assert!(e.help.contains("cracked offline"), "{e:?}");
+    }
+
+    #[test]
+    fn origin_auth_methods_must_be_known_distinct_and_have_a_password_to_send() {
+        let verified = |extra: &str| db_with_password("?sslmode=verify-full", extra);
+        let e = error_at(&verified("origin_auth_methods = [\"scram-sha-256\", \"trust\"]\n"), "database[0].origin_auth_methods[1]");
+        assert!(e.message.contains("`trust` is not an authentication method"), "{e:?}");
+        assert!(e.help.contains("\"scram-sha-256\", \"md5\" or \"password\"") && e.help.contains("leave out origin_password_env"), "{e:?}");
+        error_at(&verified("origin_auth_methods = [\"SCRAM-SHA-256\"]\n"), "database[0].origin_auth_methods[0]");
+
+        let e = error_at(&verified("origin_auth_methods = [\"md5\", \"md5\"]\n"), "database[0].origin_auth_methods[1]");
+        assert!(e.message.contains("twice"), "{e:?}");
+
+        let e = error_at(&verified("origin_auth_methods = []\n"), "database[0].origin_auth_methods");
+        assert!(e.message.contains("is empty") && e.help.contains("[\"scram-sha-256\"]"), "{e:?}");
+
+        let e = error_at(&db("origin_auth_methods = [\"scram-sha-256\"]\n"), "database[0].origin_auth_methods");
+        assert!(e.message.contains("origin_password_env is not"), "{e:?}");
+        assert_eq!(e.location, Some(crate::Location { line: 5, column: 23 }));
+
+        let e = errors(&verified("origin_auth_methods = \"md5\"\n"));
+        assert!(e[0].message.contains("expected a sequence"), "{e:?}");
+        assert_eq!(e[0].location, Some(crate::Location { line: 6, column: 23 }));
+        // A broken origin URL has its own error, not a second one about the methods.
+        let text = db_with_password("?sslmode=bogus", "origin_auth_methods = [\"md5\"]\n");
+        let e = errors(&text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].key.as_deref(), Some("database[0].origin"));
+    }
+
+    #[test]
+    fn plain_tcp_to_a_host_off_the_machine_is_a_warning_or_under_the_policy_an_error() {
+        let on = "[security]\nrequire_postgres_origin_tls = true\n";
+        let with_origin = |url: &str| db("").replace("postgres://app@db.internal/app", url);
+
+        let c = Config::parse(Path::new(FILE), &with_origin("postgres://app@db.internal/app")).unwrap();
+        assert!(!c.security.require_postgres_origin_tls);
+        let warnings = c.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        for part in ["database `main`", "tenant `acme`", "host `db.internal`", "sslmode=disable", "require_postgres_origin_tls = true"] {
+            assert!(warnings[0].contains(part), "{part}: {warnings:?}");
+        }
+
+        let text = format!("{on}{}", with_origin("postgres://app@db.internal/app?sslmode=disable"));
+        let e = error_at(&text, "database[0].origin");
+        assert_eq!(e.location, Some(crate::Location { line: 6, column: 10 }));
+        assert!(e.message.contains("`db.internal` without TLS"), "{e:?}");
+        assert!(e.help.contains("sslmode=verify-full") && e.help.contains("require_postgres_origin_tls = false"), "{e:?}");
+        for host in ["10.0.0.5", "[2001:db8::1]", "localhost.example.com", "[::ffff:10.0.0.1]", "128.0.0.1"] {
+            let text = format!("{on}{}", with_origin(&format!("postgres://app@{host}/app")));
+            error_at(&text, "database[0].origin");
+        }
+
+        // Loopback never leaves the machine, and verify-full is what the policy asks for.
+        for url in [
+            "postgres://app@127.0.0.1:5433/app",
+            "postgres://app@127.8.9.10/app",
+            "postgres://app@[::1]/app",
+            "postgres://app@LOCALHOST/app",
+            "postgres://app@db.internal/app?sslmode=verify-full",
+        ] {
+            let c = Config::parse(Path::new(FILE), &format!("{on}{}", with_origin(url))).unwrap();
+            assert!(c.security.require_postgres_origin_tls);
+            let c = Config::parse(Path::new(FILE), &with_origin(url)).unwrap();
+            assert!(c.warnings().is_empty(), "{url}: {:?}", c.warnings());
+        }
+
+        let e = errors("[security]\nrequire_postgres_origin_tls = \"yes\"\n");
+        assert_eq!(e[0].key.as_deref(), Some("security.require_postgres_origin_tls"), "{e:?}");
     }
 
     #[test]

@@ -67,6 +67,7 @@ pub(crate) struct RawServer {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSecurity {
     pub memory_protection_keys: Option<Spanned<String>>,
+    pub require_postgres_origin_tls: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

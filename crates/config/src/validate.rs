@@ -47,6 +47,7 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         databases.push(v.database(i, d, &base));
     }
     v.cross_database_checks(&raw.databases, &mut databases);
+    v.origin_tls_policy(&raw.databases, &databases, &security);
 
     let tenants = v.tenants(&raw.tenants, &sandbox, &storage, &server);
     let mut workers = Vec::with_capacity(raw.workers.len());
@@ -536,7 +537,8 @@ impl Validator<'_> {
                 }
             },
         };
-        SecurityConfig { memory_protection_keys: mpk }
+        let require_postgres_origin_tls = raw.security.require_postgres_origin_tls.as_ref().is_some_and(|v| *v.get_ref());
+        SecurityConfig { memory_protection_keys: mpk, require_postgres_origin_tls }
     }
 
     pub(crate) fn name(&mut self, value: &Spanned<String>, key: &str) {

@@ -164,6 +164,7 @@ impl Database {
             database: config.origin.database.clone(),
             password,
             tls,
+            auth_methods: config.origin_auth_methods,
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             application_name: format!("cordon/{}/{}", config.tenant, config.name),
             options,

@@ -726,6 +726,7 @@ mod tests {
             database: "none".into(),
             password: None,
             tls: crate::origin::OriginTls::Disable,
+            auth_methods: Default::default(),
             connect_timeout: Duration::from_millis(100),
             application_name: "test".into(),
             options: Vec::new(),

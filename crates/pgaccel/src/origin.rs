@@ -1,9 +1,19 @@
 //! Connections from the accelerator to the origin database.
 //!
 //! A [`ServerConn`] is one authenticated backend connection: it negotiates TLS when configured,
-//! authenticates with SCRAM-SHA-256, MD5 or (over TLS only) a cleartext password, and then
-//! exposes the raw frame stream to the pooler, which encodes frontend messages into
-//! [`ServerConn::write_buf`] and reads backend frames with [`ServerConn::read_frame`].
+//! authenticates, and then exposes the raw frame stream to the pooler, which encodes frontend
+//! messages into [`ServerConn::write_buf`] and reads backend frames with
+//! [`ServerConn::read_frame`].
+//!
+//! Authentication is SCRAM-SHA-256 unless [`OriginConfig::auth_methods`] allows more. MD5 and the
+//! cleartext password are answered only when allowed there *and* the connection is TLS with the
+//! certificate and host name verified: neither proves anything about the server, so without that
+//! TLS an impostor would collect a hash to crack offline, or the password itself. With a
+//! password configured, AuthenticationOk is believed only after SCRAM has ended with the server's
+//! signature verified, or after a password answer over that TLS; a server that lets Cordon in
+//! before either has proved nothing and may be an impostor. Without a password (an origin that
+//! trusts the role) there is nothing of Cordon's to give away, and AuthenticationOk is the only
+//! answer accepted.
 //!
 //! The origin is configured by the operator, but it is still a peer on the network: every frame
 //! it sends goes through the bounded decoder, and connecting (TCP, TLS, authentication, startup)
@@ -31,6 +41,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use zeroize::{Zeroize, Zeroizing};
+
+pub use cordon_config::OriginAuthMethods;
 
 use crate::protocol::{self, ErrorFields, Frame, FrontendMessage, Limits, Severity, StartupMessage, Tag, TransactionStatus};
 
@@ -75,6 +87,9 @@ pub struct OriginConfig {
     pub database: String,
     pub password: Option<OriginPassword>,
     pub tls: OriginTls,
+    /// The methods Cordon may answer with the password; MD5 and cleartext are used only over
+    /// verify-full TLS even when allowed here.
+    pub auth_methods: OriginAuthMethods,
     pub connect_timeout: Duration,
     /// Sent in the startup packet, so the origin's `pg_stat_activity` shows who is connected.
     pub application_name: String,
@@ -465,8 +480,7 @@ impl ServerConn {
     }
 
     async fn authenticate(&mut self, config: &OriginConfig) -> Result<(), OriginError> {
-        let mut scram: Option<ScramSha256> = None;
-        let mut scram_done = false;
+        let mut exchange = Exchange::NotStarted;
         loop {
             let frame = self.read_frame().await?;
             match frame.tag {
@@ -483,22 +497,20 @@ impl ServerConn {
                 return Err(OriginError::Protocol("authentication request is shorter than its code".to_owned()));
             }
             let code = body.get_i32();
+            // A server asks for one method, once. A second request can only be a way to get the
+            // password out by another method, such as MD5 in the middle of SCRAM.
+            if matches!(code, 3 | 5 | 10) && !matches!(exchange, Exchange::NotStarted) {
+                return Err(OriginError::Auth(format!(
+                    "the origin asked for authentication method {code} after another had begun; refusing, since a server never switches methods midway"
+                )));
+            }
             match code {
-                0 => {
-                    // A server that skips the end of SCRAM has not proved it knows the password.
-                    if scram.is_some() && !scram_done {
-                        return Err(OriginError::Auth("the origin ended SCRAM authentication without proving its identity".to_owned()));
-                    }
-                    return Ok(());
-                }
+                0 => return accept_ok(config, &exchange),
                 3 => {
-                    if !self.is_tls() {
-                        return Err(OriginError::Auth(
-                            "the origin asked for a cleartext password over an unencrypted connection; refusing to send it".to_owned(),
-                        ));
-                    }
                     let password = password(config)?;
+                    self.check_password_method(config.auth_methods.password, "a cleartext password", "the password", "password")?;
                     self.send_password(password.as_bytes()).await?;
+                    exchange = Exchange::PasswordOverTls;
                 }
                 5 => {
                     let salt: [u8; 4] = body
@@ -506,14 +518,13 @@ impl ServerConn {
                         .and_then(|s| s.try_into().ok())
                         .ok_or_else(|| OriginError::Protocol("AuthenticationMD5Password has no salt".to_owned()))?;
                     let password = password(config)?;
+                    self.check_password_method(config.auth_methods.md5, "MD5 authentication", "a hash of the password", "md5")?;
                     let hash =
                         Zeroizing::new(postgres_protocol::authentication::md5_hash(config.user.as_bytes(), password.as_bytes(), salt));
                     self.send_password(hash.as_bytes()).await?;
+                    exchange = Exchange::PasswordOverTls;
                 }
                 10 => {
-                    if scram.is_some() {
-                        return Err(OriginError::Protocol("the origin restarted SASL authentication".to_owned()));
-                    }
                     let mechanisms = parse_mechanisms(&body)?;
                     if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
                         return Err(OriginError::Auth(format!(
@@ -521,6 +532,11 @@ impl ServerConn {
                         )));
                     }
                     let password = password(config)?;
+                    if !config.auth_methods.scram_sha_256 {
+                        return Err(OriginError::Auth(
+                            "the origin asked for SCRAM-SHA-256, which is not in this database's origin_auth_methods; add \"scram-sha-256\" to it".to_owned(),
+                        ));
+                    }
                     // Channel binding is not attempted: "n,," says so honestly, which servers
                     // that offer SCRAM-SHA-256-PLUS accept too.
                     let client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
@@ -530,30 +546,50 @@ impl ServerConn {
                     }
                     .encode(&mut self.write_buf)?;
                     self.flush().await?;
-                    scram = Some(client);
+                    exchange = Exchange::Scram(Box::new(client));
                 }
                 11 => {
-                    let client = scram
-                        .as_mut()
-                        .ok_or_else(|| OriginError::Protocol("AuthenticationSASLContinue before AuthenticationSASL".to_owned()))?;
+                    let Exchange::Scram(client) = &mut exchange else {
+                        return Err(OriginError::Protocol("AuthenticationSASLContinue outside a SCRAM exchange".to_owned()));
+                    };
                     client.update(&body).map_err(|e| OriginError::Auth(format!("SCRAM exchange failed: {e}")))?;
                     FrontendMessage::SaslResponse(Bytes::copy_from_slice(client.message())).encode(&mut self.write_buf)?;
                     self.flush_secret().await?;
                 }
                 12 => {
-                    let client = scram
-                        .as_mut()
-                        .ok_or_else(|| OriginError::Protocol("AuthenticationSASLFinal before AuthenticationSASL".to_owned()))?;
+                    let Exchange::Scram(client) = &mut exchange else {
+                        return Err(OriginError::Protocol("AuthenticationSASLFinal outside a SCRAM exchange".to_owned()));
+                    };
                     client.finish(&body).map_err(|e| OriginError::Auth(format!("the origin's SCRAM signature is invalid: {e}")))?;
-                    scram_done = true;
+                    exchange = Exchange::ScramVerified;
                 }
                 other => {
                     return Err(OriginError::Auth(format!(
-                        "the origin requested authentication method {other}, which is not supported (use SCRAM-SHA-256 or MD5)"
+                        "the origin requested authentication method {other}, which is not supported; configure the origin to use SCRAM-SHA-256 for this role"
                     )));
                 }
             }
         }
+    }
+
+    /// Whether the origin may be answered with MD5 or the cleartext password: only when the
+    /// database allows `method` and the connection is TLS, which this module opens only in
+    /// verify-full mode, so the server has proved its name with a certificate.
+    fn check_password_method(&self, allowed: bool, asked: &str, gives: &str, method: &str) -> Result<(), OriginError> {
+        if !allowed {
+            return Err(OriginError::Auth(format!(
+                "the origin asked for {asked}, which this database does not allow; refusing to send {gives}. \
+                 Have the origin store the role's password as SCRAM-SHA-256 (password_encryption = 'scram-sha-256', then set the password again), \
+                 or, if the origin is reached with sslmode=verify-full, add \"{method}\" to origin_auth_methods"
+            )));
+        }
+        if !self.is_tls() {
+            return Err(OriginError::Auth(format!(
+                "the origin asked for {asked} over a connection without verified TLS; refusing to send {gives}, \
+                 since an impostor could be collecting it. Use sslmode=verify-full, or have the origin use SCRAM-SHA-256"
+            )));
+        }
+        Ok(())
     }
 
     /// Sends a PasswordMessage carrying `secret` (a cleartext password or an MD5 hash), built
@@ -655,6 +691,35 @@ fn password(config: &OriginConfig) -> Result<&OriginPassword, OriginError> {
     config.password.as_ref().ok_or_else(|| OriginError::Auth("the origin requires a password and none is configured".to_owned()))
 }
 
+/// How far authentication has gone: what AuthenticationOk is allowed to end.
+enum Exchange {
+    /// Nothing of the password has been sent.
+    NotStarted,
+    /// SCRAM under way; the server has not yet proved that it knows the password.
+    Scram(Box<ScramSha256>),
+    /// SCRAM ended with the server's signature verified.
+    ScramVerified,
+    /// An MD5 hash or the cleartext password went out over verify-full TLS.
+    PasswordOverTls,
+}
+
+/// Whether AuthenticationOk may end the exchange so far. With a password configured, the server
+/// must have proved who it is: by its SCRAM signature, or by the certificate of the TLS that the
+/// password went out over. A server that lets Cordon in before that may be anyone.
+fn accept_ok(config: &OriginConfig, exchange: &Exchange) -> Result<(), OriginError> {
+    match exchange {
+        Exchange::ScramVerified | Exchange::PasswordOverTls => Ok(()),
+        Exchange::Scram(_) => Err(OriginError::Auth("the origin ended SCRAM authentication without proving its identity".to_owned())),
+        // Nothing of Cordon's is at stake: the operator said that the origin trusts this role.
+        Exchange::NotStarted if config.password.is_none() => Ok(()),
+        Exchange::NotStarted => Err(OriginError::Auth(
+            "the origin let Cordon in without asking for the password, so it has not proved that it knows it and may be an impostor; refusing. \
+             If the origin really trusts this role without a password, remove origin_password_env from this database"
+                .to_owned(),
+        )),
+    }
+}
+
 /// An ErrorResponse before the first ReadyForQuery. Postgres sends these as FATAL, since there is
 /// no session to go on with; one marked ERROR is upgraded so that `is_fatal` tells the truth.
 fn server_error(frame: &Frame) -> Result<OriginError, OriginError> {
@@ -711,6 +776,167 @@ fn parse_mechanisms(body: &[u8]) -> Result<Vec<String>, OriginError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::BackendMessage;
+
+    const PASSWORD: &str = "origin-secret-7Hq";
+
+    /// A fake origin on loopback for one connection: it reads the startup packet, sends `reply`,
+    /// and then keeps everything the client sends until the client closes the connection.
+    async fn fake_origin(reply: Vec<u8>) -> (u16, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut buf = BytesMut::new();
+            loop {
+                if let Some(startup) = protocol::decode_startup(&mut buf, &Limits::default()).unwrap() {
+                    assert!(matches!(startup, StartupMessage::Startup { .. }), "{startup:?}");
+                    break;
+                }
+                assert_ne!(tcp.read_buf(&mut buf).await.unwrap(), 0, "the client hung up before its startup packet");
+            }
+            tcp.write_all(&reply).await.unwrap();
+            let mut after_startup = buf.to_vec();
+            let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut after_startup)).await;
+            // A reset is a close too; a client that never closes fails the test.
+            assert!(read.is_ok(), "the client kept the connection open: {after_startup:?}");
+            after_startup
+        });
+        (port, task)
+    }
+
+    fn config(port: u16, password: Option<&str>) -> OriginConfig {
+        OriginConfig {
+            host: "127.0.0.1".into(),
+            port,
+            user: "app".into(),
+            database: "app".into(),
+            password: password.map(|p| OriginPassword::new(p.into())),
+            tls: OriginTls::Disable,
+            auth_methods: OriginAuthMethods::default(),
+            connect_timeout: Duration::from_secs(5),
+            application_name: "cordon-test".into(),
+            options: Vec::new(),
+        }
+    }
+
+    fn auth_request(code: i32, data: &[u8]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        out.put_u8(b'R');
+        out.put_i32(8 + data.len() as i32);
+        out.put_i32(code);
+        out.put_slice(data);
+        out.to_vec()
+    }
+
+    /// AuthenticationOk and the rest of a welcome, so that a client that believes it connects.
+    fn welcome() -> Vec<u8> {
+        let mut out = BytesMut::new();
+        for message in [
+            BackendMessage::AuthenticationOk,
+            BackendMessage::ParameterStatus { name: "server_version".into(), value: "17.0 (impostor)".into() },
+            BackendMessage::BackendKeyData { process_id: 7, secret_key: 9 },
+            BackendMessage::ReadyForQuery(TransactionStatus::Idle),
+        ] {
+            message.encode(&mut out).unwrap();
+        }
+        out.to_vec()
+    }
+
+    const SALT: [u8; 4] = [0xde, 0xad, 0xbe, 0xef];
+
+    /// Connects to a fake origin that sends `reply`; returns the error and what the origin
+    /// received after the startup packet.
+    async fn refused(reply: Vec<u8>, setup: impl FnOnce(&mut OriginConfig)) -> (String, Vec<u8>) {
+        let (port, origin) = fake_origin(reply).await;
+        let mut config = config(port, Some(PASSWORD));
+        setup(&mut config);
+        let result = ServerConn::connect(&config).await;
+        let error = match result {
+            Ok(conn) => {
+                drop(conn);
+                panic!("connected to the fake origin; it received {:?}", origin.await.unwrap());
+            }
+            Err(e) => e,
+        };
+        assert!(matches!(error, OriginError::Auth(_)), "{error:?}");
+        assert_eq!(error.sqlstate(), "08004");
+        let shown = format!("{error} {error:?}");
+        assert!(!shown.contains(PASSWORD), "{shown}");
+        (error.to_string(), origin.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_origin_asking_for_md5_without_tls_gets_no_hash_even_when_md5_is_allowed() {
+        let (error, received) = refused(auth_request(5, &SALT), |_| {}).await;
+        assert!(error.contains("MD5") && error.contains("does not allow") && error.contains("origin_auth_methods"), "{error}");
+        assert!(error.contains("refusing to send a hash of the password"), "{error}");
+        assert_eq!(received, b"", "the fake origin received something after the startup packet");
+
+        // Allowed for the database, but the connection is not verify-full TLS.
+        let (error, received) = refused(auth_request(5, &SALT), |c| c.auth_methods.md5 = true).await;
+        assert!(error.contains("MD5") && error.contains("without verified TLS") && error.contains("sslmode=verify-full"), "{error}");
+        assert_eq!(received, b"");
+    }
+
+    #[tokio::test]
+    async fn an_origin_asking_for_the_cleartext_password_without_tls_never_gets_it() {
+        let (error, received) = refused(auth_request(3, b""), |_| {}).await;
+        assert!(error.contains("cleartext password") && error.contains("does not allow"), "{error}");
+        assert_eq!(received, b"");
+
+        let (error, received) = refused(auth_request(3, b""), |c| c.auth_methods.password = true).await;
+        assert!(error.contains("cleartext password") && error.contains("without verified TLS"), "{error}");
+        assert_eq!(received, b"");
+    }
+
+    #[tokio::test]
+    async fn an_origin_that_lets_cordon_in_without_asking_for_the_password_is_refused() {
+        let (error, received) = refused(welcome(), |_| {}).await;
+        assert!(error.contains("without asking for the password") && error.contains("impostor"), "{error}");
+        assert!(error.contains("remove origin_password_env"), "{error}");
+        assert_eq!(received, b"");
+    }
+
+    #[tokio::test]
+    async fn an_origin_cannot_switch_to_md5_in_the_middle_of_scram() {
+        let reply = [auth_request(10, b"SCRAM-SHA-256\0\0"), auth_request(5, &SALT)].concat();
+        let (error, received) = refused(reply, |c| c.auth_methods.md5 = true).await;
+        let hash = postgres_protocol::authentication::md5_hash(b"app", PASSWORD.as_bytes(), SALT);
+        assert!(!received.windows(hash.len()).any(|w| w == hash.as_bytes()), "the MD5 hash was sent");
+        // Only the SCRAM client-first message went out, which holds no secret.
+        let mut received = BytesMut::from(&received[..]);
+        let frame = protocol::decode_frame(&mut received, &Limits::default()).unwrap().unwrap();
+        assert!(frame.tag == b'p' && frame.body.starts_with(b"SCRAM-SHA-256\0"), "{frame:?}");
+        assert!(received.is_empty(), "{received:?}");
+        assert!(error.contains("after another had begun"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn scram_can_be_left_out_of_the_allowed_methods() {
+        let (error, received) = refused(auth_request(10, b"SCRAM-SHA-256\0\0"), |c| {
+            c.auth_methods = OriginAuthMethods { scram_sha_256: false, md5: true, password: false }
+        })
+        .await;
+        assert!(error.contains("not in this database's origin_auth_methods"), "{error}");
+        assert_eq!(received, b"");
+    }
+
+    #[tokio::test]
+    async fn without_a_password_an_origin_that_trusts_the_role_is_accepted_and_nothing_else_is() {
+        let (port, origin) = fake_origin(welcome()).await;
+        let conn = ServerConn::connect(&config(port, None)).await.unwrap();
+        assert_eq!(conn.backend_key(), (7, 9));
+        drop(conn);
+        assert_eq!(origin.await.unwrap(), b"");
+
+        for reply in [auth_request(5, &SALT), auth_request(3, b""), auth_request(10, b"SCRAM-SHA-256\0\0")] {
+            let (port, origin) = fake_origin(reply).await;
+            let error = ServerConn::connect(&config(port, None)).await.unwrap_err();
+            assert!(matches!(&error, OriginError::Auth(m) if m.contains("none is configured")), "{error:?}");
+            assert_eq!(origin.await.unwrap(), b"");
+        }
+    }
 
     #[test]
     fn password_is_redacted() {
@@ -721,6 +947,7 @@ mod tests {
             database: "d".into(),
             password: Some(OriginPassword::new("hunter2-secret".into())),
             tls: OriginTls::Disable,
+            auth_methods: OriginAuthMethods::default(),
             connect_timeout: Duration::from_secs(1),
             application_name: "cordon".into(),
             options: Vec::new(),

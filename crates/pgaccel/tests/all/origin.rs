@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use cordon_pgaccel::origin::{OriginConfig, OriginError, OriginPassword, OriginTls, ServerConn, send_cancel};
+use cordon_pgaccel::origin::{OriginAuthMethods, OriginConfig, OriginError, OriginPassword, OriginTls, ServerConn, send_cancel};
 use cordon_pgaccel::protocol::{self, BackendMessage, FrontendMessage, Limits, StartupMessage, TransactionStatus};
 use cordon_pgaccel::tls::{self, ClientStream, TlsError};
 use rand::{Rng, SeedableRng};
@@ -31,6 +31,7 @@ fn config(port: u16, user: &str, password: &str, database: &str) -> OriginConfig
         database: database.into(),
         password: Some(OriginPassword::new(password.into())),
         tls: OriginTls::Disable,
+        auth_methods: OriginAuthMethods::default(),
         connect_timeout: Duration::from_secs(10),
         application_name: "cordon-test".into(),
         options: Vec::new(),
@@ -539,9 +540,17 @@ async fn verify_full_connects_over_tls_and_sends_a_cleartext_password_only_there
     let (_dir, ca, (chain, key)) = write_pki(&["127.0.0.1"]);
     let acceptor = tls::acceptor(&chain, &key).unwrap();
 
+    // Over verify-full TLS, but the database does not allow cleartext: nothing is sent.
     let (port, server) = fake_origin(Some(acceptor.clone()), FakeAuth::Cleartext, "clear-pw").await;
     let mut config = config(port, "alice", "clear-pw", "app");
     config.tls = OriginTls::verify_full(Some(ca.as_path())).unwrap();
+    let error = ServerConn::connect(&config).await.unwrap_err();
+    assert!(matches!(&error, OriginError::Auth(message) if message.contains("origin_auth_methods")), "{error:?}");
+    server.await.unwrap();
+
+    let (port, server) = fake_origin(Some(acceptor.clone()), FakeAuth::Cleartext, "clear-pw").await;
+    config.port = port;
+    config.auth_methods.password = true;
     let mut conn = ServerConn::connect(&config).await.unwrap();
     assert!(conn.is_tls());
     assert_eq!(conn.backend_key(), (77, 99));
@@ -553,9 +562,11 @@ async fn verify_full_connects_over_tls_and_sends_a_cleartext_password_only_there
         assert!(params.contains(&(key.to_owned(), value.to_owned())), "{params:?}");
     }
 
-    // Without TLS the same request is refused, and the password never leaves.
+    // Without TLS the same request is refused, even when allowed, and the password never leaves.
     let (port, server) = fake_origin(None, FakeAuth::Cleartext, "clear-pw").await;
-    let error = ServerConn::connect(&super_config(port, "clear-pw")).await.unwrap_err();
+    let mut plain = super_config(port, "clear-pw");
+    plain.auth_methods.password = true;
+    let error = ServerConn::connect(&plain).await.unwrap_err();
     assert!(matches!(&error, OriginError::Auth(message) if message.contains("cleartext")), "{error:?}");
     assert!(!format!("{error} {error:?}").contains("clear-pw"));
     server.await.unwrap();
@@ -583,9 +594,14 @@ fn super_config(port: u16, password: &str) -> OriginConfig {
 }
 
 #[tokio::test]
-async fn md5_authentication_sends_the_salted_hash() {
-    let (port, server) = fake_origin(None, FakeAuth::Md5, "md5-pw").await;
-    let mut conn = ServerConn::connect(&super_config(port, "md5-pw")).await.unwrap();
+async fn md5_authentication_sends_the_salted_hash_over_verify_full_when_allowed() {
+    let (_dir, ca, (chain, key)) = write_pki(&["127.0.0.1"]);
+    let (port, server) = fake_origin(Some(tls::acceptor(&chain, &key).unwrap()), FakeAuth::Md5, "md5-pw").await;
+    let mut config = super_config(port, "md5-pw");
+    config.tls = OriginTls::verify_full(Some(ca.as_path())).unwrap();
+    config.auth_methods.md5 = true;
+    let mut conn = ServerConn::connect(&config).await.unwrap();
+    assert!(conn.is_tls());
     conn.simple_query("SELECT 1").await.unwrap();
     conn.terminate().await;
     server.await.unwrap();
@@ -644,6 +660,7 @@ async fn misbehaving_origins_give_clean_errors() {
         ("sasl continue first", "protocol", auth_request(11, b"r=abc")),
         ("sasl bogus continue", "auth", [auth_request(10, b"SCRAM-SHA-256\0\0"), auth_request(11, b"garbage")].concat()),
         ("sasl skipped to ok", "auth", [auth_request(10, b"SCRAM-SHA-256\0\0"), ok.clone()].concat()),
+        ("sasl restarted", "auth", [auth_request(10, b"SCRAM-SHA-256\0\0"), auth_request(10, b"SCRAM-SHA-256\0\0")].concat()),
         ("unexpected message", "protocol", b"D\0\0\0\x04".to_vec()),
         ("bad error response", "protocol", b"E\0\0\0\x06X\0".to_vec()),
         ("ok then eof", "closed", ok.clone()),
@@ -657,8 +674,14 @@ async fn misbehaving_origins_give_clean_errors() {
         ("error after ok", "server", [ok.clone(), b"E\0\0\0\x18SERROR\0C08P01\0Mbye\0\0".to_vec()].concat()),
     ];
     for (name, expected, reply) in cases {
+        // What follows an AuthenticationOk is reached only by a client without a password:
+        // with one, an origin that skips authentication is refused before anything else.
+        let trust = reply.starts_with(&ok);
         let port = garbage_origin(reply).await;
         let mut config = super_config(port, "pw");
+        if trust {
+            config.password = None;
+        }
         config.connect_timeout = Duration::from_secs(2);
         let started = Instant::now();
         let result = ServerConn::connect(&config).await;
@@ -681,6 +704,9 @@ async fn misbehaving_origins_give_clean_errors() {
         }
         let port = garbage_origin(reply.clone()).await;
         let mut config = super_config(port, "pw");
+        if round % 3 == 0 {
+            config.password = None;
+        }
         config.connect_timeout = Duration::from_secs(2);
         let result = ServerConn::connect(&config).await;
         assert!(result.is_err(), "round {round}: connected with {reply:?}");
