@@ -552,6 +552,12 @@ impl ServerConn {
                     let Exchange::Scram(client) = &mut exchange else {
                         return Err(OriginError::Protocol("AuthenticationSASLContinue outside a SCRAM exchange".to_owned()));
                     };
+                    // Checked before any proof is computed: a server that
+                    // picks a tiny iteration count gets a proof it could
+                    // attack offline by guessing passwords cheaply.
+                    if !self.is_tls() {
+                        check_scram_iterations(&body)?;
+                    }
                     client.update(&body).map_err(|e| OriginError::Auth(format!("SCRAM exchange failed: {e}")))?;
                     FrontendMessage::SaslResponse(Bytes::copy_from_slice(client.message())).encode(&mut self.write_buf)?;
                     self.flush_secret().await?;
@@ -617,6 +623,34 @@ impl ServerConn {
         self.write_buf.clear();
         result.map_err(OriginError::from)
     }
+}
+
+/// The fewest SCRAM iterations an origin may ask for over a connection
+/// without verified TLS: PostgreSQL's default (`scram_iterations`).
+pub const MIN_SCRAM_ITERATIONS: u32 = 4096;
+
+/// Refuses a SCRAM server-first message (`r=…,s=…,i=N`) whose iteration
+/// count is below [`MIN_SCRAM_ITERATIONS`]. Whoever sits between Cordon and
+/// an origin reached without TLS can answer for it; with a low count the
+/// client proof it gets is cheap to attack offline.
+fn check_scram_iterations(server_first: &[u8]) -> Result<(), OriginError> {
+    // Malformed SCRAM is an authentication failure, as the SCRAM client reports it.
+    let malformed = |what: &str| OriginError::Auth(format!("SCRAM exchange failed: the server-first message {what}"));
+    let text = std::str::from_utf8(server_first).map_err(|_| malformed("is not UTF-8"))?;
+    let iterations = text
+        .split(',')
+        .find_map(|attr| attr.strip_prefix("i="))
+        .and_then(|i| i.parse::<u32>().ok())
+        .ok_or_else(|| malformed("has no iteration count"))?;
+    if iterations < MIN_SCRAM_ITERATIONS {
+        return Err(OriginError::Auth(format!(
+            "the origin asked for SCRAM with {iterations} iterations over a connection without verified TLS; at least \
+             {MIN_SCRAM_ITERATIONS} are required there, since a low count makes the proof Cordon sends cheap to attack \
+             offline. Set the role's password again with scram_iterations of at least {MIN_SCRAM_ITERATIONS} on the \
+             origin, or use sslmode=verify-full"
+        )));
+    }
+    Ok(())
 }
 
 /// Sends a CancelRequest for (process_id, secret_key) on a new connection, negotiating TLS as
@@ -910,6 +944,22 @@ mod tests {
         assert!(frame.tag == b'p' && frame.body.starts_with(b"SCRAM-SHA-256\0"), "{frame:?}");
         assert!(received.is_empty(), "{received:?}");
         assert!(error.contains("after another had begun"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn an_origin_without_tls_cannot_ask_for_a_cheap_scram_proof() {
+        let server_first = |i: u32| auth_request(11, format!("r=nonce,s=c2FsdA==,i={i}").as_bytes());
+        let (error, received) = refused([auth_request(10, b"SCRAM-SHA-256\0\0"), server_first(1)].concat(), |_| {}).await;
+        assert!(error.contains("1 iterations") && error.contains("verify-full"), "{error}");
+        // Only the client-first message went out: no proof.
+        let mut received = BytesMut::from(&received[..]);
+        let frame = protocol::decode_frame(&mut received, &Limits::default()).unwrap().unwrap();
+        assert!(frame.tag == b'p' && frame.body.starts_with(b"SCRAM-SHA-256\0"), "{frame:?}");
+        assert!(received.is_empty(), "{received:?}");
+        // PostgreSQL's default count passes this check (and then fails on
+        // the fake's nonce, which is not the client's).
+        let (error, _) = refused([auth_request(10, b"SCRAM-SHA-256\0\0"), server_first(4096)].concat(), |_| {}).await;
+        assert!(!error.contains("iterations"), "{error}");
     }
 
     #[tokio::test]
