@@ -183,7 +183,9 @@ impl Database {
         );
         let mut users = HashMap::new();
         for user in &config.users {
-            let password = env(&user.password_env).ok_or_else(|| missing(&user.password_env, "a proxy user's password"))?;
+            // Zeroed once the verifier is derived from it.
+            let password =
+                zeroize::Zeroizing::new(env(&user.password_env).ok_or_else(|| missing(&user.password_env, "a proxy user's password"))?);
             users.insert(user.name.clone(), ScramVerifier::from_password(&password, DEFAULT_ITERATIONS));
         }
         let cache = config.cache.enabled.then(|| {
