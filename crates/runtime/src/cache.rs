@@ -17,7 +17,7 @@
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -212,21 +212,10 @@ fn verify(bytes: &[u8]) -> Option<&[u8]> {
 }
 
 fn check_private(dir: &Path) -> Result<(), CacheError> {
-    let meta = fs::symlink_metadata(dir).map_err(|source| CacheError::Create { path: dir.to_path_buf(), source })?;
-    let unsafe_because = |problem: String| Err(CacheError::Unsafe { path: dir.to_path_buf(), problem });
-    if !meta.is_dir() {
-        return unsafe_because("not a directory (a symlink or a file)".into());
+    if !dir.exists() {
+        return Err(CacheError::Create { path: dir.to_path_buf(), source: std::io::ErrorKind::NotFound.into() });
     }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if meta.uid() != me {
-        return unsafe_because(format!("owned by uid {} rather than Cordon's uid {me}", meta.uid()));
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o022 != 0 {
-        return unsafe_because(format!("writable by group or others (mode {mode:o})"));
-    }
-    Ok(())
+    cordon_disk::private_dir::check(dir).map_err(|e| CacheError::Unsafe { path: e.path, problem: e.problem })
 }
 
 /// Compiles `wasm`, or loads its native code from `cache`.
@@ -331,6 +320,8 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]

@@ -32,9 +32,15 @@ impl Server {
     /// `cordon serve --config path` (listening on `port`), with its JSON log
     /// lines collected; dropped, it kills the process.
     pub(crate) fn start(path: &std::path::Path, port: u16, dir: Option<tempfile::TempDir>) -> Server {
+        Self::start_with_env(path, port, dir, &[])
+    }
+
+    /// [`Server::start`] with `env` added to the process's environment.
+    pub(crate) fn start_with_env(path: &std::path::Path, port: u16, dir: Option<tempfile::TempDir>, env: &[(&str, &str)]) -> Server {
         let mut child = cordon()
             .args(["--log-format", "json", "serve", "--config"])
             .arg(path)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -265,25 +271,13 @@ fn serve_takes_its_secrets_out_of_its_environment_and_cannot_dump_core() {
     vault.put("acme", "hello", "API_KEY", &cordon_vars::vault::SecretValue::new("v".into())).unwrap();
     drop(vault);
 
-    let mut child = cordon()
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(&path)
-        .env("CORDON_MASTER_KEY", &key)
-        .env("CORDON_TEST_ORIGIN_PW", origin_password)
-        .env("CORDON_TEST_PROXY_PW", proxy_password)
-        .env("CORDON_TEST_HARMLESS", "stays")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, log) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let server = Server { child, port, log, _dir: Some(dir) };
+    let env = [
+        ("CORDON_MASTER_KEY", key.as_str()),
+        ("CORDON_TEST_ORIGIN_PW", origin_password),
+        ("CORDON_TEST_PROXY_PW", proxy_password),
+        ("CORDON_TEST_HARMLESS", "stays"),
+    ];
+    let server = Server::start_with_env(&path, port, Some(dir), &env);
     server.wait_for("cordon is serving");
     // It started with the key from the environment: the worker's secret
     // was decrypted at start.
