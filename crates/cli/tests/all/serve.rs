@@ -15,7 +15,17 @@ pub(crate) struct Server {
     pub child: Child,
     pub port: u16,
     log: std::sync::mpsc::Receiver<String>,
+    /// While set, nobody reads the process's stderr, as with a stalled
+    /// journal or a full pipe.
+    pub stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
     _dir: Option<tempfile::TempDir>,
+}
+
+/// `cordon --log-format json serve --config path`.
+fn serve_command(path: &std::path::Path) -> std::process::Command {
+    let mut command = cordon();
+    command.args(["--log-format", "json", "serve", "--config"]).arg(path);
+    command
 }
 
 fn spawn(extra: &str) -> Server {
@@ -37,22 +47,27 @@ impl Server {
 
     /// [`Server::start`] with `env` added to the process's environment.
     pub(crate) fn start_with_env(path: &std::path::Path, port: u16, dir: Option<tempfile::TempDir>, env: &[(&str, &str)]) -> Server {
-        let mut child = cordon()
-            .args(["--log-format", "json", "serve", "--config"])
-            .arg(path)
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut command = serve_command(path);
+        command.envs(env.iter().copied());
+        Self::spawn(command, port, dir)
+    }
+
+    /// Runs `command` (a [`serve_command`]), collecting its log lines.
+    fn spawn(mut command: std::process::Command, port: u16, dir: Option<tempfile::TempDir>) -> Server {
+        let mut child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, log) = std::sync::mpsc::channel();
+        let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stall = stalled.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let _ = tx.send(line);
+                while stall.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
         });
-        Server { child, port, log, _dir: dir }
+        Server { child, port, log, stalled, _dir: dir }
     }
 
     pub(crate) fn wait_for(&self, needle: &str) -> String {
@@ -76,6 +91,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        self.stalled.store(false, std::sync::atomic::Ordering::Relaxed);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -200,8 +216,7 @@ fn serve_with_descriptor_limit(extra: &str, soft: u64, hard: u64) -> Server {
         worker_toml("hello", &hello_wasm())
     );
     let (dir, path) = config(&toml);
-    let mut command = cordon();
-    command.args(["--log-format", "json", "serve", "--config"]).arg(&path).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut command = serve_command(&path);
     // SAFETY: between fork and exec the closure only calls setrlimit, which
     // is async-signal-safe, on a value on its own stack.
     unsafe {
@@ -213,15 +228,7 @@ fn serve_with_descriptor_limit(extra: &str, soft: u64, hard: u64) -> Server {
             Ok(())
         });
     }
-    let mut child = command.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, log) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    Server { child, port, log, _dir: Some(dir) }
+    Server::spawn(command, port, Some(dir))
 }
 
 #[test]

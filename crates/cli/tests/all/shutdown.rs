@@ -6,17 +6,13 @@
 //! Bound (docs/SECURITY.md, "Shutdown"): the process exits within
 //! `shutdown_grace_ms` + [`EXIT_BOUND`] of SIGTERM.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Receiver;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::serve::free_port;
-use crate::*;
+use crate::serve::{Server, free_port};
 
 /// The grace period the servers here run with.
 const GRACE: Duration = Duration::from_millis(1000);
@@ -67,42 +63,10 @@ origin = "postgres://app@127.0.0.1:1/app"
     )
 }
 
-/// `cordon serve` whose stderr can stop being read, as a stalled journal
-/// or a full pipe would.
-struct Serving {
-    child: Child,
-    port: u16,
-    log: Receiver<String>,
-    /// While set, nobody reads the process's stderr.
-    stalled: Arc<AtomicBool>,
-}
-
-impl Serving {
-    fn wait_for(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(line) = self.log.recv_timeout(Duration::from_millis(100))
-                && line.contains(needle)
-            {
-                return;
-            }
-        }
-        panic!("no log line containing {needle:?}");
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        self.stalled.store(false, Ordering::Relaxed);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Serves an attacking tenant `evil` (whose requests may run for a minute
 /// and may hold almost every instance) and a victim tenant `good` on the
 /// data directory `dir/data`.
-fn serve(dir: &Path) -> Serving {
+fn serve(dir: &Path) -> Server {
     let (port, admin) = (free_port(), free_port());
     let long = "cpu_ms = 60000\nwall_ms = 60000\nsql_statement_timeout_ms = 60000";
     let toml = format!(
@@ -116,26 +80,7 @@ fn serve(dir: &Path) -> Serving {
     );
     let path = dir.join("cordon.toml");
     std::fs::write(&path, toml).unwrap();
-    let mut child = cordon()
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, log) = std::sync::mpsc::channel();
-    let stalled = Arc::new(AtomicBool::new(false));
-    let stall = stalled.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-            while stall.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    });
-    Serving { child, port, log, stalled }
+    Server::start(&path, port, None)
 }
 
 /// Sends one request without waiting for its answer.

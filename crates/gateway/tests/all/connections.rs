@@ -66,6 +66,12 @@ async fn exchange(stream: &mut TcpStream, host: &str, path: &str, limit: Duratio
 
 /// [`exchange`], with the response's body.
 async fn exchange_text(stream: &mut TcpStream, host: &str, path: &str, limit: Duration) -> Option<(u16, String)> {
+    let (status, _, body) = exchange_whole(stream, host, path, limit).await?;
+    Some((status, body))
+}
+
+/// [`exchange`], with the response's head (lowercased) and body (dechunked).
+async fn exchange_whole(stream: &mut TcpStream, host: &str, path: &str, limit: Duration) -> Option<(u16, String, String)> {
     let request = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let read = async {
@@ -86,12 +92,13 @@ async fn exchange_text(stream: &mut TcpStream, host: &str, path: &str, limit: Du
                     .unwrap_or(0);
                 let status = head.split(' ').nth(1)?.parse().ok()?;
                 let body = &text[end + 4..];
-                if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+                let head = head.to_ascii_lowercase();
+                if head.contains("transfer-encoding: chunked") {
                     if body.ends_with("0\r\n\r\n") {
-                        return Some((status, dechunk(body)));
+                        return Some((status, head, dechunk(body)));
                     }
                 } else if body.len() >= length {
-                    return Some((status, body.to_string()));
+                    return Some((status, head, body.to_string()));
                 }
             }
         }
@@ -305,35 +312,11 @@ async fn hanging_subrequests_of_one_tenant_cannot_exhaust_descriptors() {
     assert_eq!(refused, 142, "every attack request beyond the 8 hanging ones got the cap's error");
 }
 
-/// Sends one request on `stream` and reads the response head; the status
-/// and whether the server said it closes the connection after it.
+/// Sends one request on `stream` and reads the response; the status and
+/// whether the server said it closes the connection after it.
 async fn exchange_closing(stream: &mut TcpStream, host: &str) -> Option<(u16, bool)> {
-    let request = format!("GET / HTTP/1.1\r\nhost: {host}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let read = async {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = stream.read(&mut chunk).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
-            if let Some(end) = text.find("\r\n\r\n") {
-                let head = &text[..end];
-                let complete = match head.lines().find_map(|l| l.strip_prefix("content-length:")) {
-                    Some(length) => text.len() >= end + 4 + length.trim().parse::<usize>().ok()?,
-                    None => text.ends_with("0\r\n\r\n"),
-                };
-                if complete {
-                    let status = head.split(' ').nth(1)?.parse().ok()?;
-                    return Some((status, head.lines().any(|l| l == "connection: close")));
-                }
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), read).await.ok().flatten()
+    let (status, head, _) = exchange_whole(stream, host, "/", Duration::from_secs(5)).await?;
+    Some((status, head.lines().any(|l| l == "connection: close")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
