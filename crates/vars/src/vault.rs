@@ -314,6 +314,10 @@ pub struct Vault {
     /// Where the key came from, for the error when a writer finds that the
     /// store was keyed with another one meanwhile.
     key_source: KeySource,
+    /// The versions record as last read, by its nonce: a secret read costs
+    /// a 24-byte read and a comparison unless the record changed, rather
+    /// than decrypting the record of every secret in the store.
+    versions: Mutex<Option<(Vec<u8>, Arc<Versions>)>>,
     path: PathBuf,
     /// Started on first use, so `cordon secret` starts no threads.
     reads: OnceLock<Arc<BlockingPool>>,
@@ -390,7 +394,7 @@ impl Vault {
             upgrade_from_v1(&tx, &cipher, &path)?;
         }
         tx.commit().map_err(db_err)?;
-        Ok(Vault { conn: Mutex::new(conn), cipher, key_source: key.source, path, reads: OnceLock::new() })
+        Ok(Vault { conn: Mutex::new(conn), cipher, key_source: key.source, versions: Mutex::new(None), path, reads: OnceLock::new() })
     }
 
     /// Stores `value`, replacing any previous value; durable when it returns.
@@ -405,10 +409,7 @@ impl Vault {
         // Checked again inside the write: another process may have keyed
         // the store since this one opened it.
         if check_key(&tx, &self.cipher, &self.path, &self.key_source, FORMAT_VERSION)? == KeyCheck::Missing {
-            let nonce = random_nonce()?;
-            let sealed =
-                self.cipher.encrypt(&nonce, Payload { msg: KEY_CHECK_PLAINTEXT, aad: KEY_CHECK_AAD }).map_err(|_| VaultError::Encrypt)?;
-            let record = [nonce.as_slice(), &sealed].concat();
+            let record = seal_record(&self.cipher, KEY_CHECK_PLAINTEXT, KEY_CHECK_AAD)?;
             tx.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?1)", [record]).map_err(|e| self.db_err(e))?;
         }
         // Each write of a secret is a new version, sealed into its
@@ -457,7 +458,7 @@ impl Vault {
             self.cipher.decrypt(XNonce::from_slice(&nonce), Payload { msg: &sealed, aad: &aad }).map_err(|_| undecryptable())?,
         );
         // It is this secret's, sealed as `version`: is that the latest?
-        let latest = Versions::load(&conn, &self.cipher, &self.path)?.0.get(&(tenant.into(), worker.into(), name.into())).copied();
+        let latest = self.latest_versions(&conn)?.0.get(&(tenant.into(), worker.into(), name.into())).copied();
         drop(conn);
         if latest != Some(version) {
             return Err(VaultError::RolledBack { tenant: tenant.into(), worker: worker.into(), name: name.into(), version, latest });
@@ -503,6 +504,26 @@ impl Vault {
         Ok(n > 0)
     }
 
+    /// The versions record, decrypted again only when its nonce (fresh at
+    /// every save) is not the one read last. A record put back from an older
+    /// copy has another nonce, so it is decrypted and checked like any.
+    fn latest_versions(&self, conn: &Connection) -> Result<Arc<Versions>, VaultError> {
+        let nonce: Option<Vec<u8>> = conn
+            .query_row("SELECT substr(value, 1, ?1) FROM meta WHERE key = 'versions'", [NONCE_LEN as i64], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.db_err(e))?;
+        let mut cached = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(nonce), Some((seen, versions))) = (&nonce, cached.as_ref())
+            && nonce == seen
+        {
+            return Ok(versions.clone());
+        }
+        let (nonce, versions) = Versions::load_with_nonce(conn, &self.cipher, &self.path)?;
+        let versions = Arc::new(versions);
+        *cached = nonce.map(|n| (n, versions.clone()));
+        Ok(versions)
+    }
+
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a half-done write:
         // every write is one SQLite statement.
@@ -534,12 +555,7 @@ fn check_key(conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path, source:
     let check: Option<Vec<u8>> =
         conn.query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| r.get(0)).optional().map_err(db_err)?;
     if let Some(record) = check {
-        let opened = (record.len() > NONCE_LEN)
-            .then(|| {
-                let (nonce, sealed) = record.split_at(NONCE_LEN);
-                cipher.decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: KEY_CHECK_AAD }).ok()
-            })
-            .flatten();
+        let opened = open_record(cipher, &record, KEY_CHECK_AAD);
         return if opened.as_deref() == Some(KEY_CHECK_PLAINTEXT) { Ok(KeyCheck::Matches) } else { Err(wrong()) };
     }
     // One stored secret: its identity and version (the associated data),
@@ -578,6 +594,24 @@ fn create_private_file(path: &Path) -> Result<(), VaultError> {
     Ok(())
 }
 
+/// `nonce || XChaCha20-Poly1305(plaintext)` under `aad`, with a fresh
+/// nonce: how the `meta` records are stored.
+fn seal_record(cipher: &XChaCha20Poly1305, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, VaultError> {
+    let nonce = random_nonce()?;
+    let sealed = cipher.encrypt(&nonce, Payload { msg: plaintext, aad }).map_err(|_| VaultError::Encrypt)?;
+    Ok([nonce.as_slice(), &sealed].concat())
+}
+
+/// The plaintext of a [`seal_record`] record, or `None` if it does not
+/// open under `aad` with this key.
+fn open_record(cipher: &XChaCha20Poly1305, record: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
+    if record.len() <= NONCE_LEN {
+        return None;
+    }
+    let (nonce, sealed) = record.split_at(NONCE_LEN);
+    cipher.decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad }).ok()
+}
+
 fn random_nonce() -> Result<XNonce, VaultError> {
     let mut nonce = XNonce::default();
     os_random(&mut nonce).map_err(VaultError::Random)?;
@@ -610,16 +644,18 @@ struct Versions(BTreeMap<(String, String, String), u64>);
 
 impl Versions {
     fn load(conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path) -> Result<Versions, VaultError> {
+        Ok(Self::load_with_nonce(conn, cipher, path)?.1)
+    }
+
+    /// The record's nonce (fresh at every save, so it names the record's
+    /// content) and what it holds; no nonce when there is no record.
+    fn load_with_nonce(conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path) -> Result<(Option<Vec<u8>>, Versions), VaultError> {
         let db_err = |source| VaultError::Database { path: path.to_path_buf(), source };
         let damaged = || VaultError::VersionsDamaged { database: path.to_path_buf() };
         let record: Option<Vec<u8>> =
             conn.query_row("SELECT value FROM meta WHERE key = 'versions'", [], |r| r.get(0)).optional().map_err(db_err)?;
-        let Some(record) = record else { return Ok(Versions::default()) };
-        if record.len() <= NONCE_LEN {
-            return Err(damaged());
-        }
-        let (nonce, sealed) = record.split_at(NONCE_LEN);
-        let plain = cipher.decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: VERSIONS_AAD }).map_err(|_| damaged())?;
+        let Some(record) = record else { return Ok((None, Versions::default())) };
+        let plain = open_record(cipher, &record, VERSIONS_AAD).ok_or_else(damaged)?;
         let text = String::from_utf8(plain).map_err(|_| damaged())?;
         let mut map = BTreeMap::new();
         for line in text.lines() {
@@ -630,14 +666,12 @@ impl Versions {
             };
             map.insert((t.to_string(), w.to_string(), n.to_string()), v.parse().map_err(|_| damaged())?);
         }
-        Ok(Versions(map))
+        Ok((Some(record[..NONCE_LEN].to_vec()), Versions(map)))
     }
 
     fn save(&self, conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path) -> Result<(), VaultError> {
         let text: String = self.0.iter().map(|((t, w, n), v)| format!("{t}\0{w}\0{n}\0{v}\n")).collect();
-        let nonce = random_nonce()?;
-        let sealed = cipher.encrypt(&nonce, Payload { msg: text.as_bytes(), aad: VERSIONS_AAD }).map_err(|_| VaultError::Encrypt)?;
-        let record = [nonce.as_slice(), &sealed].concat();
+        let record = seal_record(cipher, text.as_bytes(), VERSIONS_AAD)?;
         conn.execute(
             "INSERT INTO meta (key, value) VALUES ('versions', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             [record],
@@ -1051,6 +1085,19 @@ mod tests {
         assert!(vault.delete("acme", "notes", "API_KEY").unwrap());
         put_back(old.2);
         assert!(matches!(vault.get("acme", "notes", "API_KEY").unwrap_err(), VaultError::RolledBack { latest: None, .. }));
+    }
+
+    #[test]
+    fn a_reader_sees_every_new_version_another_process_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, reader) = (Vault::open(dir.path(), key(KEY_A)).unwrap(), Vault::open(dir.path(), key(KEY_A)).unwrap());
+        for value in ["one", "two", "three"] {
+            writer.put("acme", "notes", "API_KEY", &secret(value)).unwrap();
+            // The reader's copy of the versions record is replaced, not trusted.
+            assert_eq!(reader.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), value);
+        }
+        assert!(writer.delete("acme", "notes", "API_KEY").unwrap());
+        assert!(reader.get("acme", "notes", "API_KEY").unwrap().is_none());
     }
 
     #[test]
