@@ -449,22 +449,16 @@ impl Vault {
             .map_err(|e| self.db_err(e))?;
         let Some((nonce, sealed, version)) = row else { return Ok(None) };
         let undecryptable = || VaultError::Undecryptable { tenant: tenant.into(), worker: worker.into(), name: name.into() };
-        if nonce.len() != NONCE_LEN {
-            return Err(undecryptable());
-        }
         let version = version as u64;
-        let aad = secret_aad(tenant, worker, name, version);
-        let plain = Zeroizing::new(
-            self.cipher.decrypt(XNonce::from_slice(&nonce), Payload { msg: &sealed, aad: &aad }).map_err(|_| undecryptable())?,
-        );
+        let mut plain = open_secret(&self.cipher, &nonce, &sealed, &secret_aad(tenant, worker, name, version)).ok_or_else(undecryptable)?;
         // It is this secret's, sealed as `version`: is that the latest?
         let latest = self.latest_versions(&conn)?.0.get(&(tenant.into(), worker.into(), name.into())).copied();
         drop(conn);
         if latest != Some(version) {
             return Err(VaultError::RolledBack { tenant: tenant.into(), worker: worker.into(), name: name.into(), version, latest });
         }
-        let plain = plain.to_vec();
-        match String::from_utf8(plain) {
+        // Moved out, not copied: the String is zeroed by `SecretValue`.
+        match String::from_utf8(std::mem::take(&mut *plain)) {
             Ok(s) => Ok(Some(SecretValue::new(s))),
             Err(e) => {
                 e.into_bytes().zeroize();
@@ -556,7 +550,7 @@ fn check_key(conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path, source:
         conn.query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| r.get(0)).optional().map_err(db_err)?;
     if let Some(record) = check {
         let opened = open_record(cipher, &record, KEY_CHECK_AAD);
-        return if opened.as_deref() == Some(KEY_CHECK_PLAINTEXT) { Ok(KeyCheck::Matches) } else { Err(wrong()) };
+        return if opened.is_some_and(|plain| plain.as_slice() == KEY_CHECK_PLAINTEXT) { Ok(KeyCheck::Matches) } else { Err(wrong()) };
     }
     // One stored secret: its identity and version (the associated data),
     // nonce and ciphertext.
@@ -570,11 +564,7 @@ fn check_key(conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path, source:
         .map_err(db_err)?;
     let Some(([tenant, worker, name], version, nonce, sealed)) = row else { return Ok(KeyCheck::Missing) };
     let aad = if format >= 2 { secret_aad(&tenant, &worker, &name, version as u64) } else { secret_aad_v1(&tenant, &worker, &name) };
-    let opened = (nonce.len() == NONCE_LEN)
-        .then(|| cipher.decrypt(XNonce::from_slice(&nonce), Payload { msg: &sealed, aad: &aad }).ok())
-        .flatten()
-        .map(Zeroizing::new);
-    match opened {
+    match open_secret(cipher, &nonce, &sealed, &aad) {
         Some(_) => Ok(KeyCheck::Missing),
         None => Err(VaultError::KeyCheckLost { database: path.to_path_buf(), key: source.clone() }),
     }
@@ -604,12 +594,18 @@ fn seal_record(cipher: &XChaCha20Poly1305, plaintext: &[u8], aad: &[u8]) -> Resu
 
 /// The plaintext of a [`seal_record`] record, or `None` if it does not
 /// open under `aad` with this key.
-fn open_record(cipher: &XChaCha20Poly1305, record: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
-    if record.len() <= NONCE_LEN {
+fn open_record(cipher: &XChaCha20Poly1305, record: &[u8], aad: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    let (nonce, sealed) = record.split_at_checked(NONCE_LEN)?;
+    open_secret(cipher, nonce, sealed, aad)
+}
+
+/// The plaintext of a stored secret's `nonce` and `sealed` value under
+/// `aad`, zeroed when dropped; `None` if it does not open.
+fn open_secret(cipher: &XChaCha20Poly1305, nonce: &[u8], sealed: &[u8], aad: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    if nonce.len() != NONCE_LEN {
         return None;
     }
-    let (nonce, sealed) = record.split_at(NONCE_LEN);
-    cipher.decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad }).ok()
+    cipher.decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad }).ok().map(Zeroizing::new)
 }
 
 fn random_nonce() -> Result<XNonce, VaultError> {
@@ -655,8 +651,8 @@ impl Versions {
         let record: Option<Vec<u8>> =
             conn.query_row("SELECT value FROM meta WHERE key = 'versions'", [], |r| r.get(0)).optional().map_err(db_err)?;
         let Some(record) = record else { return Ok((None, Versions::default())) };
-        let plain = open_record(cipher, &record, VERSIONS_AAD).ok_or_else(damaged)?;
-        let text = String::from_utf8(plain).map_err(|_| damaged())?;
+        let mut plain = open_record(cipher, &record, VERSIONS_AAD).ok_or_else(damaged)?;
+        let text = String::from_utf8(std::mem::take(&mut *plain)).map_err(|_| damaged())?;
         let mut map = BTreeMap::new();
         for line in text.lines() {
             let mut fields = line.split('\0');
@@ -698,12 +694,7 @@ fn upgrade_from_v1(conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path) -
     let mut versions = Versions::default();
     for ([tenant, worker, name], nonce, sealed) in rows {
         let undecryptable = || VaultError::Undecryptable { tenant: tenant.clone(), worker: worker.clone(), name: name.clone() };
-        if nonce.len() != NONCE_LEN {
-            return Err(undecryptable());
-        }
-        let aad = secret_aad_v1(&tenant, &worker, &name);
-        let plain =
-            Zeroizing::new(cipher.decrypt(XNonce::from_slice(&nonce), Payload { msg: &sealed, aad: &aad }).map_err(|_| undecryptable())?);
+        let plain = open_secret(cipher, &nonce, &sealed, &secret_aad_v1(&tenant, &worker, &name)).ok_or_else(undecryptable)?;
         let new_nonce = random_nonce()?;
         let aad = secret_aad(&tenant, &worker, &name, 1);
         let resealed = cipher.encrypt(&new_nonce, Payload { msg: &plain, aad: &aad }).map_err(|_| VaultError::Encrypt)?;
