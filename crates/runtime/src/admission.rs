@@ -29,6 +29,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::scheduler::{Scheduler, ShareSnapshot, TenantShare};
+
 use cordon_memory::Budget;
 use cordon_memory::host::{HostMemory, WorstCase};
 use serde::Serialize;
@@ -119,6 +121,9 @@ pub struct SlotsSnapshot {
 pub struct Admission {
     tenants: HashMap<String, Arc<Slots>>,
     memory: MemoryBudgets,
+    /// The guest threads, and every tenant's share of them.
+    scheduler: Arc<Scheduler>,
+    shares: HashMap<String, Arc<TenantShare>>,
 }
 
 /// The process's memory budget and every tenant's.
@@ -207,16 +212,36 @@ impl MemoryBudgets {
 
 impl Admission {
     /// One quota per tenant that has a worker, sized by its `[[tenant]]`
-    /// table or `sandbox.tenant_max_instances` and `tenant_max_queued`, and
+    /// table or `sandbox.tenant_max_instances` and `tenant_max_queued`, its
+    /// share of the guest threads of `scheduler` by its `cpu_weight`, and
     /// the memory budgets.
-    pub fn from_config(config: &cordon_config::Config, memory: MemoryBudgets) -> Self {
+    pub fn from_config(config: &cordon_config::Config, memory: MemoryBudgets, scheduler: Arc<Scheduler>) -> Self {
         let mut tenants = HashMap::new();
+        let mut shares = HashMap::new();
         for w in &config.workers {
             tenants
                 .entry(w.tenant.clone())
                 .or_insert_with(|| Slots::with_queue(config.tenant_max_instances(&w.tenant), config.tenant_max_queued(&w.tenant)));
+            shares.entry(w.tenant.clone()).or_insert_with(|| scheduler.tenant(config.tenant_cpu_weight(&w.tenant)));
         }
-        Self { tenants, memory }
+        Self { tenants, memory, scheduler, shares }
+    }
+
+    /// The guest threads.
+    pub fn scheduler(&self) -> &Arc<Scheduler> {
+        &self.scheduler
+    }
+
+    /// The share of the guest threads of `tenant`; a tenant the config does
+    /// not know gets one of the default weight.
+    pub(crate) fn share(&mut self, tenant: &str) -> Arc<TenantShare> {
+        let scheduler = &self.scheduler;
+        self.shares.entry(tenant.to_string()).or_insert_with(|| scheduler.tenant(crate::scheduler::DEFAULT_WEIGHT)).clone()
+    }
+
+    /// Every tenant's share of the guest threads, by name.
+    pub fn cpu_snapshot(&self) -> std::collections::BTreeMap<String, ShareSnapshot> {
+        self.shares.iter().map(|(name, share)| (name.clone(), share.snapshot())).collect()
     }
 
     pub fn memory(&self) -> &MemoryBudgets {

@@ -143,9 +143,6 @@ pub struct Runtime {
     admission: Admission,
     network: Arc<Network>,
     accel: Option<Arc<Accelerator>>,
-    scheduler: Arc<scheduler::Scheduler>,
-    /// Every tenant's share of the guest threads, by name.
-    shares: std::collections::BTreeMap<String, Arc<scheduler::TenantShare>>,
     _ticker: EpochTicker,
     /// Held while the runtime lives; it holds the data directory's lock, so
     /// one process owns a data directory at a time.
@@ -182,19 +179,12 @@ impl Runtime {
         let cache = CodeCache::open(&config.server.data_dir)?;
         let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
         let stores = Stores::open(config, env)?;
-        let mut admission = Admission::from_config(config, memory);
         let threads = config.sandbox.guest_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
         let epoch = engine.clone();
         let scheduler = Arc::new(scheduler::Scheduler::start(threads, Some(Box::new(move || epoch.increment_epoch()))));
         tracing::info!(guest_threads = threads, "guest threads started");
-        let mut shares = std::collections::BTreeMap::new();
-        for w in &config.workers {
-            shares.entry(w.tenant.clone()).or_insert_with(|| scheduler.tenant(config.tenant_cpu_weight(&w.tenant)));
-        }
-        let placement = Placement { scheduler: &scheduler, shares: &shares };
-        let results = load_workers(&engine, &linker, &config.workers, Some(&cache), &mut admission, &placement, &|w| {
-            stores.capabilities(w, &network)
-        });
+        let mut admission = Admission::from_config(config, memory, scheduler);
+        let results = load_workers(&engine, &linker, &config.workers, Some(&cache), &mut admission, &|w| stores.capabilities(w, &network));
         let mut workers = Vec::new();
         let mut errors = Vec::new();
         for r in results {
@@ -207,7 +197,7 @@ impl Runtime {
             return Err(StartError::Workers(errors));
         }
         let ticker = EpochTicker::start(&engine);
-        Ok(Runtime { engine, posture, workers, admission, network, accel: stores.accel, scheduler, shares, _ticker: ticker, _cache: cache })
+        Ok(Runtime { engine, posture, workers, admission, network, accel: stores.accel, _ticker: ticker, _cache: cache })
     }
 
     /// Validates the policy and every component without writing anything:
@@ -220,17 +210,12 @@ impl Runtime {
         let (engine, posture) = build_engine(config)?;
         let linker = host::linker(&engine).map_err(|e| PolicyError::Engine(e.to_string()))?;
         let network = Arc::new(Network::system()?);
-        let mut admission = Admission::from_config(config, memory);
-        // Nothing runs: one thread, and every tenant shares one entry.
-        let scheduler = Arc::new(scheduler::Scheduler::start(1, None));
-        let share = scheduler.tenant(scheduler::DEFAULT_WEIGHT);
-        let shares = config.workers.iter().map(|w| (w.tenant.clone(), share.clone())).collect();
-        let placement = Placement { scheduler: &scheduler, shares: &shares };
-        let results =
-            load_workers(&engine, &linker, &config.workers, None, &mut admission, &placement, &|_| Ok(Capabilities::none(&network)))
-                .into_iter()
-                .map(|r| r.map(drop))
-                .collect();
+        // Nothing runs: one guest thread.
+        let mut admission = Admission::from_config(config, memory, Arc::new(scheduler::Scheduler::start(1, None)));
+        let results = load_workers(&engine, &linker, &config.workers, None, &mut admission, &|_| Ok(Capabilities::none(&network)))
+            .into_iter()
+            .map(|r| r.map(drop))
+            .collect();
         Ok((posture, results))
     }
 
@@ -262,18 +247,18 @@ impl Runtime {
     /// before stopping the async runtime that serves the network, whose
     /// shutdown wakes every guest waiting on a timer or a socket.
     pub fn stop_guests(&self, within: std::time::Duration) {
-        self.scheduler.stop(within);
+        self.admission.scheduler().stop(within);
     }
 
     /// The number of threads that run guest code.
     pub fn guest_threads(&self) -> usize {
-        self.scheduler.threads()
+        self.admission.scheduler().threads()
     }
 
     /// Every tenant's share of the guest threads: its weight, the guest CPU
     /// it used and its guests waiting for a thread.
     pub fn cpu_shares(&self) -> std::collections::BTreeMap<String, scheduler::ShareSnapshot> {
-        self.shares.iter().map(|(name, share)| (name.clone(), share.snapshot())).collect()
+        self.admission.cpu_snapshot()
     }
 
     /// The Postgres accelerator, when the config has a `[[database]]`. The
@@ -321,7 +306,6 @@ fn load_workers(
     workers: &[WorkerConfig],
     cache: Option<&CodeCache>,
     admission: &mut Admission,
-    placement: &Placement<'_>,
     capabilities: &dyn Fn(&WorkerConfig) -> Result<Capabilities, LoadError>,
 ) -> Vec<Result<Worker, WorkerLoadError>> {
     let err = |w: &WorkerConfig, error| WorkerLoadError { worker: w.name.clone(), component: w.component.clone(), error };
@@ -366,8 +350,8 @@ fn load_workers(
         .iter()
         .map(|w| worker::TenantQuotas {
             slots: admission.tenant(&w.tenant, w.limits.max_instances),
-            share: placement.shares[&w.tenant].clone(),
-            scheduler: placement.scheduler.clone(),
+            share: admission.share(&w.tenant),
+            scheduler: admission.scheduler().clone(),
             memory: admission.memory_mut().tenant(&w.tenant),
             process_memory: admission.memory().process.clone(),
             instance_overhead_bytes: admission.memory().instance_overhead_bytes,
@@ -391,13 +375,6 @@ fn load_workers(
             Ok(worker)
         })
         .collect()
-}
-
-/// Where the workers' guests run: the guest threads, and each tenant's share
-/// of them.
-struct Placement<'a> {
-    scheduler: &'a Arc<scheduler::Scheduler>,
-    shares: &'a std::collections::BTreeMap<String, Arc<scheduler::TenantShare>>,
 }
 
 /// `f` over `items` on up to one thread per core, results in order.

@@ -274,6 +274,12 @@ impl Scheduler {
     }
 }
 
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler").field("threads", &self.threads.len()).finish_non_exhaustive()
+    }
+}
+
 impl Drop for Scheduler {
     fn drop(&mut self) {
         self.stop(STOP_WAIT);
