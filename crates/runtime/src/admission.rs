@@ -241,7 +241,7 @@ impl Admission {
 
     /// Every tenant's share of the guest threads, by name.
     pub fn cpu_snapshot(&self) -> std::collections::BTreeMap<String, ShareSnapshot> {
-        self.shares.iter().map(|(name, share)| (name.clone(), share.snapshot())).collect()
+        self.shares.iter().map(|(name, share)| (name.clone(), self.scheduler.snapshot(share))).collect()
     }
 
     pub fn memory(&self) -> &MemoryBudgets {

@@ -106,14 +106,13 @@ struct TenantQueue {
     waiting: VecDeque<Arc<Task>>,
 }
 
-/// A tenant as the scheduler knows it: its weight and its counters.
+/// A tenant as the scheduler knows it: its weight and the guest CPU it
+/// used. What it has waiting or running is in the scheduler's state.
 #[derive(Debug)]
 pub struct TenantShare {
     index: usize,
     weight: u32,
     cpu_ns: AtomicU64,
-    waiting: AtomicU64,
-    running: AtomicU64,
 }
 
 /// A tenant's share of the guest threads, as shown on `/health`.
@@ -126,17 +125,6 @@ pub struct ShareSnapshot {
     pub runnable_waiting: u64,
     /// Guests running on a guest thread now.
     pub running: u64,
-}
-
-impl TenantShare {
-    pub fn snapshot(&self) -> ShareSnapshot {
-        ShareSnapshot {
-            cpu_weight: self.weight,
-            guest_cpu_us: self.cpu_ns.load(Ordering::Relaxed) / 1000,
-            runnable_waiting: self.waiting.load(Ordering::Relaxed),
-            running: self.running.load(Ordering::Relaxed),
-        }
-    }
 }
 
 /// Where a task is. Transitions happen under compare-and-swap, so that a
@@ -215,8 +203,7 @@ impl Scheduler {
         let mut state = self.shared.lock();
         let index = state.tenants.len();
         let weight = weight.max(1);
-        let share =
-            Arc::new(TenantShare { index, weight, cpu_ns: AtomicU64::new(0), waiting: AtomicU64::new(0), running: AtomicU64::new(0) });
+        let share = Arc::new(TenantShare { index, weight, cpu_ns: AtomicU64::new(0) });
         let floor = state.floor;
         state.tenants.push(TenantQueue { weight, vruntime: floor, waiting: VecDeque::new() });
         share
@@ -240,6 +227,17 @@ impl Scheduler {
         });
         task.schedule();
         GuestHandle { task, ended: rx }
+    }
+
+    /// What `tenant` has used and has waiting or running now.
+    pub fn snapshot(&self, tenant: &TenantShare) -> ShareSnapshot {
+        let state = self.shared.lock();
+        ShareSnapshot {
+            cpu_weight: tenant.weight,
+            guest_cpu_us: tenant.cpu_ns.load(Ordering::Relaxed) / 1000,
+            runnable_waiting: state.tenants[tenant.index].waiting.len() as u64,
+            running: state.running.iter().filter(|r| **r == Some(tenant.index)).count() as u64,
+        }
     }
 
     /// The number of guest threads.
@@ -326,7 +324,6 @@ impl Shared {
             }
             t.waiting.push_back(task.clone());
             let key = (t.vruntime, i);
-            task.tenant.waiting.fetch_add(1, Ordering::Relaxed);
             if was_empty {
                 state.ready.insert(key);
                 self.preempt_for(&mut state, i);
@@ -370,7 +367,6 @@ impl Shared {
         if !t.waiting.is_empty() {
             state.ready.insert((vruntime, i));
         }
-        task.tenant.waiting.fetch_sub(1, Ordering::Relaxed);
         Some(task)
     }
 
@@ -480,12 +476,10 @@ impl Task {
         };
         let waker = Waker::from(self.clone());
         let mut cx = Context::from_waker(&waker);
-        self.tenant.running.fetch_add(1, Ordering::Relaxed);
         let _guard = self.runtime.enter();
         self.meter.enter();
         let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| future.as_mut().poll(&mut cx)));
         let spent = self.meter.exit();
-        self.tenant.running.fetch_sub(1, Ordering::Relaxed);
         self.tenant.cpu_ns.fetch_add(spent, Ordering::Relaxed);
         match polled {
             Ok(Poll::Pending) => {
@@ -565,7 +559,7 @@ mod tests {
     }
 
     fn shares(a: &TenantShare, b: &TenantShare) -> f64 {
-        let (a, b) = (a.snapshot().guest_cpu_us as f64, b.snapshot().guest_cpu_us as f64);
+        let (a, b) = (a.cpu_ns.load(Ordering::Relaxed) as f64, b.cpu_ns.load(Ordering::Relaxed) as f64);
         a / (a + b)
     }
 
@@ -606,9 +600,9 @@ mod tests {
         // A tenant idle for 200 ms then busy shares from then on: it does not
         // run alone for the 200 ms it missed.
         let late = scheduler.spawn(&idle, Arc::default(), spinner(stop.clone(), Duration::from_micros(500)));
-        let before = (busy.snapshot().guest_cpu_us, idle.snapshot().guest_cpu_us);
+        let before = (busy.cpu_ns.load(Ordering::Relaxed), idle.cpu_ns.load(Ordering::Relaxed));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let after = (busy.snapshot().guest_cpu_us, idle.snapshot().guest_cpu_us);
+        let after = (busy.cpu_ns.load(Ordering::Relaxed), idle.cpu_ns.load(Ordering::Relaxed));
         stop.store(true, Ordering::Relaxed);
         let (b, i) = ((after.0 - before.0) as f64, (after.1 - before.1) as f64);
         assert!(i / (b + i) < 0.7, "the returning tenant took {:.2} of the thread", i / (b + i));
@@ -776,6 +770,6 @@ mod tests {
         scheduler.spawn(&tenant, meter.clone(), Box::pin(guest)).ended().await;
         let (used, own) = (meter.used_after_finish(), Duration::from_nanos(own.load(Ordering::Relaxed)));
         assert!(used >= own && used < own + Duration::from_millis(2), "charged {used:?} for {own:?} of guest CPU");
-        assert_eq!(tenant.snapshot().guest_cpu_us, used.as_micros() as u64);
+        assert_eq!(scheduler.snapshot(&tenant).guest_cpu_us, used.as_micros() as u64);
     }
 }
