@@ -1,4 +1,5 @@
-//! `cordon secret`: store, list and delete the encrypted secrets of a worker.
+//! `cordon secret`: store, list and delete the encrypted secrets of a
+//! worker, rotate the master key, and shred a removed tenant's secrets.
 //!
 //! A value is read from stdin, never from an argument, so that it stays out
 //! of shell history and `ps`, and it is never printed. A secret can only be
@@ -16,7 +17,10 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use cordon_config::{Config, WorkerConfig};
-use cordon_vars::vault::{KeySource, MAX_SECRET_BYTES, MasterKey, SecretValue, Vault, VaultError};
+use cordon_vars::vault::{
+    KeySource, MASTER_KEY_ENV, MASTER_KEY_FILE, MAX_SECRET_BYTES, MasterKey, NEW_MASTER_KEY_ENV, RotationLock, SecretValue, Vault,
+    VaultError,
+};
 use zeroize::Zeroizing;
 
 #[derive(Subcommand)]
@@ -54,6 +58,32 @@ pub enum SecretCommand {
         /// The secret's name.
         key: String,
     },
+    /// Re-encrypt every secret under a new master key, in one transaction.
+    /// With the key file (the default), a new key is made and replaces it;
+    /// with CORDON_MASTER_KEY, the new key is read from
+    /// CORDON_NEW_MASTER_KEY. With --tenant, only that tenant's secrets get
+    /// a new key of their own.
+    RotateKey {
+        /// The config whose data directory holds the secrets.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Re-key only this tenant's secrets, under a new key derived for it.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Destroy every secret of a tenant that was removed from the config,
+    /// and the key they were sealed with (crypto-shredding). Cannot be undone.
+    ShredTenant {
+        /// The config whose data directory holds the secrets; it must no
+        /// longer name a worker of the tenant.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The tenant.
+        tenant: String,
+        /// Confirms that the secrets are to be destroyed.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 pub fn run(command: SecretCommand) -> anyhow::Result<ExitCode> {
@@ -61,6 +91,8 @@ pub fn run(command: SecretCommand) -> anyhow::Result<ExitCode> {
         SecretCommand::Put { config, worker, key } => put(&config, &worker, &key),
         SecretCommand::List { config, worker } => list(&config, &worker),
         SecretCommand::Delete { config, worker, key } => delete(&config, &worker, &key),
+        SecretCommand::RotateKey { config, tenant } => rotate_key(&config, tenant.as_deref()),
+        SecretCommand::ShredTenant { config, tenant, yes } => shred_tenant(&config, &tenant, yes),
     }
 }
 
@@ -121,6 +153,76 @@ fn delete(path: &Path, worker: &str, key: &str) -> anyhow::Result<ExitCode> {
         bail!("secret `{key}` is not stored for worker `{}` (tenant `{}`), so there is nothing to delete", worker.name, worker.tenant);
     }
     println!("secret {key} deleted for worker {} (tenant {})", worker.name, worker.tenant);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rotate_key(path: &Path, tenant: Option<&str>) -> anyhow::Result<ExitCode> {
+    let config = crate::load_config(path)?;
+    let data_dir = &config.server.data_dir;
+    if !Vault::database_path(data_dir).exists() {
+        bail!("no secret is stored in {}, so there is no key to rotate", data_dir.display());
+    }
+    if let Some(tenant) = tenant {
+        let done = open_vault(&config)?.rekey_tenant(tenant).map_err(render)?;
+        println!("re-encrypted {} secret(s) of tenant {tenant} under a new key of its own", done.secrets);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let done = if std::env::var_os(MASTER_KEY_ENV).is_some() {
+        // The new key must be kept safe before anything is sealed with it:
+        // the operator makes it and holds it, and this command only uses it.
+        let Some(new) = std::env::var_os(NEW_MASTER_KEY_ENV) else {
+            bail!(
+                "{MASTER_KEY_ENV} is set, so the new key must come from {NEW_MASTER_KEY_ENV}: make one with `openssl rand -hex 32`, \
+                 keep it where you keep {MASTER_KEY_ENV}, and run this again with both set"
+            );
+        };
+        let new = Zeroizing::new(new.into_encoded_bytes());
+        let new = MasterKey::new_from_env_value(std::str::from_utf8(&new).unwrap_or("")).map_err(render)?;
+        let done = open_vault(&config)?.rotate_master_key(new).map_err(render)?;
+        eprintln!(
+            "set {MASTER_KEY_ENV} to the value of {NEW_MASTER_KEY_ENV} everywhere it is used, and restart `cordon serve` with it: \
+             a server that still holds the old key refuses secret reads until then"
+        );
+        done
+    } else {
+        // Taken before the vault opens, because opening may finish an
+        // interrupted rotation's rename.
+        let lock = RotationLock::acquire(data_dir).map_err(render)?;
+        let done = open_vault(&config)?.rotate_key_file(&lock).map_err(render)?;
+        eprintln!(
+            "the new key is in {}; back it up now, because the old one no longer opens the secrets. \
+             A running `cordon serve` picks it up at its next secret read",
+            data_dir.join(MASTER_KEY_FILE).display()
+        );
+        done
+    };
+    println!(
+        "re-encrypted {} secret(s) of {} tenant(s) under the new master key (key id {}, was {})",
+        done.secrets, done.tenants, done.new_key_id, done.old_key_id
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn shred_tenant(path: &Path, tenant: &str, yes: bool) -> anyhow::Result<ExitCode> {
+    let config = crate::load_config(path)?;
+    let workers: Vec<&str> = config.workers.iter().filter(|w| w.tenant == tenant).map(|w| w.name.as_str()).collect();
+    if !workers.is_empty() {
+        bail!(
+            "tenant `{tenant}` still has workers in {} ({}); remove them from the config first, because shredding destroys the secrets they read",
+            path.display(),
+            workers.join(", ")
+        );
+    }
+    if !yes {
+        bail!(
+            "this destroys every secret of tenant `{tenant}` and the key they were sealed with, and cannot be undone; run it again with --yes"
+        );
+    }
+    let Some(vault) = vault_if_exists(&config)? else {
+        bail!("no secret is stored in {}, so tenant `{tenant}` has none to shred", config.server.data_dir.display());
+    };
+    let shredded = vault.shred_tenant(tenant).map_err(render)?;
+    println!("shredded tenant {tenant}: {shredded} secret(s) and its key are gone");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -208,18 +208,11 @@ fn update_len_prefixed(mac: &mut HmacSha256, data: &[u8]) {
     mac.update(data);
 }
 
-/// HKDF-SHA256 (RFC 5869) with an empty salt, for one 32-byte output: `PRK = HMAC(0^32, ikm)`,
-/// `OKM = HMAC(PRK, info || 0x01)`.
+/// HKDF-SHA256 (RFC 5869) with an empty salt, for one 32-byte output.
 fn hkdf_sha256(ikm: &[u8], info: &[&[u8]]) -> Zeroizing<[u8; 32]> {
-    let mut extract = hmac_sha256(&[0u8; 32]);
-    extract.update(ikm);
-    let prk = Zeroizing::new(<[u8; 32]>::from(extract.finalize().into_bytes()));
-    let mut expand = hmac_sha256(prk.as_slice());
-    for part in info {
-        expand.update(part);
-    }
-    expand.update(&[1]);
-    Zeroizing::new(expand.finalize().into_bytes().into())
+    let mut okm = Zeroizing::new([0u8; 32]);
+    hkdf::Hkdf::<Sha256>::new(None, ikm).expand_multi_info(info, okm.as_mut_slice()).expect("HKDF-SHA256 gives 32 bytes");
+    okm
 }
 
 /// The key for `purpose` of one tenant's database: HKDF of the process secret, with the purpose,

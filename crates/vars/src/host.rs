@@ -6,8 +6,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use std::mem::MaybeUninit;
+
 use cordon_config::WorkerConfig;
-use wasmtime::component::{HasData, Linker};
+use wasmtime::StoreContextMut;
+use wasmtime::component::__internal::{CanonicalAbiInfo, InstanceType, InterfaceType, LowerContext};
+use wasmtime::component::{ComponentType, Linker, Lower};
+use zeroize::Zeroizing;
 
 use crate::vault::{Vault, VaultError};
 
@@ -68,14 +73,14 @@ impl WorkerVars {
     }
 
     /// Reads and decrypts one granted secret.
-    async fn secret(&self, name: &str) -> Result<Option<String>, store::Error> {
+    async fn secret(&self, name: &str) -> Result<Option<GuestString>, store::Error> {
         let Some(vault) = self.vault.clone() else { return Ok(None) };
         let (tenant, worker, name) = (self.tenant.clone(), self.worker.clone(), name.to_string());
         // On the vault's own pool, under the tenant's share of it; a read
         // whose request ended is dropped from the queue.
         let pool = Arc::clone(vault.read_pool());
         let read = pool.spawn(&self.tenant.clone(), move |_: &cordon_blocking::JobContext| {
-            vault.get(&tenant, &worker, &name).map(|v| v.map(|s| s.expose().to_string()))
+            vault.get(&tenant, &worker, &name).map(|v| v.map(|s| GuestString(s.into_inner())))
         });
         let read = match read {
             Ok(read) => read.await,
@@ -95,37 +100,85 @@ pub struct VarsView<'a> {
     pub state: &'a WorkerVars,
 }
 
-struct Vars;
+/// The interface name that [`add_to_linker`] defines.
+const STORE_INTERFACE: &str = "wasi:config/store@0.2.0-rc.1";
 
-impl HasData for Vars {
-    type Data<'a> = VarsView<'a>;
-}
-
+/// `wasi:config/store`'s two functions, defined by hand rather than through
+/// the generated bindings so that what they return is a [`GuestString`]:
+/// the plaintext of a secret is zeroed as soon as wasmtime has copied it
+/// into the guest, instead of being freed as an ordinary `String`.
 pub fn add_to_linker<T: Send + 'static>(linker: &mut Linker<T>, get: fn(&mut T) -> VarsView<'_>) -> wasmtime::Result<()> {
-    generated::Imports::add_to_linker::<T, Vars>(linker, get)
+    let mut store = linker.instance(STORE_INTERFACE)?;
+    store.func_wrap_async("get", move |mut cx: StoreContextMut<'_, T>, (key,): (String,)| {
+        Box::new(async move { Ok((get(cx.data_mut()).get(key).await,)) })
+    })?;
+    store.func_wrap_async("get-all", move |mut cx: StoreContextMut<'_, T>, (): ()| {
+        Box::new(async move { Ok((get(cx.data_mut()).get_all().await,)) })
+    })?;
+    Ok(())
 }
 
-impl store::Host for VarsView<'_> {
-    async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<String>, store::Error>> {
+impl VarsView<'_> {
+    async fn get(&self, key: String) -> Result<Option<GuestString>, store::Error> {
         if let Some(value) = self.state.vars.get(&key) {
-            return Ok(Ok(Some(value.clone())));
+            return Ok(Some(GuestString::from(value.clone())));
         }
         if self.state.secrets.contains(&key) {
-            return Ok(self.state.secret(&key).await);
+            return self.state.secret(&key).await;
         }
-        Ok(Ok(None))
+        Ok(None)
     }
 
-    async fn get_all(&mut self) -> wasmtime::Result<Result<Vec<(String, String)>, store::Error>> {
-        let mut all: Vec<(String, String)> = self.state.vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    async fn get_all(&self) -> Result<Vec<(GuestString, GuestString)>, store::Error> {
+        let mut all: Vec<(GuestString, GuestString)> =
+            self.state.vars.iter().map(|(k, v)| (GuestString::from(k.clone()), GuestString::from(v.clone()))).collect();
         for name in &self.state.secrets {
-            match self.state.secret(name).await {
-                Ok(Some(value)) => all.push((name.clone(), value)),
-                Ok(None) => {}
-                Err(e) => return Ok(Err(e)),
+            if let Some(value) = self.state.secret(name).await? {
+                all.push((GuestString::from(name.clone()), value));
             }
         }
-        Ok(Ok(all))
+        Ok(all)
+    }
+}
+
+/// A `string` handed to a guest that is zeroed when dropped. Wasmtime
+/// lowers a function's results into the guest's memory and then drops
+/// them, so the host's copy of a secret lives no longer than the call.
+pub struct GuestString(Zeroizing<String>);
+
+impl From<String> for GuestString {
+    fn from(s: String) -> Self {
+        GuestString(Zeroizing::new(s))
+    }
+}
+
+// SAFETY: every item forwards to `String`'s own implementation, so the
+// lowered form, the canonical ABI and the type check are exactly those of a
+// `string`; no invariant of the trait depends on anything else.
+unsafe impl ComponentType for GuestString {
+    type Lower = <String as ComponentType>::Lower;
+    const ABI: CanonicalAbiInfo = <String as ComponentType>::ABI;
+    const MAY_REQUIRE_REALLOC: bool = <String as ComponentType>::MAY_REQUIRE_REALLOC;
+
+    fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> wasmtime::Result<()> {
+        <String as ComponentType>::typecheck(ty, types)
+    }
+}
+
+// SAFETY: lowering forwards to `String`'s, which writes exactly the
+// `Self::Lower` values and memory that a `string` occupies.
+unsafe impl Lower for GuestString {
+    fn linear_lower_to_flat<U>(
+        &self,
+        cx: &mut LowerContext<'_, U>,
+        ty: InterfaceType,
+        dst: &mut MaybeUninit<Self::Lower>,
+    ) -> wasmtime::Result<()> {
+        <String as Lower>::linear_lower_to_flat(&self.0, cx, ty, dst)
+    }
+
+    fn linear_lower_to_memory<U>(&self, cx: &mut LowerContext<'_, U>, ty: InterfaceType, offset: usize) -> wasmtime::Result<()> {
+        <String as Lower>::linear_lower_to_memory(&self.0, cx, ty, offset)
     }
 }
 

@@ -1,5 +1,6 @@
 //! Encrypted secret storage: `<data_dir>/secrets.sqlite3`, every value sealed
-//! with XChaCha20-Poly1305 under one master key.
+//! with XChaCha20-Poly1305 under a key of its tenant's, derived from one
+//! master key.
 //!
 //! Invariants, and the tests below that prove them:
 //! - Plaintext never reaches the disk. Values are encrypted before SQLite
@@ -28,20 +29,33 @@
 //!   a sealed record of the latest versions
 //!   (`an_older_copy_of_a_row_put_back_is_refused`). Whoever can replace
 //!   the whole database file can still roll every secret back together.
+//! - Each tenant's secrets are sealed with a key of its own, derived from
+//!   the master key and a per-tenant salt ([`keys`]), and each record names
+//!   the key that sealed it. The master key rotates in one transaction, and
+//!   a rotation killed at any point leaves a store that opens with the old
+//!   key or the new one (`a_key_file_rotation_killed_at_each_step_leaves_a_store_that_opens`,
+//!   and `cordon`'s `a_rotation_killed_at_any_point_loses_nothing`). One
+//!   tenant can be re-keyed alone (`a_tenant_is_rekeyed_alone`) or
+//!   crypto-shredded (`a_shredded_tenant_cannot_be_recovered_from_a_copy_of_its_rows`).
 //!
-//! On-disk format (`PRAGMA user_version = 2`; format 1 is upgraded on open):
+//! On-disk format (`PRAGMA user_version = 3`; formats 1 and 2, which sealed
+//! everything with the master key itself, are upgraded on open):
 //! - `meta(key TEXT PRIMARY KEY, value BLOB)`: the row `key_check` holds
-//!   `nonce (24 bytes) || XChaCha20-Poly1305(KEY_CHECK_PLAINTEXT)` with
-//!   associated data `KEY_CHECK_AAD`, written by the first `put`.
-//! - `secrets(tenant, worker, name, nonce, ciphertext, version)`, primary key
-//!   `(tenant, worker, name)`: names are plain text (they are in the config
-//!   anyway), `nonce` is 24 fresh random bytes per write and `ciphertext` is
-//!   the sealed UTF-8 value followed by its 16-byte tag, with associated data
+//!   `nonce (24 bytes) || XChaCha20-Poly1305(KEY_CHECK_PLAINTEXT)` under the
+//!   store key with associated data `KEY_CHECK_AAD`, and the row `key_id`
+//!   the master key's id; both are written by the first `put`.
+//! - `tenant_keys(tenant, salt)`: the random salt of each tenant's key.
+//! - `secrets(tenant, worker, name, nonce, ciphertext, version, key_id)`,
+//!   primary key `(tenant, worker, name)`: names are plain text (they are in
+//!   the config anyway), `nonce` is 24 fresh random bytes per write and
+//!   `ciphertext` is the sealed UTF-8 value followed by its 16-byte tag,
+//!   under the tenant's key, with associated data
 //!   `"cordon-secret-v2\0" tenant "\0" worker "\0" name "\0" version`
 //!   (8 bytes, big-endian); each write of a secret adds one to its version.
+//!   `key_id` is the id of the tenant key that sealed it.
 //! - `meta` row `versions`: `nonce || sealed(lines of tenant \0 worker \0
-//!   name \0 version)` with associated data `VERSIONS_AAD`: the latest
-//!   version of every stored secret.
+//!   name \0 version)` under the store key with associated data
+//!   `VERSIONS_AAD`: the latest version of every stored secret.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -49,21 +63,30 @@ use std::fs;
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use chacha20poly1305::aead::rand_core::RngCore as _;
-use chacha20poly1305::aead::{Aead as _, KeyInit as _, OsRng, Payload};
+use chacha20poly1305::aead::{Aead as _, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use cordon_blocking::{BlockingPool, PoolConfig};
 use cordon_config::{is_valid_binding, is_valid_name};
 use rusqlite::{Connection, OptionalExtension as _, params};
 use zeroize::{Zeroize as _, Zeroizing};
 
+mod keys;
+
+use keys::{KeyId, Keyring};
+pub use keys::{NEXT_MASTER_KEY_FILE, RotationLock, next_key_path};
+
 /// Largest secret value, in bytes.
 pub const MAX_SECRET_BYTES: usize = 64 * 1024;
 /// The environment variable that, when set, holds the master key as hex.
 pub const MASTER_KEY_ENV: &str = "CORDON_MASTER_KEY";
+/// The environment variable that holds the new master key, as hex, when
+/// `cordon secret rotate-key` rotates a key that comes from the environment.
+pub const NEW_MASTER_KEY_ENV: &str = "CORDON_NEW_MASTER_KEY";
 /// The key file in the data directory, used when the variable is not set.
 pub const MASTER_KEY_FILE: &str = "master.key";
 /// The database in the data directory.
@@ -71,7 +94,7 @@ pub const DATABASE_FILE: &str = "secrets.sqlite3";
 
 const KEY_LEN: usize = 32;
 const NONCE_LEN: usize = 24;
-const FORMAT_VERSION: i64 = 2;
+const FORMAT_VERSION: i64 = 3;
 /// The associated data of format 1, read only to upgrade a store.
 const SECRET_AAD_PREFIX_V1: &[u8] = b"cordon-secret-v1\0";
 const SECRET_AAD_PREFIX: &[u8] = b"cordon-secret-v2\0";
@@ -98,6 +121,11 @@ impl SecretValue {
     /// The plaintext. Named so that every place that reads it stands out.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+
+    /// The plaintext, moved out without a copy; still zeroed on drop.
+    pub fn into_inner(self) -> Zeroizing<String> {
+        self.0
     }
 }
 
@@ -167,6 +195,17 @@ impl MasterKey {
     /// Parses the value of `CORDON_MASTER_KEY`: 64 hexadecimal characters.
     pub fn from_env_value(value: &str) -> Result<MasterKey, VaultError> {
         Ok(MasterKey { bytes: parse_hex_key(value.as_bytes())?, source: KeySource::Environment })
+    }
+
+    /// Parses the value of `CORDON_NEW_MASTER_KEY`, the key that
+    /// `cordon secret rotate-key` re-encrypts the store with when the
+    /// current key comes from the environment.
+    pub fn new_from_env_value(value: &str) -> Result<MasterKey, VaultError> {
+        match parse_hex_key(value.as_bytes()) {
+            Ok(bytes) => Ok(MasterKey { bytes, source: KeySource::Environment }),
+            Err(VaultError::BadEnvKey { problem }) => Err(VaultError::BadNewKey { problem }),
+            Err(e) => Err(e),
+        }
     }
 
     /// Where this key came from.
@@ -310,15 +349,20 @@ fn create_private_dir(dir: &Path) -> Result<(), VaultError> {
 /// the same file concurrently, which SQLite's locking handles.
 pub struct Vault {
     conn: Mutex<Connection>,
-    cipher: XChaCha20Poly1305,
-    /// Where the key came from, for the error when a writer finds that the
-    /// store was keyed with another one meanwhile.
-    key_source: KeySource,
+    /// The keys derived from the master key. Replaced when another process
+    /// rotated the master key and this one finds the new key in the key
+    /// files ([`Vault::keys_of_store`]).
+    keys: RwLock<Arc<Keyring>>,
     /// The versions record as last read, by its nonce: a secret read costs
     /// a 24-byte read and a comparison unless the record changed, rather
     /// than decrypting the record of every secret in the store.
     versions: Mutex<Option<(Vec<u8>, Arc<Versions>)>>,
     path: PathBuf,
+    data_dir: PathBuf,
+    /// Whether the store's key check opened with this vault's key, at open
+    /// or at a put: a key id that differs later means a rotation, not a
+    /// wrong key.
+    keyed: AtomicBool,
     /// Started on first use, so `cordon secret` starts no threads.
     reads: OnceLock<Arc<BlockingPool>>,
 }
@@ -332,6 +376,18 @@ impl fmt::Debug for Vault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Vault").field("path", &self.path).finish_non_exhaustive()
     }
+}
+
+/// What a re-encryption changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rekeyed {
+    /// Secrets sealed again.
+    pub secrets: usize,
+    /// Tenants given a new key.
+    pub tenants: usize,
+    /// The master key's id before and after (the same for one tenant).
+    pub old_key_id: String,
+    pub new_key_id: String,
 }
 
 impl Vault {
@@ -350,6 +406,10 @@ impl Vault {
     /// store's fails with [`VaultError::WrongMasterKey`] instead of failing
     /// on every secret. Opening writes no key check: the first `put` does,
     /// once it has checked the key against what is stored.
+    ///
+    /// A key from the key file that the store refuses is not the end: if
+    /// `master.key.next` opens the store, a rotation committed but was
+    /// killed before it replaced the key file, and opening finishes it.
     pub fn open(data_dir: &Path, key: MasterKey) -> Result<Vault, VaultError> {
         create_private_dir(data_dir)?;
         let path = Self::database_path(data_dir);
@@ -366,35 +426,49 @@ impl Vault {
         conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
         conn.pragma_update(None, "secure_delete", "ON").map_err(db_err)?;
 
-        let cipher = XChaCha20Poly1305::new(key.bytes.as_slice().into());
+        let from_key_file = matches!(key.source, KeySource::File(_));
+        let mut keys = Keyring::new(key);
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db_err)?;
         let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_err)?;
         if version > FORMAT_VERSION {
             return Err(VaultError::NewerFormat { path, version });
         }
         if version == 0 {
-            tx.execute_batch(
-                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) STRICT;
-                 CREATE TABLE IF NOT EXISTS secrets (
-                     tenant TEXT NOT NULL,
-                     worker TEXT NOT NULL,
-                     name TEXT NOT NULL,
-                     nonce BLOB NOT NULL,
-                     ciphertext BLOB NOT NULL,
-                     version INTEGER NOT NULL,
-                     PRIMARY KEY (tenant, worker, name)
-                 ) STRICT;
-                 PRAGMA user_version = 2;",
-            )
-            .map_err(db_err)?;
+            tx.execute_batch(SCHEMA).map_err(db_err)?;
         }
         let format = if version == 0 { FORMAT_VERSION } else { version };
-        check_key(&tx, &cipher, &path, &key.source, format)?;
-        if version == 1 {
-            upgrade_from_v1(&tx, &cipher, &path)?;
+        let checked = match check_key(&tx, &keys, &path, format) {
+            Err(wrong @ VaultError::WrongMasterKey { .. }) if from_key_file => {
+                let Some(next) = keys::next_key(data_dir)? else { return Err(wrong) };
+                let next = Keyring::new(next);
+                if check_key(&tx, &next, &path, format).is_err() {
+                    return Err(wrong);
+                }
+                keys::promote_next_key(data_dir)?;
+                tracing::info!(key_id = %next.id, "finished a master-key rotation that was interrupted after it re-encrypted the secrets");
+                keys = next;
+                KeyCheck::Matches
+            }
+            checked => checked?,
+        };
+        if format < FORMAT_VERSION {
+            upgrade(&tx, &keys, format, &path)?;
         }
         tx.commit().map_err(db_err)?;
-        Ok(Vault { conn: Mutex::new(conn), cipher, key_source: key.source, versions: Mutex::new(None), path, reads: OnceLock::new() })
+        Ok(Vault {
+            conn: Mutex::new(conn),
+            keys: RwLock::new(Arc::new(keys)),
+            versions: Mutex::new(None),
+            path,
+            data_dir: data_dir.to_path_buf(),
+            keyed: AtomicBool::new(checked == KeyCheck::Matches),
+            reads: OnceLock::new(),
+        })
+    }
+
+    /// The id of the master key this vault holds.
+    pub fn key_id(&self) -> String {
+        self.keys().id.to_string()
     }
 
     /// Stores `value`, replacing any previous value; durable when it returns.
@@ -406,29 +480,33 @@ impl Vault {
         }
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| self.db_err(e))?;
+        let keys = self.keys_of_store(&tx)?;
         // Checked again inside the write: another process may have keyed
         // the store since this one opened it.
-        if check_key(&tx, &self.cipher, &self.path, &self.key_source, FORMAT_VERSION)? == KeyCheck::Missing {
-            let record = seal_record(&self.cipher, KEY_CHECK_PLAINTEXT, KEY_CHECK_AAD)?;
-            tx.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?1)", [record]).map_err(|e| self.db_err(e))?;
+        if check_key(&tx, &keys, &self.path, FORMAT_VERSION)? == KeyCheck::Missing {
+            write_key_check(&tx, &keys, &self.path)?;
         }
         // Each write of a secret is a new version, sealed into its
         // ciphertext and recorded, sealed, in the store's list of versions.
-        let mut versions = Versions::load(&tx, &self.cipher, &self.path)?;
+        let mut versions = Versions::load(&tx, &keys.store, &self.path)?;
         let id = (tenant.to_string(), worker.to_string(), name.to_string());
         let version = versions.0.get(&id).map_or(1, |v| v + 1);
+        let tenant_key = tenant_key(&tx, &keys, tenant, &self.path)?;
         let nonce = random_nonce()?;
         let aad = secret_aad(tenant, worker, name, version);
-        let sealed = self.cipher.encrypt(&nonce, Payload { msg: value.expose().as_bytes(), aad: &aad }).map_err(|_| VaultError::Encrypt)?;
+        let sealed =
+            tenant_key.cipher.encrypt(&nonce, Payload { msg: value.expose().as_bytes(), aad: &aad }).map_err(|_| VaultError::Encrypt)?;
         tx.execute(
-            "INSERT INTO secrets (tenant, worker, name, nonce, ciphertext, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (tenant, worker, name) DO UPDATE SET nonce = excluded.nonce, ciphertext = excluded.ciphertext, version = excluded.version",
-            params![tenant, worker, name, nonce.as_slice(), sealed, version as i64],
+            "INSERT INTO secrets (tenant, worker, name, nonce, ciphertext, version, key_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (tenant, worker, name) DO UPDATE SET
+                 nonce = excluded.nonce, ciphertext = excluded.ciphertext, version = excluded.version, key_id = excluded.key_id",
+            params![tenant, worker, name, nonce.as_slice(), sealed, version as i64, tenant_key.id.as_str()],
         )
         .map_err(|e| self.db_err(e))?;
         versions.0.insert(id, version);
-        versions.save(&tx, &self.cipher, &self.path)?;
+        versions.save(&tx, &keys.store, &self.path)?;
         tx.commit().map_err(|e| self.db_err(e))?;
+        self.keyed.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -439,23 +517,36 @@ impl Vault {
     pub fn get(&self, tenant: &str, worker: &str, name: &str) -> Result<Option<SecretValue>, VaultError> {
         check_identity(tenant, worker, name)?;
         let conn = self.conn();
-        let row: Option<(Vec<u8>, Vec<u8>, i64)> = conn
+        let row = conn
             .query_row(
-                "SELECT nonce, ciphertext, version FROM secrets WHERE tenant = ?1 AND worker = ?2 AND name = ?3",
+                &format!("{SELECT_ROWS} WHERE s.tenant = ?1 AND s.worker = ?2 AND s.name = ?3"),
                 params![tenant, worker, name],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                StoredRow::read,
             )
             .optional()
             .map_err(|e| self.db_err(e))?;
-        let Some((nonce, sealed, version)) = row else { return Ok(None) };
+        let Some(row) = row else { return Ok(None) };
         let undecryptable = || VaultError::Undecryptable { tenant: tenant.into(), worker: worker.into(), name: name.into() };
-        let version = version as u64;
-        let mut plain = open_secret(&self.cipher, &nonce, &sealed, &secret_aad(tenant, worker, name, version)).ok_or_else(undecryptable)?;
+        let mut keys = self.keys();
+        // A record sealed under another key than the one this vault derives
+        // for its tenant: the master key was rotated by another process.
+        if let Some(salt) = &row.salt
+            && keys.tenant(tenant, salt).id.as_str() != row.key_id
+        {
+            keys = self.keys_of_store(&conn)?;
+        }
+        let mut plain = row.open(&keys, FORMAT_VERSION).ok_or_else(undecryptable)?;
         // It is this secret's, sealed as `version`: is that the latest?
-        let latest = self.latest_versions(&conn)?.0.get(&(tenant.into(), worker.into(), name.into())).copied();
+        let latest = self.latest_versions(&conn, &keys)?.0.get(&(tenant.into(), worker.into(), name.into())).copied();
         drop(conn);
-        if latest != Some(version) {
-            return Err(VaultError::RolledBack { tenant: tenant.into(), worker: worker.into(), name: name.into(), version, latest });
+        if latest != Some(row.version) {
+            return Err(VaultError::RolledBack {
+                tenant: tenant.into(),
+                worker: worker.into(),
+                name: name.into(),
+                version: row.version,
+                latest,
+            });
         }
         // Moved out, not copied: the String is zeroed by `SecretValue`.
         match String::from_utf8(std::mem::take(&mut *plain)) {
@@ -490,18 +581,144 @@ impl Vault {
         // (opening checks it against a stored secret at least), so the list
         // is never sealed with a key that is not the store's.
         if n > 0 {
-            let mut versions = Versions::load(&tx, &self.cipher, &self.path)?;
+            let keys = self.keys_of_store(&tx)?;
+            let mut versions = Versions::load(&tx, &keys.store, &self.path)?;
             versions.0.remove(&(tenant.into(), worker.into(), name.into()));
-            versions.save(&tx, &self.cipher, &self.path)?;
+            versions.save(&tx, &keys.store, &self.path)?;
         }
         tx.commit().map_err(|e| self.db_err(e))?;
         Ok(n > 0)
     }
 
+    /// Re-encrypts every secret under `new`, with a new salt for every
+    /// tenant, and seals the key check and the versions record with it, all
+    /// in one transaction: the store opens with the old key until it
+    /// commits and with the new one after. A secret that does not decrypt,
+    /// or is not its latest version, stops the rotation, which then changes
+    /// nothing. This vault uses `new` from then on.
+    pub fn rotate_master_key(&self, new: MasterKey) -> Result<Rekeyed, VaultError> {
+        let new = Keyring::new(new);
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| self.db_err(e))?;
+        let old = self.keys_of_store(&tx)?;
+        check_key(&tx, &old, &self.path, FORMAT_VERSION)?;
+        let (secrets, tenants) = reseal(&tx, &old, &new, None, &self.path)?;
+        write_key_check(&tx, &new, &self.path)?;
+        Versions::load(&tx, &old.store, &self.path)?.save(&tx, &new.store, &self.path)?;
+        tx.commit().map_err(|e| self.db_err(e))?;
+        self.keyed.store(true, Ordering::Relaxed);
+        let rekeyed = Rekeyed { secrets, tenants, old_key_id: old.id.to_string(), new_key_id: new.id.to_string() };
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        *self.versions.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(rekeyed)
+    }
+
+    /// Rotates the master key kept in the data directory's key file: a new
+    /// random key is written to `master.key.next` and synced, the store is
+    /// re-encrypted with it ([`Vault::rotate_master_key`]), and the file
+    /// replaces `master.key`. Killed at any point, the store opens with one
+    /// of the two files, and [`Vault::open`] finishes the rename. `lock`
+    /// must have been taken before this vault was opened.
+    pub fn rotate_key_file(&self, lock: &RotationLock) -> Result<Rekeyed, VaultError> {
+        let new = keys::write_next_key(&self.data_dir, lock)?;
+        let rekeyed = self.rotate_master_key(new)?;
+        keys::promote_next_key(&self.data_dir)?;
+        Ok(rekeyed)
+    }
+
+    /// Gives `tenant` a new key (a new salt) and re-encrypts its secrets
+    /// under it, in one transaction. Other tenants' records are untouched.
+    pub fn rekey_tenant(&self, tenant: &str) -> Result<Rekeyed, VaultError> {
+        if !is_valid_name(tenant) {
+            return Err(VaultError::InvalidName { what: "tenant", name: tenant.into() });
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| self.db_err(e))?;
+        let keys = self.keys_of_store(&tx)?;
+        check_key(&tx, &keys, &self.path, FORMAT_VERSION)?;
+        let (secrets, _) = reseal(&tx, &keys, &keys, Some(tenant), &self.path)?;
+        if secrets == 0 {
+            return Err(VaultError::NoSecretsOfTenant { tenant: tenant.into() });
+        }
+        tx.commit().map_err(|e| self.db_err(e))?;
+        Ok(Rekeyed { secrets, tenants: 1, old_key_id: keys.id.to_string(), new_key_id: keys.id.to_string() })
+    }
+
+    /// Crypto-shreds `tenant`: deletes its secrets, their versions and its
+    /// key's salt in one transaction, then checkpoints the log so that the
+    /// zeroed pages (`secure_delete`) replace the old ones in the database
+    /// file. A copy of the tenant's records kept anywhere else cannot be
+    /// decrypted without the salt, which no longer exists. Returns how many
+    /// secrets went.
+    pub fn shred_tenant(&self, tenant: &str) -> Result<usize, VaultError> {
+        if !is_valid_name(tenant) {
+            return Err(VaultError::InvalidName { what: "tenant", name: tenant.into() });
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| self.db_err(e))?;
+        let keys = self.keys_of_store(&tx)?;
+        check_key(&tx, &keys, &self.path, FORMAT_VERSION)?;
+        let secrets = tx.execute("DELETE FROM secrets WHERE tenant = ?1", [tenant]).map_err(|e| self.db_err(e))?;
+        let salts = tx.execute("DELETE FROM tenant_keys WHERE tenant = ?1", [tenant]).map_err(|e| self.db_err(e))?;
+        if secrets == 0 && salts == 0 {
+            return Err(VaultError::NoSecretsOfTenant { tenant: tenant.into() });
+        }
+        let mut versions = Versions::load(&tx, &keys.store, &self.path)?;
+        versions.0.retain(|(t, _, _), _| t != tenant);
+        versions.save(&tx, &keys.store, &self.path)?;
+        tx.commit().map_err(|e| self.db_err(e))?;
+        // Readers may hold the log open; what they pin is checkpointed by
+        // the next writer, and SQLite truncates the log then.
+        let (busy, _, _): (i64, i64, i64) =
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(|e| self.db_err(e))?;
+        if busy != 0 {
+            tracing::warn!(path = %self.path.display(), "another process was reading the secrets database; its log is truncated at the next checkpoint");
+        }
+        Ok(secrets)
+    }
+
+    /// The keys that open the store now. Another process may have rotated
+    /// the master key since this vault opened: then the key files hold the
+    /// new key (this vault's came from them), or the new key is in another
+    /// process's environment and this one must be restarted with it.
+    fn keys_of_store(&self, conn: &Connection) -> Result<Arc<Keyring>, VaultError> {
+        let ours = self.keys();
+        let stored: Option<Vec<u8>> =
+            conn.query_row("SELECT value FROM meta WHERE key = 'key_id'", [], |r| r.get(0)).optional().map_err(|e| self.db_err(e))?;
+        let Some(stored) = stored.map(|id| KeyId::from_stored(String::from_utf8_lossy(&id).into_owned())) else { return Ok(ours) };
+        if stored == ours.id {
+            return Ok(ours);
+        }
+        let found = match ours.source {
+            KeySource::File(_) | KeySource::Created(_) => keys::find_key_file(&self.data_dir, &stored)?,
+            KeySource::Environment => None,
+        };
+        let Some(found) = found else {
+            if !self.keyed.load(Ordering::Relaxed) {
+                return Err(VaultError::WrongMasterKey { database: self.path.clone(), key: ours.source.clone() });
+            }
+            return Err(VaultError::KeyRotated {
+                database: self.path.clone(),
+                key: ours.source.clone(),
+                ours: ours.id.to_string(),
+                store: stored.to_string(),
+            });
+        };
+        let found = Arc::new(found);
+        tracing::info!(key_id = %found.id, "the secret store's master key was rotated; using the new key");
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = found.clone();
+        *self.versions.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(found)
+    }
+
+    fn keys(&self) -> Arc<Keyring> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// The versions record, decrypted again only when its nonce (fresh at
     /// every save) is not the one read last. A record put back from an older
     /// copy has another nonce, so it is decrypted and checked like any.
-    fn latest_versions(&self, conn: &Connection) -> Result<Arc<Versions>, VaultError> {
+    fn latest_versions(&self, conn: &Connection, keys: &Keyring) -> Result<Arc<Versions>, VaultError> {
         let nonce: Option<Vec<u8>> = conn
             .query_row("SELECT substr(value, 1, ?1) FROM meta WHERE key = 'versions'", [NONCE_LEN as i64], |r| r.get(0))
             .optional()
@@ -512,7 +729,7 @@ impl Vault {
         {
             return Ok(versions.clone());
         }
-        let (nonce, versions) = Versions::load_with_nonce(conn, &self.cipher, &self.path)?;
+        let (nonce, versions) = Versions::load_with_nonce(conn, &keys.store, &self.path)?;
         let versions = Arc::new(versions);
         *cached = nonce.map(|n| (n, versions.clone()));
         Ok(versions)
@@ -520,13 +737,182 @@ impl Vault {
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a half-done write:
-        // every write is one SQLite statement.
+        // every write is one SQLite transaction.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn db_err(&self, source: rusqlite::Error) -> VaultError {
         VaultError::Database { path: self.path.clone(), source }
     }
+}
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) STRICT;
+     CREATE TABLE IF NOT EXISTS tenant_keys (tenant TEXT PRIMARY KEY, salt BLOB NOT NULL) STRICT;
+     CREATE TABLE IF NOT EXISTS secrets (
+         tenant TEXT NOT NULL,
+         worker TEXT NOT NULL,
+         name TEXT NOT NULL,
+         nonce BLOB NOT NULL,
+         ciphertext BLOB NOT NULL,
+         version INTEGER NOT NULL,
+         key_id TEXT NOT NULL,
+         PRIMARY KEY (tenant, worker, name)
+     ) STRICT;
+     PRAGMA user_version = 3;";
+
+/// A stored secret with what is needed to open it. The columns that older
+/// formats lack read as constants (see [`select_rows`]).
+struct StoredRow {
+    tenant: String,
+    worker: String,
+    name: String,
+    version: u64,
+    nonce: Vec<u8>,
+    sealed: Vec<u8>,
+    /// The id of the tenant key that sealed it (format 3).
+    key_id: String,
+    /// The salt of its tenant's key (format 3), `None` if the tenant has none.
+    salt: Option<Vec<u8>>,
+}
+
+const SELECT_ROWS: &str = "SELECT s.tenant, s.worker, s.name, s.version, s.nonce, s.ciphertext, s.key_id, k.salt
+     FROM secrets s LEFT JOIN tenant_keys k ON k.tenant = s.tenant";
+
+/// The query for every row of a store in `format`.
+fn select_rows(format: i64) -> &'static str {
+    match format {
+        1 => "SELECT tenant, worker, name, 1, nonce, ciphertext, '', NULL FROM secrets s",
+        2 => "SELECT tenant, worker, name, version, nonce, ciphertext, '', NULL FROM secrets s",
+        _ => SELECT_ROWS,
+    }
+}
+
+impl StoredRow {
+    fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredRow> {
+        let version: i64 = r.get(3)?;
+        Ok(StoredRow {
+            tenant: r.get(0)?,
+            worker: r.get(1)?,
+            name: r.get(2)?,
+            version: version as u64,
+            nonce: r.get(4)?,
+            sealed: r.get(5)?,
+            key_id: r.get(6)?,
+            salt: r.get(7)?,
+        })
+    }
+
+    /// The plaintext, if this row opens under `keys` as `format` sealed it.
+    fn open(&self, keys: &Keyring, format: i64) -> Option<Zeroizing<Vec<u8>>> {
+        let (tenant, worker, name) = (&self.tenant, &self.worker, &self.name);
+        match format {
+            1 => open_secret(&keys.legacy, &self.nonce, &self.sealed, &secret_aad_v1(tenant, worker, name)),
+            2 => open_secret(&keys.legacy, &self.nonce, &self.sealed, &secret_aad(tenant, worker, name, self.version)),
+            _ => {
+                let key = keys.tenant(tenant, self.salt.as_deref()?);
+                open_secret(&key.cipher, &self.nonce, &self.sealed, &secret_aad(tenant, worker, name, self.version))
+            }
+        }
+    }
+
+    fn undecryptable(&self) -> VaultError {
+        VaultError::Undecryptable { tenant: self.tenant.clone(), worker: self.worker.clone(), name: self.name.clone() }
+    }
+}
+
+/// The key of `tenant`, with a salt created for it if it has none yet.
+fn tenant_key(conn: &Connection, keys: &Keyring, tenant: &str, path: &Path) -> Result<keys::TenantKey, VaultError> {
+    let db_err = |source| VaultError::Database { path: path.to_path_buf(), source };
+    let salt: Option<Vec<u8>> =
+        conn.query_row("SELECT salt FROM tenant_keys WHERE tenant = ?1", [tenant], |r| r.get(0)).optional().map_err(db_err)?;
+    let salt = match salt {
+        Some(salt) => salt,
+        None => {
+            let salt = keys::new_salt()?;
+            conn.execute("INSERT INTO tenant_keys (tenant, salt) VALUES (?1, ?2)", params![tenant, salt.as_slice()]).map_err(db_err)?;
+            salt.to_vec()
+        }
+    };
+    Ok(keys.tenant(tenant, &salt))
+}
+
+/// Re-encrypts the secrets of `only` (or of every tenant) from `old` to
+/// `new`, giving each tenant concerned a new salt, inside the caller's
+/// transaction. Every row must open under `old` and be its latest version.
+/// Returns how many rows were sealed again, and for how many tenants.
+fn reseal(conn: &Connection, old: &Keyring, new: &Keyring, only: Option<&str>, path: &Path) -> Result<(usize, usize), VaultError> {
+    let db_err = |source| VaultError::Database { path: path.to_path_buf(), source };
+    let latest = Versions::load(conn, &old.store, path)?;
+    let rows: Vec<StoredRow> = match only {
+        Some(tenant) => {
+            conn.prepare(&format!("{SELECT_ROWS} WHERE s.tenant = ?1")).and_then(|mut s| s.query_map([tenant], StoredRow::read)?.collect())
+        }
+        None => conn.prepare(SELECT_ROWS).and_then(|mut s| s.query_map([], StoredRow::read)?.collect()),
+    }
+    .map_err(db_err)?;
+    let tenants: Vec<String> = match only {
+        Some(tenant) => vec![tenant.to_string()],
+        None => {
+            conn.prepare("SELECT tenant FROM tenant_keys").and_then(|mut s| s.query_map([], |r| r.get(0))?.collect()).map_err(db_err)?
+        }
+    };
+    let mut new_keys = BTreeMap::new();
+    for tenant in tenants {
+        let salt = keys::new_salt()?;
+        conn.execute(
+            "INSERT INTO tenant_keys (tenant, salt) VALUES (?1, ?2) ON CONFLICT (tenant) DO UPDATE SET salt = excluded.salt",
+            params![tenant, salt.as_slice()],
+        )
+        .map_err(db_err)?;
+        new_keys.insert(tenant.clone(), new.tenant(&tenant, &salt));
+    }
+    for row in &rows {
+        let plain = row.open(old, FORMAT_VERSION).ok_or_else(|| row.undecryptable())?;
+        check_latest(&latest, row)?;
+        let key = new_keys.get(&row.tenant).ok_or_else(|| row.undecryptable())?;
+        seal_row(conn, row, &plain, row.version, key, path)?;
+    }
+    Ok((rows.len(), new_keys.len()))
+}
+
+/// Refuses a row that is not the latest version of its secret.
+fn check_latest(latest: &Versions, row: &StoredRow) -> Result<(), VaultError> {
+    let recorded = latest.0.get(&(row.tenant.clone(), row.worker.clone(), row.name.clone())).copied();
+    if recorded == Some(row.version) {
+        return Ok(());
+    }
+    Err(VaultError::RolledBack {
+        tenant: row.tenant.clone(),
+        worker: row.worker.clone(),
+        name: row.name.clone(),
+        version: row.version,
+        latest: recorded,
+    })
+}
+
+/// Writes `plain` back into `row`'s place, sealed as `version` under `key`
+/// with a fresh nonce.
+fn seal_row(conn: &Connection, row: &StoredRow, plain: &[u8], version: u64, key: &keys::TenantKey, path: &Path) -> Result<(), VaultError> {
+    let nonce = random_nonce()?;
+    let aad = secret_aad(&row.tenant, &row.worker, &row.name, version);
+    let sealed = key.cipher.encrypt(&nonce, Payload { msg: plain, aad: &aad }).map_err(|_| VaultError::Encrypt)?;
+    conn.execute(
+        "UPDATE secrets SET nonce = ?4, ciphertext = ?5, version = ?6, key_id = ?7 WHERE tenant = ?1 AND worker = ?2 AND name = ?3",
+        params![row.tenant, row.worker, row.name, nonce.as_slice(), sealed, version as i64, key.id.as_str()],
+    )
+    .map_err(|source| VaultError::Database { path: path.to_path_buf(), source })?;
+    Ok(())
+}
+
+/// Seals the key check with `keys` and records its key id.
+fn write_key_check(conn: &Connection, keys: &Keyring, path: &Path) -> Result<(), VaultError> {
+    let record = seal_record(&keys.store, KEY_CHECK_PLAINTEXT, KEY_CHECK_AAD)?;
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('key_check', ?1), ('key_id', ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![record, keys.id.as_str().as_bytes()],
+    )
+    .map_err(|source| VaultError::Database { path: path.to_path_buf(), source })?;
+    Ok(())
 }
 
 /// What [`check_key`] found.
@@ -539,34 +925,26 @@ enum KeyCheck {
     Missing,
 }
 
-/// Whether `cipher` holds the key of the store behind `conn`: by its
-/// key-check record, or, when the record is missing, by one stored secret.
-/// A store with secrets but no record is damaged or was edited; a key that
-/// cannot open its secrets is refused rather than made the store's.
-fn check_key(conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path, source: &KeySource, format: i64) -> Result<KeyCheck, VaultError> {
+/// Whether `keys` are those of the store behind `conn`, as `format` keyed
+/// it: by its key-check record, or, when the record is missing, by one
+/// stored secret. A store with secrets but no record is damaged or was
+/// edited; a key that cannot open its secrets is refused rather than made
+/// the store's.
+fn check_key(conn: &Connection, keys: &Keyring, path: &Path, format: i64) -> Result<KeyCheck, VaultError> {
     let db_err = |source| VaultError::Database { path: path.to_path_buf(), source };
-    let wrong = || VaultError::WrongMasterKey { database: path.to_path_buf(), key: source.clone() };
+    let wrong = || VaultError::WrongMasterKey { database: path.to_path_buf(), key: keys.source.clone() };
+    let sealer = if format >= 3 { &keys.store } else { &keys.legacy };
     let check: Option<Vec<u8>> =
         conn.query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| r.get(0)).optional().map_err(db_err)?;
     if let Some(record) = check {
-        let opened = open_record(cipher, &record, KEY_CHECK_AAD);
+        let opened = open_record(sealer, &record, KEY_CHECK_AAD);
         return if opened.is_some_and(|plain| plain.as_slice() == KEY_CHECK_PLAINTEXT) { Ok(KeyCheck::Matches) } else { Err(wrong()) };
     }
-    // One stored secret: its identity and version (the associated data),
-    // nonce and ciphertext.
-    type Stored = ([String; 3], i64, Vec<u8>, Vec<u8>);
-    let version_column = if format >= 2 { "version" } else { "0" };
-    let row: Option<Stored> = conn
-        .query_row(&format!("SELECT tenant, worker, name, {version_column}, nonce, ciphertext FROM secrets LIMIT 1"), [], |r| {
-            Ok(([r.get(0)?, r.get(1)?, r.get(2)?], r.get(3)?, r.get(4)?, r.get(5)?))
-        })
-        .optional()
-        .map_err(db_err)?;
-    let Some(([tenant, worker, name], version, nonce, sealed)) = row else { return Ok(KeyCheck::Missing) };
-    let aad = if format >= 2 { secret_aad(&tenant, &worker, &name, version as u64) } else { secret_aad_v1(&tenant, &worker, &name) };
-    match open_secret(cipher, &nonce, &sealed, &aad) {
-        Some(_) => Ok(KeyCheck::Missing),
-        None => Err(VaultError::KeyCheckLost { database: path.to_path_buf(), key: source.clone() }),
+    let row = conn.query_row(&format!("{} LIMIT 1", select_rows(format)), [], StoredRow::read).optional().map_err(db_err)?;
+    match row {
+        None => Ok(KeyCheck::Missing),
+        Some(row) if row.open(keys, format).is_some() => Ok(KeyCheck::Missing),
+        Some(_) => Err(VaultError::KeyCheckLost { database: path.to_path_buf(), key: keys.source.clone() }),
     }
 }
 
@@ -677,42 +1055,51 @@ impl Versions {
     }
 }
 
-/// Moves a format-1 store to format 2 inside the caller's transaction: each
-/// secret is decrypted with its format-1 associated data and sealed again
-/// as version 1, and the versions record is written. The key was checked
-/// before; a secret that does not decrypt stops the upgrade, which then
-/// changes nothing.
-fn upgrade_from_v1(conn: &Connection, cipher: &XChaCha20Poly1305, path: &Path) -> Result<(), VaultError> {
+/// Moves a store of format 1 or 2 to format 3 inside the caller's
+/// transaction: each secret is decrypted as its format sealed it (with the
+/// master key itself) and sealed again under its tenant's key, and the key
+/// check and the versions record are sealed again with the store key. The
+/// key was checked before; a secret that does not decrypt stops the
+/// upgrade, which then changes nothing. A format-2 store keeps its versions
+/// record, so a row that was rolled back before the upgrade is still
+/// refused after it.
+fn upgrade(conn: &Connection, keys: &Keyring, format: i64, path: &Path) -> Result<(), VaultError> {
     let db_err = |source| VaultError::Database { path: path.to_path_buf(), source };
-    conn.execute_batch("ALTER TABLE secrets ADD COLUMN version INTEGER NOT NULL DEFAULT 1").map_err(db_err)?;
-    // Each row's identity, nonce and ciphertext.
-    type Row = ([String; 3], Vec<u8>, Vec<u8>);
-    let rows: Vec<Row> = conn
-        .prepare("SELECT tenant, worker, name, nonce, ciphertext FROM secrets")
-        .and_then(|mut stmt| stmt.query_map([], |r| Ok(([r.get(0)?, r.get(1)?, r.get(2)?], r.get(3)?, r.get(4)?)))?.collect())
-        .map_err(db_err)?;
-    let mut versions = Versions::default();
-    for ([tenant, worker, name], nonce, sealed) in rows {
-        let undecryptable = || VaultError::Undecryptable { tenant: tenant.clone(), worker: worker.clone(), name: name.clone() };
-        let plain = open_secret(cipher, &nonce, &sealed, &secret_aad_v1(&tenant, &worker, &name)).ok_or_else(undecryptable)?;
-        let new_nonce = random_nonce()?;
-        let aad = secret_aad(&tenant, &worker, &name, 1);
-        let resealed = cipher.encrypt(&new_nonce, Payload { msg: &plain, aad: &aad }).map_err(|_| VaultError::Encrypt)?;
-        conn.execute(
-            "UPDATE secrets SET nonce = ?4, ciphertext = ?5, version = 1 WHERE tenant = ?1 AND worker = ?2 AND name = ?3",
-            params![tenant, worker, name, new_nonce.as_slice(), resealed],
-        )
-        .map_err(db_err)?;
-        versions.0.insert((tenant, worker, name), 1);
+    let rows: Vec<StoredRow> =
+        conn.prepare(select_rows(format)).and_then(|mut s| s.query_map([], StoredRow::read)?.collect()).map_err(db_err)?;
+    let mut versions = if format == 2 { Versions::load(conn, &keys.legacy, path)? } else { Versions::default() };
+    let keyed: i64 = conn.query_row("SELECT count(*) FROM meta WHERE key = 'key_check'", [], |r| r.get(0)).map_err(db_err)?;
+    if format == 1 {
+        conn.execute_batch("ALTER TABLE secrets ADD COLUMN version INTEGER NOT NULL DEFAULT 1").map_err(db_err)?;
     }
-    if !versions.0.is_empty() {
-        versions.save(conn, cipher, path)?;
+    conn.execute_batch(
+        "ALTER TABLE secrets ADD COLUMN key_id TEXT NOT NULL DEFAULT '';
+         CREATE TABLE tenant_keys (tenant TEXT PRIMARY KEY, salt BLOB NOT NULL) STRICT;",
+    )
+    .map_err(db_err)?;
+    let mut tenant_keys = BTreeMap::new();
+    for row in &rows {
+        let plain = row.open(keys, format).ok_or_else(|| row.undecryptable())?;
+        if !tenant_keys.contains_key(&row.tenant) {
+            tenant_keys.insert(row.tenant.clone(), tenant_key(conn, keys, &row.tenant, path)?);
+        }
+        seal_row(conn, row, &plain, row.version, &tenant_keys[&row.tenant], path)?;
+        if format == 1 {
+            versions.0.insert((row.tenant.clone(), row.worker.clone(), row.name.clone()), row.version);
+        }
     }
-    conn.execute_batch("PRAGMA user_version = 2").map_err(db_err)?;
-    tracing::info!(path = %path.display(), secrets = versions.0.len(), "the secrets database was upgraded to format 2 (versioned secrets)");
+    if keyed > 0 || !rows.is_empty() {
+        write_key_check(conn, keys, path)?;
+    }
+    if versions.0.is_empty() {
+        conn.execute("DELETE FROM meta WHERE key = 'versions'", []).map_err(db_err)?;
+    } else {
+        versions.save(conn, &keys.store, path)?;
+    }
+    conn.execute_batch("PRAGMA user_version = 3").map_err(db_err)?;
+    tracing::info!(path = %path.display(), from = format, secrets = rows.len(), "the secrets database was upgraded to format 3 (a key per tenant)");
     Ok(())
 }
-
 fn check_worker(tenant: &str, worker: &str) -> Result<(), VaultError> {
     if !is_valid_name(tenant) {
         return Err(VaultError::InvalidName { what: "tenant", name: tenant.into() });
@@ -740,6 +1127,21 @@ pub enum VaultError {
          or unset it to use the key file in the data directory"
     )]
     BadEnvKey { problem: String },
+    #[error(
+        "{NEW_MASTER_KEY_ENV} must be 64 hexadecimal characters (a 32-byte key), but {problem}; make one with \
+         `openssl rand -hex 32` and keep it where you keep {MASTER_KEY_ENV} before rotating"
+    )]
+    BadNewKey { problem: String },
+    /// Another process rotated the master key, and this one cannot find
+    /// the new key.
+    #[error(
+        "the master key of {} was rotated (its key id is now {store}, and {key} holds key {ours}); \
+         restart with the new key in {MASTER_KEY_ENV}, or restore the key file that holds it",
+        database.display()
+    )]
+    KeyRotated { database: PathBuf, key: KeySource, ours: String, store: String },
+    #[error("no secret of tenant `{tenant}` is stored, so there is nothing to re-key or shred")]
+    NoSecretsOfTenant { tenant: String },
     #[error("cannot read or create the master key file {}: {source}", path.display())]
     KeyFile { path: PathBuf, source: std::io::Error },
     #[error("the master key file {} is {problem}; fix it with {fix}", path.display())]
@@ -796,7 +1198,7 @@ pub enum VaultError {
     NotPrivate(#[from] cordon_disk::private_dir::NotPrivate),
     #[error("the secrets database {}: {source}", path.display())]
     Database { path: PathBuf, source: rusqlite::Error },
-    #[error("the secrets database {} has format version {version}, newer than this Cordon understands (1); upgrade Cordon", path.display())]
+    #[error("the secrets database {} has format version {version}, newer than this Cordon understands ({FORMAT_VERSION}); upgrade Cordon", path.display())]
     NewerFormat { path: PathBuf, version: i64 },
     #[error("`{name}` is not a valid {what} name")]
     InvalidName { what: &'static str, name: String },
@@ -1052,13 +1454,15 @@ mod tests {
         let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
         vault.put("acme", "notes", "API_KEY", &secret("old")).unwrap();
         let db = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
-        let old: (Vec<u8>, Vec<u8>, i64) =
-            db.query_row("SELECT nonce, ciphertext, version FROM secrets", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+        let old: (Vec<u8>, Vec<u8>, i64, String) = db
+            .query_row("SELECT nonce, ciphertext, version, key_id FROM secrets", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap();
         vault.put("acme", "notes", "API_KEY", &secret("new")).unwrap();
         let put_back = |version: i64| {
             db.execute(
-                "INSERT OR REPLACE INTO secrets (tenant, worker, name, nonce, ciphertext, version) VALUES ('acme', 'notes', 'API_KEY', ?1, ?2, ?3)",
-                params![old.0, old.1, version],
+                "INSERT OR REPLACE INTO secrets (tenant, worker, name, nonce, ciphertext, version, key_id)
+                 VALUES ('acme', 'notes', 'API_KEY', ?1, ?2, ?3, ?4)",
+                params![old.0, old.1, version, old.3],
             )
             .unwrap()
         };
@@ -1091,18 +1495,20 @@ mod tests {
         assert!(reader.get("acme", "notes", "API_KEY").unwrap().is_none());
     }
 
-    #[test]
-    fn a_format_1_store_is_upgraded_and_keeps_its_secrets() {
-        let dir = tempfile::tempdir().unwrap();
-        // A store as format 1 wrote it.
+    /// A store as format 1 or 2 wrote it, under `KEY_A` itself, holding
+    /// `acme/notes` secrets; format 2 also has its versions record, where
+    /// `API_KEY` is at version 3.
+    fn legacy_store(dir: &Path, format: i64, secrets: &[(&str, &str)]) {
+        use chacha20poly1305::KeyInit as _;
         let cipher = XChaCha20Poly1305::new(key(KEY_A).bytes.as_slice().into());
-        let db = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
-        db.execute_batch(
+        let db = Connection::open(dir.join(DATABASE_FILE)).unwrap();
+        let version_column = if format == 2 { ", version INTEGER NOT NULL" } else { "" };
+        db.execute_batch(&format!(
             "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) STRICT;
              CREATE TABLE secrets (tenant TEXT NOT NULL, worker TEXT NOT NULL, name TEXT NOT NULL, nonce BLOB NOT NULL,
-                                   ciphertext BLOB NOT NULL, PRIMARY KEY (tenant, worker, name)) STRICT;
-             PRAGMA user_version = 1;",
-        )
+                                   ciphertext BLOB NOT NULL{version_column}, PRIMARY KEY (tenant, worker, name)) STRICT;
+             PRAGMA user_version = {format};"
+        ))
         .unwrap();
         let seal = |msg: &[u8], aad: &[u8]| {
             let nonce = random_nonce().unwrap();
@@ -1110,23 +1516,230 @@ mod tests {
         };
         let (n, c) = seal(KEY_CHECK_PLAINTEXT, KEY_CHECK_AAD);
         db.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?1)", [[n, c].concat()]).unwrap();
-        for (name, value) in [("API_KEY", "v1-a"), ("TOKEN", "v1-b")] {
-            let (n, c) = seal(value.as_bytes(), &secret_aad_v1("acme", "notes", name));
-            db.execute("INSERT INTO secrets VALUES ('acme', 'notes', ?1, ?2, ?3)", params![name, n, c]).unwrap();
+        let mut versions = Versions::default();
+        for (name, value) in secrets {
+            let version = if *name == "API_KEY" { 3 } else { 1 };
+            if format == 2 {
+                let (n, c) = seal(value.as_bytes(), &secret_aad("acme", "notes", name, version));
+                db.execute("INSERT INTO secrets VALUES ('acme', 'notes', ?1, ?2, ?3, ?4)", params![name, n, c, version as i64]).unwrap();
+                versions.0.insert(("acme".into(), "notes".into(), name.to_string()), version);
+            } else {
+                let (n, c) = seal(value.as_bytes(), &secret_aad_v1("acme", "notes", name));
+                db.execute("INSERT INTO secrets VALUES ('acme', 'notes', ?1, ?2, ?3)", params![name, n, c]).unwrap();
+            }
         }
-        drop(db);
-        // A wrong key neither opens nor upgrades it.
-        assert!(matches!(Vault::open(dir.path(), key(KEY_B)).unwrap_err(), VaultError::WrongMasterKey { .. }));
-        let version = |dir: &Path| -> i64 {
-            Connection::open(dir.join(DATABASE_FILE)).unwrap().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap()
-        };
-        assert_eq!(version(dir.path()), 1);
+        if format == 2 {
+            versions.save(&db, &cipher, dir).unwrap();
+        }
+    }
+
+    fn format_of(dir: &Path) -> i64 {
+        Connection::open(dir.join(DATABASE_FILE)).unwrap().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn format_1_and_2_stores_are_upgraded_and_keep_their_secrets() {
+        for format in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            legacy_store(dir.path(), format, &[("API_KEY", "v-a"), ("TOKEN", "v-b")]);
+            // A wrong key neither opens nor upgrades it.
+            assert!(matches!(Vault::open(dir.path(), key(KEY_B)).unwrap_err(), VaultError::WrongMasterKey { .. }));
+            assert_eq!(format_of(dir.path()), format);
+            let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
+            assert_eq!(format_of(dir.path()), 3);
+            assert_eq!(vault.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "v-a");
+            assert_eq!(vault.get("acme", "notes", "TOKEN").unwrap().unwrap().expose(), "v-b");
+            // Nothing is sealed with the master key itself any more: every
+            // row names its tenant's key, and the tenant has a salt.
+            let db = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+            let ids: Vec<String> = db
+                .prepare("SELECT DISTINCT key_id FROM secrets")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            assert_eq!(ids.len(), 1);
+            assert_eq!(ids[0].len(), 16);
+            let salts: i64 = db.query_row("SELECT count(*) FROM tenant_keys WHERE tenant = 'acme'", [], |r| r.get(0)).unwrap();
+            assert_eq!(salts, 1);
+            // Format 2's versions carry over: the next write of API_KEY is version 4.
+            vault.put("acme", "notes", "API_KEY", &secret("v2")).unwrap();
+            let version: i64 = db.query_row("SELECT version FROM secrets WHERE name = 'API_KEY'", [], |r| r.get(0)).unwrap();
+            assert_eq!(version, if format == 2 { 4 } else { 2 }, "format {format}");
+            assert_eq!(vault.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "v2");
+        }
+    }
+
+    fn key_id_of_row(dir: &Path, tenant: &str, name: &str) -> String {
+        Connection::open(dir.join(DATABASE_FILE))
+            .unwrap()
+            .query_row("SELECT key_id FROM secrets WHERE tenant = ?1 AND name = ?2", [tenant, name], |r| r.get(0))
+            .unwrap()
+    }
+
+    fn row_of(dir: &Path, tenant: &str) -> (Vec<u8>, Vec<u8>) {
+        Connection::open(dir.join(DATABASE_FILE))
+            .unwrap()
+            .query_row("SELECT nonce, ciphertext FROM secrets WHERE tenant = ?1", [tenant], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+    }
+
+    #[test]
+    fn rotating_the_master_key_reseals_everything_and_retires_the_old_key() {
+        let dir = tempfile::tempdir().unwrap();
         let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
-        assert_eq!(version(dir.path()), 2);
-        assert_eq!(vault.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "v1-a");
-        assert_eq!(vault.get("acme", "notes", "TOKEN").unwrap().unwrap().expose(), "v1-b");
-        vault.put("acme", "notes", "TOKEN", &secret("v2")).unwrap();
-        assert_eq!(vault.get("acme", "notes", "TOKEN").unwrap().unwrap().expose(), "v2");
+        for (tenant, value) in [("acme", "a"), ("globex", "g")] {
+            vault.put(tenant, "notes", "API_KEY", &secret(value)).unwrap();
+        }
+        let before = (key_id_of_row(dir.path(), "acme", "API_KEY"), row_of(dir.path(), "acme"));
+        let rekeyed = vault.rotate_master_key(key(KEY_B)).unwrap();
+        assert_eq!((rekeyed.secrets, rekeyed.tenants), (2, 2));
+        assert_ne!(rekeyed.old_key_id, rekeyed.new_key_id);
+        assert_eq!(vault.key_id(), rekeyed.new_key_id);
+        assert_ne!(key_id_of_row(dir.path(), "acme", "API_KEY"), before.0);
+        assert_ne!(row_of(dir.path(), "acme"), before.1);
+        // This vault goes on with the new key; a new open needs it.
+        assert_eq!(vault.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "a");
+        assert!(matches!(Vault::open(dir.path(), key(KEY_A)).unwrap_err(), VaultError::WrongMasterKey { .. }));
+        let reopened = Vault::open(dir.path(), key(KEY_B)).unwrap();
+        assert_eq!(reopened.get("globex", "notes", "API_KEY").unwrap().unwrap().expose(), "g");
+        // The versions went along: an old row put back is still refused.
+        reopened.put("acme", "notes", "API_KEY", &secret("a2")).unwrap();
+        assert_eq!(reopened.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "a2");
+    }
+
+    #[test]
+    fn a_rotation_that_meets_a_damaged_row_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
+        vault.put("acme", "notes", "API_KEY", &secret("a")).unwrap();
+        vault.put("acme", "notes", "TOKEN", &secret("t")).unwrap();
+        vault.conn().execute_batch("UPDATE secrets SET ciphertext = CAST(ciphertext || x'00' AS BLOB) WHERE name = 'TOKEN'").unwrap();
+        let err = vault.rotate_master_key(key(KEY_B)).unwrap_err();
+        assert!(matches!(err, VaultError::Undecryptable { ref name, .. } if name == "TOKEN"), "{err:?}");
+        assert!(matches!(Vault::open(dir.path(), key(KEY_B)).unwrap_err(), VaultError::WrongMasterKey { .. }));
+        let still = Vault::open(dir.path(), key(KEY_A)).unwrap();
+        assert_eq!(still.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "a");
+    }
+
+    /// The data directory of a key-file store holding one secret per tenant.
+    fn key_file_store() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let vault = Vault::open(&data, MasterKey::load_with_env(None, &data).unwrap().0).unwrap();
+        vault.put("acme", "notes", "API_KEY", &secret("a")).unwrap();
+        vault.put("globex", "notes", "API_KEY", &secret("g")).unwrap();
+        (dir, data)
+    }
+
+    fn open_from_files(data: &Path) -> Result<Vault, VaultError> {
+        Vault::open(data, MasterKey::load_with_env(None, data)?.0)
+    }
+
+    #[test]
+    fn a_key_file_rotation_killed_at_each_step_leaves_a_store_that_opens() {
+        // Killed after writing master.key.next, before the transaction: the
+        // old key still opens the store, and the next rotation replaces the
+        // file left behind.
+        let (_dir, data) = key_file_store();
+        let lock = RotationLock::acquire(&data).unwrap();
+        let unused = keys::write_next_key(&data, &lock).unwrap();
+        drop(lock);
+        let vault = open_from_files(&data).unwrap();
+        assert_eq!(vault.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "a");
+        assert!(data.join(NEXT_MASTER_KEY_FILE).exists());
+        let lock = RotationLock::acquire(&data).unwrap();
+        let rekeyed = vault.rotate_key_file(&lock).unwrap();
+        assert_ne!(rekeyed.new_key_id, Keyring::new(unused).id.to_string());
+        assert!(!data.join(NEXT_MASTER_KEY_FILE).exists());
+        assert_eq!(open_from_files(&data).unwrap().get("globex", "notes", "API_KEY").unwrap().unwrap().expose(), "g");
+        drop(lock);
+
+        // Killed after the transaction committed, before the rename: the key
+        // file's key is refused, master.key.next opens the store, and
+        // opening finishes the rotation.
+        let (_dir, data) = key_file_store();
+        let lock = RotationLock::acquire(&data).unwrap();
+        let vault = open_from_files(&data).unwrap();
+        let new = keys::write_next_key(&data, &lock).unwrap();
+        let rekeyed = vault.rotate_master_key(new).unwrap();
+        drop(lock);
+        let reopened = open_from_files(&data).unwrap();
+        assert_eq!(reopened.key_id(), rekeyed.new_key_id);
+        assert!(!data.join(NEXT_MASTER_KEY_FILE).exists());
+        assert_eq!(reopened.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "a");
+        assert_eq!(open_from_files(&data).unwrap().key_id(), rekeyed.new_key_id);
+    }
+
+    #[test]
+    fn a_running_vault_follows_a_rotation_made_by_another_process() {
+        let (_dir, data) = key_file_store();
+        let serving = open_from_files(&data).unwrap();
+        let lock = RotationLock::acquire(&data).unwrap();
+        let rotated = open_from_files(&data).unwrap().rotate_key_file(&lock).unwrap();
+        assert_eq!(serving.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "a");
+        assert_eq!(serving.key_id(), rotated.new_key_id);
+
+        // A key from the environment cannot be found again: the error says
+        // to restart with the new one.
+        let dir = tempfile::tempdir().unwrap();
+        let serving = Vault::open(dir.path(), key(KEY_A)).unwrap();
+        serving.put("acme", "notes", "API_KEY", &secret("a")).unwrap();
+        Vault::open(dir.path(), key(KEY_A)).unwrap().rotate_master_key(key(KEY_B)).unwrap();
+        let err = serving.get("acme", "notes", "API_KEY").unwrap_err();
+        assert!(matches!(err, VaultError::KeyRotated { .. }), "{err:?}");
+        assert!(err.to_string().contains(MASTER_KEY_ENV) && err.to_string().contains("restart"), "{err}");
+    }
+
+    #[test]
+    fn a_tenant_is_rekeyed_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
+        vault.put("acme", "notes", "API_KEY", &secret("a")).unwrap();
+        vault.put("globex", "notes", "API_KEY", &secret("g")).unwrap();
+        let (acme, globex) = ((key_id_of_row(dir.path(), "acme", "API_KEY"), row_of(dir.path(), "acme")), row_of(dir.path(), "globex"));
+        let rekeyed = vault.rekey_tenant("acme").unwrap();
+        assert_eq!((rekeyed.secrets, rekeyed.tenants), (1, 1));
+        assert_ne!(key_id_of_row(dir.path(), "acme", "API_KEY"), acme.0);
+        assert_ne!(row_of(dir.path(), "acme"), acme.1);
+        assert_eq!(row_of(dir.path(), "globex"), globex, "another tenant's record is untouched");
+        assert_eq!(vault.get("acme", "notes", "API_KEY").unwrap().unwrap().expose(), "a");
+        assert_eq!(vault.get("globex", "notes", "API_KEY").unwrap().unwrap().expose(), "g");
+        assert!(matches!(vault.rekey_tenant("nobody").unwrap_err(), VaultError::NoSecretsOfTenant { .. }));
+    }
+
+    #[test]
+    fn a_shredded_tenant_cannot_be_recovered_from_a_copy_of_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
+        vault.put("acme", "notes", "API_KEY", &secret("a")).unwrap();
+        vault.put("globex", "notes", "API_KEY", &secret("g")).unwrap();
+        let db = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+        let stolen: (Vec<u8>, Vec<u8>, i64, String) = db
+            .query_row("SELECT nonce, ciphertext, version, key_id FROM secrets WHERE tenant = 'acme'", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .unwrap();
+        let salt: Vec<u8> = db.query_row("SELECT salt FROM tenant_keys WHERE tenant = 'acme'", [], |r| r.get(0)).unwrap();
+        assert_eq!(vault.shred_tenant("acme").unwrap(), 1);
+        assert!(vault.get("acme", "notes", "API_KEY").unwrap().is_none());
+        assert_eq!(vault.get("globex", "notes", "API_KEY").unwrap().unwrap().expose(), "g");
+        // The salt is gone from every file: the tenant's key cannot be
+        // derived again, even by whoever holds the master key.
+        for file in files(dir.path()) {
+            assert!(!contains(&fs::read(&file).unwrap(), &salt), "{} still holds the salt", file.display());
+        }
+        // A copy of its row put back does not decrypt, even under a new
+        // salt made for the same tenant.
+        vault.put("acme", "other", "TOKEN", &secret("new")).unwrap();
+        db.execute(
+            "INSERT INTO secrets (tenant, worker, name, nonce, ciphertext, version, key_id) VALUES ('acme', 'notes', 'API_KEY', ?1, ?2, ?3, ?4)",
+            params![stolen.0, stolen.1, stolen.2, stolen.3],
+        )
+        .unwrap();
+        assert!(matches!(vault.get("acme", "notes", "API_KEY"), Err(VaultError::Undecryptable { .. } | VaultError::KeyRotated { .. })));
+        assert!(matches!(vault.shred_tenant("nobody").unwrap_err(), VaultError::NoSecretsOfTenant { .. }));
     }
 
     #[test]
@@ -1221,12 +1834,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let vault = Vault::open(dir.path(), key(KEY_A)).unwrap();
         vault.put("acme", "notes", "API_KEY", &secret("v")).unwrap();
-        vault.conn().execute_batch(
-            "INSERT INTO secrets SELECT tenant, 'thief', name, nonce, ciphertext, version FROM secrets WHERE worker = 'notes';
-             INSERT INTO secrets SELECT tenant, worker, 'OTHER', nonce, ciphertext, version FROM secrets WHERE worker = 'notes';
-             INSERT INTO secrets SELECT 'globex', worker, name, nonce, ciphertext, version FROM secrets WHERE worker = 'notes' AND name = 'API_KEY';",
-        )
-        .unwrap();
+        vault
+            .conn()
+            .execute_batch(
+                "INSERT INTO secrets SELECT tenant, 'thief', name, nonce, ciphertext, version, key_id FROM secrets WHERE worker = 'notes';
+             INSERT INTO secrets SELECT tenant, worker, 'OTHER', nonce, ciphertext, version, key_id FROM secrets WHERE worker = 'notes';
+             INSERT INTO secrets SELECT 'globex', worker, name, nonce, ciphertext, version, key_id FROM secrets
+                 WHERE worker = 'notes' AND name = 'API_KEY';",
+            )
+            .unwrap();
         for (tenant, worker, name) in [("acme", "thief", "API_KEY"), ("acme", "notes", "OTHER"), ("globex", "notes", "API_KEY")] {
             let err = vault.get(tenant, worker, name).unwrap_err();
             assert!(matches!(err, VaultError::Undecryptable { .. }), "{tenant}/{worker}/{name}: {err:?}");
