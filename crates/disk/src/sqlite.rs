@@ -157,3 +157,57 @@ pub fn incremental_vacuum(conn: &Connection, pages: Option<u32>) -> rusqlite::Re
 pub fn checkpoint_truncate(conn: &Connection) -> rusqlite::Result<()> {
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
 }
+
+/// Why [`open_durable`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io { action: &'static str, path: std::path::PathBuf, source: std::io::Error },
+    #[error("{}: {source}", path.display())]
+    Sqlite { path: std::path::PathBuf, source: rusqlite::Error },
+}
+
+/// Creates `path` as a 0600 file before SQLite opens it, because SQLite
+/// would create it with the umask's mode and give its WAL and shared-memory
+/// files the same. Refuses a symlink or anything but a regular file, and
+/// narrows an existing file that group or others could open.
+pub fn create_private_file(path: &Path) -> Result<(), OpenError> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let io = |action, source| OpenError::Io { action, path: path.to_path_buf(), source };
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| io("open", e))?;
+    let meta = file.metadata().map_err(|e| io("inspect", e))?;
+    if !meta.is_file() {
+        return Err(io("open", std::io::Error::other("not a regular file")));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(|e| io("restrict the permissions of", e))?;
+    }
+    Ok(())
+}
+
+/// Opens a file the host keeps for itself (not a tenant's) with the policy
+/// every such file follows: created 0600 ([`create_private_file`]), a busy
+/// timeout for other processes' writes, the WAL, and `synchronous = FULL`,
+/// so that a transaction is on disk when its commit returns. A file system
+/// that refuses the WAL gets a warning: with `FULL`, the rollback journal is
+/// as durable, only slower.
+pub fn open_durable(path: &Path, busy: Duration) -> Result<Connection, OpenError> {
+    create_private_file(path)?;
+    let err = |source| OpenError::Sqlite { path: path.to_path_buf(), source };
+    let conn = Connection::open(path).map_err(err)?;
+    conn.busy_timeout(busy).map_err(err)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(path = %path.display(), journal_mode = %mode, "the file system refused the WAL; writes stay durable, only slower");
+    }
+    conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+    Ok(conn)
+}

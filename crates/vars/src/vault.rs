@@ -61,7 +61,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
 use std::io::{Read as _, Write as _};
-use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -413,17 +413,10 @@ impl Vault {
     pub fn open(data_dir: &Path, key: MasterKey) -> Result<Vault, VaultError> {
         create_private_dir(data_dir)?;
         let path = Self::database_path(data_dir);
-        create_private_file(&path)?;
+        // 0600, the WAL, and FULL: a write is on disk when `put` returns.
+        let mut conn = cordon_disk::sqlite::open_durable(&path, BUSY_TIMEOUT)?;
         let db_err = |source| VaultError::Database { path: path.clone(), source };
-        let mut conn = Connection::open(&path).map_err(db_err)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
-        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(db_err)?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            tracing::warn!(path = %path.display(), journal_mode = %mode, "the secrets database is not in WAL mode");
-        }
-        // FULL: a write is on disk when `put` returns. secure_delete: the
-        // pages of deleted or overwritten ciphertext are zeroed.
-        conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
+        // The pages of deleted or overwritten ciphertext are zeroed.
         conn.pragma_update(None, "secure_delete", "ON").map_err(db_err)?;
 
         let from_key_file = matches!(key.source, KeySource::File(_));
@@ -948,20 +941,6 @@ fn check_key(conn: &Connection, keys: &Keyring, path: &Path, format: i64) -> Res
     }
 }
 
-/// Creates `path` as an empty 0600 file if it does not exist, so that SQLite
-/// (which gives its -wal and -shm files the database's mode) never creates
-/// it with the umask's mode; an existing file that is more open is closed.
-fn create_private_file(path: &Path) -> Result<(), VaultError> {
-    let db_err = |source| VaultError::DataDir { path: path.to_path_buf(), source };
-    let file = fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path).map_err(db_err)?;
-    let mode = file.metadata().map_err(db_err)?.mode() & 0o777;
-    if mode & 0o077 != 0 {
-        tracing::warn!(path = %path.display(), mode = format_args!("{mode:04o}"), "the secrets database was open to group or others; setting it to 0600");
-        file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(db_err)?;
-    }
-    Ok(())
-}
-
 /// `nonce || XChaCha20-Poly1305(plaintext)` under `aad`, with a fresh
 /// nonce: how the `meta` records are stored.
 fn seal_record(cipher: &XChaCha20Poly1305, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, VaultError> {
@@ -1196,6 +1175,8 @@ pub enum VaultError {
     DataDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     NotPrivate(#[from] cordon_disk::private_dir::NotPrivate),
+    #[error("cannot open the secrets database: {0}")]
+    Open(#[from] cordon_disk::sqlite::OpenError),
     #[error("the secrets database {}: {source}", path.display())]
     Database { path: PathBuf, source: rusqlite::Error },
     #[error("the secrets database {} has format version {version}, newer than this Cordon understands ({FORMAT_VERSION}); upgrade Cordon", path.display())]
@@ -1235,6 +1216,8 @@ fn wrong_key_help(key: &KeySource) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use super::*;
 
     const KEY_A: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
