@@ -226,28 +226,22 @@ impl RegistryStore {
             return Err(RegistryError::NoSuchComponent { hash: component.clone() });
         }
         let created_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.db(e))?;
-        tx.execute("INSERT INTO workers (tenant, worker, next_version) VALUES (?1, ?2, 1) ON CONFLICT DO NOTHING", params![tenant, worker])
-            .map_err(|e| self.db(e))?;
-        let version: i64 = tx
-            .query_row(
+        let version = self.change(tenant, worker, |tx| {
+            tx.execute(
+                "INSERT INTO workers (tenant, worker, next_version) VALUES (?1, ?2, 1) ON CONFLICT DO NOTHING",
+                params![tenant, worker],
+            )?;
+            let version: i64 = tx.query_row(
                 "UPDATE workers SET next_version = next_version + 1 WHERE tenant = ?1 AND worker = ?2 RETURNING next_version - 1",
                 params![tenant, worker],
                 |r| r.get(0),
-            )
-            .map_err(|e| self.db(e))?;
-        tx.execute(
-            "INSERT INTO versions (tenant, worker, version, component, spec, created_ms, actor) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![tenant, worker, version, component.as_str(), spec, created_ms as i64, actor],
-        )
-        .map_err(|e| self.db(e))?;
-        let pruned = self.prune(&tx, tenant, worker)?;
-        tx.commit().map_err(|e| self.db(e))?;
-        drop(conn);
-        if pruned > 0 {
-            self.remove_unnamed_components()?;
-        }
+            )?;
+            tx.execute(
+                "INSERT INTO versions (tenant, worker, version, component, spec, created_ms, actor) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![tenant, worker, version, component.as_str(), spec, created_ms as i64, actor],
+            )?;
+            Ok(Ok(version))
+        })?;
         Ok(VersionRecord {
             tenant: tenant.into(),
             worker: worker.into(),
@@ -287,30 +281,25 @@ impl RegistryStore {
     /// must be kept; otherwise nothing changes. A disabled worker stays
     /// disabled.
     pub fn deploy(&self, tenant: &str, worker: &str, deployment: &Deployment) -> Result<(), RegistryError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.db(e))?;
-        for version in deployment.versions() {
-            let kept: Option<i64> = tx
-                .query_row(
-                    "SELECT 1 FROM versions WHERE tenant = ?1 AND worker = ?2 AND version = ?3",
-                    params![tenant, worker, version as i64],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(|e| self.db(e))?;
-            if kept.is_none() {
-                return Err(RegistryError::NoSuchVersion { tenant: tenant.into(), worker: worker.into(), version });
+        self.change(tenant, worker, |tx| {
+            for version in deployment.versions() {
+                let kept: Option<i64> = tx
+                    .query_row(
+                        "SELECT 1 FROM versions WHERE tenant = ?1 AND worker = ?2 AND version = ?3",
+                        params![tenant, worker, version as i64],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if kept.is_none() {
+                    return Ok(Err(RegistryError::NoSuchVersion { tenant: tenant.into(), worker: worker.into(), version }));
+                }
             }
-        }
-        tx.execute("UPDATE workers SET deployment = ?3 WHERE tenant = ?1 AND worker = ?2", params![tenant, worker, deployment.encode()])
-            .map_err(|e| self.db(e))?;
-        let pruned = self.prune(&tx, tenant, worker)?;
-        tx.commit().map_err(|e| self.db(e))?;
-        drop(conn);
-        if pruned > 0 {
-            self.remove_unnamed_components()?;
-        }
-        Ok(())
+            tx.execute(
+                "UPDATE workers SET deployment = ?3 WHERE tenant = ?1 AND worker = ?2",
+                params![tenant, worker, deployment.encode()],
+            )?;
+            Ok(Ok(()))
+        })
     }
 
     /// Sets the worker's kill switch. Enabling restores the deployment it had.
@@ -361,6 +350,29 @@ impl RegistryStore {
                 Ok(WorkerRecord { tenant, worker, deployment, disabled })
             })
             .collect()
+    }
+
+    /// Runs `change` on one worker's record in one write transaction, then
+    /// prunes its old versions and commits; the components that pruning
+    /// left unnamed are removed after the commit. `change` returns the
+    /// database's errors in its outer result and a refusal, which changes
+    /// nothing, in its inner one.
+    fn change<R>(
+        &self,
+        tenant: &str,
+        worker: &str,
+        change: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<Result<R, RegistryError>>,
+    ) -> Result<R, RegistryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.db(e))?;
+        let result = change(&tx).map_err(|e| self.db(e))??;
+        let pruned = self.prune(&tx, tenant, worker)?;
+        tx.commit().map_err(|e| self.db(e))?;
+        drop(conn);
+        if pruned > 0 {
+            self.remove_unnamed_components()?;
+        }
+        Ok(result)
     }
 
     /// Removes the worker's versions beyond the newest `keep` that its

@@ -622,19 +622,13 @@ impl Vault {
     /// Gives `tenant` a new key (a new salt) and re-encrypts its secrets
     /// under it, in one transaction. Other tenants' records are untouched.
     pub fn rekey_tenant(&self, tenant: &str) -> Result<Rekeyed, VaultError> {
-        if !is_valid_name(tenant) {
-            return Err(VaultError::InvalidName { what: "tenant", name: tenant.into() });
-        }
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| self.db_err(e))?;
-        let keys = self.keys_of_store(&tx)?;
-        check_key(&tx, &keys, &self.path, FORMAT_VERSION)?;
-        let (secrets, _) = reseal(&tx, &keys, &keys, Some(tenant), &self.path)?;
-        if secrets == 0 {
-            return Err(VaultError::NoSecretsOfTenant { tenant: tenant.into() });
-        }
-        tx.commit().map_err(|e| self.db_err(e))?;
-        Ok(Rekeyed { secrets, tenants: 1, old_key_id: keys.id.to_string(), new_key_id: keys.id.to_string() })
+        self.change_tenant(tenant, |tx, keys| {
+            let (secrets, _) = reseal(tx, keys, keys, Some(tenant), &self.path)?;
+            if secrets == 0 {
+                return Err(VaultError::NoSecretsOfTenant { tenant: tenant.into() });
+            }
+            Ok(Rekeyed { secrets, tenants: 1, old_key_id: keys.id.to_string(), new_key_id: keys.id.to_string() })
+        })
     }
 
     /// Crypto-shreds `tenant`: deletes its secrets, their versions and its
@@ -644,22 +638,19 @@ impl Vault {
     /// decrypted without the salt, which no longer exists. Returns how many
     /// secrets went.
     pub fn shred_tenant(&self, tenant: &str) -> Result<usize, VaultError> {
-        if !is_valid_name(tenant) {
-            return Err(VaultError::InvalidName { what: "tenant", name: tenant.into() });
-        }
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| self.db_err(e))?;
-        let keys = self.keys_of_store(&tx)?;
-        check_key(&tx, &keys, &self.path, FORMAT_VERSION)?;
-        let secrets = tx.execute("DELETE FROM secrets WHERE tenant = ?1", [tenant]).map_err(|e| self.db_err(e))?;
-        let salts = tx.execute("DELETE FROM tenant_keys WHERE tenant = ?1", [tenant]).map_err(|e| self.db_err(e))?;
-        if secrets == 0 && salts == 0 {
-            return Err(VaultError::NoSecretsOfTenant { tenant: tenant.into() });
-        }
-        let mut versions = Versions::load(&tx, &keys.store, &self.path)?;
-        versions.0.retain(|(t, _, _), _| t != tenant);
-        versions.save(&tx, &keys.store, &self.path)?;
-        tx.commit().map_err(|e| self.db_err(e))?;
+        let secrets = self.change_tenant(tenant, |tx, keys| {
+            let db_err = |e| self.db_err(e);
+            let secrets = tx.execute("DELETE FROM secrets WHERE tenant = ?1", [tenant]).map_err(db_err)?;
+            let salts = tx.execute("DELETE FROM tenant_keys WHERE tenant = ?1", [tenant]).map_err(db_err)?;
+            if secrets == 0 && salts == 0 {
+                return Err(VaultError::NoSecretsOfTenant { tenant: tenant.into() });
+            }
+            let mut versions = Versions::load(tx, &keys.store, &self.path)?;
+            versions.0.retain(|(t, _, _), _| t != tenant);
+            versions.save(tx, &keys.store, &self.path)?;
+            Ok(secrets)
+        })?;
+        let conn = self.conn();
         // Readers may hold the log open; what they pin is checkpointed by
         // the next writer, and SQLite truncates the log then.
         let (busy, _, _): (i64, i64, i64) =
@@ -668,6 +659,26 @@ impl Vault {
             tracing::warn!(path = %self.path.display(), "another process was reading the secrets database; its log is truncated at the next checkpoint");
         }
         Ok(secrets)
+    }
+
+    /// Runs `change` on `tenant`'s records in one write transaction, with
+    /// the keys the store is sealed with (checked first); commits if it
+    /// succeeds, changes nothing if it fails.
+    fn change_tenant<R>(
+        &self,
+        tenant: &str,
+        change: impl FnOnce(&rusqlite::Transaction<'_>, &Keyring) -> Result<R, VaultError>,
+    ) -> Result<R, VaultError> {
+        if !is_valid_name(tenant) {
+            return Err(VaultError::InvalidName { what: "tenant", name: tenant.into() });
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| self.db_err(e))?;
+        let keys = self.keys_of_store(&tx)?;
+        check_key(&tx, &keys, &self.path, FORMAT_VERSION)?;
+        let result = change(&tx, &keys)?;
+        tx.commit().map_err(|e| self.db_err(e))?;
+        Ok(result)
     }
 
     /// The keys that open the store now. Another process may have rotated
