@@ -65,8 +65,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs::{self, DirBuilder, OpenOptions, Permissions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, DirBuilder, Permissions};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -320,7 +320,7 @@ impl Namespace {
         create_private_dir(root, false)?;
         create_private_dir(&dir, true)?;
         let path = dir.join(format!("{namespace}.sqlite3"));
-        create_private_file(&path)?;
+        cordon_disk::sqlite::create_private_file(&path).map_err(|e| KvError::Storage(e.to_string()))?;
 
         let at = |e: rusqlite::Error| KvError::Storage(format!("{}: {e}", path.display()));
         // NOFOLLOW: the file was checked above, and must not be swapped for a
@@ -810,28 +810,6 @@ fn create_private_dir(dir: &Path, ours: bool) -> Result<(), KvError> {
     }
     if ours && meta.permissions().mode() & 0o777 != 0o700 {
         fs::set_permissions(dir, Permissions::from_mode(0o700)).map_err(|e| io_error(dir, "restrict the permissions of", &e))?;
-    }
-    Ok(())
-}
-
-/// Creates the database file 0600 before SQLite sees it, because SQLite
-/// would create it 0644 and then give its WAL and shared-memory files the
-/// same mode. Refuses a symlink or anything but a regular file.
-fn create_private_file(path: &Path) -> Result<(), KvError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| io_error(path, "open", &e))?;
-    let meta = file.metadata().map_err(|e| io_error(path, "inspect", &e))?;
-    if !meta.is_file() {
-        return Err(KvError::Storage(format!("{} is not a regular file", path.display())));
-    }
-    if meta.permissions().mode() & 0o777 != 0o600 {
-        file.set_permissions(Permissions::from_mode(0o600)).map_err(|e| io_error(path, "restrict the permissions of", &e))?;
     }
     Ok(())
 }

@@ -70,7 +70,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -734,19 +734,7 @@ impl Conn {
             return Err(SqlError::Storage("the database directory is not a directory".to_owned()));
         }
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| io("protect the directory of", e))?;
-        // Created here rather than by SQLite, which would use 0644; SQLite
-        // gives the -wal and -shm files the mode of the database file.
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(|e| io("create", e))?;
-        file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(|e| io("protect", e))?;
-        drop(file);
+        cordon_disk::sqlite::create_private_file(path).map_err(|e| SqlError::Storage(e.to_string()))?;
 
         // No SQLITE_OPEN_URI: the path is a plain file name. NO_MUTEX: our
         // own mutex serialises the connection.
