@@ -17,6 +17,7 @@
 //! config means the same thing whatever the working directory.
 
 mod grants;
+pub mod json;
 mod postgres;
 mod raw;
 mod spec;
