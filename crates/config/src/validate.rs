@@ -1,5 +1,10 @@
-//! From `raw` to the public types: every check, and the errors that point at
-//! the offending key.
+//! The TOML front end, from `raw` to the public types: the checks of the
+//! process's own sections (`[server]`, `[security]`, `[sandbox]`,
+//! `[storage]`, `[[tenant]]`; `[postgres_proxy]` is in `crate::postgres`),
+//! the spec validation of each `[[database]]` and `[[worker]]`, and the
+//! errors that point at the offending key: a spec error's key path is
+//! looked up in the file parsed with spans (`Validator::span_of`), and a
+//! TOML error's key is recovered from the source text (`toml_error`).
 
 use std::cell::OnceCell;
 use std::net::SocketAddr;
