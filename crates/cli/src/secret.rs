@@ -28,33 +28,21 @@ pub enum SecretCommand {
     /// Store a secret of a worker, reading its value from stdin (one trailing
     /// newline is removed).
     Put {
-        /// The config that names the worker and its granted secrets.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// The worker whose secrets these are.
-        #[arg(long, short)]
-        worker: String,
+        #[command(flatten)]
+        worker: WorkerArgs,
         /// The secret's name, as listed in the worker's `secrets`.
         key: String,
     },
     /// List the names of a worker's secrets, marking those granted but not
     /// stored and those stored but no longer granted.
     List {
-        /// The config that names the worker and its granted secrets.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// The worker whose secrets these are.
-        #[arg(long, short)]
-        worker: String,
+        #[command(flatten)]
+        worker: WorkerArgs,
     },
     /// Delete a stored secret of a worker.
     Delete {
-        /// The config that names the worker and its granted secrets.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// The worker whose secrets these are.
-        #[arg(long, short)]
-        worker: String,
+        #[command(flatten)]
+        worker: WorkerArgs,
         /// The secret's name.
         key: String,
     },
@@ -86,19 +74,36 @@ pub enum SecretCommand {
     },
 }
 
+/// Which worker's secrets: a worker is its tenant and its name, and the
+/// tenant may be left out when no other tenant has a worker of that name.
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    /// The config that names the worker and its granted secrets.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// The worker whose secrets these are.
+    #[arg(long, short)]
+    worker: String,
+    /// The worker's tenant; needed when workers of several tenants have
+    /// this name.
+    #[arg(long, short)]
+    tenant: Option<String>,
+}
+
 pub fn run(command: SecretCommand) -> anyhow::Result<ExitCode> {
     match command {
-        SecretCommand::Put { config, worker, key } => put(&config, &worker, &key),
-        SecretCommand::List { config, worker } => list(&config, &worker),
-        SecretCommand::Delete { config, worker, key } => delete(&config, &worker, &key),
+        SecretCommand::Put { worker, key } => put(&worker, &key),
+        SecretCommand::List { worker } => list(&worker),
+        SecretCommand::Delete { worker, key } => delete(&worker, &key),
         SecretCommand::RotateKey { config, tenant } => rotate_key(&config, tenant.as_deref()),
         SecretCommand::ShredTenant { config, tenant, yes } => shred_tenant(&config, &tenant, yes),
     }
 }
 
-fn put(path: &Path, worker: &str, key: &str) -> anyhow::Result<ExitCode> {
+fn put(args: &WorkerArgs, key: &str) -> anyhow::Result<ExitCode> {
+    let path = &args.config;
     let config = crate::load_config(path)?;
-    let worker = find_worker(&config, worker)?;
+    let worker = find_worker(&config, args)?;
     if !worker.grants.secrets.iter().any(|s| s == key) {
         let mut names: Vec<String> = worker.grants.secrets.iter().map(|s| format!("{s:?}")).collect();
         names.push(format!("{key:?}"));
@@ -117,9 +122,10 @@ fn put(path: &Path, worker: &str, key: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn list(path: &Path, worker: &str) -> anyhow::Result<ExitCode> {
+fn list(args: &WorkerArgs) -> anyhow::Result<ExitCode> {
+    let path = &args.config;
     let config = crate::load_config(path)?;
-    let worker = find_worker(&config, worker)?;
+    let worker = find_worker(&config, args)?;
     // Listing never creates a key or a database.
     let stored = match vault_if_exists(&config)? {
         Some(vault) => vault.list(&worker.tenant, &worker.name).map_err(render)?,
@@ -142,9 +148,9 @@ fn list(path: &Path, worker: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn delete(path: &Path, worker: &str, key: &str) -> anyhow::Result<ExitCode> {
-    let config = crate::load_config(path)?;
-    let worker = find_worker(&config, worker)?;
+fn delete(args: &WorkerArgs, key: &str) -> anyhow::Result<ExitCode> {
+    let config = crate::load_config(&args.config)?;
+    let worker = find_worker(&config, args)?;
     let deleted = match vault_if_exists(&config)? {
         Some(vault) => vault.delete(&worker.tenant, &worker.name, key).map_err(render)?,
         None => false,
@@ -226,13 +232,43 @@ fn shred_tenant(path: &Path, tenant: &str, yes: bool) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-fn find_worker<'a>(config: &'a Config, name: &str) -> anyhow::Result<&'a WorkerConfig> {
-    if let Some(w) = config.workers.iter().find(|w| w.name == name) {
-        return Ok(w);
+/// The worker that `args` names. Without `--tenant`, the name must belong
+/// to one tenant only: picking one of several would read or change another
+/// tenant's secrets.
+fn find_worker<'a>(config: &'a Config, args: &WorkerArgs) -> anyhow::Result<&'a WorkerConfig> {
+    let name = args.worker.as_str();
+    let named: Vec<&WorkerConfig> = config.workers.iter().filter(|w| w.name == name).collect();
+    let file = config.source.display();
+    match (&args.tenant, named.as_slice()) {
+        (Some(tenant), _) => {
+            if let Some(w) = named.iter().find(|w| &w.tenant == tenant) {
+                return Ok(w);
+            }
+            let tenants: Vec<&str> = named.iter().map(|w| w.tenant.as_str()).collect();
+            let known = if tenants.is_empty() {
+                workers_in(config)
+            } else {
+                format!("workers named `{name}` belong to the tenants {}", tenants.join(", "))
+            };
+            bail!("there is no worker `{name}` of tenant `{tenant}` in {file}: {known}")
+        }
+        (None, [w]) => Ok(w),
+        (None, []) => bail!("there is no worker `{name}` in {file}: {}", workers_in(config)),
+        (None, several) => {
+            let tenants: Vec<&str> = several.iter().map(|w| w.tenant.as_str()).collect();
+            bail!(
+                "workers of several tenants are named `{name}` in {file} ({}): say whose with --tenant, for example --tenant {}",
+                tenants.join(", "),
+                tenants[0]
+            )
+        }
     }
-    let names: Vec<&str> = config.workers.iter().map(|w| w.name.as_str()).collect();
-    let known = if names.is_empty() { "it has no [[worker]]".to_string() } else { format!("its workers are {}", names.join(", ")) };
-    bail!("there is no worker `{name}` in {}: {known}", config.source.display())
+}
+
+/// The workers of `config` with their tenants, for an error message.
+fn workers_in(config: &Config) -> String {
+    let ids: Vec<String> = config.workers.iter().map(|w| format!("{} (tenant {})", w.name, w.tenant)).collect();
+    if ids.is_empty() { "it has no [[worker]]".to_string() } else { format!("its workers are {}", ids.join(", ")) }
 }
 
 fn open_vault(config: &Config) -> anyhow::Result<Vault> {

@@ -6,10 +6,10 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use toml::Spanned;
 
-use crate::raw::RawWorker;
-use crate::validate::{NAME_MAX_LEN, Validator, is_valid_name};
+use crate::spec::{Checker, ErrorKind, KeyPath};
+use crate::validate::{NAME_MAX_LEN, is_valid_name};
+use crate::worker::WorkerSpec;
 
 /// Longest binding, variable or secret name.
 pub const BINDING_MAX_LEN: usize = 63;
@@ -24,7 +24,8 @@ pub fn is_valid_binding(name: &str) -> bool {
 }
 
 /// `[[worker.kv]]`: a key-value namespace of the worker's tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KvGrant {
     /// The name the guest opens (`wasi:keyvalue/store.open`).
     pub binding: String,
@@ -34,19 +35,22 @@ pub struct KvGrant {
 }
 
 /// `[[worker.sql]]`: a SQL database of the worker's tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SqlGrant {
     /// The name the guest opens (`cordon:sql`).
     pub binding: String,
     /// The database, scoped to the tenant.
     pub database: String,
     /// Statements that write are refused.
+    #[serde(default)]
     pub read_only: bool,
 }
 
 /// `[[worker.postgres]]`: a `[[database]]` of the worker's tenant, reached
 /// through the Postgres accelerator.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PostgresGrant {
     /// The name the guest opens.
     pub binding: String,
@@ -68,119 +72,91 @@ pub struct Grants {
     pub secrets: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawKv {
-    pub binding: Spanned<String>,
-    pub namespace: Spanned<String>,
-}
+/// The grants of `spec`, each checked, with the key path of each problem
+/// relative to the worker.
+pub(crate) fn check(spec: &WorkerSpec, c: &mut Checker) -> Grants {
+    let mut grants = Grants::default();
+    let mut bindings: Vec<&str> = Vec::new();
+    let name_help = format!("use 1 to {BINDING_MAX_LEN} characters: a letter or `_`, then letters, digits or `_`");
+    let store_help = format!("use 1 to {NAME_MAX_LEN} characters from a-z, 0-9, `_` and `-`");
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawPostgres {
-    pub binding: Spanned<String>,
-    pub database: Spanned<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawSql {
-    pub binding: Spanned<String>,
-    pub database: Spanned<String>,
-    #[serde(default)]
-    pub read_only: bool,
-}
-
-impl Validator<'_> {
-    pub(crate) fn grants(&mut self, i: usize, raw: &RawWorker) -> Grants {
-        let key = |k: String| format!("worker[{i}].{k}");
-        let mut grants = Grants::default();
-        let mut bindings: Vec<&str> = Vec::new();
-        let name_help = format!("use 1 to {BINDING_MAX_LEN} characters: a letter or `_`, then letters, digits or `_`");
-        let store_help = format!("use 1 to {NAME_MAX_LEN} characters from a-z, 0-9, `_` and `-`");
-
-        for (j, kv) in raw.kv.iter().enumerate() {
-            self.binding_name(&kv.binding, key(format!("kv[{j}].binding")), &name_help, &mut bindings);
-            if !is_valid_name(kv.namespace.get_ref()) {
-                self.error(
-                    Some(kv.namespace.span()),
-                    key(format!("kv[{j}].namespace")),
-                    format!("`{}` is not a valid namespace name", kv.namespace.get_ref()),
-                    store_help.clone(),
-                );
-            }
-            grants.kv.push(KvGrant { binding: kv.binding.get_ref().clone(), namespace: kv.namespace.get_ref().clone() });
+    for (j, kv) in spec.kv.iter().enumerate() {
+        let path = KeyPath::from("kv").index(j);
+        binding_name(c, &kv.binding, path.clone().field("binding"), &name_help, &mut bindings);
+        if !is_valid_name(&kv.namespace) {
+            c.error(
+                path.field("namespace"),
+                ErrorKind::Invalid,
+                format!("`{}` is not a valid namespace name", kv.namespace),
+                store_help.clone(),
+            );
         }
-        for (j, sql) in raw.sql.iter().enumerate() {
-            self.binding_name(&sql.binding, key(format!("sql[{j}].binding")), &name_help, &mut bindings);
-            if !is_valid_name(sql.database.get_ref()) {
-                self.error(
-                    Some(sql.database.span()),
-                    key(format!("sql[{j}].database")),
-                    format!("`{}` is not a valid database name", sql.database.get_ref()),
-                    store_help.clone(),
-                );
-            }
-            grants.sql.push(SqlGrant {
-                binding: sql.binding.get_ref().clone(),
-                database: sql.database.get_ref().clone(),
-                read_only: sql.read_only,
-            });
+        grants.kv.push(kv.clone());
+    }
+    for (j, sql) in spec.sql.iter().enumerate() {
+        let path = KeyPath::from("sql").index(j);
+        binding_name(c, &sql.binding, path.clone().field("binding"), &name_help, &mut bindings);
+        if !is_valid_name(&sql.database) {
+            c.error(
+                path.field("database"),
+                ErrorKind::Invalid,
+                format!("`{}` is not a valid database name", sql.database),
+                store_help.clone(),
+            );
         }
-        // Whether the database exists for this tenant is checked once all
-        // `[[database]]` tables are read (`postgres_grant_checks`).
-        for (j, pg) in raw.postgres.iter().enumerate() {
-            self.binding_name(&pg.binding, key(format!("postgres[{j}].binding")), &name_help, &mut bindings);
-            grants.postgres.push(PostgresGrant { binding: pg.binding.get_ref().clone(), database: pg.database.get_ref().clone() });
-        }
-
-        let mut config_names: Vec<&str> = Vec::new();
-        for (name, value) in raw.vars.iter().flat_map(|v| v.get_ref()) {
-            if !is_valid_binding(name) {
-                self.error(
-                    Some(value.span()),
-                    key(format!("vars.{name}")),
-                    format!("`{name}` is not a valid variable name"),
-                    name_help.clone(),
-                );
-            }
-            config_names.push(name);
-            grants.vars.insert(name.clone(), value.get_ref().clone());
-        }
-        for (j, secret) in raw.secrets.iter().enumerate() {
-            let name = secret.get_ref();
-            let k = key(format!("secrets[{j}]"));
-            if !is_valid_binding(name) {
-                self.error(Some(secret.span()), k, format!("`{name}` is not a valid secret name"), name_help.clone());
-            } else if config_names.contains(&name.as_str()) {
-                let what = if grants.vars.contains_key(name) { "a variable in [worker.vars]" } else { "listed twice" };
-                self.error(
-                    Some(secret.span()),
-                    k,
-                    format!("`{name}` is also {what}"),
-                    "a name is either a plain variable or a secret, once: rename or remove one",
-                );
-            } else {
-                config_names.push(name);
-                grants.secrets.push(name.clone());
-            }
-        }
-        grants
+        grants.sql.push(sql.clone());
+    }
+    // Whether the database exists for this tenant is checked against the
+    // tenant's databases (`WorkerContext::databases`).
+    for (j, pg) in spec.postgres.iter().enumerate() {
+        binding_name(c, &pg.binding, KeyPath::from("postgres").index(j).field("binding"), &name_help, &mut bindings);
+        grants.postgres.push(pg.clone());
     }
 
-    fn binding_name<'a>(&mut self, binding: &'a Spanned<String>, key: String, help: &str, seen: &mut Vec<&'a str>) {
-        let name = binding.get_ref().as_str();
+    let mut config_names: Vec<&str> = Vec::new();
+    for (name, value) in &spec.vars {
         if !is_valid_binding(name) {
-            self.error(Some(binding.span()), key, format!("`{name}` is not a valid binding name"), help.to_string());
-        } else if seen.contains(&name) {
-            self.error(
-                Some(binding.span()),
-                key,
-                format!("binding `{name}` is already granted to this worker"),
-                "give every binding of a worker its own name",
+            c.error(
+                KeyPath::from("vars").field(name.as_str()),
+                ErrorKind::Invalid,
+                format!("`{name}` is not a valid variable name"),
+                name_help.clone(),
+            );
+        }
+        config_names.push(name);
+        grants.vars.insert(name.clone(), value.clone());
+    }
+    for (j, name) in spec.secrets.iter().enumerate() {
+        let path = KeyPath::from("secrets").index(j);
+        if !is_valid_binding(name) {
+            c.error(path, ErrorKind::Invalid, format!("`{name}` is not a valid secret name"), name_help.clone());
+        } else if config_names.contains(&name.as_str()) {
+            let what = if grants.vars.contains_key(name) { "a variable in [worker.vars]" } else { "listed twice" };
+            c.error(
+                path,
+                ErrorKind::Duplicate,
+                format!("`{name}` is also {what}"),
+                "a name is either a plain variable or a secret, once: rename or remove one",
             );
         } else {
-            seen.push(name);
+            config_names.push(name);
+            grants.secrets.push(name.clone());
         }
+    }
+    grants
+}
+
+fn binding_name<'a>(c: &mut Checker, name: &'a str, path: KeyPath, help: &str, seen: &mut Vec<&'a str>) {
+    if !is_valid_binding(name) {
+        c.error(path, ErrorKind::Invalid, format!("`{name}` is not a valid binding name"), help.to_string());
+    } else if seen.contains(&name) {
+        c.error(
+            path,
+            ErrorKind::Duplicate,
+            format!("binding `{name}` is already granted to this worker"),
+            "give every binding of a worker its own name",
+        );
+    } else {
+        seen.push(name);
     }
 }

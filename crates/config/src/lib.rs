@@ -1,16 +1,28 @@
 //! `cordon.toml`: the one place where an operator says what Cordon serves and
-//! how tightly each worker is confined.
+//! how tightly each worker is confined; and the specs of what a tenant
+//! deploys, whatever they are read from.
+//!
+//! A worker ([`WorkerSpec`]) and a database ([`DatabaseSpec`]) are plain
+//! specs with their own validation, whose errors ([`SpecError`]) carry a
+//! [`KeyPath`] inside the spec. Two front ends read them: the TOML file
+//! ([`Config::load`]), whose errors point at file, line, column and key,
+//! and JSON documents ([`json`]), whose errors are JSON pointers. The
+//! workers of `cordon.toml` are its first deployment.
 //!
 //! Loading is strict. Unknown keys, wrong types, out-of-range limits,
-//! duplicate names and conflicting routes are errors, and every error carries
-//! the file, line, column and key it is about, with a hint on how to fix it.
-//! All relative paths are resolved against the directory of the config file,
-//! so a config means the same thing whatever the working directory.
+//! duplicate names and conflicting routes are errors, each with a hint on
+//! how to fix it. A worker is identified by its tenant and its name: names
+//! are unique within a tenant, routes across all tenants. All relative
+//! paths are resolved against the directory of the config file, so a
+//! config means the same thing whatever the working directory.
 
 mod grants;
+pub mod json;
 mod postgres;
 mod raw;
+mod spec;
 mod validate;
+mod worker;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -19,10 +31,12 @@ use std::path::{Path, PathBuf};
 pub use grants::{BINDING_MAX_LEN, Grants, KvGrant, PostgresGrant, SqlGrant, is_valid_binding};
 pub use postgres::{
     DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_ADDRESS, DEFAULT_TENANT_ORIGIN_CONNECTIONS,
-    DatabaseCache, DatabaseConfig, DatabaseUser, ENV_NAME_MAX_LEN, OriginAuthMethods, OriginTlsMode, OriginUrl, PostgresProxyConfig,
-    ProxyTls, is_valid_env_name,
+    DatabaseCache, DatabaseCacheSpec, DatabaseConfig, DatabaseContext, DatabaseSpec, DatabaseUser, ENV_NAME_MAX_LEN, OriginAuthMethods,
+    OriginTlsMode, OriginUrl, PostgresProxyConfig, ProxyTls, check_databases, is_valid_env_name,
 };
+pub use spec::{ErrorKind, KeyPath, Segment, SpecError, SpecErrors};
 pub use validate::{NAME_MAX_LEN, is_valid_name};
+pub use worker::{LimitsSpec, WorkerContext, WorkerSpec, check_worker_among, check_workers};
 
 /// A loaded and validated configuration.
 #[derive(Debug, Clone)]
@@ -40,6 +54,8 @@ pub struct Config {
     /// `[[tenant]]`, in file order: the tenants whose quotas differ from
     /// the defaults. Every name is unique and is the tenant of a worker.
     pub tenants: Vec<TenantConfig>,
+    /// `[[worker]]`, in file order; `(tenant, name)` is unique, and so is
+    /// every route across all of them.
     pub workers: Vec<WorkerConfig>,
 }
 
@@ -284,6 +300,7 @@ impl Default for StorageBounds {
 /// One `[[worker]]`: a tenant's component, where it is routed, and its limits.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
+    /// Unique within `tenant` only: a worker is `(tenant, name)`.
     pub name: String,
     pub tenant: String,
     /// Absolute path of the component file.
@@ -442,6 +459,25 @@ impl Config {
             )
         });
         any_outbound.chain(plain_origins).collect()
+    }
+
+    /// The worker named `name` of `tenant`.
+    pub fn worker(&self, tenant: &str, name: &str) -> Option<&WorkerConfig> {
+        self.workers.iter().find(|w| w.tenant == tenant && w.name == name)
+    }
+
+    /// What a worker of `tenant` is validated against under this
+    /// configuration, for a spec deployed beside the file's workers: its
+    /// tenant's quotas, this config's databases, and the config file's
+    /// directory for a relative component path (`base`).
+    pub fn worker_context<'a>(&'a self, tenant: &str, base: &'a Path) -> WorkerContext<'a> {
+        validate::worker_context(tenant, base, &self.tenants, &self.sandbox, &self.storage, &self.databases)
+    }
+
+    /// What a database is validated against under this configuration;
+    /// relative paths start at `base`.
+    pub fn database_context<'a>(&self, base: &'a Path) -> DatabaseContext<'a> {
+        DatabaseContext { base, require_origin_tls: self.security.require_postgres_origin_tls }
     }
 
     /// The `[[database]]` named `name` of `tenant`.

@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::raw::RawWorker;
+use crate::ServerConfig;
+use crate::spec::{Checker, ErrorKind, KeyPath, SpecError, SpecErrors};
 use crate::validate::Validator;
-use crate::{SecurityConfig, ServerConfig, WorkerConfig};
 
 /// Longest name of an environment variable that holds a password.
 pub const ENV_NAME_MAX_LEN: usize = 128;
@@ -139,7 +139,8 @@ impl Default for OriginAuthMethods {
 }
 
 /// `[[database.users]]`: a login that the proxy accepts for this database.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DatabaseUser {
     /// Unique within the database.
     pub name: String,
@@ -251,44 +252,54 @@ pub(crate) struct RawPostgresProxy {
     pub max_handshakes_per_address: Option<Spanned<i64>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One database as written: `[[database]]` in `cordon.toml`, or a JSON
+/// document for the control API. Integers are `i64` so that a negative or
+/// oversized value reaches the range check; each `None` takes its default
+/// (see [`DatabaseConfig`] for what each setting means).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawDatabase {
-    pub name: Spanned<String>,
-    pub tenant: Spanned<String>,
-    pub origin: Spanned<String>,
-    pub origin_password_env: Option<Spanned<String>>,
-    pub origin_auth_methods: Option<Spanned<Vec<Spanned<String>>>>,
-    pub pool_size: Option<Spanned<i64>>,
-    pub tenant_origin_connections: Option<Spanned<i64>>,
-    pub max_client_connections: Option<Spanned<i64>>,
-    pub max_waiting_clients: Option<Spanned<i64>>,
-    pub acquire_timeout_ms: Option<Spanned<i64>>,
-    pub statement_timeout_ms: Option<Spanned<i64>>,
-    pub idle_client_timeout_ms: Option<Spanned<i64>>,
-    pub idle_in_transaction_timeout_ms: Option<Spanned<i64>>,
-    pub connect_timeout_ms: Option<Spanned<i64>>,
+pub struct DatabaseSpec {
+    /// Unique within its tenant.
+    pub name: String,
+    pub tenant: String,
+    /// A `postgres://` URL without a password.
+    pub origin: String,
+    pub origin_password_env: Option<String>,
+    pub origin_auth_methods: Option<Vec<String>>,
+    pub pool_size: Option<i64>,
+    pub tenant_origin_connections: Option<i64>,
+    pub max_client_connections: Option<i64>,
+    pub max_waiting_clients: Option<i64>,
+    pub acquire_timeout_ms: Option<i64>,
+    pub statement_timeout_ms: Option<i64>,
+    pub idle_client_timeout_ms: Option<i64>,
+    pub idle_in_transaction_timeout_ms: Option<i64>,
+    pub connect_timeout_ms: Option<i64>,
     #[serde(default)]
-    pub users: Vec<RawDatabaseUser>,
+    pub users: Vec<DatabaseUser>,
     #[serde(default)]
-    pub cache: RawDatabaseCache,
+    pub cache: DatabaseCacheSpec,
 }
 
-#[derive(Debug, Deserialize)]
+/// `cache` of a [`DatabaseSpec`]; each `None` takes its default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawDatabaseUser {
-    pub name: Spanned<String>,
-    pub password_env: Spanned<String>,
+pub struct DatabaseCacheSpec {
+    pub enabled: Option<bool>,
+    pub max_age_s: Option<i64>,
+    pub stale_while_revalidate_s: Option<i64>,
+    pub max_entry_bytes: Option<i64>,
+    pub max_bytes: Option<i64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawDatabaseCache {
-    pub enabled: Option<Spanned<bool>>,
-    pub max_age_s: Option<Spanned<i64>>,
-    pub stale_while_revalidate_s: Option<Spanned<i64>>,
-    pub max_entry_bytes: Option<Spanned<i64>>,
-    pub max_bytes: Option<Spanned<i64>>,
+/// What validating a database needs to know beyond its spec.
+#[derive(Debug, Clone, Copy)]
+pub struct DatabaseContext<'a> {
+    /// The directory a relative `sslrootcert` path starts at.
+    pub base: &'a Path,
+    /// `security.require_postgres_origin_tls`: refuse an origin reached in
+    /// plain TCP over a network.
+    pub require_origin_tls: bool,
 }
 
 /// The names of `origin_auth_methods`, as libpq's `require_auth` spells them.
@@ -393,141 +404,160 @@ impl Validator<'_> {
         }
         Some(absolute(base, value.get_ref()))
     }
+}
 
-    pub(crate) fn database(&mut self, i: usize, raw: &RawDatabase, base: &Path) -> DatabaseConfig {
-        let key = |k: &str| format!("database[{i}].{k}");
-        self.name(&raw.name, &key("name"));
-        self.name(&raw.tenant, &key("tenant"));
+impl DatabaseSpec {
+    /// Checks this database on its own, as the only one of its tenant on
+    /// its origin server. Among other databases, [`check_databases`] over
+    /// the whole set decides the shared `tenant_origin_connections` and
+    /// refuses a name its tenant already uses.
+    pub fn validate(&self, context: &DatabaseContext<'_>) -> Result<DatabaseConfig, SpecErrors> {
+        let mut c = Checker::default();
+        let mut database = [self.check(context, &mut c)];
+        c.errors.extend(check_databases(std::slice::from_ref(self), &mut database).into_iter().map(|(_, e)| e));
+        let [database] = database;
+        c.finish(database)
+    }
 
-        let parsed = parse_origin(raw.origin.get_ref(), base);
+    /// [`Self::validate`] without the checks across databases, recording
+    /// problems in `c`; `tenant_origin_connections` is left for
+    /// [`check_databases`] to resolve.
+    pub(crate) fn check(&self, context: &DatabaseContext<'_>, c: &mut Checker) -> DatabaseConfig {
+        c.name(&self.name, "name".into());
+        c.name(&self.tenant, "tenant".into());
+
+        let parsed = parse_origin(&self.origin, context.base);
         let origin = match &parsed {
             Ok(origin) => origin.clone(),
             Err(e) => {
-                self.error(Some(raw.origin.span()), key("origin"), e.message.clone(), e.help.clone());
+                c.error("origin".into(), ErrorKind::Invalid, e.message.clone(), e.help.clone());
                 OriginUrl { host: String::new(), port: 5432, user: String::new(), database: String::new(), tls: OriginTlsMode::Disable }
             }
         };
-        let origin_password_env = raw.origin_password_env.as_ref().map(|env| {
-            self.env_name(env, key("origin_password_env"));
-            env.get_ref().clone()
+        let origin_password_env = self.origin_password_env.as_ref().map(|env| {
+            env_name(c, env, "origin_password_env".into());
+            env.clone()
         });
         // An origin that did not parse has its own error; judging the methods against its
         // placeholder TLS mode would add a second, misleading one.
-        let origin_auth_methods = self.origin_auth_methods(i, raw, parsed.as_ref().ok());
+        let origin_auth_methods = self.origin_auth_methods(c, parsed.as_ref().ok());
+        if context.require_origin_tls {
+            self.origin_tls_policy(c, &origin);
+        }
 
-        let max_client_connections = self.int(
-            &raw.max_client_connections,
-            &key("max_client_connections"),
+        let max_client_connections = c.int(
+            self.max_client_connections,
+            "max_client_connections".into(),
             1000,
             1,
             100_000,
             "the number of clients connected through the proxy at once",
         );
         DatabaseConfig {
-            name: raw.name.get_ref().clone(),
-            tenant: raw.tenant.get_ref().clone(),
+            name: self.name.clone(),
+            tenant: self.tenant.clone(),
             origin,
             origin_password_env,
             origin_auth_methods,
-            pool_size: self.int(&raw.pool_size, &key("pool_size"), 10, 1, 1000, "the number of origin connections kept open") as u32,
-            // Resolved across the tenant's databases on the same origin in `cross_database_checks`.
-            tenant_origin_connections: self.int(
-                &raw.tenant_origin_connections,
-                &key("tenant_origin_connections"),
+            pool_size: c.int(self.pool_size, "pool_size".into(), 10, 1, 1000, "the number of origin connections kept open") as u32,
+            // Resolved across the tenant's databases on the same origin in `check_databases`.
+            tenant_origin_connections: c.int(
+                self.tenant_origin_connections,
+                "tenant_origin_connections".into(),
                 0,
                 1,
                 10_000,
                 "the number of origin connections of the tenant's databases on this origin together",
             ) as u32,
             max_client_connections: max_client_connections as u32,
-            max_waiting_clients: self.int(
-                &raw.max_waiting_clients,
-                &key("max_waiting_clients"),
+            max_waiting_clients: c.int(
+                self.max_waiting_clients,
+                "max_waiting_clients".into(),
                 max_client_connections,
                 0,
                 100_000,
                 "the number of clients that may wait for a pooled connection at once (the default is max_client_connections)",
             ) as u32,
-            acquire_timeout_ms: self.int(
-                &raw.acquire_timeout_ms,
-                &key("acquire_timeout_ms"),
+            acquire_timeout_ms: c.int(
+                self.acquire_timeout_ms,
+                "acquire_timeout_ms".into(),
                 5000,
                 1,
                 600_000,
                 "the time a client waits for a pooled connection, in ms",
             ),
-            statement_timeout_ms: self.int(
-                &raw.statement_timeout_ms,
-                &key("statement_timeout_ms"),
+            statement_timeout_ms: c.int(
+                self.statement_timeout_ms,
+                "statement_timeout_ms".into(),
                 30_000,
                 0,
                 86_400_000,
                 "the time one statement may run, in ms, or 0 for no limit",
             ),
-            idle_client_timeout_ms: self.int(
-                &raw.idle_client_timeout_ms,
-                &key("idle_client_timeout_ms"),
+            idle_client_timeout_ms: c.int(
+                self.idle_client_timeout_ms,
+                "idle_client_timeout_ms".into(),
                 600_000,
                 0,
                 86_400_000,
                 "the time a silent client stays connected, in ms, or 0 for no limit",
             ),
-            idle_in_transaction_timeout_ms: self.int(
-                &raw.idle_in_transaction_timeout_ms,
-                &key("idle_in_transaction_timeout_ms"),
+            idle_in_transaction_timeout_ms: c.int(
+                self.idle_in_transaction_timeout_ms,
+                "idle_in_transaction_timeout_ms".into(),
                 60_000,
                 0,
                 86_400_000,
                 "the time a client may sit idle inside a transaction, in ms, or 0 for no limit",
             ),
-            connect_timeout_ms: self.int(
-                &raw.connect_timeout_ms,
-                &key("connect_timeout_ms"),
+            connect_timeout_ms: c.int(
+                self.connect_timeout_ms,
+                "connect_timeout_ms".into(),
                 5000,
                 1,
                 600_000,
                 "the time to open one origin connection, in ms",
             ),
-            users: self.database_users(i, raw),
-            cache: self.database_cache(i, raw),
+            users: self.users(c),
+            cache: self.cache(c),
         }
     }
 
     /// `origin_auth_methods`: known names, each once, with a password to send, and MD5 or
     /// cleartext only where TLS has verified whom the password goes to.
-    fn origin_auth_methods(&mut self, i: usize, raw: &RawDatabase, origin: Option<&OriginUrl>) -> OriginAuthMethods {
-        let key = format!("database[{i}].origin_auth_methods");
-        let Some(list) = &raw.origin_auth_methods else {
+    fn origin_auth_methods(&self, c: &mut Checker, origin: Option<&OriginUrl>) -> OriginAuthMethods {
+        let path = KeyPath::from("origin_auth_methods");
+        let Some(list) = &self.origin_auth_methods else {
             return OriginAuthMethods::default();
         };
-        if raw.origin_password_env.is_none() {
-            self.error(
-                Some(list.span()),
-                &key,
+        if self.origin_password_env.is_none() {
+            c.error(
+                path.clone(),
+                ErrorKind::Conflict,
                 "is set, but origin_password_env is not, so there is no password for these methods to send",
                 "set origin_password_env to the environment variable that holds the origin password, or remove origin_auth_methods",
             );
         }
-        if list.get_ref().is_empty() {
-            self.error(
-                Some(list.span()),
-                &key,
+        if list.is_empty() {
+            c.error(
+                path,
+                ErrorKind::Invalid,
                 "is empty, so no login to the origin could succeed",
                 format!("list at least one method, for example [\"{SCRAM_SHA_256}\"] (the default), or remove the key"),
             );
             return OriginAuthMethods::default();
         }
         let mut methods = OriginAuthMethods { scram_sha_256: false, md5: false, password: false };
-        for (j, entry) in list.get_ref().iter().enumerate() {
-            let name = entry.get_ref().as_str();
+        for (j, name) in list.iter().enumerate() {
+            let name = name.as_str();
             let (flag, sends) = match name {
                 SCRAM_SHA_256 => (&mut methods.scram_sha_256, None),
                 MD5 => (&mut methods.md5, Some("an MD5 hash of the password, which can be cracked offline")),
                 PASSWORD => (&mut methods.password, Some("the password itself")),
                 other => {
-                    self.error(
-                        Some(entry.span()),
-                        format!("{key}[{j}]"),
+                    c.error(
+                        path.clone().index(j),
+                        ErrorKind::Invalid,
                         format!("`{}` is not an authentication method that Cordon answers", other.escape_debug()),
                         format!(
                             "use \"{SCRAM_SHA_256}\", \"{MD5}\" or \"{PASSWORD}\" (lowercase); for an origin that trusts this role without a password, leave out origin_password_env and origin_auth_methods"
@@ -537,7 +567,7 @@ impl Validator<'_> {
                 }
             };
             if *flag {
-                self.error(Some(entry.span()), format!("{key}[{j}]"), format!("lists `{name}` twice"), "list each method once");
+                c.error(path.clone().index(j), ErrorKind::Duplicate, format!("lists `{name}` twice"), "list each method once");
                 continue;
             }
             *flag = true;
@@ -545,9 +575,9 @@ impl Validator<'_> {
             if let Some(origin) = origin
                 && origin.tls == OriginTlsMode::Disable
             {
-                self.error(
-                    Some(entry.span()),
-                    format!("{key}[{j}]"),
+                c.error(
+                    path.clone().index(j),
+                    ErrorKind::Conflict,
                     format!("allows `{name}`, but the origin URL has sslmode=disable"),
                     format!(
                         "`{name}` gives the server {sends} without the server proving who it is, so it is allowed only over TLS that verifies the origin: add sslmode=verify-full to origin (and sslrootcert for a private CA), or remove \"{name}\" and have the origin store the role's password as SCRAM-SHA-256"
@@ -558,58 +588,74 @@ impl Validator<'_> {
         methods
     }
 
-    fn database_users(&mut self, i: usize, raw: &RawDatabase) -> Vec<DatabaseUser> {
-        let mut users: Vec<DatabaseUser> = Vec::with_capacity(raw.users.len());
-        for (j, user) in raw.users.iter().enumerate() {
-            let key = |k: &str| format!("database[{i}].users[{j}].{k}");
-            let name = user.name.get_ref();
+    /// `security.require_postgres_origin_tls`: refuses an origin reached in plain TCP over a
+    /// network, where anyone on the path could read the traffic or pose as the origin. Loopback
+    /// never leaves the machine, so it is allowed.
+    fn origin_tls_policy(&self, c: &mut Checker, origin: &OriginUrl) {
+        // An origin that did not parse is already an error, with an empty host.
+        if origin.tls != OriginTlsMode::Disable || origin.is_loopback() || origin.host.is_empty() {
+            return;
+        }
+        c.error(
+            "origin".into(),
+            ErrorKind::Conflict,
+            format!("reaches the host `{}` without TLS (sslmode=disable), and security.require_postgres_origin_tls is true", origin.host),
+            "add sslmode=verify-full to the origin URL (and sslrootcert for a private CA), or set security.require_postgres_origin_tls = false to allow plain TCP to a host that is not loopback",
+        );
+    }
+
+    fn users(&self, c: &mut Checker) -> Vec<DatabaseUser> {
+        let mut users: Vec<DatabaseUser> = Vec::with_capacity(self.users.len());
+        for (j, user) in self.users.iter().enumerate() {
+            let path = |k: &str| KeyPath::from("users").index(j).field(k);
+            let name = &user.name;
             if name.is_empty() || name.len() > PG_IDENT_MAX_LEN || name.chars().any(char::is_control) {
-                self.error(
-                    Some(user.name.span()),
-                    key("name"),
+                c.error(
+                    path("name"),
+                    ErrorKind::Invalid,
                     format!("`{}` is not a valid user name", name.escape_debug()),
                     format!("use 1 to {PG_IDENT_MAX_LEN} bytes without control characters"),
                 );
             } else if let Some(first) = users.iter().position(|u| &u.name == name) {
-                self.error(
-                    Some(user.name.span()),
-                    key("name"),
+                c.error(
+                    path("name"),
+                    ErrorKind::Duplicate,
                     format!("user `{name}` is already users[{first}] of this database"),
                     "list every user of a database once",
                 );
             }
-            self.env_name(&user.password_env, key("password_env"));
-            users.push(DatabaseUser { name: name.clone(), password_env: user.password_env.get_ref().clone() });
+            env_name(c, &user.password_env, path("password_env"));
+            users.push(user.clone());
         }
         users
     }
 
-    fn database_cache(&mut self, i: usize, raw: &RawDatabase) -> DatabaseCache {
-        let c = &raw.cache;
+    fn cache(&self, c: &mut Checker) -> DatabaseCache {
+        let s = &self.cache;
         let d = DatabaseCache::default();
-        let key = |k: &str| format!("database[{i}].cache.{k}");
+        let path = |k: &str| KeyPath::from("cache").field(k);
         let cache = DatabaseCache {
-            enabled: c.enabled.as_ref().map_or(d.enabled, |e| *e.get_ref()),
-            max_age_s: self.int(&c.max_age_s, &key("max_age_s"), d.max_age_s, 1, 86_400, "the seconds a result is served as fresh"),
-            stale_while_revalidate_s: self.int(
-                &c.stale_while_revalidate_s,
-                &key("stale_while_revalidate_s"),
+            enabled: s.enabled.unwrap_or(d.enabled),
+            max_age_s: c.int(s.max_age_s, path("max_age_s"), d.max_age_s, 1, 86_400, "the seconds a result is served as fresh"),
+            stale_while_revalidate_s: c.int(
+                s.stale_while_revalidate_s,
+                path("stale_while_revalidate_s"),
                 d.stale_while_revalidate_s,
                 0,
                 86_400,
                 "the seconds a stale result is still served while it is refreshed",
             ),
-            max_entry_bytes: self.int(
-                &c.max_entry_bytes,
-                &key("max_entry_bytes"),
+            max_entry_bytes: c.int(
+                s.max_entry_bytes,
+                path("max_entry_bytes"),
                 d.max_entry_bytes,
                 1,
                 64 << 20,
                 "the largest result that is cached, in bytes",
             ),
-            max_bytes: self.int(
-                &c.max_bytes,
-                &key("max_bytes"),
+            max_bytes: c.int(
+                s.max_bytes,
+                path("max_bytes"),
                 d.max_bytes,
                 1 << 20,
                 16 << 30,
@@ -617,137 +663,102 @@ impl Validator<'_> {
             ),
         };
         if cache.max_entry_bytes > cache.max_bytes {
-            // Point at whichever of the two the file sets (max_entry_bytes if both).
-            let (span, name) = match (&c.max_entry_bytes, &c.max_bytes) {
-                (Some(entry), _) => (Some(entry.span()), "max_entry_bytes"),
-                (None, Some(total)) => (Some(total.span()), "max_bytes"),
-                (None, None) => (None, "max_entry_bytes"),
-            };
-            self.error(
-                span,
-                key(name),
+            // Point at whichever of the two the spec sets (max_entry_bytes if both).
+            let name = if s.max_entry_bytes.is_none() && s.max_bytes.is_some() { "max_bytes" } else { "max_entry_bytes" };
+            c.error(
+                path(name),
+                ErrorKind::Conflict,
                 format!("max_entry_bytes ({}) is more than max_bytes ({})", cache.max_entry_bytes, cache.max_bytes),
                 "an entry cannot be larger than the whole cache: lower max_entry_bytes or raise max_bytes",
             );
         }
         cache
     }
+}
 
-    fn env_name(&mut self, value: &Spanned<String>, key: String) {
-        if !is_valid_env_name(value.get_ref()) {
-            self.error(
-                Some(value.span()),
-                key,
-                format!("`{}` is not a valid environment variable name", value.get_ref().escape_debug()),
-                format!("{ENV_HELP}; the password itself goes in that variable, never in this file"),
-            );
+fn env_name(c: &mut Checker, value: &str, path: KeyPath) {
+    if !is_valid_env_name(value) {
+        c.error(
+            path,
+            ErrorKind::Invalid,
+            format!("`{}` is not a valid environment variable name", value.escape_debug()),
+            format!("{ENV_HELP}; the password itself goes in that variable, never in this file"),
+        );
+    }
+}
+
+/// The checks across a set of databases, `specs[i]` checked into
+/// `databases[i]`: each tenant's database names are unique, and each
+/// group of one tenant's databases on one origin server gets its shared
+/// `tenant_origin_connections`, written into `databases`. The problems of
+/// `specs[i]` come as `(i, error)`; `database[i]` in a message is
+/// `specs[i]`.
+pub fn check_databases(specs: &[DatabaseSpec], databases: &mut [DatabaseConfig]) -> Vec<(usize, SpecError)> {
+    let mut errors = tenant_origin_connections(specs, databases);
+    for (i, d) in databases.iter().enumerate() {
+        if let Some(first) = databases[..i].iter().position(|o| o.tenant == d.tenant && o.name == d.name) {
+            errors.push((
+                i,
+                SpecError {
+                    path: "name".into(),
+                    kind: ErrorKind::NameTaken,
+                    message: format!("tenant `{}` already has a database `{}` (database[{first}])", d.tenant, d.name),
+                    help: "give every database of a tenant its own name".into(),
+                },
+            ));
         }
     }
+    errors
+}
 
-    pub(crate) fn cross_database_checks(&mut self, raw: &[RawDatabase], databases: &mut [DatabaseConfig]) {
-        self.tenant_origin_connections(raw, databases);
-        for (i, d) in databases.iter().enumerate() {
-            if let Some(first) = databases[..i].iter().position(|o| o.tenant == d.tenant && o.name == d.name) {
-                self.error(
-                    Some(raw[i].name.span()),
-                    format!("database[{i}].name"),
-                    format!("tenant `{}` already has a database `{}` (database[{first}])", d.tenant, d.name),
-                    "give every database of a tenant its own name",
-                );
+/// Resolves `tenant_origin_connections` for each group of a tenant's databases on one origin
+/// server: the value they set (they must agree), or the default raised to the group's largest
+/// `pool_size`. A pool larger than its group's limit could never fill, so that is an error.
+fn tenant_origin_connections(specs: &[DatabaseSpec], databases: &mut [DatabaseConfig]) -> Vec<(usize, SpecError)> {
+    let mut errors = Vec::new();
+    let same_group =
+        |a: &DatabaseConfig, b: &DatabaseConfig| a.tenant == b.tenant && a.origin.host == b.origin.host && a.origin.port == b.origin.port;
+    for i in 0..databases.len() {
+        let members: Vec<usize> = (0..databases.len()).filter(|&j| same_group(&databases[i], &databases[j])).collect();
+        let explicit: Vec<(usize, u32)> = members
+            .iter()
+            .filter(|&&j| specs[j].tenant_origin_connections.is_some())
+            .map(|&j| (j, databases[j].tenant_origin_connections))
+            .collect();
+        let largest_pool = members.iter().map(|&j| databases[j].pool_size).max().unwrap_or(1);
+        let limit = match explicit.first() {
+            Some(&(first, value)) => {
+                if let Some(own) = specs[i].tenant_origin_connections
+                    && databases[i].tenant_origin_connections != value
+                {
+                    errors.push((
+                        i,
+                        SpecError {
+                            path: "tenant_origin_connections".into(),
+                            kind: ErrorKind::Conflict,
+                            message: format!("is {own}, but database[{first}] of the same tenant on the same origin sets {value}"),
+                            help: "the limit is shared by the tenant's databases on one origin server: set the same value in each, or in one of them only".into(),
+                        },
+                    ));
+                }
+                value
             }
-        }
-    }
-
-    /// Resolves `tenant_origin_connections` for each group of a tenant's databases on one origin
-    /// server: the value they set (they must agree), or the default raised to the group's largest
-    /// `pool_size`. A pool larger than its group's limit could never fill, so that is an error.
-    fn tenant_origin_connections(&mut self, raw: &[RawDatabase], databases: &mut [DatabaseConfig]) {
-        let same_group = |a: &DatabaseConfig, b: &DatabaseConfig| {
-            a.tenant == b.tenant && a.origin.host == b.origin.host && a.origin.port == b.origin.port
+            None => DEFAULT_TENANT_ORIGIN_CONNECTIONS.max(largest_pool),
         };
-        for i in 0..databases.len() {
-            let members: Vec<usize> = (0..databases.len()).filter(|&j| same_group(&databases[i], &databases[j])).collect();
-            let explicit: Vec<(usize, u32)> = members
-                .iter()
-                .filter(|&&j| raw[j].tenant_origin_connections.is_some())
-                .map(|&j| (j, databases[j].tenant_origin_connections))
-                .collect();
-            let largest_pool = members.iter().map(|&j| databases[j].pool_size).max().unwrap_or(1);
-            let limit = match explicit.first() {
-                Some(&(first, value)) => {
-                    if let Some(own) = &raw[i].tenant_origin_connections
-                        && databases[i].tenant_origin_connections != value
-                    {
-                        self.error(
-                            Some(own.span()),
-                            format!("database[{i}].tenant_origin_connections"),
-                            format!("is {}, but database[{first}] of the same tenant on the same origin sets {value}", own.get_ref()),
-                            "the limit is shared by the tenant's databases on one origin server: set the same value in each, or in one of them only",
-                        );
-                    }
-                    value
-                }
-                None => DEFAULT_TENANT_ORIGIN_CONNECTIONS.max(largest_pool),
-            };
-            if databases[i].pool_size > limit {
-                self.error(
-                    raw[i].pool_size.as_ref().map(|v| v.span()),
-                    format!("database[{i}].pool_size"),
-                    format!("is {}, more than the tenant_origin_connections ({limit}) of its tenant on this origin", databases[i].pool_size),
-                    "a pool cannot have more connections than its tenant may open on the origin: lower pool_size or raise tenant_origin_connections",
-                );
-            }
-            databases[i].tenant_origin_connections = limit;
+        if databases[i].pool_size > limit {
+            errors.push((
+                i,
+                SpecError {
+                    path: "pool_size".into(),
+                    kind: ErrorKind::Conflict,
+                    message: format!("is {}, more than the tenant_origin_connections ({limit}) of its tenant on this origin", databases[i].pool_size),
+                    help: "a pool cannot have more connections than its tenant may open on the origin: lower pool_size or raise tenant_origin_connections".into(),
+                },
+            ));
         }
+        databases[i].tenant_origin_connections = limit;
     }
-
-    /// `security.require_postgres_origin_tls`: refuses every origin reached in plain TCP over a
-    /// network, where anyone on the path could read the traffic or pose as the origin. Loopback
-    /// never leaves the machine, so it is allowed.
-    pub(crate) fn origin_tls_policy(&mut self, raw: &[RawDatabase], databases: &[DatabaseConfig], security: &SecurityConfig) {
-        if !security.require_postgres_origin_tls {
-            return;
-        }
-        for (i, d) in databases.iter().enumerate() {
-            // An origin that did not parse is already an error, with an empty host.
-            if d.origin.tls != OriginTlsMode::Disable || d.origin.is_loopback() || d.origin.host.is_empty() {
-                continue;
-            }
-            self.error(
-                Some(raw[i].origin.span()),
-                format!("database[{i}].origin"),
-                format!(
-                    "reaches the host `{}` without TLS (sslmode=disable), and security.require_postgres_origin_tls is true",
-                    d.origin.host
-                ),
-                "add sslmode=verify-full to the origin URL (and sslrootcert for a private CA), or set security.require_postgres_origin_tls = false to allow plain TCP to a host that is not loopback",
-            );
-        }
-    }
-
-    /// A `[[worker.postgres]]` grant reaches only its own tenant's databases.
-    pub(crate) fn postgres_grant_checks(&mut self, raw: &[RawWorker], workers: &[WorkerConfig], databases: &[DatabaseConfig]) {
-        for (i, (w, rw)) in workers.iter().zip(raw).enumerate() {
-            for (j, (grant, rg)) in w.grants.postgres.iter().zip(&rw.postgres).enumerate() {
-                let own: Vec<&str> = databases.iter().filter(|d| d.tenant == w.tenant).map(|d| d.name.as_str()).collect();
-                if own.contains(&grant.database.as_str()) {
-                    continue;
-                }
-                let help = if own.is_empty() {
-                    format!("tenant `{}` has no [[database]]; add one with tenant = \"{}\", or remove this grant", w.tenant, w.tenant)
-                } else {
-                    let names: Vec<String> = own.iter().map(|n| format!("`{n}`")).collect();
-                    format!("a worker may use only its own tenant's databases; tenant `{}` has {}", w.tenant, names.join(", "))
-                };
-                self.error(
-                    Some(rg.database.span()),
-                    format!("worker[{i}].postgres[{j}].database"),
-                    format!("tenant `{}` has no database `{}`", w.tenant, grant.database),
-                    help,
-                );
-            }
-        }
-    }
+    errors
 }
 
 fn absolute(base: &Path, path: &str) -> PathBuf {

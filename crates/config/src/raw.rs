@@ -1,14 +1,15 @@
-//! The file as written: serde structs that keep the span of every value that
-//! validation may need to point at. Nothing here is checked beyond its type;
-//! `crate::validate` turns these into the public, validated types.
-
-use std::collections::BTreeMap;
+//! The file as written. The process's own sections are serde structs that
+//! keep the span of every value that validation may need to point at;
+//! workers and databases are read as their plain specs, whose errors carry
+//! key paths that `crate::validate` maps back to the file. Nothing here is
+//! checked beyond its type; `crate::validate` turns these into the public,
+//! validated types.
 
 use serde::Deserialize;
 use toml::Spanned;
 
-pub(crate) use crate::grants::{RawKv, RawPostgres, RawSql};
-pub(crate) use crate::postgres::{RawDatabase, RawPostgresProxy};
+pub(crate) use crate::postgres::RawPostgresProxy;
+use crate::{DatabaseSpec, WorkerSpec};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,11 +24,11 @@ pub(crate) struct RawConfig {
     pub storage: RawStorage,
     pub postgres_proxy: Option<RawPostgresProxy>,
     #[serde(default, rename = "database")]
-    pub databases: Vec<RawDatabase>,
+    pub databases: Vec<DatabaseSpec>,
     #[serde(default, rename = "tenant")]
     pub tenants: Vec<RawTenant>,
     #[serde(default, rename = "worker")]
-    pub workers: Vec<RawWorker>,
+    pub workers: Vec<WorkerSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,51 +97,4 @@ pub(crate) struct RawStorage {
     pub tenant_queue: Option<Spanned<i64>>,
     pub tenant_quota_mb: Option<Spanned<i64>>,
     pub free_space_reserve_mb: Option<Spanned<i64>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawWorker {
-    pub name: Spanned<String>,
-    pub tenant: Spanned<String>,
-    pub component: Spanned<String>,
-    pub routes: Spanned<Vec<Spanned<String>>>,
-    #[serde(default)]
-    pub allowed_outbound: Vec<Spanned<String>>,
-    pub allow_any_outbound_dangerously: Option<Spanned<bool>>,
-    #[serde(default)]
-    pub kv: Vec<RawKv>,
-    #[serde(default)]
-    pub sql: Vec<RawSql>,
-    #[serde(default)]
-    pub postgres: Vec<RawPostgres>,
-    pub vars: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
-    #[serde(default)]
-    pub secrets: Vec<Spanned<String>>,
-    #[serde(default)]
-    pub limits: RawLimits,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawLimits {
-    pub max_instances: Option<Spanned<i64>>,
-    pub cpu_ms: Option<Spanned<i64>>,
-    pub wall_ms: Option<Spanned<i64>>,
-    pub memory_mb: Option<Spanned<i64>>,
-    pub max_request_body_bytes: Option<Spanned<i64>>,
-    pub max_response_body_bytes: Option<Spanned<i64>>,
-    pub max_log_bytes: Option<Spanned<i64>>,
-    pub max_subrequests: Option<Spanned<i64>>,
-    pub subrequest_timeout_ms: Option<Spanned<i64>>,
-    pub max_subrequest_response_bytes: Option<Spanned<i64>>,
-    pub max_egress_bytes: Option<Spanned<i64>>,
-    pub max_kv_operations: Option<Spanned<i64>>,
-    pub max_kv_value_bytes: Option<Spanned<i64>>,
-    pub max_sql_statements: Option<Spanned<i64>>,
-    pub sql_statement_timeout_ms: Option<Spanned<i64>>,
-    pub max_sql_rows: Option<Spanned<i64>>,
-    pub max_sql_result_bytes: Option<Spanned<i64>>,
-    pub max_postgres_queries: Option<Spanned<i64>>,
-    pub max_postgres_result_bytes: Option<Spanned<i64>>,
 }

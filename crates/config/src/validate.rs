@@ -1,17 +1,25 @@
-//! From `raw` to the public types: every check, and the errors that point at
-//! the offending key.
+//! The TOML front end, from `raw` to the public types: the checks of the
+//! process's own sections (`[server]`, `[security]`, `[sandbox]`,
+//! `[storage]`, `[[tenant]]`; `[postgres_proxy]` is in `crate::postgres`),
+//! the spec validation of each `[[database]]` and `[[worker]]`, and the
+//! errors that point at the offending key: a spec error's key path is
+//! looked up in the file parsed with spans (`Validator::span_of`), and a
+//! TOML error's key is recovered from the source text (`toml_error`).
 
+use std::cell::OnceCell;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use cordon_egress::{Allowlist, AllowlistError};
 use toml::Spanned;
+use toml::de::{DeTable, DeValue};
 
-use crate::raw::{RawConfig, RawLimits, RawTenant, RawWorker};
+use crate::raw::{RawConfig, RawTenant};
+use crate::spec::{Checker, KeyPath, Segment, SpecError, out_of_range};
+use crate::worker::check_workers;
 use crate::{
-    Config, ConfigError, ConfigErrors, Limits, Location, MemoryProtectionKeys, Route, SandboxConfig, SecurityConfig, ServerConfig,
-    StorageBounds, StorageConfig, TenantConfig, WorkerConfig,
+    Config, ConfigError, ConfigErrors, DatabaseConfig, DatabaseContext, Location, MemoryProtectionKeys, SandboxConfig, SecurityConfig,
+    ServerConfig, StorageBounds, StorageConfig, TenantConfig, WorkerConfig, WorkerContext, check_databases,
 };
 
 /// Largest storage quota or reserve, in MiB (1 EiB): only a guard against
@@ -31,37 +39,52 @@ pub fn is_valid_name(name: &str) -> bool {
 
 const DOCS: &str = "docs/config.md";
 
+/// The directory that relative paths in the config at `file` start at.
+pub(crate) fn base_dir(file: &Path) -> PathBuf {
+    let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    if base.as_os_str().is_empty() { PathBuf::from(".") } else { base }
+}
+
+/// The TOML front end: the process's own sections are checked here, each
+/// `[[database]]` and `[[worker]]` is read as its spec and checked by the
+/// spec's own validation, and every error's key path is mapped back to
+/// file:line:column. The file's workers are validated as one deployment.
 pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![toml_error(file, text, &e)]))?;
-    let mut v = Validator { file, text, errors: Vec::new() };
-    let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+    let mut v = Validator { file, text, document: OnceCell::new(), errors: Vec::new() };
+    let base = base_dir(file);
 
     let server = v.server(&raw, &base);
     let security = v.security(&raw);
     let sandbox = v.sandbox(&raw);
     let storage = v.storage(&raw);
     let postgres_proxy = raw.postgres_proxy.as_ref().map(|p| v.postgres_proxy(p, &server, &base));
+
+    let database_context = DatabaseContext { base: &base, require_origin_tls: security.require_postgres_origin_tls };
+    let database_key = |i: usize| KeyPath::from("database").index(i);
     let mut databases = Vec::with_capacity(raw.databases.len());
-    for (i, d) in raw.databases.iter().enumerate() {
-        databases.push(v.database(i, d, &base));
+    for (i, spec) in raw.databases.iter().enumerate() {
+        let mut checker = Checker::default();
+        databases.push(spec.check(&database_context, &mut checker));
+        v.spec_errors(&database_key(i), checker.errors);
     }
-    v.cross_database_checks(&raw.databases, &mut databases);
-    v.origin_tls_policy(&raw.databases, &databases, &security);
+    for (i, e) in check_databases(&raw.databases, &mut databases) {
+        v.spec_error(&database_key(i), e);
+    }
 
     let tenants = v.tenants(&raw.tenants, &sandbox, &storage, &server);
+    let worker_key = |i: usize| KeyPath::from("worker").index(i);
     let mut workers = Vec::with_capacity(raw.workers.len());
-    for (i, w) in raw.workers.iter().enumerate() {
-        let quota = tenants.iter().find(|t| t.name == *w.tenant.get_ref()).map_or(sandbox.tenant_max_instances, |t| t.max_instances);
-        let mut worker = v.worker(i, w, &base, quota);
-        let storage_quota_mb = tenants.iter().find(|t| t.name == worker.tenant).map_or(storage.tenant_quota_mb, |t| t.storage_quota_mb);
-        worker.storage =
-            StorageBounds { tenant_quota_bytes: storage_quota_mb << 20, free_space_reserve_bytes: storage.free_space_reserve_mb << 20 };
-        workers.push(worker);
+    for (i, spec) in raw.workers.iter().enumerate() {
+        let context = worker_context(&spec.tenant, &base, &tenants, &sandbox, &storage, &databases);
+        let mut checker = Checker::default();
+        workers.push(spec.check(&context, &mut checker));
+        v.spec_errors(&worker_key(i), checker.errors);
     }
-    v.cross_worker_checks(&raw.workers, &workers);
+    for (i, e) in check_workers(&workers) {
+        v.spec_error(&worker_key(i), e);
+    }
     v.tenants_have_workers(&raw.tenants, &workers);
-    v.postgres_grant_checks(&raw.workers, &workers, &databases);
 
     if v.errors.is_empty() {
         Ok(Config { source: file.to_path_buf(), server, security, sandbox, storage, postgres_proxy, databases, tenants, workers })
@@ -70,9 +93,37 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     }
 }
 
+/// What a worker of `tenant` is validated against: the tenant's instance
+/// and storage quotas (its `[[tenant]]`, or the defaults) and the
+/// databases.
+pub(crate) fn worker_context<'a>(
+    tenant: &str,
+    base: &'a Path,
+    tenants: &[TenantConfig],
+    sandbox: &SandboxConfig,
+    storage: &StorageConfig,
+    databases: &'a [DatabaseConfig],
+) -> WorkerContext<'a> {
+    let own = tenants.iter().find(|t| t.name == tenant);
+    let storage_quota_mb = own.map_or(storage.tenant_quota_mb, |t| t.storage_quota_mb);
+    WorkerContext {
+        base,
+        tenant_max_instances: own.map_or(sandbox.tenant_max_instances, |t| t.max_instances),
+        storage: StorageBounds {
+            tenant_quota_bytes: storage_quota_mb << 20,
+            free_space_reserve_bytes: storage.free_space_reserve_mb << 20,
+        },
+        databases,
+    }
+}
+
 pub(crate) struct Validator<'a> {
     file: &'a Path,
     text: &'a str,
+    /// The file parsed again with the span of every key, read only to map
+    /// a spec error's key path to its position; `None` inside when it does
+    /// not parse, which cannot happen once serde has read it.
+    document: OnceCell<Option<Spanned<DeTable<'a>>>>,
     errors: Vec<ConfigError>,
 }
 
@@ -93,17 +144,51 @@ impl Validator<'_> {
         });
     }
 
+    /// A spec's errors, each at the position of its key in this file: the
+    /// spec's `prefix` (`worker[2]`) joined with the error's own path.
+    fn spec_errors(&mut self, prefix: &KeyPath, errors: Vec<SpecError>) {
+        for e in errors {
+            self.spec_error(prefix, e);
+        }
+    }
+
+    fn spec_error(&mut self, prefix: &KeyPath, e: SpecError) {
+        let path = prefix.join(&e.path);
+        let span = self.span_of(&path);
+        self.error(span, path.to_string(), e.message, e.help);
+    }
+
+    /// The span of the value at `path`, or, when the key is absent (a
+    /// default that conflicts with another value), of the nearest table
+    /// or array that holds it.
+    fn span_of(&self, path: &KeyPath) -> Option<Range<usize>> {
+        let document = self.document.get_or_init(|| DeTable::parse(self.text).ok()).as_ref()?;
+        let mut table: Option<&DeTable<'_>> = Some(document.get_ref());
+        let mut array: Option<&[Spanned<DeValue<'_>>]> = None;
+        let mut found = None;
+        for segment in path.segments() {
+            let next = match segment {
+                Segment::Field(name) => table.and_then(|t| t.iter().find(|(k, _)| k.get_ref().as_ref() == name.as_str())).map(|(_, v)| v),
+                Segment::Index(i) => array.and_then(|a| a.get(*i)),
+            };
+            let Some(value) = next else { break };
+            found = Some(value.span());
+            (table, array) = match value.get_ref() {
+                DeValue::Table(t) => (Some(t), None),
+                DeValue::Array(a) => (None, Some(&a[..])),
+                _ => (None, None),
+            };
+        }
+        found
+    }
+
     /// An integer key with a default and an inclusive range.
     pub(crate) fn int(&mut self, value: &Option<Spanned<i64>>, key: &str, default: u64, min: u64, max: u64, what: &str) -> u64 {
         let Some(value) = value else { return default };
         let n = *value.get_ref();
         if n < min as i64 || n > max as i64 {
-            self.error(
-                Some(value.span()),
-                key,
-                format!("must be between {min} and {max}, got {n}"),
-                format!("set it to {what} (default {default}), or remove it to use the default"),
-            );
+            let (message, help) = out_of_range(n, default, min, max, what);
+            self.error(Some(value.span()), key, message, help);
             return default;
         }
         n as u64
@@ -551,310 +636,6 @@ impl Validator<'_> {
             );
         }
     }
-
-    fn worker(&mut self, i: usize, w: &RawWorker, base: &Path, tenant_max_instances: u32) -> WorkerConfig {
-        let key = |k: &str| format!("worker[{i}].{k}");
-        self.name(&w.name, &key("name"));
-        self.name(&w.tenant, &key("tenant"));
-
-        let component = base.join(w.component.get_ref());
-        if w.component.get_ref().is_empty() {
-            self.error(Some(w.component.span()), key("component"), "is empty", "give the path of the worker's .wasm component");
-        } else if !component.is_file() {
-            self.error(
-                Some(w.component.span()),
-                key("component"),
-                format!("no file at `{}`", w.component.get_ref()),
-                "build the component first, or fix the path (relative paths start at the config file's directory)",
-            );
-        }
-
-        let mut routes = Vec::new();
-        if w.routes.get_ref().is_empty() {
-            self.error(Some(w.routes.span()), key("routes"), "no routes", "add at least one route, for example \"hello.localhost/\"");
-        }
-        for (j, r) in w.routes.get_ref().iter().enumerate() {
-            match parse_route(r.get_ref()) {
-                Ok(route) => {
-                    if routes.contains(&route) {
-                        self.error(
-                            Some(r.span()),
-                            key(&format!("routes[{j}]")),
-                            format!("`{route}` is listed twice"),
-                            "remove the duplicate",
-                        );
-                    } else {
-                        routes.push(route);
-                    }
-                }
-                Err(why) => self.error(
-                    Some(r.span()),
-                    key(&format!("routes[{j}]")),
-                    format!("`{}` {why}", r.get_ref()),
-                    "write a route as HOST/PATH-PREFIX, for example \"hello.localhost/\" or \"localhost/hello\"",
-                ),
-            }
-        }
-
-        let allowed_outbound = self.allowed_outbound(i, w);
-        let grants = self.grants(i, w);
-        let limits = self.limits(i, &w.limits, tenant_max_instances);
-        WorkerConfig {
-            name: w.name.get_ref().clone(),
-            tenant: w.tenant.get_ref().clone(),
-            component,
-            routes,
-            allowed_outbound,
-            grants,
-            limits,
-            storage: StorageBounds::default(),
-        }
-    }
-
-    /// `allowed_outbound`, entry by entry, so that each error points at its
-    /// entry; a bare `*` needs `allow_any_outbound_dangerously = true`.
-    fn allowed_outbound(&mut self, i: usize, w: &RawWorker) -> Allowlist {
-        let dangerous = w.allow_any_outbound_dangerously.as_ref().is_some_and(|v| *v.get_ref());
-        let mut entries = Vec::new();
-        for (j, entry) in w.allowed_outbound.iter().enumerate() {
-            let key = format!("worker[{i}].allowed_outbound[{j}]");
-            match Allowlist::new(&[entry.get_ref()], dangerous) {
-                Ok(_) => entries.push(entry.get_ref().as_str()),
-                Err(e @ AllowlistError::WildcardWithoutOptIn) => {
-                    self.error(Some(entry.span()), key, "`*` would let this worker reach any public host", e.to_string())
-                }
-                Err(AllowlistError::Invalid { why, .. }) => self.error(
-                    Some(entry.span()),
-                    key,
-                    format!("`{}`: {why}", entry.get_ref()),
-                    "write entries as scheme://host[:port], for example \"https://api.example.com\" or \"http://127.0.0.1:9000\"",
-                ),
-            }
-        }
-        if let Some(flag) = &w.allow_any_outbound_dangerously
-            && *flag.get_ref()
-            && !entries.contains(&"*")
-        {
-            self.error(
-                Some(flag.span()),
-                format!("worker[{i}].allow_any_outbound_dangerously"),
-                "is set, but allowed_outbound has no `*` entry",
-                "remove it: it only exists to confirm a `*` entry",
-            );
-        }
-        Allowlist::new(&entries, dangerous).unwrap_or_default()
-    }
-
-    fn limits(&mut self, i: usize, l: &RawLimits, tenant_max_instances: u32) -> Limits {
-        let d = Limits::default();
-        let key = |k: &str| format!("worker[{i}].limits.{k}");
-        let max_instances = match &l.max_instances {
-            None => tenant_max_instances,
-            Some(value) => {
-                let n = *value.get_ref();
-                if n < 1 || n > i64::from(tenant_max_instances) {
-                    self.error(
-                        Some(value.span()),
-                        key("max_instances"),
-                        format!("must be between 1 and its tenant's quota of {tenant_max_instances} instances, got {n}"),
-                        "lower it, or raise the tenant's quota ([[tenant]] max_instances or sandbox.tenant_max_instances); without it the worker may use its tenant's whole quota",
-                    );
-                    tenant_max_instances
-                } else {
-                    n as u32
-                }
-            }
-        };
-        let limits = Limits {
-            max_instances,
-            cpu_ms: self.int(&l.cpu_ms, &key("cpu_ms"), d.cpu_ms, 1, 60_000, "the CPU time one request may use, in ms"),
-            wall_ms: self.int(&l.wall_ms, &key("wall_ms"), d.wall_ms, 1, 3_600_000, "the wall-clock time one request may take, in ms"),
-            memory_mb: self.int(&l.memory_mb, &key("memory_mb"), d.memory_mb, 1, 4096, "the linear memory one instance may use, in MiB"),
-            max_request_body_bytes: self.int(
-                &l.max_request_body_bytes,
-                &key("max_request_body_bytes"),
-                d.max_request_body_bytes,
-                0,
-                1 << 32,
-                "the largest request body, in bytes",
-            ),
-            max_response_body_bytes: self.int(
-                &l.max_response_body_bytes,
-                &key("max_response_body_bytes"),
-                d.max_response_body_bytes,
-                0,
-                1 << 32,
-                "the largest response body, in bytes",
-            ),
-            max_log_bytes: self.int(
-                &l.max_log_bytes,
-                &key("max_log_bytes"),
-                d.max_log_bytes,
-                0,
-                16 << 20,
-                "the stdout and stderr bytes kept per request",
-            ),
-            max_subrequests: self.int(
-                &l.max_subrequests,
-                &key("max_subrequests"),
-                d.max_subrequests.into(),
-                0,
-                10_000,
-                "the outbound requests one request may start",
-            ) as u32,
-            subrequest_timeout_ms: self.int(
-                &l.subrequest_timeout_ms,
-                &key("subrequest_timeout_ms"),
-                d.subrequest_timeout_ms,
-                1,
-                3_600_000,
-                "the time one outbound request may take, in ms",
-            ),
-            max_subrequest_response_bytes: self.int(
-                &l.max_subrequest_response_bytes,
-                &key("max_subrequest_response_bytes"),
-                d.max_subrequest_response_bytes,
-                0,
-                1 << 32,
-                "the largest response body of one outbound request, in bytes",
-            ),
-            max_egress_bytes: self.int(
-                &l.max_egress_bytes,
-                &key("max_egress_bytes"),
-                d.max_egress_bytes,
-                0,
-                1 << 36,
-                "the body bytes all outbound requests of one request may send and receive",
-            ),
-            max_kv_operations: self.int(
-                &l.max_kv_operations,
-                &key("max_kv_operations"),
-                d.max_kv_operations,
-                0,
-                1_000_000,
-                "the key-value operations one request may make",
-            ),
-            max_kv_value_bytes: self.int(
-                &l.max_kv_value_bytes,
-                &key("max_kv_value_bytes"),
-                d.max_kv_value_bytes,
-                1,
-                64 << 20,
-                "the largest value a key-value store accepts, in bytes",
-            ),
-            max_sql_statements: self.int(
-                &l.max_sql_statements,
-                &key("max_sql_statements"),
-                d.max_sql_statements,
-                0,
-                1_000_000,
-                "the SQL statements one request may run",
-            ),
-            sql_statement_timeout_ms: self.int(
-                &l.sql_statement_timeout_ms,
-                &key("sql_statement_timeout_ms"),
-                d.sql_statement_timeout_ms,
-                1,
-                600_000,
-                "the time one SQL statement may run, in ms",
-            ),
-            max_sql_rows: self.int(
-                &l.max_sql_rows,
-                &key("max_sql_rows"),
-                d.max_sql_rows,
-                1,
-                10_000_000,
-                "the rows one SQL statement may return",
-            ),
-            max_sql_result_bytes: self.int(
-                &l.max_sql_result_bytes,
-                &key("max_sql_result_bytes"),
-                d.max_sql_result_bytes,
-                1,
-                1 << 30,
-                "the bytes of values one SQL statement may return",
-            ),
-            max_postgres_queries: self.int(
-                &l.max_postgres_queries,
-                &key("max_postgres_queries"),
-                d.max_postgres_queries,
-                1,
-                10_000,
-                "the Postgres statements one request may run",
-            ),
-            max_postgres_result_bytes: self.int(
-                &l.max_postgres_result_bytes,
-                &key("max_postgres_result_bytes"),
-                d.max_postgres_result_bytes,
-                1024,
-                256 << 20,
-                "the largest result of one Postgres call, in bytes",
-            ),
-        };
-        if limits.cpu_ms > limits.wall_ms {
-            // Point at whichever of the two the file sets (cpu_ms if both).
-            let (span, name) = match (&l.cpu_ms, &l.wall_ms) {
-                (Some(cpu), _) => (Some(cpu.span()), "cpu_ms"),
-                (None, Some(wall)) => (Some(wall.span()), "wall_ms"),
-                (None, None) => (None, "cpu_ms"),
-            };
-            self.error(
-                span,
-                key(name),
-                format!("cpu_ms ({}) is more than wall_ms ({})", limits.cpu_ms, limits.wall_ms),
-                "CPU time cannot exceed wall-clock time: lower cpu_ms or raise wall_ms",
-            );
-        }
-        limits
-    }
-
-    fn cross_worker_checks(&mut self, raw: &[RawWorker], workers: &[WorkerConfig]) {
-        for (i, w) in workers.iter().enumerate() {
-            if let Some(first) = workers[..i].iter().position(|o| o.name == w.name) {
-                self.error(
-                    Some(raw[i].name.span()),
-                    format!("worker[{i}].name"),
-                    format!("`{}` is already the name of worker[{first}]", w.name),
-                    "give every worker its own name",
-                );
-            }
-            for route in &w.routes {
-                if let Some(first) = workers[..i].iter().position(|o| o.routes.contains(route)) {
-                    self.error(
-                        Some(raw[i].routes.span()),
-                        format!("worker[{i}].routes"),
-                        format!("route `{route}` is already served by worker `{}`", workers[first].name),
-                        "each host and path prefix may belong to one worker only",
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// `host/prefix` to a [`Route`]. The host is matched without its port and
-/// case-insensitively; the prefix is matched by whole path segments.
-pub(crate) fn parse_route(s: &str) -> Result<Route, &'static str> {
-    let Some(slash) = s.find('/') else { return Err("has no path: add `/` after the host") };
-    let (host, path) = s.split_at(slash);
-    if host.is_empty() {
-        return Err("has no host");
-    }
-    if host.contains(':') {
-        return Err("has a port: routes match the Host header without its port, so drop `:PORT`");
-    }
-    if !host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') || host.starts_with('.') || host.ends_with('.') {
-        return Err("has an invalid host: use letters, digits, `.` and `-`");
-    }
-    if path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'?' || b == b'#' || b == b'%') {
-        return Err("has a character not allowed in a path prefix (whitespace, `?`, `#` or `%`)");
-    }
-    if path.split('/').any(|seg| seg == "." || seg == "..") {
-        return Err("has a `.` or `..` segment");
-    }
-    let trimmed = path.trim_end_matches('/');
-    let path_prefix = if trimmed.is_empty() { "/".to_string() } else { trimmed.to_string() };
-    Ok(Route { host: host.to_ascii_lowercase(), path_prefix })
 }
 
 fn location(text: &str, offset: usize) -> Location {
@@ -925,6 +706,10 @@ fn backticked(message: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::Limits;
+    use crate::worker::parse_route;
+    use crate::{Route, StorageBounds};
 
     fn errors(text: &str) -> Vec<ConfigError> {
         parse(Path::new("/nonexistent/cordon.toml"), text).unwrap_err().0
@@ -1019,6 +804,58 @@ mod tests {
             e.iter().any(|e| e.key.as_deref() == Some("worker[2].routes") && e.message.contains("already served by worker `a`")),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn two_tenants_may_each_have_a_worker_named_api() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.wasm"), b"").unwrap();
+        let file = dir.path().join("cordon.toml");
+        let worker = |tenant: &str| {
+            format!("[[worker]]\nname = \"api\"\ntenant = \"{tenant}\"\ncomponent = \"x.wasm\"\nroutes = [\"{tenant}.localhost/\"]\n")
+        };
+        let c = parse(&file, &[worker("acme"), worker("globex")].concat()).unwrap();
+        let ids: Vec<(&str, &str)> = c.workers.iter().map(|w| (w.tenant.as_str(), w.name.as_str())).collect();
+        assert_eq!(ids, [("acme", "api"), ("globex", "api")]);
+        assert_eq!(c.worker("globex", "api").map(|w| w.routes[0].to_string()), Some("globex.localhost/".into()));
+        assert!(c.worker("initech", "api").is_none());
+
+        // Within one tenant the name is still taken.
+        let e = parse(&file, &[worker("acme"), worker("globex"), worker("acme").replace("acme.localhost", "other.localhost")].concat())
+            .unwrap_err()
+            .0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].key.as_deref(), Some("worker[2].name"));
+        assert_eq!(e[0].location, Some(Location { line: 12, column: 8 }));
+        assert!(e[0].message.contains("already the name of worker[0]"), "{e:?}");
+    }
+
+    #[test]
+    fn another_tenants_route_is_refused_without_saying_whose_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.wasm"), b"").unwrap();
+        let file = dir.path().join("cordon.toml");
+        let text = "[[worker]]\nname = \"shop\"\ntenant = \"acme\"\ncomponent = \"x.wasm\"\nroutes = [\"shop.example/\"]\n\
+                    [[worker]]\nname = \"api\"\ntenant = \"globex\"\ncomponent = \"x.wasm\"\nroutes = [\"api.example/\", \"Shop.example/\"]\n";
+        let e = parse(&file, text).unwrap_err().0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        let taken = &e[0];
+        assert_eq!(taken.key.as_deref(), Some("worker[1].routes"));
+        assert_eq!(taken.location, Some(Location { line: 10, column: 10 }));
+        assert!(taken.message.contains("route `shop.example/` is already served"), "{taken:?}");
+        let shown = taken.to_string();
+        assert!(!shown.contains("acme") && !shown.contains("`shop`"), "the holder is another tenant's business: {shown}");
+    }
+
+    #[test]
+    fn a_conflict_with_a_default_points_at_the_table() {
+        // pool_size keeps its default of 10, above the group's limit of 5:
+        // the key is absent, so the error points at its [[database]].
+        let text = "[server]\nlisten = \"127.0.0.1:1\"\n\n[[database]]\nname = \"main\"\ntenant = \"acme\"\n\
+                    origin = \"postgres://app@db/app\"\ntenant_origin_connections = 5\n";
+        let e = errors(text);
+        let pool = e.iter().find(|e| e.key.as_deref() == Some("database[0].pool_size")).unwrap_or_else(|| panic!("{e:?}"));
+        assert_eq!(pool.location, Some(Location { line: 4, column: 1 }));
     }
 
     #[test]

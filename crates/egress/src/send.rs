@@ -370,7 +370,7 @@ impl Shared {
 
     fn note_failure(&self, error: &EgressError) {
         if !error.is_denial() && !error.is_limit() {
-            tracing::debug!(worker = %self.worker.worker, request_id = %self.request_id, error = %error, "subrequest failed");
+            tracing::debug!(tenant = %self.worker.tenant, worker = %self.worker.worker, request_id = %self.request_id, error = %error, "subrequest failed");
         }
     }
 

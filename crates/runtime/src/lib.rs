@@ -108,8 +108,9 @@ impl Stores {
 
 /// A worker that failed to load, and why.
 #[derive(Debug, thiserror::Error)]
-#[error("worker `{worker}` ({}): {error}", component.display())]
+#[error("worker `{worker}` of tenant `{tenant}` ({}): {error}", component.display())]
 pub struct WorkerLoadError {
+    pub tenant: String,
     pub worker: String,
     pub component: PathBuf,
     pub error: LoadError,
@@ -308,7 +309,12 @@ fn load_workers(
     admission: &mut Admission,
     capabilities: &dyn Fn(&WorkerConfig) -> Result<Capabilities, LoadError>,
 ) -> Vec<Result<Worker, WorkerLoadError>> {
-    let err = |w: &WorkerConfig, error| WorkerLoadError { worker: w.name.clone(), component: w.component.clone(), error };
+    let err = |w: &WorkerConfig, error| WorkerLoadError {
+        tenant: w.tenant.clone(),
+        worker: w.name.clone(),
+        component: w.component.clone(),
+        error,
+    };
     let files: Vec<Result<(Vec<u8>, String), LoadError>> = workers
         .iter()
         .map(|w| {

@@ -42,8 +42,10 @@ pub struct WorkerVars {
 /// Why a worker's secrets cannot be served.
 #[derive(Debug, thiserror::Error)]
 pub enum VarsError {
-    #[error("secret `{name}` is granted to this worker but has no value: run `cordon secret put --config FILE --worker {worker} {name}`")]
-    MissingSecret { worker: String, name: String },
+    #[error(
+        "secret `{name}` is granted to this worker but has no value: run `cordon secret put --config FILE --tenant {tenant} --worker {worker} {name}`"
+    )]
+    MissingSecret { tenant: String, worker: String, name: String },
     #[error(transparent)]
     Vault(#[from] VaultError),
 }
@@ -61,7 +63,7 @@ impl WorkerVars {
             };
             // Zeroed as it is dropped.
             if value.is_none() {
-                return Err(VarsError::MissingSecret { worker: worker.name.clone(), name: name.clone() });
+                return Err(VarsError::MissingSecret { tenant: worker.tenant.clone(), worker: worker.name.clone(), name: name.clone() });
             }
         }
         Ok(WorkerVars { tenant: worker.tenant.clone(), worker: worker.name.clone(), vars: worker.grants.vars.clone(), secrets, vault })
@@ -88,7 +90,7 @@ impl WorkerVars {
         };
         match read {
             Ok(done) => done.value.map_err(|e| {
-                tracing::error!(worker = %self.worker, error = %e, "cannot read a secret");
+                tracing::error!(tenant = %self.tenant, worker = %self.worker, error = %e, "cannot read a secret");
                 store::Error::Upstream("the secret store is unavailable".to_string())
             }),
             Err(e) => Err(store::Error::Upstream(format!("the secret store is unavailable: {e}"))),

@@ -111,6 +111,33 @@ fn a_name_not_granted_or_an_unknown_worker_is_refused_with_a_hint() {
 }
 
 #[test]
+fn a_name_that_two_tenants_use_needs_the_tenant() {
+    let acme = format!("{}secrets = [\"API_KEY\"]\n", worker_toml("notes", &hello_wasm()));
+    let globex = acme.replace("tenant = \"acme\"", "tenant = \"globex\"").replace("notes.localhost", "notes.globex.localhost");
+    let (_dir, path) = config(&format!("{acme}{globex}"));
+
+    // Without --tenant, neither tenant's worker is picked for the other.
+    let out = secret(&path, &["put", "--worker", "notes", "API_KEY"], VALUE.as_bytes(), None);
+    failed_with(&out, "workers of several tenants are named `notes`");
+    failed_with(&out, "--tenant acme");
+    assert!(!data_dir(&path).exists(), "nothing is created for a refused put");
+
+    stdout(&secret(&path, &["put", "--tenant", "globex", "--worker", "notes", "API_KEY"], VALUE.as_bytes(), None));
+    let dir = data_dir(&path);
+    let hex: String = std::fs::read(dir.join("master.key")).unwrap().iter().map(|b| format!("{b:02x}")).collect();
+    let vault = Vault::open(&dir, MasterKey::from_env_value(&hex).unwrap()).unwrap();
+    assert_eq!(vault.get("globex", "notes", "API_KEY").unwrap().map(|v| v.expose().to_string()).as_deref(), Some(VALUE));
+    assert!(vault.get("acme", "notes", "API_KEY").unwrap().is_none(), "acme's worker of the same name has no value");
+    drop(vault);
+
+    let list = stdout(&secret(&path, &["list", "--tenant", "acme", "--worker", "notes"], b"", None));
+    assert!(list.contains("API_KEY  (granted but not stored"), "{list}");
+    let out = secret(&path, &["list", "--tenant", "initech", "--worker", "notes"], b"", None);
+    failed_with(&out, "there is no worker `notes` of tenant `initech`");
+    failed_with(&out, "belong to the tenants acme, globex");
+}
+
+#[test]
 fn the_value_is_read_from_stdin_without_one_line_ending() {
     let (_dir, path) = setup("\"API_KEY\"");
     for (input, expected) in [("a\r\n", "a"), ("a\n\n", "a\n"), ("a", "a"), (" a b \n", " a b ")] {

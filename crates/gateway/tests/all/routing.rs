@@ -93,3 +93,71 @@ async fn outbound_http_is_denied() {
     assert_eq!(r.status, 200);
     assert!(r.text().contains("outbound: error") && r.text().contains("HttpRequestDenied"), "{}", r.text());
 }
+
+/// A worker is its tenant and its name: two tenants each deploy `api`, and
+/// each serves its own routes, with its own counters, log lines and
+/// `/health` entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tenants_each_serve_their_own_worker_named_api() {
+    let workers = format!(
+        r#"
+[[worker]]
+name = "api"
+tenant = "acme"
+component = "{hello}"
+routes = ["acme.localhost/"]
+
+[[worker]]
+name = "api"
+tenant = "globex"
+component = "{hostile}"
+routes = ["globex.localhost/"]
+"#,
+        hello = guest("hello").display(),
+        hostile = guest("hostile").display(),
+    );
+    let s = start(&workers).await;
+    let acme = s.get("acme.localhost", "/").await;
+    assert!(acme.text().starts_with("Hello from Cordon"), "{}", acme.text());
+    let globex = s.get("globex.localhost", "/").await;
+    assert_eq!(globex.text(), "ok from hostile");
+
+    for (tenant, response) in [("acme", &acme), ("globex", &globex)] {
+        let id = response.header("x-request-id").unwrap().to_string();
+        let line = wait_for_log(&id, |e| e["message"] == "request").await;
+        assert_eq!((line["tenant"].as_str(), line["worker"].as_str()), (Some(tenant), Some("api")), "{line}");
+    }
+
+    // Each counts only its own request once its log line is written.
+    let mut h = s.health().await;
+    for _ in 0..50 {
+        let counted = h["workers"].as_array().unwrap().iter().all(|w| w["stats"]["requests"].as_u64() >= Some(1));
+        if counted {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        h = s.health().await;
+    }
+    let mut seen: Vec<(String, String, String, u64)> = h["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            let field = |k: &str| w[k].as_str().unwrap_or_default().to_string();
+            (
+                field("tenant"),
+                field("name"),
+                w["routes"][0].as_str().unwrap_or_default().to_string(),
+                w["stats"]["requests"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("acme".to_string(), "api".to_string(), "acme.localhost/".to_string(), 1),
+            ("globex".to_string(), "api".to_string(), "globex.localhost/".to_string(), 1)
+        ]
+    );
+}
