@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::spec::{Checker, ErrorKind, KeyPath};
 use crate::validate::{NAME_MAX_LEN, is_valid_name};
@@ -24,7 +24,7 @@ pub fn is_valid_binding(name: &str) -> bool {
 }
 
 /// `[[worker.kv]]`: a key-value namespace of the worker's tenant.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KvGrant {
     /// The name the guest opens (`wasi:keyvalue/store.open`).
@@ -35,7 +35,7 @@ pub struct KvGrant {
 }
 
 /// `[[worker.sql]]`: a SQL database of the worker's tenant.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SqlGrant {
     /// The name the guest opens (`cordon:sql`).
@@ -49,7 +49,7 @@ pub struct SqlGrant {
 
 /// `[[worker.postgres]]`: a `[[database]]` of the worker's tenant, reached
 /// through the Postgres accelerator.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresGrant {
     /// The name the guest opens.

@@ -298,7 +298,7 @@ impl Default for StorageBounds {
 }
 
 /// One `[[worker]]`: a tenant's component, where it is routed, and its limits.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerConfig {
     /// Unique within `tenant` only: a worker is `(tenant, name)`.
     pub name: String,

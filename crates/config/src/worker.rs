@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use cordon_egress::{Allowlist, AllowlistError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::grants::{KvGrant, PostgresGrant, SqlGrant};
 use crate::spec::{Checker, ErrorKind, KeyPath, SpecError, SpecErrors};
@@ -21,7 +21,7 @@ use crate::{DatabaseConfig, Limits, Route, StorageBounds, WorkerConfig};
 /// for the control API. Integers are `i64` so that a negative or oversized
 /// value reaches the range check with its own message rather than failing
 /// as a type error. Unknown keys are refused by every front end.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerSpec {
     /// Unique within its tenant.
@@ -53,7 +53,7 @@ pub struct WorkerSpec {
 
 /// `limits` of a [`WorkerSpec`]: each `None` takes its default (see
 /// [`Limits`] for what each limit bounds).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSpec {
     pub max_instances: Option<i64>,
@@ -209,6 +209,50 @@ impl WorkerSpec {
                 format!("tenant `{}` has no database `{}`", self.tenant, grant.database),
                 help,
             );
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// This worker as a spec again, with every limit written out and
+    /// `component` in place of its file: what a version records of it.
+    /// Validating the result in the same context gives this worker back.
+    pub fn to_spec(&self, component: &str) -> WorkerSpec {
+        let l = &self.limits;
+        let int = |v: u64| Some(i64::try_from(v).unwrap_or(i64::MAX));
+        WorkerSpec {
+            name: self.name.clone(),
+            tenant: self.tenant.clone(),
+            component: component.to_string(),
+            routes: self.routes.iter().map(ToString::to_string).collect(),
+            allowed_outbound: self.allowed_outbound.entries().map(str::to_string).collect(),
+            allow_any_outbound_dangerously: self.allowed_outbound.allows_any(),
+            kv: self.grants.kv.clone(),
+            sql: self.grants.sql.clone(),
+            postgres: self.grants.postgres.clone(),
+            vars: self.grants.vars.clone(),
+            secrets: self.grants.secrets.clone(),
+            limits: LimitsSpec {
+                max_instances: int(l.max_instances.into()),
+                cpu_ms: int(l.cpu_ms),
+                wall_ms: int(l.wall_ms),
+                memory_mb: int(l.memory_mb),
+                max_request_body_bytes: int(l.max_request_body_bytes),
+                max_response_body_bytes: int(l.max_response_body_bytes),
+                max_log_bytes: int(l.max_log_bytes),
+                max_subrequests: int(l.max_subrequests.into()),
+                subrequest_timeout_ms: int(l.subrequest_timeout_ms),
+                max_subrequest_response_bytes: int(l.max_subrequest_response_bytes),
+                max_egress_bytes: int(l.max_egress_bytes),
+                max_kv_operations: int(l.max_kv_operations),
+                max_kv_value_bytes: int(l.max_kv_value_bytes),
+                max_sql_statements: int(l.max_sql_statements),
+                sql_statement_timeout_ms: int(l.sql_statement_timeout_ms),
+                max_sql_rows: int(l.max_sql_rows),
+                max_sql_result_bytes: int(l.max_sql_result_bytes),
+                max_postgres_queries: int(l.max_postgres_queries),
+                max_postgres_result_bytes: int(l.max_postgres_result_bytes),
+            },
         }
     }
 }
@@ -446,6 +490,32 @@ mod tests {
         };
         let context = WorkerContext { base, tenant_max_instances: 4, storage: StorageBounds::default(), databases: &[] };
         spec.validate(&context).unwrap()
+    }
+
+    #[test]
+    fn a_worker_written_back_as_a_spec_validates_to_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.wasm"), b"").unwrap();
+        let spec = WorkerSpec {
+            name: "api".into(),
+            tenant: "acme".into(),
+            component: "x.wasm".into(),
+            routes: vec!["API.acme.example/v1".into(), "acme.example/".into()],
+            allowed_outbound: vec!["https://api.example.com".into(), "http://10.0.0.0/8:8080".into()],
+            kv: vec![KvGrant { binding: "CACHE".into(), namespace: "cache".into() }],
+            sql: vec![SqlGrant { binding: "DB".into(), database: "main".into(), read_only: true }],
+            vars: [("GREETING".to_string(), "hi".to_string())].into(),
+            secrets: vec!["TOKEN".into()],
+            limits: LimitsSpec { cpu_ms: Some(20), memory_mb: Some(64), max_sql_rows: Some(7), ..LimitsSpec::default() },
+            ..WorkerSpec::default()
+        };
+        let context = WorkerContext { base: dir.path(), tenant_max_instances: 4, storage: StorageBounds::default(), databases: &[] };
+        let worker = spec.validate(&context).unwrap();
+        let again = worker.to_spec("x.wasm");
+        let json = serde_json::to_string(&again).unwrap();
+        let back: WorkerSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, again);
+        assert_eq!(back.validate(&context).unwrap(), worker);
     }
 
     #[test]

@@ -158,6 +158,11 @@ impl Allowlist {
         Ok(Allowlist { rules })
     }
 
+    /// The entries as written, in order.
+    pub fn entries(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| r.text.as_str())
+    }
+
     /// No entries: the worker may not send any request.
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
