@@ -156,7 +156,7 @@ impl Gateway {
             None => Arc::new(KeptAlive::new(self.max_connections)),
         };
         let proxy =
-            Arc::new(proxy::Proxy::new(self.runtime.workers(), kept_alive_of, self.filter.clone(), self.log_rates.clone(), grace_over));
+            Arc::new(proxy::Proxy::new(&self.runtime.executors(), kept_alive_of, self.filter.clone(), self.log_rates.clone(), grace_over));
         let admin = Arc::new(admin::Admin::new(self.runtime.clone(), self.gateway_report.clone()));
         let grace = self.shutdown_grace;
         let main_slots = (self.max_connections, self.max_connections_per_address);

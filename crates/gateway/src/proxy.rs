@@ -6,11 +6,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cordon_runtime::{Admit, Invocation, Outcome, Report, Worker};
+use cordon_runtime::{Admit, Executor, Invocation, Outcome, Report};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use tokio::sync::watch;
 
 use crate::error::{error_response, invoke_status};
+use crate::http1::body::RequestBody;
 use crate::http1::parse::{Framing, Rejection, RequestHead};
 use crate::http1::write::Written;
 use crate::http1::{Incoming, KeptAlive, OutBody, Outgoing, Service};
@@ -34,7 +35,7 @@ pub(crate) struct Exchange {
     host: String,
     path: String,
     received: Instant,
-    worker: Option<Arc<Worker>>,
+    worker: Option<Arc<dyn Executor<RequestBody>>>,
     /// The count of keep-alive connections of the worker's tenant.
     kept_alive: Option<Arc<KeptAlive>>,
     invocation: Option<Invocation>,
@@ -45,7 +46,7 @@ pub(crate) struct Exchange {
 impl Proxy {
     /// `kept_alive` gives each tenant its count of keep-alive connections.
     pub fn new(
-        workers: &[Arc<Worker>],
+        workers: &[Arc<dyn Executor<RequestBody>>],
         kept_alive: impl Fn(&str) -> Arc<KeptAlive>,
         filter: Option<Arc<dyn RequestFilter>>,
         log_rates: LogRates,
@@ -103,16 +104,21 @@ impl Service for Proxy {
         };
         let worker = &target.worker;
         let exchange = || Self::exchange(head, request_id, received, Some(target));
+        let max_body = worker.limits().max_request_body_bytes;
         if let Framing::Length(n) = head.framing
-            && n > worker.limits.max_request_body_bytes
+            && n > max_body
         {
-            let message =
-                format!("the request body of {n} bytes exceeds this worker's limit of {} bytes", worker.limits.max_request_body_bytes);
+            let message = format!("the request body of {n} bytes exceeds this worker's limit of {max_body} bytes");
             return Err(Box::new(Self::refuse(exchange(), StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &message, true)));
         }
         if let Some(filter) = &self.filter {
-            let summary =
-                RequestSummary { method: &head.method, host: &head.host, path: head.path(), tenant: &worker.tenant, worker: &worker.name };
+            let summary = RequestSummary {
+                method: &head.method,
+                host: &head.host,
+                path: head.path(),
+                tenant: worker.tenant(),
+                worker: worker.name(),
+            };
             if let Err(r) = filter.check(&summary) {
                 return Err(Box::new(Self::refuse(exchange(), r.status, r.code, &r.message, false)));
             }
@@ -141,19 +147,20 @@ impl Service for Proxy {
         *request.headers_mut() = forwarded_headers(head.headers, &request_id);
         request.extensions_mut().insert(cordon_runtime::RequestId(request_id.clone()));
 
-        let slot = match worker.slot(admit).await {
-            Ok(slot) => slot,
+        // An error here: the request never reached an instance (it waited
+        // in its tenant's queue past its wall-clock limit, or was refused).
+        let mut invocation = match worker.invoke(admit, request).await {
+            Ok(invocation) => invocation,
             Err(e) => {
                 let (status, code) = invoke_status(&e);
                 return Self::refuse(exchange, status, code, &e.to_string(), false);
             }
         };
-        let mut invocation = worker.invoke_admitted(slot, request).await;
         let response = std::mem::replace(&mut invocation.response, Err(cordon_runtime::InvokeError::NoResponse));
         let body_exceeded = invocation.request_body_exceeded();
         exchange.invocation = Some(invocation);
         if body_exceeded {
-            let message = format!("the request body exceeds this worker's limit of {} bytes", worker.limits.max_request_body_bytes);
+            let message = format!("the request body exceeds this worker's limit of {} bytes", worker.limits().max_request_body_bytes);
             return Self::refuse(exchange, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &message, true);
         }
         match response {
@@ -215,7 +222,7 @@ impl Service for Proxy {
             _ if written.error.is_some() => "response_incomplete".to_string(),
             _ => "ok".to_string(),
         };
-        let (tenant, worker) = exchange.worker.as_ref().map_or(("-", "-"), |w| (w.tenant.as_str(), w.name.as_str()));
+        let (tenant, worker) = exchange.worker.as_ref().map_or(("-", "-"), |w| (w.tenant(), w.name()));
         // Formatting and writing happen on the log thread; this only queues.
         let line = RequestLine {
             request_id: exchange.request_id,

@@ -5,16 +5,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cordon_runtime::Worker;
+use cordon_runtime::Executor;
 
 use crate::http1::KeptAlive;
+use crate::http1::body::RequestBody;
 
 /// Where a route leads: the worker, and the count of keep-alive
 /// connections its tenant's responses hold, found here so that a request
 /// looks up nothing more.
 #[derive(Clone)]
 pub(crate) struct Target {
-    pub worker: Arc<Worker>,
+    pub worker: Arc<dyn Executor<RequestBody>>,
     pub kept_alive: Arc<KeptAlive>,
 }
 
@@ -25,11 +26,11 @@ pub(crate) struct Router {
 
 impl Router {
     /// `kept_alive` gives each worker's tenant its count.
-    pub fn new(workers: &[Arc<Worker>], kept_alive: impl Fn(&str) -> Arc<KeptAlive>) -> Self {
+    pub fn new(workers: &[Arc<dyn Executor<RequestBody>>], kept_alive: impl Fn(&str) -> Arc<KeptAlive>) -> Self {
         let mut hosts: HashMap<String, Vec<(String, Target)>> = HashMap::new();
         for w in workers {
-            for r in &w.routes {
-                let target = Target { worker: w.clone(), kept_alive: kept_alive(&w.tenant) };
+            for r in w.routes() {
+                let target = Target { worker: w.clone(), kept_alive: kept_alive(w.tenant()) };
                 hosts.entry(r.host.clone()).or_default().push((r.path_prefix.clone(), target));
             }
         }

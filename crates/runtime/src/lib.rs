@@ -2,13 +2,15 @@
 //! and the execution of one request in a fresh instance under limits.
 //!
 //! Entry points: [`Runtime::start`] loads every worker of a config;
-//! [`Worker::invoke`] runs one request. This crate does no network I/O of
-//! its own; it is given requests and returns responses.
+//! [`Runtime::executors`] gives them as [`Executor`]s, the seam the gateway
+//! runs requests through. This crate does no network I/O of its own; it is
+//! given requests and returns responses.
 
 pub mod admission;
 mod body;
 mod cache;
 mod clock;
+mod executor;
 mod grants;
 mod host;
 mod host_buffers;
@@ -32,9 +34,10 @@ pub use admission::{Admission, Admit, InstanceSlot, MemoryBudgets, MemoryConfigE
 pub use body::{ResponseBody, ResponseBodyError};
 pub use cache::{CacheError, CodeCache, CodeSource, DataDirLock, LoadError};
 pub use cordon_egress::Network;
+pub use executor::{Executor, Invocation, InvokeError, InvokeFuture, Outcome, Report, RequestId, Run};
 pub use policy::{PolicyError, Posture};
 pub use stdio::CapturedText;
-pub use worker::{GrantSummary, Invocation, InvokeError, Outcome, Report, RequestId, StatsSnapshot, Worker};
+pub use worker::{GrantSummary, StatsSnapshot, Worker};
 
 use host::Host;
 use worker::Capabilities;
@@ -236,6 +239,15 @@ impl Runtime {
 
     pub fn workers(&self) -> &[Arc<Worker>] {
         &self.workers
+    }
+
+    /// Every worker as an [`Executor`] of requests whose bodies are `B`:
+    /// what the gateway routes to and runs requests through.
+    pub fn executors<B>(&self) -> Vec<Arc<dyn Executor<B>>>
+    where
+        Worker: Executor<B>,
+    {
+        self.workers.iter().map(|w| w.clone() as Arc<dyn Executor<B>>).collect()
     }
 
     /// Every tenant's instance quota and what it holds now.

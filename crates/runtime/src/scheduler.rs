@@ -59,7 +59,7 @@ pub const RETURN_CREDIT: Duration = Duration::from_millis(2);
 /// The least time between two preemptions.
 pub const PREEMPT_INTERVAL: Duration = Duration::from_micros(250);
 
-type GuestFuture = Pin<Box<dyn Future<Output = crate::worker::Outcome> + Send>>;
+type GuestFuture = Pin<Box<dyn Future<Output = crate::executor::Outcome> + Send>>;
 
 /// Makes every running guest yield at its next check: advances the engine's
 /// epoch.
@@ -152,7 +152,7 @@ struct Task {
 /// How a guest's task ended.
 #[derive(Debug)]
 pub(crate) enum Ended {
-    Finished(crate::worker::Outcome),
+    Finished(crate::executor::Outcome),
     /// Aborted before it finished, or the scheduler stopped.
     Cancelled,
     /// The host panicked while running the guest.
@@ -173,9 +173,16 @@ impl GuestHandle {
         self.task.schedule();
     }
 
+    /// Ready once the guest has ended and its future has been dropped.
+    /// Not polled again after that.
+    pub(crate) fn poll_ended(&mut self, cx: &mut Context<'_>) -> Poll<Ended> {
+        Pin::new(&mut self.ended).poll(cx).map(|ended| ended.unwrap_or(Ended::Cancelled))
+    }
+
     /// Waits until the guest has ended and its future has been dropped.
-    pub(crate) async fn ended(self) -> Ended {
-        self.ended.await.unwrap_or(Ended::Cancelled)
+    #[cfg(test)]
+    pub(crate) async fn ended(mut self) -> Ended {
+        std::future::poll_fn(|cx| self.poll_ended(cx)).await
     }
 }
 
@@ -540,7 +547,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::worker::Outcome;
+    use crate::executor::Outcome;
 
     /// A guest that burns CPU in slices of about `slice`, yielding after each
     /// one as an epoch tick would make it, until `stop` is set.

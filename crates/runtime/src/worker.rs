@@ -1,13 +1,16 @@
 //! A loaded worker and the life of one request inside it: a new `Store` and
 //! a new instance, CPU and wall-clock limits, and a report of what happened.
+//! `Worker` is the in-process [`Executor`]: its guests run on this
+//! process's guest threads.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cordon_config::{Limits, Route, WorkerConfig};
-use cordon_egress::{EgressStats, EgressUsage, Network, RequestEgress, WorkerEgress};
+use cordon_egress::{EgressStats, Network, RequestEgress, WorkerEgress};
 use serde::Serialize;
 use tokio::sync::oneshot;
 use wasmtime::component::Linker;
@@ -19,10 +22,11 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use crate::admission::{Admit, InstanceSlot, QueueWaitError, Refusal, Slots, SlotsSnapshot};
 use crate::body::{LimitedRequestBody, ResponseBody};
 use crate::cache::CodeSource;
+use crate::executor::{Executor, Invocation, InvokeError, InvokeFuture, Outcome, Report, RequestId, Run};
 use crate::host::{Host, HostParts};
 use crate::meter::CpuMeter;
 use crate::scheduler::{Ended, GuestHandle, Scheduler, TenantShare};
-use crate::stdio::{CapturedOutput, CapturedText};
+use crate::stdio::CapturedOutput;
 
 /// A worker ready to serve: its config and its pre-linked component.
 pub struct Worker {
@@ -70,102 +74,6 @@ pub(crate) struct TenantQuotas {
     pub instance_overhead_bytes: u64,
 }
 
-/// The gateway's id for a request, carried in the request's extensions so
-/// that the worker's security events and logs name it.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub String);
-
-/// Why a request produced no response from the worker. Each maps to one
-/// HTTP status at the gateway.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InvokeError {
-    #[error("the worker used more than its CPU-time limit of {limit_ms} ms")]
-    CpuLimitExceeded { limit_ms: u64 },
-    #[error("the worker did not finish within its wall-clock limit of {limit_ms} ms")]
-    WallTimeExceeded { limit_ms: u64 },
-    /// The request waited in its tenant's queue for an instance slot until
-    /// its wall-clock limit ran out; no instance was created.
-    #[error("the request waited for an instance of its tenant for its whole wall-clock limit of {limit_ms} ms; the tenant is overloaded")]
-    QueuedPastWallTime { limit_ms: u64 },
-    #[error("the worker exceeded its memory limit of {limit_mb} MiB")]
-    MemoryLimitExceeded { limit_mb: u64 },
-    #[error("the worker crashed: {0}")]
-    Trapped(String),
-    #[error("the worker returned without sending a response")]
-    NoResponse,
-    #[error("the worker answered with an error: {0}")]
-    WorkerError(String),
-    #[error("the worker declared a {declared}-byte response, over its limit of {limit} bytes")]
-    ResponseTooLarge { declared: u64, limit: u64 },
-    #[error("the server is at its limit of concurrent instances; retry shortly")]
-    OverCapacity,
-    /// The tenant or the worker has as many instances in flight as its
-    /// quota allows; no instance was created.
-    #[error("{0}")]
-    OverQuota(Refusal),
-    #[error("the client went away before the response was complete")]
-    Cancelled,
-    #[error("internal error")]
-    Internal(String),
-}
-
-/// How the guest's run ended, for the request log and the stats.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Completed,
-    Failed(InvokeError),
-}
-
-/// What one request cost and printed.
-#[derive(Debug, Clone)]
-pub struct Report {
-    pub outcome: Outcome,
-    pub cpu_time: Duration,
-    pub instantiate_time: Duration,
-    /// How long the guest waited for a guest thread before it first ran.
-    pub thread_wait: Duration,
-    pub stdout: CapturedText,
-    pub stderr: CapturedText,
-    /// Subrequests and their body bytes.
-    pub egress: EgressUsage,
-}
-
-/// A request in progress.
-pub struct Invocation {
-    /// The response head and a streaming body, or why there is none.
-    pub response: Result<http::Response<ResponseBody>, InvokeError>,
-    request_body_exceeded: Arc<AtomicBool>,
-    task: Option<AbortOnDrop>,
-    report: Option<Report>,
-    stats: Arc<WorkerStats>,
-}
-
-impl Invocation {
-    /// Whether the guest read past `max_request_body_bytes`.
-    pub fn request_body_exceeded(&self) -> bool {
-        self.request_body_exceeded.load(Ordering::Relaxed)
-    }
-
-    /// Stops the guest: the client is gone, nobody reads what it produces.
-    pub fn abort(&self) {
-        if let Some(AbortOnDrop(Some(handle), _)) = &self.task {
-            handle.abort();
-        }
-    }
-
-    /// Waits for the guest to finish (bounded by its wall-clock limit),
-    /// adds the request to the worker's statistics and returns what it cost.
-    pub async fn finish(mut self) -> Report {
-        let report = match (self.report.take(), self.task.take()) {
-            (Some(report), _) => report,
-            (None, Some(task)) => task.join().await,
-            (None, None) => unreachable!("an invocation has a task or a report"),
-        };
-        self.stats.record(&report);
-        report
-    }
-}
-
 /// What a request has used so far, shared between the guest's task and the
 /// gateway: every [`Report`] is built from it, however the request ended.
 #[derive(Clone)]
@@ -207,14 +115,22 @@ impl Usage {
 struct AbortOnDrop(Option<GuestHandle>, Usage);
 
 impl AbortOnDrop {
-    async fn join(mut self) -> Report {
-        let handle = self.0.take().expect("joined once");
-        let outcome = match handle.ended().await {
+    /// Ready with the report once the guest has ended.
+    fn poll_join(&mut self, cx: &mut Context<'_>) -> Poll<Report> {
+        let handle = self.0.as_mut().expect("joined once");
+        let ended = ready!(handle.poll_ended(cx));
+        // Ended: nothing left to abort when this is dropped.
+        self.0 = None;
+        let outcome = match ended {
             Ended::Finished(outcome) => outcome,
             Ended::Cancelled => Outcome::Failed(InvokeError::Cancelled),
             Ended::Panicked(message) => Outcome::Failed(InvokeError::Internal(format!("request task failed: {message}"))),
         };
-        self.1.report(outcome)
+        Poll::Ready(self.1.report(outcome))
+    }
+
+    async fn join(mut self) -> Report {
+        std::future::poll_fn(|cx| self.poll_join(cx)).await
     }
 
     /// Stops the guest, waits until it is gone, and reports `outcome`.
@@ -233,6 +149,34 @@ impl Drop for AbortOnDrop {
         if let Some(h) = &self.0 {
             h.abort();
         }
+    }
+}
+
+/// The in-process side of an [`Invocation`]: the guest's task, or the
+/// report of a request that ended before its response head, and the
+/// worker's statistics that the report is counted in.
+struct InProcess {
+    task: Option<AbortOnDrop>,
+    report: Option<Report>,
+    stats: Arc<WorkerStats>,
+}
+
+impl Run for InProcess {
+    fn abort(&self) {
+        if let Some(AbortOnDrop(Some(handle), _)) = &self.task {
+            handle.abort();
+        }
+    }
+
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<Report> {
+        let report = match (self.report.take(), &mut self.task) {
+            (Some(report), _) => report,
+            (None, Some(task)) => ready!(task.poll_join(cx)),
+            (None, None) => unreachable!("an invocation has a task or a report, and is finished once"),
+        };
+        self.task = None;
+        self.stats.record(&report);
+        Poll::Ready(report)
     }
 }
 
@@ -302,17 +246,9 @@ impl Worker {
         })
     }
 
-    /// Takes a slot of this worker's tenant quota and of its own, before any
-    /// instance exists, or a place in the tenant's queue for one: the slot
-    /// is given back when the instance that [`Worker::invoke_admitted`]
-    /// creates with it is dropped.
-    pub fn admit(&self) -> Result<Admit, Refusal> {
-        crate::admission::admit(&self.quotas.slots, &self.slots)
-    }
-
     /// The slot of an admitted request: at once, or once its place in the
     /// tenant's queue comes up, within its wall-clock limit.
-    pub async fn slot(&self, admitted: Admit) -> Result<InstanceSlot, InvokeError> {
+    async fn slot(&self, admitted: Admit) -> Result<InstanceSlot, InvokeError> {
         match admitted {
             Admit::Now(slot) => Ok(slot),
             Admit::Queued(queued) => {
@@ -331,27 +267,6 @@ impl Worker {
         (self.slots.snapshot(), self.quotas.slots.snapshot())
     }
 
-    /// Admits `request` (see [`Worker::admit`]) and runs it; a request over
-    /// the quota fails with [`InvokeError::OverQuota`] and creates nothing.
-    pub async fn invoke<B>(&self, request: http::Request<B>) -> Invocation
-    where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: std::fmt::Display,
-    {
-        let slot = match self.admit() {
-            Ok(admitted) => self.slot(admitted).await,
-            Err(refusal) => Err(InvokeError::OverQuota(refusal)),
-        };
-        match slot {
-            Ok(slot) => self.invoke_admitted(slot, request).await,
-            Err(error) => {
-                let usage = Usage::new(&self.limits, RequestEgress::new(self.caps.network.clone(), self.egress.clone(), "-"));
-                let report = usage.report(Outcome::Failed(error.clone()));
-                self.done(Err(error), Arc::default(), report)
-            }
-        }
-    }
-
     /// Runs `request` in a fresh instance of this worker, which holds `slot`
     /// until it is dropped.
     ///
@@ -360,7 +275,7 @@ impl Worker {
     /// The task is bounded by the wall-clock limit, which started when the
     /// request was admitted or queued, and aborted if the returned
     /// [`Invocation`] is dropped.
-    pub async fn invoke_admitted<B>(&self, slot: InstanceSlot, request: http::Request<B>) -> Invocation
+    async fn invoke_admitted<B>(&self, slot: InstanceSlot, request: http::Request<B>) -> Invocation
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: std::fmt::Display,
@@ -465,7 +380,8 @@ impl Worker {
                     return self.done(Err(error), request_body_exceeded, report);
                 }
                 let response = response.map(|body| ResponseBody::new(body, limits.max_response_body_bytes, guest_state));
-                Invocation { response: Ok(response), request_body_exceeded, task: Some(task), report: None, stats: self.stats.clone() }
+                let run = InProcess { task: Some(task), report: None, stats: self.stats.clone() };
+                Invocation::new(Ok(response), request_body_exceeded.load(Ordering::Relaxed), Box::new(run))
             }
             Ok(Err(code)) => {
                 let report = task.join().await;
@@ -491,11 +407,47 @@ impl Worker {
         request_body_exceeded: Arc<AtomicBool>,
         report: Report,
     ) -> Invocation {
-        Invocation { response, request_body_exceeded, task: None, report: Some(report), stats: self.stats.clone() }
+        let run = InProcess { task: None, report: Some(report), stats: self.stats.clone() };
+        Invocation::new(response, request_body_exceeded.load(Ordering::Relaxed), Box::new(run))
     }
 
     pub fn stats(&self) -> StatsSnapshot {
         StatsSnapshot { egress: self.egress.stats(), ..self.stats.snapshot() }
+    }
+}
+
+/// The in-process executor: admission against the tenant's and the
+/// worker's slots, and the guest on this process's guest threads.
+impl<B> Executor<B> for Worker
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Display,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn admit(&self) -> Result<Admit, Refusal> {
+        crate::admission::admit(&self.quotas.slots, &self.slots)
+    }
+
+    fn invoke(&self, admitted: Admit, request: http::Request<B>) -> InvokeFuture<'_> {
+        Box::pin(async move {
+            let slot = self.slot(admitted).await?;
+            Ok(self.invoke_admitted(slot, request).await)
+        })
     }
 }
 

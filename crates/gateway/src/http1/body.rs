@@ -88,6 +88,26 @@ impl ConnReader {
         self.decoder == Decoder::Done
     }
 
+    /// Gives up on the current body: the connection is closing, and what the
+    /// client still sends is read only to be discarded. A worker still
+    /// reading the body gets an error, never a clean end of a body cut short,
+    /// and never polls the socket the discarding reads.
+    pub fn abandon_body(&mut self) {
+        if self.decoder != Decoder::Done {
+            self.decoder = Decoder::Failed;
+            self.error.get_or_insert(BodyError::Incomplete);
+        }
+    }
+
+    /// Reads what the socket holds and throws it away, with what the buffer
+    /// held. `Ok(0)` at end of stream.
+    pub fn poll_discard(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        self.buf.clear();
+        let read = ready!(self.poll_fill(cx));
+        self.buf.clear();
+        Poll::Ready(read)
+    }
+
     /// The error that stopped the body, if any.
     pub fn body_error(&self) -> Option<BodyError> {
         self.error.clone()

@@ -30,6 +30,20 @@ use write::{ResponseContext, Written, write_response};
 const DRAIN_LIMIT: usize = 64 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 
+/// A connection that closes with the client perhaps still sending (a body
+/// refused or left unread, a rejected head) reads and throws away what
+/// arrives, for at most this long and this many bytes, before its socket
+/// closes: a lingering close. Closed with unread bytes, a socket answers
+/// with a reset, and a client that writes its whole request before it reads
+/// (Python's `http.client`, most scripts) then fails its write or loses the
+/// response waiting in its buffer. Two seconds and 4 MiB let such a client
+/// finish a body a few times over a common limit on any reasonable link. A
+/// client that trickles or floods is cut off at the bound. Lingering holds
+/// only the connection's own slot and its address's count, like any slow
+/// client; no instance, no kept-alive count, nothing of a tenant's.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 4 << 20;
+
 /// Above this share of a listener's connection slots in use (in percent),
 /// idle keep-alive connections get [`PRESSURE_KEEP_ALIVE_TIMEOUT`] instead of
 /// `server.keep_alive_timeout_ms`.
@@ -333,8 +347,8 @@ pub(crate) async fn serve_connection<S: Service>(
                     request_id: &request_id,
                     write_timeout: limits.keep_alive_timeout,
                 };
-                write_response(&mut writer, response, &cx).await;
-                let _ = writer.shutdown().await;
+                let written = write_response(&mut writer, response, &cx).await;
+                close_connection(&mut writer, &reader, written.complete, &limits).await;
                 return;
             }
         };
@@ -353,7 +367,7 @@ pub(crate) async fn serve_connection<S: Service>(
         let outgoing = match admitted {
             Err(panic) => {
                 service.panicked(&summary, &request_id, &panic);
-                write_panic(&mut writer, &method, &request_id, &limits).await;
+                write_panic(&mut writer, &reader, &method, &request_id, &limits).await;
                 return;
             }
             Ok(Err(rejection)) => *rejection,
@@ -367,7 +381,7 @@ pub(crate) async fn serve_connection<S: Service>(
                     Ok(outgoing) => outgoing,
                     Err(panic) => {
                         service.panicked(&summary, &request_id, &panic);
-                        write_panic(&mut writer, &method, &request_id, &limits).await;
+                        write_panic(&mut writer, &reader, &method, &request_id, &limits).await;
                         return;
                     }
                 }
@@ -390,23 +404,70 @@ pub(crate) async fn serve_connection<S: Service>(
         }
         let cx = ResponseContext { method: &method, http10, keep_alive, request_id: &request_id, write_timeout: limits.keep_alive_timeout };
         let written = write_response(&mut writer, response, &cx).await;
-        let reusable = written.reusable;
+        let (reusable, complete) = (written.reusable, written.complete);
         // Logging and accounting wait for the guest to end; the connection
         // does not. Shutdown waits for these too, so no log line is lost.
         finishing.spawn(service.clone().finish(outgoing.pending, written));
 
         if !reusable || !drain_body(&reader).await {
-            let _ = writer.shutdown().await;
+            // Closing: no longer one of the tenant's kept-alive connections,
+            // whatever the lingering takes.
+            drop(kept_alive_for.take());
+            close_connection(&mut writer, &reader, complete, &limits).await;
             return;
         }
     }
 }
 
-async fn write_panic(writer: &mut BufWriter<OwnedWriteHalf>, method: &http::Method, request_id: &str, limits: &ConnLimits) {
+async fn write_panic(
+    writer: &mut BufWriter<OwnedWriteHalf>,
+    reader: &SharedReader,
+    method: &http::Method,
+    request_id: &str,
+    limits: &ConnLimits,
+) {
     let response = error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error", request_id);
     let cx = ResponseContext { method, http10: false, keep_alive: false, request_id, write_timeout: limits.keep_alive_timeout };
-    write_response(writer, response, &cx).await;
-    let _ = writer.shutdown().await;
+    let written = write_response(writer, response, &cx).await;
+    close_connection(writer, reader, written.complete, limits).await;
+}
+
+/// Ends the connection after its last response: stops writing, so the
+/// client reads the end of the response, then, if that response reached
+/// the socket and the client may still be sending, lingers (see
+/// [`LINGER_TIME`]). Runs in the connection's task, inside its slot.
+async fn close_connection(writer: &mut BufWriter<OwnedWriteHalf>, reader: &SharedReader, answered: bool, limits: &ConnLimits) {
+    // Bounded like every write: what is left to flush waits on the client.
+    let stopped = tokio::time::timeout(limits.keep_alive_timeout, writer.shutdown()).await;
+    if answered && matches!(stopped, Ok(Ok(()))) && unread_input(reader) {
+        linger(reader).await;
+    }
+}
+
+/// Whether the client may still be sending: its request body was not read
+/// to the end, or bytes wait in the buffer or the socket.
+fn unread_input(reader: &SharedReader) -> bool {
+    let pending = {
+        let r = lock(reader);
+        !r.body_done() || !r.buf.is_empty()
+    };
+    pending || fill_now(reader)
+}
+
+/// Reads and discards the client's input until it closes its side, or
+/// [`LINGER_BYTES`] or [`LINGER_TIME`] are reached.
+async fn linger(reader: &SharedReader) {
+    lock(reader).abandon_body();
+    let discard = async {
+        let mut discarded = 0usize;
+        while discarded < LINGER_BYTES {
+            match std::future::poll_fn(|cx| lock(reader).poll_discard(cx)).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => discarded += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, discard).await;
 }
 
 async fn read_head(reader: &SharedReader, limits: &ConnLimits, first: bool, shutdown: &mut watch::Receiver<bool>) -> HeadOutcome {

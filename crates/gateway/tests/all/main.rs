@@ -17,6 +17,7 @@ mod instance_quota;
 mod isolation;
 mod ledger;
 mod lifecycle;
+mod lingering_close;
 mod log_flood;
 mod memory_budget;
 mod postgres_binding;
