@@ -131,6 +131,10 @@ pub struct ServerConfig {
     /// tenant's output is dropped and counted, so that one tenant cannot
     /// flood the log or fill the disk.
     pub worker_log_bytes_per_second: u64,
+    /// The request header whose value makes a split deployment sticky: the
+    /// same value always reaches the same version. Lowercase; `None` for
+    /// none (requests of a split are placed at random).
+    pub version_key_header: Option<String>,
 }
 
 /// `[security]`: process-wide hardening switches.

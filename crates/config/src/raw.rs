@@ -62,6 +62,7 @@ pub(crate) struct RawServer {
     pub max_name_lookups: Option<Spanned<i64>>,
     pub max_name_lookups_per_tenant: Option<Spanned<i64>>,
     pub worker_log_bytes_per_second: Option<Spanned<i64>>,
+    pub version_key_header: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

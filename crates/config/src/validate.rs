@@ -213,6 +213,23 @@ impl Validator<'_> {
         addr
     }
 
+    /// An HTTP header name (a token), lowercased.
+    fn header_name(&mut self, value: &Option<Spanned<String>>, key: &str) -> Option<String> {
+        let v = value.as_ref()?;
+        let name = v.get_ref();
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if name.is_empty() || !name.bytes().all(token) {
+            self.error(
+                Some(v.span()),
+                key,
+                format!("`{name}` is not an HTTP header name"),
+                "use letters, digits and `-`, for example \"cordon-version-key\"",
+            );
+            return None;
+        }
+        Some(name.to_ascii_lowercase())
+    }
+
     fn server(&mut self, raw: &RawConfig, base: &Path) -> ServerConfig {
         let s = &raw.server;
         let listen = self.addr(&s.listen, "server.listen", "127.0.0.1:8080");
@@ -301,6 +318,7 @@ impl Validator<'_> {
                 "the number of name lookups one tenant may have in flight at once",
             ) as u32,
             worker_log_bytes_per_second: self.log_rate(&s.worker_log_bytes_per_second, "server.worker_log_bytes_per_second"),
+            version_key_header: self.header_name(&s.version_key_header, "server.version_key_header"),
         }
     }
 

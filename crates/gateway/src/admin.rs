@@ -25,15 +25,19 @@ impl Admin {
     }
 
     fn health(&self) -> serde_json::Value {
-        let workers: Vec<_> = self
-            .runtime
+        // One entry per version served: a split lists each of its versions.
+        let snapshot = self.runtime.snapshot();
+        let workers: Vec<_> = snapshot
             .workers()
-            .iter()
-            .map(|w| {
+            .flat_map(|d| d.versions().map(move |(version, w)| (d, version, w)))
+            .map(|(d, version, w)| {
                 let (instances, _) = w.instances();
                 serde_json::json!({
                     "name": w.name,
                     "tenant": w.tenant,
+                    "version": version,
+                    "deployment": d.deployment.to_string(),
+                    "disabled": d.disabled,
                     "routes": w.routes.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "component_sha256": w.component_sha256,
                     "code": w.code_source,

@@ -76,8 +76,9 @@ pub struct Gateway {
     max_connections_per_address: usize,
     shutdown_grace: Duration,
     log_rates: request_log::LogRates,
-    /// Each tenant's cap on the keep-alive connections its responses hold.
-    max_idle_connections: std::collections::HashMap<String, usize>,
+    /// Each `[[tenant]]`'s cap on the keep-alive connections its responses
+    /// hold, and the default for any other tenant.
+    max_idle_connections: (std::collections::HashMap<String, usize>, usize),
     filter: Option<Arc<dyn RequestFilter>>,
     gateway_report: serde_json::Value,
 }
@@ -104,8 +105,10 @@ impl Gateway {
             "max_idle_connections_per_tenant": s.max_idle_connections_per_tenant,
             "shutdown_grace_ms": s.shutdown_grace_ms,
         });
-        let max_idle_connections =
-            config.workers.iter().map(|w| (w.tenant.clone(), config.tenant_max_idle_connections(&w.tenant))).collect();
+        let max_idle_connections = (
+            config.tenants.iter().map(|t| (t.name.clone(), config.tenant_max_idle_connections(&t.name))).collect(),
+            s.max_idle_connections_per_tenant,
+        );
         let log_rates = request_log::LogRates {
             default: s.worker_log_bytes_per_second,
             tenants: config.tenants.iter().map(|t| (t.name.clone(), config.tenant_worker_log_bytes_per_second(&t.name))).collect(),
@@ -148,15 +151,17 @@ impl Gateway {
         let (tx, rx) = watch::channel(false);
         let (grace_over_tx, grace_over) = watch::channel(false);
         // One count per tenant, shared by its workers' routes.
-        let kept_alive: std::collections::HashMap<&str, Arc<KeptAlive>> =
-            self.max_idle_connections.iter().map(|(tenant, max)| (tenant.as_str(), Arc::new(KeptAlive::new(*max)))).collect();
-        let kept_alive_of = |tenant: &str| match kept_alive.get(tenant) {
-            Some(count) => count.clone(),
-            // A worker the config did not list (not in `cordon serve`): no cap beyond the slots.
-            None => Arc::new(KeptAlive::new(self.max_connections)),
+        // One count per tenant, made the first time a route of the tenant is
+        // built and kept while the gateway runs.
+        let kept_alive: std::sync::Mutex<std::collections::HashMap<String, Arc<KeptAlive>>> = Default::default();
+        let (max_idle, default_max_idle) = self.max_idle_connections.clone();
+        let kept_alive_of = move |tenant: &str| {
+            let mut counts = kept_alive.lock().unwrap_or_else(|p| p.into_inner());
+            let max = max_idle.get(tenant).copied().unwrap_or(default_max_idle);
+            counts.entry(tenant.to_string()).or_insert_with(|| Arc::new(KeptAlive::new(max))).clone()
         };
         let proxy =
-            Arc::new(proxy::Proxy::new(&self.runtime.executors(), kept_alive_of, self.filter.clone(), self.log_rates.clone(), grace_over));
+            Arc::new(proxy::Proxy::new(self.runtime.clone(), kept_alive_of, self.filter.clone(), self.log_rates.clone(), grace_over));
         let admin = Arc::new(admin::Admin::new(self.runtime.clone(), self.gateway_report.clone()));
         let grace = self.shutdown_grace;
         let main_slots = (self.max_connections, self.max_connections_per_address);

@@ -18,9 +18,17 @@ use crate::http1::{Incoming, KeptAlive, OutBody, Outgoing, Service};
 use crate::request_log::{LogRates, RequestLine, RequestLog};
 use crate::router::{Router, Target};
 use crate::{RequestFilter, RequestSummary};
+use arc_swap::ArcSwap;
+
+/// Gives each tenant its count of keep-alive connections.
+type KeptAliveOf = dyn Fn(&str) -> Arc<KeptAlive> + Send + Sync;
 
 pub(crate) struct Proxy {
-    router: Router,
+    runtime: Arc<cordon_runtime::Runtime>,
+    /// The routes of the registry snapshot seen last, rebuilt when a newer
+    /// one is swapped in.
+    router: ArcSwap<Router>,
+    kept_alive: Box<KeptAliveOf>,
     filter: Option<Arc<dyn RequestFilter>>,
     log: RequestLog,
     /// Turns true when the shutdown grace period ends: `finish` stops
@@ -46,13 +54,30 @@ pub(crate) struct Exchange {
 impl Proxy {
     /// `kept_alive` gives each tenant its count of keep-alive connections.
     pub fn new(
-        workers: &[Arc<dyn Executor<RequestBody>>],
-        kept_alive: impl Fn(&str) -> Arc<KeptAlive>,
+        runtime: Arc<cordon_runtime::Runtime>,
+        kept_alive: impl Fn(&str) -> Arc<KeptAlive> + Send + Sync + 'static,
         filter: Option<Arc<dyn RequestFilter>>,
         log_rates: LogRates,
         grace_over: watch::Receiver<bool>,
     ) -> Self {
-        Self { router: Router::new(workers, kept_alive), filter, log: RequestLog::new(log_rates), grace_over }
+        let router = ArcSwap::from_pointee(Router::new(&runtime.snapshot(), &kept_alive));
+        Self { runtime, router, kept_alive: Box::new(kept_alive), filter, log: RequestLog::new(log_rates), grace_over }
+    }
+
+    /// The routes of the registry's current snapshot: one atomic load and a
+    /// comparison, unless a change was swapped in since the last request.
+    fn router(&self) -> Arc<Router> {
+        let router = self.router.load_full();
+        let snapshot = self.runtime.snapshot();
+        if router.generation == snapshot.generation {
+            return router;
+        }
+        let router = Arc::new(Router::new(&snapshot, &*self.kept_alive));
+        // A slower request may store an older router after this one; the
+        // next request rebuilds again, and each request routes by a
+        // snapshot at least as new as the one current when it arrived.
+        self.router.store(router.clone());
+        router
     }
 
     fn exchange(head: &RequestHead, request_id: &str, received: Instant, target: Option<&Target>) -> Exchange {
@@ -92,7 +117,8 @@ impl Service for Proxy {
     type Pending = Exchange;
 
     fn admit(&self, head: &RequestHead, request_id: &str, received: Instant) -> Result<Admitted, Box<Outgoing<Exchange>>> {
-        let Some(target) = self.router.find(&head.host, head.path()) else {
+        let router = self.router();
+        let Some(routed) = router.find(&head.host, head.path()) else {
             let message = format!("no worker is routed at `{}{}`", head.host, head.path());
             return Err(Box::new(Self::refuse(
                 Self::exchange(head, request_id, received, None),
@@ -102,8 +128,15 @@ impl Service for Proxy {
                 false,
             )));
         };
+        // One version for the whole request, whatever changes meanwhile.
+        let (_, worker) = routed.deployed.pick(&head.headers);
+        let target = &Target { worker: worker.clone(), kept_alive: routed.kept_alive.clone() };
         let worker = &target.worker;
         let exchange = || Self::exchange(head, request_id, received, Some(target));
+        if routed.deployed.disabled {
+            let message = format!("worker `{}` is disabled", routed.deployed.name);
+            return Err(Box::new(Self::refuse(exchange(), StatusCode::SERVICE_UNAVAILABLE, "worker_disabled", &message, false)));
+        }
         let max_body = worker.limits().max_request_body_bytes;
         if let Framing::Length(n) = head.framing
             && n > max_body

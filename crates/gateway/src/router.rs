@@ -6,41 +6,51 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cordon_runtime::Executor;
+use cordon_runtime::registry::{Deployed, Snapshot};
 
 use crate::http1::KeptAlive;
 use crate::http1::body::RequestBody;
 
-/// Where a route leads: the worker, and the count of keep-alive
-/// connections its tenant's responses hold, found here so that a request
-/// looks up nothing more.
+/// Where a request goes: the version of the worker that runs it, and the
+/// count of keep-alive connections its tenant's responses hold.
 #[derive(Clone)]
 pub(crate) struct Target {
     pub worker: Arc<dyn Executor<RequestBody>>,
     pub kept_alive: Arc<KeptAlive>,
 }
 
+/// Where a route leads: the deployed worker, and its tenant's count.
+#[derive(Clone)]
+pub(crate) struct Routed {
+    pub deployed: Arc<Deployed>,
+    pub kept_alive: Arc<KeptAlive>,
+}
+
+/// The routes of one registry snapshot.
 pub(crate) struct Router {
+    /// The snapshot it was built from.
+    pub generation: u64,
     /// Per host, the prefixes longest first.
-    hosts: HashMap<String, Vec<(String, Target)>>,
+    hosts: HashMap<String, Vec<(String, Routed)>>,
 }
 
 impl Router {
     /// `kept_alive` gives each worker's tenant its count.
-    pub fn new(workers: &[Arc<dyn Executor<RequestBody>>], kept_alive: impl Fn(&str) -> Arc<KeptAlive>) -> Self {
-        let mut hosts: HashMap<String, Vec<(String, Target)>> = HashMap::new();
-        for w in workers {
-            for r in w.routes() {
-                let target = Target { worker: w.clone(), kept_alive: kept_alive(w.tenant()) };
-                hosts.entry(r.host.clone()).or_default().push((r.path_prefix.clone(), target));
+    pub fn new(snapshot: &Snapshot, kept_alive: &dyn Fn(&str) -> Arc<KeptAlive>) -> Self {
+        let mut hosts: HashMap<String, Vec<(String, Routed)>> = HashMap::new();
+        for deployed in snapshot.workers() {
+            for r in &deployed.routes {
+                let routed = Routed { deployed: deployed.clone(), kept_alive: kept_alive(&deployed.tenant) };
+                hosts.entry(r.host.clone()).or_default().push((r.path_prefix.clone(), routed));
             }
         }
         for routes in hosts.values_mut() {
             routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
         }
-        Self { hosts }
+        Self { generation: snapshot.generation, hosts }
     }
 
-    pub fn find(&self, host: &str, path: &str) -> Option<&Target> {
+    pub fn find(&self, host: &str, path: &str) -> Option<&Routed> {
         self.hosts.get(host)?.iter().find(|(prefix, _)| prefix_matches(prefix, path)).map(|(_, t)| t)
     }
 }

@@ -17,6 +17,7 @@ mod host_buffers;
 mod meter;
 mod outbound;
 pub mod policy;
+pub mod registry;
 pub mod scheduler;
 mod stdio;
 mod worker;
@@ -137,20 +138,30 @@ pub enum StartError {
     DataDir(#[from] cordon_disk::private_dir::NotPrivate),
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Workers(Vec<WorkerLoadError>),
+    #[error("cannot open the registry: {0}")]
+    Registry(String),
+    #[error(transparent)]
+    Deploy(registry::DeployError),
 }
 
-/// The engine, its posture and every loaded worker.
+/// The engine, its posture, and the live registry of deployed workers.
 pub struct Runtime {
     engine: Engine,
     posture: Posture,
-    workers: Vec<Arc<Worker>>,
-    admission: Admission,
+    linker: Linker<Host>,
+    /// The configuration the runtime started with: the platform that
+    /// deployed specs are validated against (tenants' quotas, databases).
+    config: Arc<Config>,
+    stores: Stores,
+    admission: std::sync::Mutex<Admission>,
+    /// The guest threads (also reachable through `admission`, without its lock).
+    scheduler: Arc<scheduler::Scheduler>,
     network: Arc<Network>,
-    accel: Option<Arc<Accelerator>>,
+    live: registry::Live,
     _ticker: EpochTicker,
     /// Held while the runtime lives; it holds the data directory's lock, so
     /// one process owns a data directory at a time.
-    _cache: CodeCache,
+    cache: CodeCache,
 }
 
 impl Runtime {
@@ -187,21 +198,34 @@ impl Runtime {
         let epoch = engine.clone();
         let scheduler = Arc::new(scheduler::Scheduler::start(threads, Some(Box::new(move || epoch.increment_epoch()))));
         tracing::info!(guest_threads = threads, "guest threads started");
-        let mut admission = Admission::from_config(config, memory, scheduler);
-        let results = load_workers(&engine, &linker, &config.workers, Some(&cache), &mut admission, &|w| stores.capabilities(w, &network));
-        let mut workers = Vec::new();
-        let mut errors = Vec::new();
-        for r in results {
-            match r {
-                Ok(w) => workers.push(Arc::new(w)),
-                Err(e) => errors.push(e),
-            }
-        }
-        if !errors.is_empty() {
-            return Err(StartError::Workers(errors));
-        }
+        let admission = Admission::from_config(config, memory, scheduler.clone());
+        let store = cordon_registry::RegistryStore::open(&config.server.data_dir, cordon_registry::MIN_KEPT_VERSIONS)
+            .map_err(|e| StartError::Registry(e.to_string()))?;
+        let sticky = config.server.version_key_header.as_deref().and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok());
         let ticker = EpochTicker::start(&engine);
-        Ok(Runtime { engine, posture, workers, admission, network, accel: stores.accel, _ticker: ticker, _cache: cache })
+        let runtime = Runtime {
+            engine,
+            posture,
+            linker,
+            config: Arc::new(config.clone()),
+            stores,
+            admission: std::sync::Mutex::new(admission),
+            scheduler,
+            network,
+            live: registry::Live::new(store, sticky),
+            _ticker: ticker,
+            cache,
+        };
+        // `cordon.toml` is the first deployment of its workers, and a
+        // restart with the same file keeps what was active.
+        let synced = runtime.sync_config_workers(&config.workers, true).map_err(StartError::Deploy)?;
+        tracing::info!(
+            deployed = synced.deployed.len(),
+            unchanged = synced.unchanged.len(),
+            removed = synced.removed.len(),
+            "registry loaded"
+        );
+        Ok(runtime)
     }
 
     /// Validates the policy and every component without writing anything:
@@ -237,22 +261,27 @@ impl Runtime {
         &self.network
     }
 
-    pub fn workers(&self) -> &[Arc<Worker>] {
-        &self.workers
-    }
-
-    /// Every worker as an [`Executor`] of requests whose bodies are `B`:
-    /// what the gateway routes to and runs requests through.
-    pub fn executors<B>(&self) -> Vec<Arc<dyn Executor<B>>>
-    where
-        Worker: Executor<B>,
-    {
-        self.workers.iter().map(|w| w.clone() as Arc<dyn Executor<B>>).collect()
+    /// Every version that the current snapshot serves.
+    pub fn workers(&self) -> Vec<Arc<Worker>> {
+        self.snapshot().workers().flat_map(|d| d.versions().map(|(_, w)| w.clone()).collect::<Vec<_>>()).collect()
     }
 
     /// Every tenant's instance quota and what it holds now.
-    pub fn admission(&self) -> &Admission {
-        &self.admission
+    pub fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
+        self.admission.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The quotas a worker of `config`'s tenant runs under.
+    fn quotas(&self, config: &WorkerConfig) -> worker::TenantQuotas {
+        let mut admission = self.admission();
+        worker::TenantQuotas {
+            slots: admission.tenant(&config.tenant, self.config.tenant_max_instances(&config.tenant)),
+            share: admission.share(&config.tenant),
+            scheduler: self.scheduler.clone(),
+            memory: admission.memory_mut().tenant(&config.tenant),
+            process_memory: admission.memory().process.clone(),
+            instance_overhead_bytes: admission.memory().instance_overhead_bytes,
+        }
     }
 
     /// Stops running guests: queued and waiting ones are dropped, running
@@ -260,25 +289,25 @@ impl Runtime {
     /// before stopping the async runtime that serves the network, whose
     /// shutdown wakes every guest waiting on a timer or a socket.
     pub fn stop_guests(&self, within: std::time::Duration) {
-        self.admission.scheduler().stop(within);
+        self.scheduler.stop(within);
     }
 
     /// The number of threads that run guest code.
     pub fn guest_threads(&self) -> usize {
-        self.admission.scheduler().threads()
+        self.scheduler.threads()
     }
 
     /// Every tenant's share of the guest threads: its weight, the guest CPU
     /// it used and its guests waiting for a thread.
     pub fn cpu_shares(&self) -> std::collections::BTreeMap<String, scheduler::ShareSnapshot> {
-        self.admission.cpu_snapshot()
+        self.admission().cpu_snapshot()
     }
 
     /// The Postgres accelerator, when the config has a `[[database]]`. The
     /// workers' `cordon:postgres` calls use this instance, so a wire-protocol
     /// proxy started on it shares their pools and caches.
     pub fn accelerator(&self) -> Option<Arc<Accelerator>> {
-        self.accel.clone()
+        self.stores.accel.clone()
     }
 
     /// Outbound requests refused by policy since start, over all workers.

@@ -160,6 +160,23 @@ pub(crate) enum Ended {
 }
 
 /// The handle of a queued guest: abort it, or wait for its end.
+/// Stops a guest, if it still exists, like [`GuestHandle::abort`].
+pub(crate) struct GuestAborter(Weak<Task>);
+
+impl GuestAborter {
+    pub(crate) fn abort(&self) {
+        if let Some(task) = self.0.upgrade() {
+            task.aborted.store(true, Ordering::Release);
+            task.schedule();
+        }
+    }
+
+    /// Whether the guest has ended and its task is gone.
+    pub(crate) fn is_gone(&self) -> bool {
+        self.0.strong_count() == 0
+    }
+}
+
 pub(crate) struct GuestHandle {
     task: Arc<Task>,
     ended: oneshot::Receiver<Ended>,
@@ -171,6 +188,11 @@ impl GuestHandle {
     pub(crate) fn abort(&self) {
         self.task.aborted.store(true, Ordering::Release);
         self.task.schedule();
+    }
+
+    /// A way to stop this guest later that does not keep it alive.
+    pub(crate) fn aborter(&self) -> GuestAborter {
+        GuestAborter(Arc::downgrade(&self.task))
     }
 
     /// Ready once the guest has ended and its future has been dropped.

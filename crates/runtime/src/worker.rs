@@ -3,8 +3,8 @@
 //! `Worker` is the in-process [`Executor`]: its guests run on this
 //! process's guest threads.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,10 @@ pub struct Worker {
     stats: Arc<WorkerStats>,
     egress: Arc<WorkerEgress>,
     caps: Capabilities,
+    /// The guests of this worker that may still run, so that a kill switch
+    /// can stop them ([`Worker::abort_in_flight`]). Entries of guests that
+    /// ended are dropped as new ones come.
+    in_flight: Mutex<Vec<crate::scheduler::GuestAborter>>,
 }
 
 /// What a worker may use besides its sandbox, opened at startup: the
@@ -243,6 +247,7 @@ impl Worker {
             stats: Arc::default(),
             egress: Arc::new(WorkerEgress::new(&config.tenant, &config.name, config.allowed_outbound.clone(), config.limits.egress())),
             caps,
+            in_flight: Mutex::new(Vec::new()),
         })
     }
 
@@ -368,6 +373,11 @@ impl Worker {
             }
         });
         let task = self.quotas.scheduler.spawn(&self.quotas.share, usage.meter.clone(), guest);
+        {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            in_flight.retain(|g| !g.is_gone());
+            in_flight.push(task.aborter());
+        }
         let task = AbortOnDrop(Some(task), usage);
 
         match head_rx.await {
@@ -409,6 +419,18 @@ impl Worker {
     ) -> Invocation {
         let run = InProcess { task: None, report: Some(report), stats: self.stats.clone() };
         Invocation::new(response, request_body_exceeded.load(Ordering::Relaxed), Box::new(run))
+    }
+
+    /// Stops every guest of this worker that still runs, as if each
+    /// client had gone away; each request gets its report as usual. New
+    /// requests are not affected.
+    pub fn abort_in_flight(&self) -> usize {
+        let in_flight = std::mem::take(&mut *self.in_flight.lock().unwrap_or_else(|p| p.into_inner()));
+        let running = in_flight.iter().filter(|g| !g.is_gone()).count();
+        for guest in &in_flight {
+            guest.abort();
+        }
+        running
     }
 
     pub fn stats(&self) -> StatsSnapshot {
