@@ -103,6 +103,8 @@ pub async fn wait_for_log(needle: &str, pred: impl Fn(&serde_json::Value) -> boo
 pub struct TestServer {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The runtime it serves, for changes to its registry.
+    pub runtime: Arc<Runtime>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _tmp: tempfile::TempDir,
@@ -181,7 +183,8 @@ pub async fn start_with(workers: &str, options: Options<'_>) -> TestServer {
             .await
             .unwrap();
     let (runtime, config) = runtime.unwrap_or_else(|e| panic!("runtime failed to start: {e}"));
-    let mut gateway = Gateway::bind(&config, Arc::new(runtime)).await.unwrap();
+    let runtime = Arc::new(runtime);
+    let mut gateway = Gateway::bind(&config, runtime.clone()).await.unwrap();
     if let Some(f) = options.filter {
         gateway = gateway.with_request_filter(f);
     }
@@ -190,7 +193,7 @@ pub async fn start_with(workers: &str, options: Options<'_>) -> TestServer {
     let task = tokio::spawn(gateway.run(async {
         let _ = stopped.await;
     }));
-    TestServer { addr, admin, stop: Some(stop), task: Some(task), _tmp: tmp }
+    TestServer { addr, admin, runtime, stop: Some(stop), task: Some(task), _tmp: tmp }
 }
 
 impl TestServer {

@@ -21,6 +21,7 @@ mod lingering_close;
 mod log_flood;
 mod memory_budget;
 mod postgres_binding;
+mod registry;
 mod routing;
 mod storage_quota;
 mod streaming;
