@@ -161,7 +161,7 @@ mod tests {
     use crate::StorageBounds;
 
     fn context(base: &Path) -> WorkerContext<'_> {
-        WorkerContext { base, tenant_max_instances: 10, storage: StorageBounds::default(), databases: &[] }
+        WorkerContext { base, max_memory_mb: 4096, tenant_max_instances: 10, storage: StorageBounds::default(), databases: &[] }
     }
 
     /// A component file to point specs at, and its directory.

@@ -182,6 +182,15 @@ pub struct SandboxConfig {
     /// Maximum native stack that wasm code may use, in KiB. Deeper recursion
     /// traps with a stack overflow.
     pub max_wasm_stack_kb: u32,
+    /// The engine's ceiling on one linear memory, in MiB: every instance
+    /// slot is sized for it, and no worker's `memory_mb` may exceed it. Set
+    /// once at start (`sandbox.max_memory_mb`; by default the largest
+    /// `memory_mb` of the file's workers, at least 128).
+    pub max_memory_mb: u64,
+    /// The engine's ceiling on the elements of one table.
+    pub max_table_elements: u32,
+    /// The largest component a worker may have, in bytes.
+    pub max_component_bytes: u64,
     /// Bytes all instances together may hold (linear memory, tables, fiber
     /// stacks and host-side buffers), in MiB; `None` for half of the memory
     /// the host has for the process (RAM, or its cgroup limit when lower).
@@ -217,6 +226,11 @@ impl ServerConfig {
 }
 
 impl SandboxConfig {
+    /// The default of `sandbox.max_table_elements`.
+    pub const DEFAULT_MAX_TABLE_ELEMENTS: u32 = 100_000;
+    /// The default of `sandbox.max_component_mb`.
+    pub const DEFAULT_MAX_COMPONENT_MB: u64 = 128;
+
     pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
     /// The default tenant quota is `max_instances` divided by this, so that
     /// a tenant at its quota leaves three quarters of the pool to others.
@@ -548,8 +562,10 @@ impl Config {
 
     /// The largest `memory_mb` of any worker, which sizes the allocator's
     /// memory slots.
+    /// The engine's ceiling on one linear memory, in MiB
+    /// (`sandbox.max_memory_mb`).
     pub fn max_worker_memory_mb(&self) -> u64 {
-        self.workers.iter().map(|w| w.limits.memory_mb).max().unwrap_or(Limits::default().memory_mb)
+        self.sandbox.max_memory_mb
     }
 }
 

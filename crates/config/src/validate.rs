@@ -49,6 +49,12 @@ pub(crate) fn base_dir(file: &Path) -> PathBuf {
 /// `[[database]]` and `[[worker]]` is read as its spec and checked by the
 /// spec's own validation, and every error's key path is mapped back to
 /// file:line:column. The file's workers are validated as one deployment.
+/// The default of `sandbox.max_memory_mb` when no worker of the file asks
+/// for more: the default `memory_mb`.
+const DEFAULT_MAX_MEMORY_MB: u64 = 128;
+/// The highest `memory_mb` and `sandbox.max_memory_mb`.
+pub(crate) const MAX_MEMORY_MB: u64 = 4096;
+
 pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![toml_error(file, text, &e)]))?;
     let mut v = Validator { file, text, document: OnceCell::new(), errors: Vec::new() };
@@ -56,7 +62,7 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
 
     let server = v.server(&raw, &base);
     let security = v.security(&raw);
-    let sandbox = v.sandbox(&raw);
+    let mut sandbox = v.sandbox(&raw);
     let storage = v.storage(&raw);
     let postgres_proxy = raw.postgres_proxy.as_ref().map(|p| v.postgres_proxy(p, &server, &base));
 
@@ -85,6 +91,9 @@ pub(crate) fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         v.spec_error(&worker_key(i), e);
     }
     v.tenants_have_workers(&raw.tenants, &workers);
+    if raw.sandbox.max_memory_mb.is_none() {
+        sandbox.max_memory_mb = workers.iter().map(|w| w.limits.memory_mb).max().unwrap_or(0).max(DEFAULT_MAX_MEMORY_MB);
+    }
 
     if v.errors.is_empty() {
         Ok(Config { source: file.to_path_buf(), server, security, sandbox, storage, postgres_proxy, databases, tenants, workers })
@@ -108,6 +117,7 @@ pub(crate) fn worker_context<'a>(
     let storage_quota_mb = own.map_or(storage.tenant_quota_mb, |t| t.storage_quota_mb);
     WorkerContext {
         base,
+        max_memory_mb: sandbox.max_memory_mb,
         tenant_max_instances: own.map_or(sandbox.tenant_max_instances, |t| t.max_instances),
         storage: StorageBounds {
             tenant_quota_bytes: storage_quota_mb << 20,
@@ -348,6 +358,35 @@ impl Validator<'_> {
                 8192,
                 "the native stack wasm code may use, in KiB",
             ) as u32,
+            // Unset: the largest the file's workers ask for, once they are read.
+            max_memory_mb: if s.max_memory_mb.is_some() {
+                self.int(
+                    &s.max_memory_mb,
+                    "sandbox.max_memory_mb",
+                    DEFAULT_MAX_MEMORY_MB,
+                    1,
+                    MAX_MEMORY_MB,
+                    "the largest linear memory of one instance, in MiB",
+                )
+            } else {
+                MAX_MEMORY_MB
+            },
+            max_table_elements: self.int(
+                &s.max_table_elements,
+                "sandbox.max_table_elements",
+                SandboxConfig::DEFAULT_MAX_TABLE_ELEMENTS.into(),
+                1,
+                10_000_000,
+                "the elements one table of an instance may have",
+            ) as u32,
+            max_component_bytes: self.int(
+                &s.max_component_mb,
+                "sandbox.max_component_mb",
+                SandboxConfig::DEFAULT_MAX_COMPONENT_MB,
+                1,
+                1024,
+                "the largest component a worker may have, in MiB",
+            ) << 20,
             memory_budget_mb: self.memory_mb(&s.memory_budget_mb, "sandbox.memory_budget_mb", "the MiB all instances together may hold"),
             tenant_memory_budget_mb: self.memory_mb(
                 &s.tenant_memory_budget_mb,
@@ -1075,6 +1114,32 @@ max_name_lookups_per_tenant = 100000
 
     fn worker_with(extra: &str) -> String {
         format!("[[worker]]\nname = \"a\"\ntenant = \"t\"\ncomponent = \"x.wasm\"\nroutes = [\"h/\"]\n{extra}")
+    }
+
+    #[test]
+    fn the_engine_ceilings_are_explicit_and_bound_every_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.wasm"), b"").unwrap();
+        let file = dir.path().join("cordon.toml");
+        // Unset: the largest memory_mb of the file, at least 128.
+        let c = parse(&file, &worker_with("")).unwrap();
+        assert_eq!((c.sandbox.max_memory_mb, c.sandbox.max_table_elements, c.sandbox.max_component_bytes), (128, 100_000, 128 << 20));
+        let c = parse(&file, &worker_with("[worker.limits]\nmemory_mb = 300\n")).unwrap();
+        assert_eq!(c.sandbox.max_memory_mb, 300);
+        // Set: a worker above it is refused at its memory_mb, naming the ceiling.
+        let text = format!(
+            "[sandbox]\nmax_memory_mb = 64\nmax_table_elements = 5000\nmax_component_mb = 16\n{}",
+            worker_with("[worker.limits]\nmemory_mb = 100\n")
+        );
+        let e = parse(&file, &text).unwrap_err().0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].key.as_deref(), Some("worker[0].limits.memory_mb"));
+        assert!(e[0].message.contains("sandbox.max_memory_mb = 64"), "{}", e[0]);
+        let text = format!("[sandbox]\nmax_memory_mb = 64\nmax_table_elements = 5000\nmax_component_mb = 16\n{}", worker_with(""));
+        let c = parse(&file, &text).unwrap();
+        assert_eq!((c.sandbox.max_memory_mb, c.sandbox.max_table_elements, c.sandbox.max_component_bytes), (64, 5000, 16 << 20));
+        let e = parse(&file, &format!("[sandbox]\nmax_table_elements = 0\n{}", worker_with(""))).unwrap_err().0;
+        assert_eq!(e[0].key.as_deref(), Some("sandbox.max_table_elements"));
     }
 
     #[test]

@@ -84,6 +84,8 @@ pub struct LimitsSpec {
 pub struct WorkerContext<'a> {
     /// The directory a relative `component` path starts at.
     pub base: &'a Path,
+    /// The engine's ceiling on `limits.memory_mb` (`sandbox.max_memory_mb`).
+    pub max_memory_mb: u64,
     /// The instance quota of the worker's tenant: the default of
     /// `limits.max_instances`, and its upper bound.
     pub tenant_max_instances: u32,
@@ -146,7 +148,18 @@ impl WorkerSpec {
         let allowed_outbound = self.allowed_outbound(c);
         let grants = crate::grants::check(self, c);
         self.postgres_grants_resolve(context.databases, c);
-        let limits = self.limits.check(context.tenant_max_instances, c);
+        let mut limits = self.limits.check(context.tenant_max_instances, c);
+        if self.limits.memory_mb.is_none() {
+            // The default fits under any ceiling.
+            limits.memory_mb = limits.memory_mb.min(context.max_memory_mb);
+        } else if limits.memory_mb > context.max_memory_mb {
+            c.error(
+                KeyPath::from("limits").field("memory_mb"),
+                ErrorKind::OutOfRange,
+                format!("is {} MiB, above the engine's ceiling sandbox.max_memory_mb = {}", limits.memory_mb, context.max_memory_mb),
+                "lower it, or raise sandbox.max_memory_mb (the instance slots are sized at start, so that takes a restart)",
+            );
+        }
         WorkerConfig {
             name: self.name.clone(),
             tenant: self.tenant.clone(),
@@ -488,7 +501,8 @@ mod tests {
             routes: routes.iter().map(|r| r.to_string()).collect(),
             ..WorkerSpec::default()
         };
-        let context = WorkerContext { base, tenant_max_instances: 4, storage: StorageBounds::default(), databases: &[] };
+        let context =
+            WorkerContext { base, max_memory_mb: 4096, tenant_max_instances: 4, storage: StorageBounds::default(), databases: &[] };
         spec.validate(&context).unwrap()
     }
 
@@ -509,7 +523,13 @@ mod tests {
             limits: LimitsSpec { cpu_ms: Some(20), memory_mb: Some(64), max_sql_rows: Some(7), ..LimitsSpec::default() },
             ..WorkerSpec::default()
         };
-        let context = WorkerContext { base: dir.path(), tenant_max_instances: 4, storage: StorageBounds::default(), databases: &[] };
+        let context = WorkerContext {
+            base: dir.path(),
+            max_memory_mb: 4096,
+            tenant_max_instances: 4,
+            storage: StorageBounds::default(),
+            databases: &[],
+        };
         let worker = spec.validate(&context).unwrap();
         let again = worker.to_spec("x.wasm");
         let json = serde_json::to_string(&again).unwrap();
@@ -555,8 +575,13 @@ mod tests {
             limits: LimitsSpec { wall_ms: Some(10), ..LimitsSpec::default() },
             ..WorkerSpec::default()
         };
-        let context =
-            WorkerContext { base: Path::new("/nonexistent"), tenant_max_instances: 4, storage: StorageBounds::default(), databases: &[] };
+        let context = WorkerContext {
+            base: Path::new("/nonexistent"),
+            max_memory_mb: 4096,
+            tenant_max_instances: 4,
+            storage: StorageBounds::default(),
+            databases: &[],
+        };
         let e = spec.validate(&context).unwrap_err().0;
         let paths: Vec<String> = e.iter().map(|e| e.path.to_string()).collect();
         assert_eq!(paths, ["tenant", "component", "kv[0].binding", "limits.wall_ms"]);

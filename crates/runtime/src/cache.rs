@@ -269,8 +269,23 @@ pub enum LoadError {
     NotAProxy(String),
     #[error("{0}")]
     Capability(String),
+    /// Past a ceiling the engine was sized with at start.
+    #[error(transparent)]
+    OverCeiling(Box<OverCeiling>),
     #[error(transparent)]
     Cache(std::sync::Arc<CacheError>),
+}
+
+/// What a component needs beyond a ceiling the engine was sized with.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "the component needs {needed} {what}, above the engine's ceiling {ceiling} = {limit}; make it smaller, or raise {ceiling} and restart the server"
+)]
+pub struct OverCeiling {
+    pub ceiling: &'static str,
+    pub what: &'static str,
+    pub limit: u64,
+    pub needed: u64,
 }
 
 impl From<CacheError> for LoadError {

@@ -48,3 +48,40 @@ pub(crate) fn check(engine: &Engine, component: &Component, worker: &WorkerConfi
     }
     Ok(())
 }
+
+/// Refuses a component that the engine, as sized at start, cannot run:
+/// larger than `sandbox.max_component_mb`, with more memories or tables
+/// than an instance slot holds, or a table or initial memory larger than
+/// the slots' ceilings. Checked before the worker is served, so a deploy
+/// is refused with the ceiling's name rather than failing its requests.
+pub(crate) fn check_ceilings(component: &Component, bytes: u64, sandbox: &cordon_config::SandboxConfig) -> Result<(), LoadError> {
+    let over = |ceiling, what, limit: u64, needed: u64| {
+        Err(LoadError::OverCeiling(Box::new(crate::cache::OverCeiling { ceiling, what, limit, needed })))
+    };
+    if bytes > sandbox.max_component_bytes {
+        return over("sandbox.max_component_mb", "bytes of component", sandbox.max_component_bytes >> 20, bytes);
+    }
+    let Some(needs) = component.resources_required() else { return Ok(()) };
+    if needs.num_memories > crate::policy::MEMORIES_PER_COMPONENT {
+        return over(
+            "the memories per instance",
+            "linear memories",
+            crate::policy::MEMORIES_PER_COMPONENT.into(),
+            needs.num_memories.into(),
+        );
+    }
+    if needs.num_tables > crate::policy::TABLES_PER_COMPONENT {
+        return over("the tables per instance", "tables", crate::policy::TABLES_PER_COMPONENT.into(), needs.num_tables.into());
+    }
+    if let Some(elements) = needs.max_initial_table_size
+        && elements > u64::from(sandbox.max_table_elements)
+    {
+        return over("sandbox.max_table_elements", "table elements", sandbox.max_table_elements.into(), elements);
+    }
+    if let Some(pages) = needs.max_initial_memory_size
+        && pages.saturating_mul(64 * 1024) > sandbox.max_memory_mb << 20
+    {
+        return over("sandbox.max_memory_mb", "MiB of initial linear memory", sandbox.max_memory_mb, pages.saturating_mul(64 * 1024) >> 20);
+    }
+    Ok(())
+}

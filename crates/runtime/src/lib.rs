@@ -240,10 +240,11 @@ impl Runtime {
         let network = Arc::new(Network::system()?);
         // Nothing runs: one guest thread.
         let mut admission = Admission::from_config(config, memory, Arc::new(scheduler::Scheduler::start(1, None)));
-        let results = load_workers(&engine, &linker, &config.workers, None, &mut admission, &|_| Ok(Capabilities::none(&network)))
-            .into_iter()
-            .map(|r| r.map(drop))
-            .collect();
+        let results =
+            load_workers(&engine, &linker, &config.workers, &config.sandbox, None, &mut admission, &|_| Ok(Capabilities::none(&network)))
+                .into_iter()
+                .map(|r| r.map(drop))
+                .collect();
         Ok((posture, results))
     }
 
@@ -346,6 +347,7 @@ fn load_workers(
     engine: &Engine,
     linker: &Linker<Host>,
     workers: &[WorkerConfig],
+    sandbox: &cordon_config::SandboxConfig,
     cache: Option<&CodeCache>,
     admission: &mut Admission,
     capabilities: &dyn Fn(&WorkerConfig) -> Result<Capabilities, LoadError>,
@@ -416,6 +418,8 @@ fn load_workers(
                 Err(e) => return Err(err(w, e.clone())),
             };
             grants::check(engine, &component, w).map_err(|e| err(w, e))?;
+            let bytes = file.as_ref().map_or(0, |(wasm, _)| wasm.len() as u64);
+            grants::check_ceilings(&component, bytes, sandbox).map_err(|e| err(w, e))?;
             let caps = capabilities(w).map_err(|e| err(w, e))?;
             let worker = Worker::new(w, linker, &component, source, sha.clone(), caps, quotas).map_err(|e| err(w, e))?;
             tracing::info!(worker = %w.name, tenant = %w.tenant, code = ?source, "worker ready");

@@ -36,8 +36,8 @@ pub const CLOCK_RESOLUTION_NS: u64 = 1_000_000;
 /// Core instances, memories and tables a component may have; sized for
 /// components built by current toolchains (a main module plus adapter shims).
 const CORE_INSTANCES_PER_COMPONENT: u32 = 32;
-const MEMORIES_PER_COMPONENT: u32 = 2;
-const TABLES_PER_COMPONENT: u32 = 8;
+pub(crate) const MEMORIES_PER_COMPONENT: u32 = 2;
+pub(crate) const TABLES_PER_COMPONENT: u32 = 8;
 
 /// Bytes of each linear memory (and table) kept mapped when its slot is
 /// reused. Where the kernel offers `PAGEMAP_SCAN` (Linux 6.7+), only the
@@ -165,7 +165,7 @@ pub fn engine_config(
         .max_memory_size(max_memory_bytes as usize)
         .max_component_instance_size(1 << 20)
         .max_core_instance_size(1 << 20)
-        .table_elements(100_000)
+        .table_elements(sandbox.max_table_elements as usize)
         .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
         .table_keep_resident(KEEP_RESIDENT_BYTES / 8)
         .pagemap_scan(Enabled::Auto)

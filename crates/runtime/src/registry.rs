@@ -97,7 +97,7 @@ pub enum DeployError {
     #[error("{0}")]
     Spec(#[from] cordon_config::SpecErrors),
     #[error(transparent)]
-    Load(#[from] WorkerLoadError),
+    Load(Box<WorkerLoadError>),
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error("there is no deployed worker `{name}` of tenant `{tenant}`")]
@@ -112,6 +112,12 @@ pub enum DeployError {
     DamagedSpec { tenant: String, name: String, version: u64, problem: String },
     #[error("cannot read the component {}: {source}", path.display())]
     Component { path: std::path::PathBuf, source: std::io::Error },
+}
+
+impl From<WorkerLoadError> for DeployError {
+    fn from(e: WorkerLoadError) -> Self {
+        DeployError::Load(Box::new(e))
+    }
 }
 
 /// The registry's part of the runtime.
@@ -176,6 +182,7 @@ impl Runtime {
     /// refused), and the version serves every new request once this returns.
     /// `spec.component` is ignored. Returns the version's number.
     pub fn deploy(&self, spec: &WorkerSpec, component: &[u8], actor: &str) -> Result<u64, DeployError> {
+        self.check_component_size(spec, component)?;
         let mut changes = self.changes();
         let hash = self.live.store.store_component(component)?;
         let mut spec = spec.clone();
@@ -307,6 +314,25 @@ impl Runtime {
         Ok(synced)
     }
 
+    /// Refuses a component over `sandbox.max_component_mb` before it is stored.
+    fn check_component_size(&self, spec: &WorkerSpec, component: &[u8]) -> Result<(), DeployError> {
+        let limit = self.config.sandbox.max_component_bytes;
+        if component.len() as u64 <= limit {
+            return Ok(());
+        }
+        Err(DeployError::from(WorkerLoadError {
+            worker: spec.name.clone(),
+            tenant: spec.tenant.clone(),
+            component: std::path::PathBuf::from("(deployed)"),
+            error: LoadError::OverCeiling(Box::new(crate::cache::OverCeiling {
+                ceiling: "sandbox.max_component_mb",
+                what: "bytes of component",
+                limit: limit >> 20,
+                needed: component.len() as u64,
+            })),
+        }))
+    }
+
     fn changes(&self) -> MutexGuard<'_, Changes> {
         self.live.changes.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -409,6 +435,7 @@ impl Runtime {
             self.live.store.read_component(hash).map_err(|e| err(LoadError::Read(Arc::new(std::io::Error::other(e.to_string())))))?;
         let (component, source) = crate::cache::load_component(&self.engine, &wasm, Some(&self.cache)).map_err(err)?;
         crate::grants::check(&self.engine, &component, config).map_err(err)?;
+        crate::grants::check_ceilings(&component, wasm.len() as u64, &self.config.sandbox).map_err(err)?;
         let caps = self.stores.capabilities(config, &self.network).map_err(err)?;
         let quotas = self.quotas(config);
         let worker = Worker::new(config, &self.linker, &component, source, hash.to_string(), caps, quotas).map_err(err)?;

@@ -231,6 +231,15 @@ async fn a_deploy_cannot_take_another_tenants_route_and_two_tenants_may_both_hav
     bad.limits.cpu_ms = Some(0);
     let err = change(&s.runtime, move |r| r.deploy(&bad, &component("hello"), "t")).await.unwrap_err();
     assert!(err.to_string().contains("limits.cpu_ms"), "{err}");
+    // The engine's ceilings, sized at start, are named with their values.
+    let mut big = spec("globex", "api", &["globex.localhost/"]);
+    big.limits.memory_mb = Some(256);
+    let err = change(&s.runtime, move |r| r.deploy(&big, &component("hello"), "t")).await.unwrap_err();
+    assert!(err.to_string().contains("sandbox.max_memory_mb = 128"), "{err}");
+    let huge = vec![0u8; (128 << 20) + 1];
+    let err = change(&s.runtime, move |r| r.deploy(&spec("globex", "api", &["globex.localhost/"]), &huge, "t")).await.unwrap_err();
+    assert!(err.to_string().contains("sandbox.max_component_mb = 128"), "{err}");
+    assert_eq!(s.get("globex.localhost", "/").await.text(), HOSTILE, "nothing changed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
