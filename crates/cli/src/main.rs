@@ -1,9 +1,10 @@
-//! `cordon`: serve workers, check a config and its components, or manage
-//! the secrets of workers.
+//! `cordon`: serve workers, reload a server's config, check a config and
+//! its components, or manage the secrets of workers.
 
 mod descriptors;
 mod log_writer;
 mod postgres;
+mod reload;
 mod secret;
 mod secret_env;
 
@@ -57,6 +58,17 @@ enum Command {
         #[arg(long)]
         admin_listen: Option<std::net::SocketAddr>,
     },
+    /// Make the server that serves a config read it again: deploy the
+    /// workers that changed and remove those deleted from it. Prints what
+    /// changed, or why nothing did (then exits non-zero).
+    Reload {
+        /// The config file the server was started with.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How long to wait for the server's answer, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// Validate a config and every component it names, print the sandbox
     /// posture, and exit non-zero if anything is wrong.
     Check {
@@ -75,6 +87,7 @@ fn main() -> ExitCode {
     let log_writer = init_logging(cli.log_format);
     let result = match cli.command {
         Command::Serve { config, listen, admin_listen } => serve(&config, listen, admin_listen),
+        Command::Reload { config, timeout } => reload::request(&config, Duration::from_secs(timeout)),
         Command::Check { config } => check(&config),
         Command::Secret { command } => secret::run(command),
     };
@@ -176,12 +189,18 @@ fn serve(
     let served = tokio.block_on(async {
         let gateway = Gateway::bind(&config, runtime.clone()).await?;
         // Handlers first: a signal after the "serving" line must never find
-        // the default disposition, which would kill requests in flight.
+        // the default disposition, which would kill requests in flight (or,
+        // for SIGHUP, the server).
         let signal = shutdown_signal()?;
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let until_stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
+        let reloader = reload::Reloader::new(path, &config, listen, admin_listen, (soft, hard), runtime.clone());
+        // Only now may `cordon reload` signal this process.
+        reloader.announce();
+        tokio::spawn(reloader.run(hangup, until_stopped(stopped.clone())));
         let proxy = postgres::start(&config, accelerator, until_stopped(stopped.clone()))?;
         tracing::info!(listen = %gateway.local_addr(), admin = %gateway.admin_addr(), workers = runtime.workers().len(), "cordon is serving");
         tokio::spawn(async move {

@@ -92,7 +92,7 @@ pub struct TenantConfig {
 }
 
 /// `[server]`: listeners, the data directory and the gateway's input limits.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
@@ -138,7 +138,7 @@ pub struct ServerConfig {
 }
 
 /// `[security]`: process-wide hardening switches.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecurityConfig {
     pub memory_protection_keys: MemoryProtectionKeys,
     /// Refuse a `[[database]]` whose origin URL has `sslmode=disable` and a
@@ -170,7 +170,7 @@ impl fmt::Display for MemoryProtectionKeys {
 }
 
 /// `[sandbox]`: sizing of the pooling instance allocator, shared by all workers.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SandboxConfig {
     /// Instances that may exist at once across all workers: the number of
     /// slots the pooling allocator reserves. A request beyond it gets 503.

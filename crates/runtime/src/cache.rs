@@ -58,34 +58,74 @@ pub enum CacheError {
     InUse { path: PathBuf },
     #[error("cannot lock the data directory {}: {source}", path.display())]
     Lock { path: PathBuf, source: std::io::Error },
+    #[error("the lock {} is held, but does not name its holder's pid; the server may be starting, or be an older Cordon", path.display())]
+    NoHolderPid { path: PathBuf },
 }
 
 /// Exclusive use of a data directory, for as long as this value lives: an
 /// advisory lock on `<data_dir>/lock`, released by the kernel when the
-/// process exits however it exits.
+/// process exits however it exits. The file holds the holder's pid, so that
+/// `cordon reload` can find the server to signal ([`DataDirLock::holder`]).
 pub struct DataDirLock {
     _file: fs::File,
 }
+
+/// How often, and how far apart, taking a busy lock is tried again: a
+/// [`DataDirLock::holder`] probe holds a shared lock for an instant, which
+/// must not make a server that starts at that moment fail as if the
+/// directory were in use.
+const LOCK_ATTEMPTS: u32 = 5;
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl DataDirLock {
     pub fn acquire(data_dir: &Path) -> Result<Self, CacheError> {
         let path = data_dir.join("lock");
         let lock_err = |source| CacheError::Lock { path: path.clone(), source };
-        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path).map_err(lock_err)?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on a file descriptor this function owns for the
-        // duration of the call; it has no memory-safety preconditions.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                CacheError::InUse { path: data_dir.to_path_buf() }
-            } else {
-                lock_err(e)
-            });
+        let mut file = fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path).map_err(lock_err)?;
+        let mut attempt = 1;
+        while let Err(e) = flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(lock_err(e));
+            }
+            if attempt == LOCK_ATTEMPTS {
+                return Err(CacheError::InUse { path: data_dir.to_path_buf() });
+            }
+            attempt += 1;
+            std::thread::sleep(LOCK_RETRY);
         }
+        // Only now: until the lock is ours, the file names its holder.
+        file.set_len(0).and_then(|()| writeln!(file, "{}", std::process::id())).map_err(lock_err)?;
         Ok(Self { _file: file })
     }
+
+    /// The pid of the process that holds `data_dir`'s lock, or `None` when
+    /// no process does. Takes the lock shared for an instant to find out.
+    pub fn holder(data_dir: &Path) -> Result<Option<u32>, CacheError> {
+        let path = data_dir.join("lock");
+        let lock_err = |source| CacheError::Lock { path: path.clone(), source };
+        let mut file = match fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(lock_err(e)),
+        };
+        match flock(&file, libc::LOCK_SH | libc::LOCK_NB) {
+            // Free: nobody holds it, and closing the file lets it go again.
+            Ok(()) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {}
+            Err(e) => return Err(lock_err(e)),
+        }
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut file, &mut text).map_err(lock_err)?;
+        // Empty for the instant between a holder's lock and its write.
+        text.trim().parse().map(Some).map_err(|_| CacheError::NoHolderPid { path })
+    }
+}
+
+fn flock(file: &fs::File, operation: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor the caller owns for the duration of
+    // the call; it has no memory-safety preconditions.
+    if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// An open cache directory that has passed the ownership and mode checks.
@@ -363,6 +403,18 @@ mod tests {
         assert!(err.contains("in use by another Cordon process"), "{err}");
         drop(first);
         DataDirLock::acquire(tmp.path()).expect("free again once the owner is gone");
+    }
+
+    #[test]
+    fn the_lock_names_its_holder_while_it_is_held() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(DataDirLock::holder(tmp.path()).unwrap(), None, "no lock file yet");
+        let lock = DataDirLock::acquire(tmp.path()).unwrap();
+        assert_eq!(DataDirLock::holder(tmp.path()).unwrap(), Some(std::process::id()));
+        // The probe left the lock to its owner.
+        assert!(DataDirLock::acquire(tmp.path()).is_err());
+        drop(lock);
+        assert_eq!(DataDirLock::holder(tmp.path()).unwrap(), None, "the file names a pid, but nobody holds the lock");
     }
 
     #[test]

@@ -277,6 +277,20 @@ impl Runtime {
                 _ => plan.push((w, bytes, hash, spec)),
             }
         }
+        // The workers this sync removes, found first: their routes are free
+        // for the new versions checked below (a rename moves a route).
+        let mut removals = Vec::new();
+        if remove_missing {
+            for record in &records {
+                if workers.iter().any(|w| w.tenant == record.tenant && w.name == record.worker) {
+                    continue;
+                }
+                let versions = self.live.store.versions(&record.tenant, &record.worker)?;
+                if !versions.is_empty() && versions.iter().all(|v| v.actor == CONFIG_ACTOR) {
+                    removals.push((record.tenant.clone(), record.worker.clone()));
+                }
+            }
+        }
         // Checked (among the file's other workers and those deployed
         // otherwise) and compiled before anything is written.
         let mut ready = Vec::new();
@@ -284,21 +298,14 @@ impl Runtime {
             self.live.store.store_component(&bytes)?;
             let config = self.validate(&spec)?;
             let others: Vec<WorkerConfig> = workers.iter().filter(|o| !(o.tenant == w.tenant && o.name == w.name)).cloned().collect();
-            self.check_among(&others, &config)?;
-            let worker = self.load(&config, &hash)?;
+            self.check_among(&others, &removals, &config)?;
+            // Named by the file's path, which the operator knows, rather
+            // than by the stored copy's.
+            let worker = self.load(&config, &hash).map_err(|e| match e {
+                DeployError::Load(load) => DeployError::from(WorkerLoadError { component: w.component.clone(), ..*load }),
+                other => other,
+            })?;
             ready.push((w, hash, spec_json(&spec), worker, config));
-        }
-        let mut removals = Vec::new();
-        if remove_missing {
-            for record in self.live.store.workers()? {
-                if workers.iter().any(|w| w.tenant == record.tenant && w.name == record.worker) {
-                    continue;
-                }
-                let versions = self.live.store.versions(&record.tenant, &record.worker)?;
-                if !versions.is_empty() && versions.iter().all(|v| v.actor == CONFIG_ACTOR) {
-                    removals.push((record.tenant, record.worker));
-                }
-            }
         }
         for (w, hash, spec_json, worker, config) in ready {
             let record = self.live.store.create_version(&w.tenant, &w.name, &hash, &spec_json, CONFIG_ACTOR)?;
@@ -342,14 +349,16 @@ impl Runtime {
     }
 
     /// Refuses `candidate` if its name or a route is taken among the
-    /// workers `others` and the deployed ones it does not replace: checked
-    /// before anything is written.
-    fn check_among(&self, others: &[WorkerConfig], candidate: &WorkerConfig) -> Result<(), DeployError> {
+    /// workers `others` and the deployed ones it does not replace, apart
+    /// from those `(tenant, name)` in `gone`, which the same change removes:
+    /// checked before anything is written.
+    fn check_among(&self, others: &[WorkerConfig], gone: &[(String, String)], candidate: &WorkerConfig) -> Result<(), DeployError> {
         let snapshot = self.snapshot();
         let mut existing: Vec<WorkerConfig> = snapshot
             .workers()
             .filter(|d| !(d.tenant == candidate.tenant && d.name == candidate.name))
             .filter(|d| !others.iter().any(|o| o.tenant == d.tenant && o.name == d.name))
+            .filter(|d| !gone.iter().any(|(tenant, name)| *tenant == d.tenant && *name == d.name))
             .map(|d| d.config.clone())
             .collect();
         existing.extend(others.iter().cloned());
@@ -361,7 +370,7 @@ impl Runtime {
     /// caller publishes.
     fn new_version(&self, changes: &mut Changes, spec: &WorkerSpec, hash: &ComponentHash, actor: &str) -> Result<u64, DeployError> {
         let config = self.validate(spec)?;
-        self.check_among(&[], &config)?;
+        self.check_among(&[], &[], &config)?;
         let worker = self.load(&config, hash)?;
         let record = self.live.store.create_version(&spec.tenant, &spec.name, hash, &spec_json(spec), actor)?;
         self.live.store.deploy(&spec.tenant, &spec.name, &Deployment::single(record.version))?;
@@ -376,7 +385,7 @@ impl Runtime {
             let loaded = self.loaded(changes, tenant, name, version)?;
             match &first {
                 None => {
-                    self.check_among(&[], &loaded.config)?;
+                    self.check_among(&[], &[], &loaded.config)?;
                     first = Some((version, loaded.config.routes.clone()));
                 }
                 Some((v, routes)) if routes != &loaded.config.routes => {

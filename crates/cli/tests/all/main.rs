@@ -2,6 +2,7 @@
 
 mod check;
 mod durability;
+mod reload;
 mod secret;
 mod serve;
 mod shutdown;
