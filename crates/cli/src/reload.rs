@@ -260,8 +260,8 @@ fn sections_that_differ(started: &Config, new: &Config) -> Vec<&'static str> {
 }
 
 /// Worker settings that the start sized something for: the allocator's
-/// memory slots (the largest `memory_mb`) and the secret vault (opened only
-/// when a worker was granted a secret).
+/// memory slots (`sandbox.max_memory_mb`, by default the largest
+/// `memory_mb` of the workers then).
 fn check_what_start_sized(started: &Config, new: &Config) -> Result<(), String> {
     let slot_mb = started.max_worker_memory_mb();
     if let Some(w) = new.workers.iter().find(|w| w.limits.memory_mb > slot_mb) {
@@ -269,14 +269,6 @@ fn check_what_start_sized(started: &Config, new: &Config) -> Result<(), String> 
             "worker `{}` of tenant `{}` has limits.memory_mb = {}, more than the {slot_mb} MiB memory slots the server sized at start \
              (for the largest memory_mb of its workers then); restart the server to serve it",
             w.name, w.tenant, w.limits.memory_mb
-        ));
-    }
-    let vault_open = started.workers.iter().any(|w| !w.grants.secrets.is_empty());
-    if !vault_open && let Some(w) = new.workers.iter().find(|w| !w.grants.secrets.is_empty()) {
-        return Err(format!(
-            "worker `{}` of tenant `{}` is granted secrets, but no worker was when the server started, so it did not open the secret vault; \
-             restart the server to serve it",
-            w.name, w.tenant
         ));
     }
     Ok(())

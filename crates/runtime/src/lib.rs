@@ -49,7 +49,13 @@ use worker::Capabilities;
 struct Stores {
     kv: cordon_kv::store::Namespaces,
     sql: cordon_sql::database::Databases,
-    vault: Option<Arc<cordon_vars::vault::Vault>>,
+    /// Opened when the first worker granted a secret is loaded: at start, or
+    /// when such a worker is deployed later.
+    vault: std::sync::Mutex<Option<Arc<cordon_vars::vault::Vault>>>,
+    /// `CORDON_MASTER_KEY` as the process started with it (`serve` takes it
+    /// out of the environment), for opening the vault later; zeroed on drop.
+    master_key_env: Option<zeroize::Zeroizing<String>>,
+    data_dir: PathBuf,
     /// One for the process, when there is a `[[database]]`: the worker
     /// binding and the wire-protocol proxy share its pools and caches.
     accel: Option<Arc<Accelerator>>,
@@ -61,17 +67,6 @@ impl Stores {
         // Process-wide, and first: the per-call budgets need SQLite unused.
         let memory = cordon_sql::memory::limit_memory(config.storage.sqlite_heap_limit_mb << 20);
         tracing::info!(heap_limit_bytes = memory.heap_limit, statement_budgets = memory.budgets, "SQLite memory limits set");
-        // The vault (and the master key it needs) only when a worker is
-        // granted a secret; otherwise no key is read or created.
-        let vault = if config.workers.iter().any(|w| !w.grants.secrets.is_empty()) {
-            let from_env = env(cordon_vars::vault::MASTER_KEY_ENV).map(std::ffi::OsString::from);
-            let (key, source) =
-                cordon_vars::vault::MasterKey::load_with_env(from_env, data).map_err(|e| StartError::Secrets(e.to_string()))?;
-            tracing::info!(source = ?source, "secret vault master key loaded");
-            Some(Arc::new(cordon_vars::vault::Vault::open(data, key).map_err(|e| StartError::Secrets(e.to_string()))?))
-        } else {
-            None
-        };
         // Building it opens no connection: origins are dialed on first use.
         let accel = if config.databases.is_empty() {
             None
@@ -86,13 +81,35 @@ impl Stores {
             queue: storage.queue,
             tenant_queue: storage.tenant_queue,
         };
-        Ok(Stores {
+        let stores = Stores {
             kv: cordon_kv::store::Namespaces::with_pool(data.join("kv"), pool("kv", storage.kv_threads)),
             sql: cordon_sql::database::Databases::with_pool(data.join("sql"), pool("sql", storage.sql_threads))
                 .with_statement_memory(usize::try_from(storage.sql_statement_memory_mb << 20).unwrap_or(usize::MAX)),
-            vault,
+            vault: std::sync::Mutex::new(None),
+            master_key_env: env(cordon_vars::vault::MASTER_KEY_ENV).map(zeroize::Zeroizing::new),
+            data_dir: data.clone(),
             accel,
-        })
+        };
+        // A key that cannot open the store stops the start, not a request.
+        if config.workers.iter().any(|w| !w.grants.secrets.is_empty()) {
+            stores.vault().map_err(StartError::Secrets)?;
+        }
+        Ok(stores)
+    }
+
+    /// The secret vault, opened (and the master key read) on first use; no
+    /// key is read or created while no worker is granted a secret.
+    fn vault(&self) -> Result<Arc<cordon_vars::vault::Vault>, String> {
+        let mut vault = self.vault.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = vault.as_ref() {
+            return Ok(v.clone());
+        }
+        let from_env = self.master_key_env.as_ref().map(|k| std::ffi::OsString::from(k.as_str()));
+        let (key, source) = cordon_vars::vault::MasterKey::load_with_env(from_env, &self.data_dir).map_err(|e| e.to_string())?;
+        tracing::info!(source = ?source, "secret vault master key loaded");
+        let opened = Arc::new(cordon_vars::vault::Vault::open(&self.data_dir, key).map_err(|e| e.to_string())?);
+        *vault = Some(opened.clone());
+        Ok(opened)
     }
 
     fn capabilities(&self, w: &WorkerConfig, network: &Arc<Network>) -> Result<Capabilities, LoadError> {
@@ -101,7 +118,13 @@ impl Stores {
             network: network.clone(),
             kv: Arc::new(cordon_kv::host::WorkerKv::open(w, &self.kv).map_err(|e| cap("cannot open a key-value namespace", &e))?),
             sql: Arc::new(cordon_sql::host::WorkerSql::open(w, &self.sql).map_err(|e| cap("cannot open a SQL database", &e))?),
-            vars: Arc::new(cordon_vars::host::WorkerVars::new(w, self.vault.clone()).map_err(|e| cap("secrets", &e))?),
+            vars: Arc::new(
+                cordon_vars::host::WorkerVars::new(
+                    w,
+                    if w.grants.secrets.is_empty() { None } else { Some(self.vault().map_err(|e| cap("the secret vault", &e))?) },
+                )
+                .map_err(|e| cap("secrets", &e))?,
+            ),
             postgres: Arc::new(
                 cordon_postgres::host::WorkerPostgres::open(w, self.accel.as_ref())
                     .map_err(|e| cap("cannot use a Postgres database", &e))?,

@@ -105,6 +105,7 @@ pub struct TestServer {
     pub admin: SocketAddr,
     /// The runtime it serves, for changes to its registry.
     pub runtime: Arc<Runtime>,
+    data_dir: PathBuf,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _tmp: tempfile::TempDir,
@@ -193,7 +194,7 @@ pub async fn start_with(workers: &str, options: Options<'_>) -> TestServer {
     let task = tokio::spawn(gateway.run(async {
         let _ = stopped.await;
     }));
-    TestServer { addr, admin, runtime, stop: Some(stop), task: Some(task), _tmp: tmp }
+    TestServer { addr, admin, runtime, data_dir, stop: Some(stop), task: Some(task), _tmp: tmp }
 }
 
 impl TestServer {
@@ -213,6 +214,11 @@ impl TestServer {
         if let Some(task) = self.task.take() {
             tokio::time::timeout(Duration::from_secs(20), task).await.expect("server shut down in time").unwrap();
         }
+    }
+
+    /// The server's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone()
     }
 
     pub async fn get(&self, host: &str, path: &str) -> Response {

@@ -323,3 +323,20 @@ async fn a_restart_after_kill_9_serves_what_was_active() {
     let versions: Vec<(u64, String)> = runtime.versions("acme", "api").unwrap().into_iter().map(|v| (v.version, v.actor)).collect();
     assert_eq!(versions, [(3, "bob".into()), (2, "alice".into()), (1, "cordon.toml".into())], "the same file made no new version");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_granted_secrets_opens_the_vault_when_no_worker_had_any_at_start() {
+    let s = start(&api_worker()).await;
+    let mut with_secret = spec("acme", "api", &["api.localhost/"]);
+    with_secret.secrets = vec!["TOKEN".into()];
+    let deploy = with_secret.clone();
+    let err = change(&s.runtime, move |r| r.deploy(&deploy, &component("hello"), "t")).await.unwrap_err();
+    assert!(err.to_string().contains("cordon secret put"), "the vault opened and found no value: {err}");
+    // With the value stored, the same deploy lands.
+    let data = s.data_dir();
+    let (key, _) = cordon_vars::vault::MasterKey::load_with_env(None, &data).unwrap();
+    let vault = cordon_vars::vault::Vault::open(&data, key).unwrap();
+    vault.put("acme", "api", "TOKEN", &cordon_vars::vault::SecretValue::new("t0ken".into())).unwrap();
+    let v = change(&s.runtime, move |r| r.deploy(&with_secret, &component("hello"), "t")).await.unwrap();
+    assert_eq!(v, 2);
+}
