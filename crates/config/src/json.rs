@@ -59,13 +59,7 @@ impl From<SpecErrors> for JsonErrors {
 
 impl fmt::Display for JsonErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "error: {e}\n  help: {}", e.help)?;
-        }
-        Ok(())
+        crate::spec::write_errors(f, self.0.iter().map(|e| (e as &dyn fmt::Display, e.help.as_str())))
     }
 }
 

@@ -145,14 +145,20 @@ pub struct SpecErrors(pub Vec<SpecError>);
 
 impl fmt::Display for SpecErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "error: {e}\n  help: {}", e.help)?;
-        }
-        Ok(())
+        write_errors(f, self.0.iter().map(|e| (e as &dyn fmt::Display, e.help.as_str())))
     }
+}
+
+/// A list of errors as every front end prints it: `error: ...` and its
+/// `help:` line, one after the other.
+pub(crate) fn write_errors<'a>(f: &mut fmt::Formatter<'_>, errors: impl Iterator<Item = (&'a dyn fmt::Display, &'a str)>) -> fmt::Result {
+    for (i, (error, help)) in errors.enumerate() {
+        if i > 0 {
+            f.write_str("\n")?;
+        }
+        write!(f, "error: {error}\n  help: {help}")?;
+    }
+    Ok(())
 }
 
 /// The message and help of an integer outside `min..=max`, the same for
