@@ -447,15 +447,39 @@ pub fn check_worker_among(existing: &[WorkerConfig], candidate: &WorkerConfig) -
         );
     }
     for route in &candidate.routes {
-        let Some(holder) = existing.iter().find(|o| o.routes.contains(route)) else { continue };
-        let message = if holder.tenant == candidate.tenant {
-            format!("route `{route}` is already served by worker `{}`", holder.name)
-        } else {
-            format!("route `{route}` is already served by another tenant")
-        };
-        c.error("routes".into(), ErrorKind::RouteTaken, message, "each host and path prefix may belong to one worker only");
+        if let Some(holder) = existing.iter().find(|o| o.routes.contains(route)) {
+            let message = if holder.tenant == candidate.tenant {
+                format!("route `{route}` is already served by worker `{}`", holder.name)
+            } else {
+                format!("route `{route}` is already served by another tenant")
+            };
+            c.error("routes".into(), ErrorKind::RouteTaken, message, "each host and path prefix may belong to one worker only");
+            continue;
+        }
+        // A prefix inside another tenant's, or around it, would take some of
+        // that tenant's requests (the longest prefix wins), or hand some of
+        // its own to that tenant. Within one tenant, nesting is the tenant's
+        // own business.
+        let nested =
+            existing.iter().filter(|o| o.tenant != candidate.tenant).flat_map(|o| &o.routes).find(|r| {
+                r.host == route.host && (covers(&r.path_prefix, &route.path_prefix) || covers(&route.path_prefix, &r.path_prefix))
+            });
+        if let Some(other) = nested {
+            c.error(
+                "routes".into(),
+                ErrorKind::RouteTaken,
+                format!("route `{route}` overlaps `{other}`, which another tenant serves"),
+                "a host's path prefixes may nest only within one tenant; choose a prefix beside it, or another host",
+            );
+        }
     }
     c.errors
+}
+
+/// Whether requests under `outer` include those under `inner`: the whole
+/// segments of `outer` begin `inner` (`/a` covers `/a` and `/a/b`, not `/ab`).
+fn covers(outer: &str, inner: &str) -> bool {
+    outer == "/" || inner == outer || (inner.starts_with(outer) && inner.as_bytes().get(outer.len()) == Some(&b'/'))
 }
 
 /// [`check_worker_among`] over a whole set, each worker against those
@@ -552,6 +576,16 @@ mod tests {
         let e = check_worker_among(&existing, &validated("acme", "api", &["new.acme.example/"], base));
         assert_eq!(e.len(), 1, "{e:?}");
         assert_eq!((e[0].path.to_string(), e[0].kind), ("name".into(), ErrorKind::NameTaken));
+
+        // A prefix inside another tenant's, or around it: refused too, while
+        // one tenant may nest its own.
+        let e = check_worker_among(&existing, &validated("globex", "admin", &["acme.example/admin"], base));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].message, "route `acme.example/admin` overlaps `acme.example/`, which another tenant serves");
+        let e = check_worker_among(&existing, &validated("globex", "all", &["api.acme.example/v2", "other.example/"], base));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(check_worker_among(&existing, &validated("acme", "admin", &["acme.example/admin"], base)), []);
+        assert_eq!(check_worker_among(&existing, &validated("globex", "x", &["acme.example.org/"], base)), []);
 
         // Another tenant's route: refused at `routes`, naming the route only.
         let e = check_worker_among(&existing, &validated("globex", "api", &["api.globex.example/", "ACME.example/"], base));

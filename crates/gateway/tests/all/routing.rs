@@ -5,7 +5,7 @@ fn workers() -> String {
         r#"{std}
 [[worker]]
 name = "root"
-tenant = "other"
+tenant = "good"
 component = "{hostile}"
 routes = ["localhost/"]
 "#,
