@@ -1,36 +1,56 @@
-//! Which capability interfaces a worker's config grants. Every capability
-//! is linked for every worker, so the check that a component imports only
-//! what its worker was granted happens here, at load time, and names the
-//! config section that would grant the import.
+//! The capabilities, in one table: for each, the interfaces it defines, how
+//! it is linked (once, for every worker), whether a worker's config grants
+//! it, and the config section that would. Every capability is linked for
+//! every worker, so the check that a component imports only what its worker
+//! was granted happens here, at load time, and names that section.
 
 use cordon_config::WorkerConfig;
 use wasmtime::Engine;
-use wasmtime::component::Component;
+use wasmtime::component::{Component, Linker};
 
 use crate::LoadError;
+use crate::host::Host;
 
-/// One capability: its interfaces, whether a worker has it, and the config
-/// that grants it.
-struct Capability {
+/// One capability crate's entry.
+pub(crate) struct Capability {
     interfaces: &'static [&'static str],
+    /// Adds its host functions to the linker every worker shares.
+    link: fn(&mut Linker<Host>) -> wasmtime::Result<()>,
     granted: fn(&WorkerConfig) -> bool,
     section: &'static str,
 }
 
-const CAPABILITIES: &[Capability] = &[
-    Capability { interfaces: cordon_kv::host::INTERFACES, granted: |w| !w.grants.kv.is_empty(), section: "a [[worker.kv]] grant" },
-    Capability { interfaces: cordon_sql::host::INTERFACES, granted: |w| !w.grants.sql.is_empty(), section: "a [[worker.sql]] grant" },
+pub(crate) const CAPABILITIES: &[Capability] = &[
+    Capability {
+        interfaces: cordon_kv::host::INTERFACES,
+        link: crate::host::link_kv,
+        granted: |w| !w.grants.kv.is_empty(),
+        section: "a [[worker.kv]] grant",
+    },
+    Capability {
+        interfaces: cordon_sql::host::INTERFACES,
+        link: crate::host::link_sql,
+        granted: |w| !w.grants.sql.is_empty(),
+        section: "a [[worker.sql]] grant",
+    },
     Capability {
         interfaces: cordon_postgres::host::INTERFACES,
+        link: crate::host::link_postgres,
         granted: |w| !w.grants.postgres.is_empty(),
         section: "a [[worker.postgres]] grant",
     },
     Capability {
         interfaces: cordon_vars::host::INTERFACES,
+        link: crate::host::link_vars,
         granted: |w| !w.grants.vars.is_empty() || !w.grants.secrets.is_empty(),
         section: "[worker.vars] or secrets = [...]",
     },
 ];
+
+/// Links every capability of the table.
+pub(crate) fn link_all(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
+    CAPABILITIES.iter().try_for_each(|c| (c.link)(linker))
+}
 
 /// `package:name/interface` without its `@version`.
 fn unversioned(name: &str) -> &str {

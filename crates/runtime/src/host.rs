@@ -127,14 +127,30 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
     crate::host_buffers::add_to_linker(&mut linker)?;
-    // Capabilities are linked for every worker; each call checks the
-    // calling worker's own grants, and `grants::check` refuses at load time
-    // a component that imports one its worker was not granted.
-    cordon_kv::host::add_to_linker(&mut linker, |h: &mut Host| KvView { state: &mut h.kv, table: &mut h.table })?;
-    cordon_sql::host::add_to_linker(&mut linker, |h: &mut Host| SqlView { state: &mut h.sql, table: &mut h.table })?;
-    cordon_vars::host::add_to_linker(&mut linker, |h: &mut Host| VarsView { state: &h.vars })?;
-    cordon_postgres::host::add_to_linker(&mut linker, |h: &mut Host| PostgresView { state: &mut h.postgres })?;
+    // Capabilities are linked for every worker, from the one table; each
+    // call checks the calling worker's own grants, and `grants::check`
+    // refuses at load time a component that imports one its worker was not
+    // granted.
+    crate::grants::link_all(&mut linker)?;
     Ok(linker)
+}
+
+// Each capability's view of the request's state: what its entry in
+// `grants::CAPABILITIES` links.
+pub(crate) fn link_kv(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
+    cordon_kv::host::add_to_linker(linker, |h: &mut Host| KvView { state: &mut h.kv, table: &mut h.table })
+}
+
+pub(crate) fn link_sql(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
+    cordon_sql::host::add_to_linker(linker, |h: &mut Host| SqlView { state: &mut h.sql, table: &mut h.table })
+}
+
+pub(crate) fn link_vars(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
+    cordon_vars::host::add_to_linker(linker, |h: &mut Host| VarsView { state: &h.vars })
+}
+
+pub(crate) fn link_postgres(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
+    cordon_postgres::host::add_to_linker(linker, |h: &mut Host| PostgresView { state: &mut h.postgres })
 }
 
 /// Charges the linear memories and tables of the whole instance (all its

@@ -611,47 +611,22 @@ impl Capabilities {
 /// variable and secret names, never a value.
 #[derive(Debug, Clone, Serialize)]
 pub struct GrantSummary {
-    pub kv: Vec<KvGrantSummary>,
-    pub sql: Vec<SqlGrantSummary>,
-    pub postgres: Vec<PostgresGrantSummary>,
+    pub kv: Vec<cordon_config::KvGrant>,
+    pub sql: Vec<cordon_config::SqlGrant>,
+    pub postgres: Vec<cordon_config::PostgresGrant>,
+    /// The names of the variables; their values are configuration, not health.
     pub vars: Vec<String>,
     pub secrets: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct KvGrantSummary {
-    pub binding: String,
-    pub namespace: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct SqlGrantSummary {
-    pub binding: String,
-    pub database: String,
-    pub read_only: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct PostgresGrantSummary {
-    pub binding: String,
-    pub database: String,
-}
-
 impl GrantSummary {
+    /// The grants as the spec types say them: one declaration, the config's.
     fn of(config: &WorkerConfig) -> GrantSummary {
         let g = &config.grants;
         GrantSummary {
-            kv: g.kv.iter().map(|k| KvGrantSummary { binding: k.binding.clone(), namespace: k.namespace.clone() }).collect(),
-            sql: g
-                .sql
-                .iter()
-                .map(|s| SqlGrantSummary { binding: s.binding.clone(), database: s.database.clone(), read_only: s.read_only })
-                .collect(),
-            postgres: g
-                .postgres
-                .iter()
-                .map(|p| PostgresGrantSummary { binding: p.binding.clone(), database: p.database.clone() })
-                .collect(),
+            kv: g.kv.clone(),
+            sql: g.sql.clone(),
+            postgres: g.postgres.clone(),
             vars: g.vars.keys().cloned().collect(),
             secrets: g.secrets.clone(),
         }
