@@ -351,6 +351,40 @@ impl fmt::Display for Route {
     }
 }
 
+/// A request's count of operations against one of its worker's limits
+/// (`max_kv_operations`, `max_sql_statements`, `max_postgres_queries`):
+/// the one way a capability counts its calls and refuses past the limit,
+/// with a message that names the limit's key.
+#[derive(Debug, Clone)]
+pub struct OperationBudget {
+    used: u64,
+    max: u64,
+    /// What is counted, for the message: "key-value operation".
+    what: &'static str,
+    /// The limit's key under `limits`: "max_kv_operations".
+    key: &'static str,
+}
+
+impl OperationBudget {
+    pub const fn new(max: u64, what: &'static str, key: &'static str) -> OperationBudget {
+        OperationBudget { used: 0, max, what, key }
+    }
+
+    /// Operations counted so far, refused ones included.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// Counts `n` more operations; past the limit, the message for the guest.
+    pub fn charge(&mut self, n: usize) -> Result<(), String> {
+        self.used = self.used.saturating_add(n as u64);
+        if self.used > self.max {
+            return Err(format!("{} limit reached: at most {} per request (limits.{})", self.what, self.max, self.key));
+        }
+        Ok(())
+    }
+}
+
 /// `[worker.limits]`: what one request of this worker may use.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Limits {

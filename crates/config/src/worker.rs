@@ -531,6 +531,18 @@ mod tests {
     }
 
     #[test]
+    fn an_operation_budget_refuses_past_its_limit_and_names_it() {
+        let mut b = crate::OperationBudget::new(3, "key-value operation", "max_kv_operations");
+        assert_eq!(b.charge(2), Ok(()));
+        assert_eq!(b.charge(1), Ok(()), "exactly at the limit");
+        let e = b.charge(1).unwrap_err();
+        assert_eq!(e, "key-value operation limit reached: at most 3 per request (limits.max_kv_operations)");
+        assert_eq!(b.used(), 4);
+        let mut batch = crate::OperationBudget::new(3, "SQL statement", "max_sql_statements");
+        assert!(batch.charge(4).is_err(), "a batch counts each of its statements");
+    }
+
+    #[test]
     fn a_worker_written_back_as_a_spec_validates_to_itself() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("x.wasm"), b"").unwrap();

@@ -75,7 +75,7 @@ impl WorkerKv {
 /// One request's key-value state.
 pub struct RequestKv {
     worker: Arc<WorkerKv>,
-    operations: u64,
+    operations: cordon_config::OperationBudget,
     cpu: CpuCharge,
     memory: Arc<cordon_memory::Account>,
 }
@@ -84,24 +84,18 @@ impl RequestKv {
     /// `cpu` collects the CPU time calls take on the pool's threads;
     /// `memory` is charged with the values a batch read holds on the host.
     pub fn new(worker: Arc<WorkerKv>, cpu: CpuCharge, memory: Arc<cordon_memory::Account>) -> RequestKv {
-        RequestKv { worker, operations: 0, cpu, memory }
+        let operations = cordon_config::OperationBudget::new(worker.max_operations, "key-value operation", "max_kv_operations");
+        RequestKv { worker, operations, cpu, memory }
     }
 
     /// Operations made so far.
     pub fn operations(&self) -> u64 {
-        self.operations
+        self.operations.used()
     }
 
     /// Counts `n` operations against `max_kv_operations`.
     fn charge(&mut self, n: usize) -> Result<(), store::Error> {
-        let max = self.worker.max_operations;
-        self.operations = self.operations.saturating_add(n as u64);
-        if self.operations > max {
-            return Err(store::Error::Other(format!(
-                "key-value operation limit reached: at most {max} per request (limits.max_kv_operations)"
-            )));
-        }
-        Ok(())
+        self.operations.charge(n).map_err(store::Error::Other)
     }
 }
 

@@ -90,29 +90,23 @@ impl WorkerPostgres {
 /// One request's Postgres state.
 pub struct RequestPostgres {
     worker: Arc<WorkerPostgres>,
-    queries: u64,
+    queries: cordon_config::OperationBudget,
 }
 
 impl RequestPostgres {
     pub fn new(worker: Arc<WorkerPostgres>) -> RequestPostgres {
-        RequestPostgres { worker, queries: 0 }
+        let queries = cordon_config::OperationBudget::new(worker.max_queries, "Postgres statement", "max_postgres_queries");
+        RequestPostgres { worker, queries }
     }
 
     /// Statements charged so far.
     pub fn queries(&self) -> u64 {
-        self.queries
+        self.queries.used()
     }
 
     /// Charges `n` statements to the request's budget.
     fn charge(&mut self, n: usize) -> Result<(), postgres::Error> {
-        let max = self.worker.max_queries;
-        self.queries = self.queries.saturating_add(n as u64);
-        if self.queries > max {
-            return Err(postgres::Error::BudgetExceeded(format!(
-                "Postgres query limit reached: at most {max} statements per request (limits.max_postgres_queries)"
-            )));
-        }
-        Ok(())
+        self.queries.charge(n).map_err(postgres::Error::BudgetExceeded)
     }
 }
 

@@ -88,7 +88,7 @@ impl WorkerSql {
 /// One request's SQL state.
 pub struct RequestSql {
     worker: Arc<WorkerSql>,
-    statements: u64,
+    statements: cordon_config::OperationBudget,
     cpu: CpuCharge,
     memory: Arc<cordon_memory::Account>,
 }
@@ -97,7 +97,8 @@ impl RequestSql {
     /// `cpu` collects the CPU time statements take on the pool's threads;
     /// `memory` is charged with the results while they are on the host.
     pub fn new(worker: Arc<WorkerSql>, cpu: CpuCharge, memory: Arc<cordon_memory::Account>) -> RequestSql {
-        RequestSql { worker, statements: 0, cpu, memory }
+        let statements = cordon_config::OperationBudget::new(worker.max_statements, "SQL statement", "max_sql_statements");
+        RequestSql { worker, statements, cpu, memory }
     }
 
     /// The worker's limits, with the request's memory account to charge
@@ -126,18 +127,11 @@ impl RequestSql {
 
     /// Statements run so far.
     pub fn statements(&self) -> u64 {
-        self.statements
+        self.statements.used()
     }
 
     fn charge(&mut self, n: usize) -> Result<(), sql::Error> {
-        let max = self.worker.max_statements;
-        self.statements = self.statements.saturating_add(n as u64);
-        if self.statements > max {
-            return Err(sql::Error::LimitExceeded(format!(
-                "SQL statement limit reached: at most {max} per request (limits.max_sql_statements)"
-            )));
-        }
-        Ok(())
+        self.statements.charge(n).map_err(sql::Error::LimitExceeded)
     }
 }
 
