@@ -230,6 +230,21 @@ impl TestServer {
         assert_eq!(r.status, 200);
         serde_json::from_slice(&r.body).unwrap()
     }
+
+    /// `/health` once `done` holds of it, or as it is after 2 s: what an
+    /// instance holds is given back when it is dropped on its guest thread,
+    /// just after its response.
+    pub async fn health_once(&self, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let mut health = self.health().await;
+        for _ in 0..100 {
+            if done(&health) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            health = self.health().await;
+        }
+        health
+    }
 }
 
 impl Drop for TestServer {

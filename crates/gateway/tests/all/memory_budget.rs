@@ -123,14 +123,7 @@ async fn a_tenant_at_its_memory_budget_is_refused_and_leaves_the_rest_to_others(
 /// dropped on their guest threads just after their responses. Returns
 /// `/health` as it was then.
 async fn evil_memory_given_back(s: &TestServer) -> serde_json::Value {
-    let mut health = s.health().await;
-    for _ in 0..100 {
-        if health["memory"]["tenants"]["evil"]["used_bytes"] == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        health = s.health().await;
-    }
+    let health = s.health_once(|h| h["memory"]["tenants"]["evil"]["used_bytes"] == 0).await;
     assert_eq!(health["memory"]["tenants"]["evil"]["used_bytes"], 0, "{health:#}");
     health
 }
